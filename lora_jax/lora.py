@@ -238,7 +238,9 @@ def adapter_items(adapters) -> list[tuple[Path, Adapter]]:
   return out
 
 
-def _unflatten(items: Mapping[Path, Any]) -> dict:
+def _unflatten(items: Mapping[Path, Any]):
+  if () in items:  # the model itself is the adapted layer (e.g. a bare nn.Dense)
+    return items[()]
   return traverse_util.unflatten_dict(dict(items)) if items else {}
 
 
@@ -393,9 +395,8 @@ def _plan(params, spec: LoraSpec, layouts: Mapping[str, Layout] | None) -> list[
   chosen: dict[Path, None] = {}
   for pattern in spec.targets:
     hits = [p for p in matrices if _pattern_hits(pattern, p[:-1], p[-1])]
-    if pattern not in PRESETS:
-      _check_non_matrix_hits(pattern, flat, hits)
     if not hits:
+      _check_non_matrix_hits(pattern, flat)
       raise ValueError(
           f"LoRA target {pattern!r} matches no kernel. Parameter paths (closest first):\n  "
           + "\n  ".join(_closest(pattern, all_paths))
@@ -438,9 +439,10 @@ def _plan(params, spec: LoraSpec, layouts: Mapping[str, Layout] | None) -> list[
   return targets
 
 
-def _check_non_matrix_hits(pattern: str, flat: Mapping[Path, Any], hits: Sequence[Path]):
-  """A regex or name that selects a bias, norm scale or a module without a kernel is a user error, not a no-op."""
-  hit_modules = {p[:-1] for p in hits}
+def _check_non_matrix_hits(pattern: str, flat: Mapping[Path, Any]):
+  """A target that selects only a bias, a norm scale or a module without a kernel is named in the error."""
+  if pattern in PRESETS:
+    return
   for path, value in flat.items():
     module_path, param = path[:-1], path[-1]
     if param in MATRIX_PARAMS:
@@ -448,7 +450,7 @@ def _check_non_matrix_hits(pattern: str, flat: Mapping[Path, Any], hits: Sequenc
     if re.fullmatch(pattern, _path_str(path)):
       raise ValueError(f"LoRA target {pattern!r} hits parameter '{_path_str(path)}' (shape "
                        f"{tuple(np.shape(value))}), which is not a matrix; LoRA adapts 'kernel' and 'embedding' only")
-    if module_path not in hit_modules and _pattern_hits(pattern, module_path):
+    if _pattern_hits(pattern, module_path):
       names = sorted(p[-1] for p in flat if p[:-1] == module_path)
       raise ValueError(f"LoRA target {pattern!r} hits module '{_path_str(module_path)}', which has no kernel or "
                        f"embedding to adapt (its parameters: {names})")
@@ -826,7 +828,7 @@ def adapter_partition_specs(adapters, kernel_specs):
   ``kernel_specs`` is a tree like ``params`` whose leaves are ``PartitionSpec`` or ``NamedSharding``. Returns a tree
   like ``adapters`` (``Adapter`` nodes holding specs/shardings in ``a`` and ``b``); the rank axis is replicated.
   """
-  flat = traverse_util.flatten_dict(kernel_specs, is_leaf=lambda x: isinstance(x, (jax.sharding.PartitionSpec,
+  flat = traverse_util.flatten_dict(kernel_specs, is_leaf=lambda _, x: isinstance(x, (jax.sharding.PartitionSpec,
                                                                                     jax.sharding.NamedSharding)))
   out = {}
   for module_path, ad in adapter_items(adapters):
