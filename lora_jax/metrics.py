@@ -1,0 +1,135 @@
+"""Run evidence: metrics.jsonl with fixed names, TensorBoard events, optional Weights & Biases, a progress line.
+
+Metric names (the analysis code reads only these):
+  train/loss, train/grad_norm, train/update_norm, train/lr, train/tokens_per_s, train/step_time_s,
+  train/peak_memory_bytes, eval/nll, eval/perplexity, eval/accuracy (generation-based eval, when on),
+  params/trainable, params/total, lora/rel_update_mean, lora/norm_a_mean, lora/norm_b_mean.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def lora_diagnostics(params, adapters) -> dict[str, dict[str, float]]:
+  """Per adapted module: ‖s·A·B‖_F/‖W‖_F and the spectral norms of A and B (the study saw B outgrow A)."""
+  from flax import traverse_util
+
+  from lora_jax import lora
+
+  flat = traverse_util.flatten_dict(params)
+  out = {}
+  for path, ad in lora.adapter_items(adapters):
+    w = np.asarray(flat[path + (ad.param,)], np.float32)
+    d = np.asarray(lora.delta(ad))
+    a = np.asarray(ad.a, np.float32).reshape(-1, ad.a.shape[-1])
+    b = np.asarray(ad.b, np.float32)
+    b = np.moveaxis(b, ad.n_stack + sum(r == "shared" for r in ad.layout.roles), -1).reshape(-1, ad.rank)
+    out["/".join(path)] = {
+        "rel_update": float(np.linalg.norm(d) / max(np.linalg.norm(w), 1e-30)),
+        "norm_a": float(np.linalg.norm(a, 2)),
+        "norm_b": float(np.linalg.norm(b, 2)),
+    }
+  return out
+
+
+class MetricWriter:
+  """Appends metrics to ``workdir/metrics.jsonl`` and TensorBoard; only process 0 writes."""
+
+  def __init__(self, workdir: str | pathlib.Path, *, tensorboard: bool = True, wandb: dict | None = None,
+               active: bool | None = None):
+    self.workdir = pathlib.Path(workdir)
+    self.active = jax.process_index() == 0 if active is None else active
+    self._tb = None
+    self._wandb = None
+    if not self.active:
+      return
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    self.path = self.workdir / "metrics.jsonl"
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+
+      self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+    if wandb:
+      try:
+        import wandb as wandb_lib
+      except ImportError as e:
+        raise ImportError("config.wandb.project is set but wandb is not installed: pip install wandb") from e
+      self._wandb = wandb_lib.init(dir=str(self.workdir), resume="allow", **wandb)
+
+  def truncate_after(self, step: int) -> None:
+    """Drops records past ``step`` (used when resuming from a checkpoint at ``step``)."""
+    if not self.active or not self.path.exists():
+      return
+    lines = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
+    self.path.write_text("".join(l + "\n" for l in lines))
+
+  def write(self, step: int, metrics: dict[str, Any]) -> None:
+    """Records ``metrics`` at ``step`` everywhere that is configured."""
+    if not self.active:
+      return
+    clean = {k: _scalar(v) for k, v in metrics.items()}
+    with self.path.open("a") as f:
+      f.write(json.dumps({"step": int(step), **clean}) + "\n")
+    if self._tb is not None:
+      for k, v in clean.items():
+        if isinstance(v, (int, float)) and math.isfinite(v):
+          self._tb.add_scalar(k, v, step)
+      self._tb.flush()
+    if self._wandb is not None:
+      self._wandb.log(clean, step=int(step))
+
+  def close(self) -> None:
+    """Flushes and closes the writers."""
+    if self._tb is not None:
+      self._tb.close()
+    if self._wandb is not None:
+      self._wandb.finish()
+
+
+def _scalar(v):
+  v = np.asarray(v)
+  return v.item() if v.size == 1 else v.tolist()
+
+
+def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
+  """All records of a run's metrics.jsonl."""
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+
+
+class Progress:
+  """A one-line console progress bar with step, loss and ETA (written to stderr, process 0 only)."""
+
+  def __init__(self, total: int, start: int = 0, active: bool | None = None, stream=sys.stderr):
+    self.total, self.start, self.t0 = total, start, time.time()
+    self.active = jax.process_index() == 0 if active is None else active
+    self.stream = stream
+
+  def update(self, step: int, **values: float) -> None:
+    """Redraws the line for ``step``."""
+    if not self.active:
+      return
+    done = step - self.start
+    elapsed = time.time() - self.t0
+    eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
+    width = 24
+    filled = int(width * step / max(1, self.total))
+    shown = " ".join(f"{k} {v:.4g}" for k, v in values.items())
+    eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "--:--:--"
+    self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total} {shown} eta {eta_s}   ")
+    self.stream.flush()
+
+  def close(self) -> None:
+    """Ends the progress line."""
+    if self.active:
+      self.stream.write("\n")
+      self.stream.flush()
