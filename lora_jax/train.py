@@ -188,9 +188,9 @@ class BatchIterator(Protocol):
 
   def __next__(self) -> dict: ...
 
-  def get_state(self) -> dict: ...
+  def state(self) -> dict: ...
 
-  def set_state(self, state: dict) -> None: ...
+  def restore(self, state: dict) -> None: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,7 +235,7 @@ def fit(model: nn.Module, state: TrainState, optim: OptimConfig, loop: LoopConfi
   if start is not None:
     restored, saved = checkpointer.restore(start, state.checkpoint_tree())
     state = state.replace(**restored)
-    train_batches.set_state(saved["data"])
+    train_batches.restore(saved["data"])
     writer.truncate_after(start)
   start = int(state.step)
 
@@ -301,7 +301,7 @@ def fit(model: nn.Module, state: TrainState, optim: OptimConfig, loop: LoopConfi
         last.update(run_eval(step))
       if step % loop.checkpoint_every == 0 or step == loop.steps or stop["signal"] is not None:
         finish_pending()
-        save(step, train_batches.get_state())
+        save(step, train_batches.state())
       if stop["signal"] is not None:
         bar.close()
         print(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved in {checkpointer.directory}")

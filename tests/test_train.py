@@ -37,10 +37,10 @@ class CountingBatches:
     mask[:, :2] = 0.0  # a "prompt" without loss
     return {"inputs": seq[:, :-1].astype(np.int32), "targets": seq[:, 1:].astype(np.int32), "loss_mask": mask}
 
-  def get_state(self):
+  def state(self):
     return {"index": self.index}
 
-  def set_state(self, state):
+  def restore(self, state):
     self.index = state["index"]
 
 
