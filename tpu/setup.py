@@ -28,7 +28,8 @@ def install_commands(args) -> list[list[str]]:
     """Commands that build the venv, install the pinned requirements, jax[tpu] and the package, then check TPUs."""
     steps = [
         # The TPU images ship Python 3.10, older than the pins allow; uv fetches the Python the tests ran with.
-        f"python3 -m pip install --user --quiet uv && python3 -m uv venv --seed --python {shlex.quote(args.python)} .venv",
+        "python3 -m pip install --user --quiet uv && "
+        f"python3 -m uv venv --seed --python {shlex.quote(args.python)} .venv",
         ".venv/bin/pip install -r requirements.txt",
         ".venv/bin/pip install " + shlex.quote(f"jax[tpu]=={common.jax_version()}"),
         ".venv/bin/pip install --no-deps -e .",
