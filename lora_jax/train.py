@@ -11,6 +11,7 @@ is the mean NLL over tokens with ``loss_mask`` 1 (summed over micro-batches, so 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import pathlib
@@ -206,6 +207,21 @@ class LoopConfig:
   seed: int = 0  # Seed of the per-step RNG (adapter dropout).
 
 
+def _donating(train_step: Callable) -> Callable:
+  """Jits ``train_step`` donating the state's buffers except the frozen base, which the caller keeps using."""
+
+  @functools.partial(jax.jit, donate_argnums=(1,))
+  def step(frozen, state, batch):
+    state, metrics = train_step(state.replace(frozen=frozen), batch)
+    return state.replace(frozen=None), metrics
+
+  def run(state: TrainState, batch):
+    new, metrics = step(state.frozen, state.replace(frozen=None), batch)
+    return new.replace(frozen=state.frozen), metrics
+
+  return run
+
+
 class NonFiniteLoss(FloatingPointError):
   """Raised when the loss becomes NaN or Inf; the last good checkpoint is left untouched."""
 
@@ -239,7 +255,7 @@ def fit(model: nn.Module, state: TrainState, optim: OptimConfig, loop: LoopConfi
     writer.truncate_after(start)
   start = int(state.step)
 
-  train_step = jax.jit(make_train_step(model, make_optimizer(optim), loop.grad_accum), donate_argnums=(0,))
+  train_step = _donating(make_train_step(model, make_optimizer(optim), loop.grad_accum))
   eval_step = jax.jit(make_eval_step(model))
   n_trainable = sum(x.size for x in jax.tree.leaves(state.trainable))
   n_total = n_trainable + sum(x.size for x in jax.tree.leaves(state.frozen))

@@ -1,0 +1,238 @@
+"""Fine-tune with LoRA and/or full fine-tuning from an ml-collections config; ends in a report.
+
+    python -m experiments.main --config experiments/configs/finetune.py:tiny --workdir runs/tiny \\
+        [--config.optim.lr=1e-3] [--overwrite]
+
+Each method in ``config.methods`` trains into ``WORKDIR/<method>`` through the same data, step, evaluation and
+logging (``lora_jax.train``); rerunning the same command resumes from the newest checkpoints. ``WORKDIR`` holds
+``config.json``, ``run_info.json`` and ``report.md``; each run dir holds ``metrics.jsonl``, TensorBoard events,
+``summary.txt`` (what was adapted) and Orbax checkpoints (adapter-only for LoRA).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import pathlib
+import platform
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from lora_jax import data, hf, lora, synthetic, train
+from lora_jax.models import transformer
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg].", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for this experiment's runs and report.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Delete a workdir that holds a run of a different config.")
+
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "datasets", "numpy",
+            "ml-collections")
+
+
+def prepare_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, overwrite: bool) -> None:
+  """Creates the workdir, or checks it belongs to this config (refusing another config's run unless overwrite)."""
+  text = config.to_json_best_effort(indent=2, sort_keys=True)
+  saved = workdir / "config.json"
+  if saved.exists() and json.loads(saved.read_text()) != json.loads(text):
+    if not overwrite:
+      old, new = json.loads(saved.read_text()), json.loads(text)
+      diff = sorted(k for k in set(_flat(old)) | set(_flat(new)) if _flat(old).get(k) != _flat(new).get(k))
+      raise SystemExit(f"{workdir} holds a run of a different config (differs in: {', '.join(diff[:10])}). "
+                       "Use another --workdir, or --overwrite to delete it.")
+    shutil.rmtree(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  saved.write_text(text + "\n")
+  (workdir / "run_info.json").write_text(json.dumps(run_info(), indent=2) + "\n")
+
+
+def _flat(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def run_info() -> dict:
+  """Git commit, package versions, Python and devices: what a result needs to be reproduced."""
+  try:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                            cwd=pathlib.Path(__file__).parent).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
+                                cwd=pathlib.Path(__file__).parent).stdout.strip())
+  except (OSError, subprocess.CalledProcessError):
+    commit, dirty = "unknown", None
+  return {
+      "git_commit": commit, "git_dirty": dirty, "python": platform.python_version(), "argv": sys.argv,
+      "packages": {p: importlib.metadata.version(p) for p in PACKAGES},
+      "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count(),
+  }
+
+
+def tiny_base(c: ml_collections.ConfigDict) -> pathlib.Path:
+  """The tiny base model as an HF directory: pretrained on the synthetic corpus once, then reused from the cache."""
+  key = hashlib.sha256(c.to_json(sort_keys=True).encode()).hexdigest()[:12]
+  out = pathlib.Path(c.cache_dir) / key
+  if (out / "config.json").exists():
+    print(f"reusing the tiny base model in {out}")
+    return out
+  print(f"pretraining the tiny base model ({c.steps} steps on a synthetic corpus) into {out}")
+  tokenizer = synthetic.char_tokenizer()
+  model_config = transformer.ModelConfig(
+      architecture="llama", vocab_size=len(tokenizer), hidden_size=c.hidden_size,
+      intermediate_size=c.intermediate_size, num_layers=c.num_layers, num_heads=c.num_heads,
+      num_kv_heads=c.num_kv_heads, head_dim=c.hidden_size // c.num_heads, tie_word_embeddings=False)
+  work = out.with_name(out.name + ".partial")
+  shutil.rmtree(work, ignore_errors=True)
+  work.mkdir(parents=True)
+  corpus_file = work / "corpus.jsonl"
+  corpus_file.write_text("".join(json.dumps(r) + "\n" for r in synthetic.corpus(c.corpus_documents, seed=c.seed)))
+  sources = data.load([str(corpus_file)], tokenizer, seq_len=c.seq_len)
+  train_part, eval_part = data.split(sources[0], 32, seed=c.seed)
+  batches = data.BatchIterator([train_part], batch_size=c.batch_size, seq_len=c.seq_len, seed=c.seed)
+  evals = eval_batches([eval_part], c.batch_size, c.seq_len)
+  spec = lora.LoraSpec.full()
+  params = transformer.init_params(model_config, jax.random.key(c.seed))
+  optim = train.OptimConfig(lr=c.lr)
+  state = train.init_state(params, {}, spec, optim, c.seed)
+  loop = train.LoopConfig(steps=c.steps, log_every=10, eval_every=c.steps, checkpoint_every=c.steps)
+  state, last = train.fit(transformer.CausalLM(model_config), state, optim, loop, batches, lambda: evals,
+                          work / "pretrain")
+  params, _ = lora.combine(state.trainable, state.frozen)
+  hf.save_params(params, model_config, work)
+  tokenizer.save_pretrained(work)
+  print(f"tiny base: eval NLL {last['eval/nll']:.4f} after pretraining")
+  shutil.rmtree(out, ignore_errors=True)
+  work.rename(out)
+  return out
+
+
+def eval_batches(sources, batch_size: int, seq_len: int) -> list[dict]:
+  """Every held-out example once, in order, as batches (the last one padded, without loss on padding)."""
+  it = data.BatchIterator(sources, batch_size=batch_size, seq_len=seq_len, seed=0, shuffle=False, num_epochs=1,
+                          drop_remainder=False)
+  return list(it)
+
+
+def resolve_sources(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> list[str]:
+  """Source specs with ``synthetic:TASK[:weight]`` written out as JSONL files in the workdir."""
+  out = []
+  for spec in config.data.train:
+    if not spec.startswith("synthetic:"):
+      out.append(spec)
+      continue
+    _, task, *weight = spec.split(":")
+    n = config.data.synthetic_examples
+    if task == "facts":
+      records = synthetic.facts(n, 16, seed=config.seed).records
+    elif task == "arithmetic":
+      records = synthetic.arithmetic(n, seed=config.seed).records
+    else:
+      raise SystemExit(f"config.data.train: unknown synthetic task {task!r}; valid: facts, arithmetic")
+    path = workdir / "data" / f"{task}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out.append(":".join([str(path), *weight]))
+  return out
+
+
+def make_spec(method: str, config: ml_collections.ConfigDict) -> lora.LoraSpec:
+  """The LoRA spec of a method: the config's for ``lora``, ``LoraSpec.full()`` for ``full``."""
+  if method == "full":
+    return lora.LoraSpec.full()
+  if method == "lora":
+    return lora.LoraSpec.from_dict(config.lora.to_dict())
+  raise SystemExit(f"config.methods: unknown method {method!r}; valid: lora, full")
+
+
+def make_optim(method: str, config: ml_collections.ConfigDict) -> train.OptimConfig:
+  """The optimizer config of a method (full FT's LR is ``lr * full_lr_ratio``)."""
+  o = config.optim
+  lr = o.lr * (o.full_lr_ratio if method == "full" else 1.0)
+  return train.OptimConfig(lr=lr, schedule=o.schedule, warmup_steps=o.warmup_steps, total_steps=config.train.steps,
+                           b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, grad_clip_norm=o.grad_clip_norm,
+                           lr_b_ratio=o.lr_b_ratio if method == "lora" else 1.0)
+
+
+def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, overwrite: bool = False) -> dict:
+  """Runs every method of ``config`` into ``workdir``, writes ``report.md`` and returns the results."""
+  prepare_workdir(workdir, config, overwrite)
+  model_dir = tiny_base(config.tiny_base) if config.model.name == "tiny" else config.model.name
+  if not model_dir:
+    raise SystemExit("config.model.name is empty: give an HF directory or hub id (or use the 'tiny' config arg)")
+  model_config = hf.load_config(model_dir, scan_layers=config.model.scan_layers, remat=config.model.remat,
+                                param_dtype=config.model.param_dtype).replace(dtype=config.model.dtype)
+  params = hf.load_params(model_dir, model_config)
+  model = transformer.CausalLM(model_config)
+  from transformers import AutoTokenizer
+
+  tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+  d = config.data
+  sources = data.load(resolve_sources(config, workdir), tokenizer, seq_len=d.seq_len, template=d.template,
+                      train_on_inputs=d.train_on_inputs, cache_dir=d.cache_dir)
+  splits = [data.split(s, d.eval_size, seed=config.seed) for s in sources]
+  evals = eval_batches([e for _, e in splits], d.batch_size, d.seq_len)
+  layouts = lora.trace_layouts(model, jnp.zeros((1, 8), jnp.int32))
+  base_state = train.init_state(params, {}, lora.LoraSpec(targets=()), make_optim("full", config), config.seed)
+  base_nll = train.evaluate(jax.jit(train.make_eval_step(model)), base_state, evals)["eval/nll"]
+  print(f"base model eval NLL: {base_nll:.4f}")
+
+  results = {}
+  for method in config.methods:
+    spec, optim = make_spec(method, config), make_optim(method, config)
+    run_dir = workdir / method
+    run_dir.mkdir(parents=True, exist_ok=True)
+    base_params, adapters = lora.create(params, spec, jax.random.key(config.seed), layouts=layouts)
+    (run_dir / "summary.txt").write_text(lora.summary(base_params, adapters, spec) + "\n")
+    (run_dir / "lora_spec.json").write_text(spec.to_json() + "\n")
+    state = train.init_state(base_params, adapters, spec, optim, config.seed)
+    batches = data.BatchIterator([t for t, _ in splits], batch_size=d.batch_size, seq_len=d.seq_len,
+                                 seed=config.seed, packing=d.packing, process_index=jax.process_index(),
+                                 process_count=jax.process_count())
+    loop = train.LoopConfig(**config.train.to_dict(), seed=config.seed)
+    print(f"== {method}: lr {optim.lr:g}, {sum(x.size for x in jax.tree.leaves(state.trainable)):,} trainable")
+    record = {"base_model": str(model_dir), "method": method, "lora_spec": spec.to_dict()}
+    state, last = train.fit(model, state, optim, loop, batches, lambda: evals, run_dir, record=record)
+    results[method] = {"lr": optim.lr, "trainable": sum(x.size for x in jax.tree.leaves(state.trainable)),
+                       "eval_nll": last["eval/nll"], "perplexity": last["eval/perplexity"],
+                       "steps": int(state.step), "workdir": str(run_dir)}
+  write_report(workdir, base_nll, results)
+  return results
+
+
+def write_report(workdir: pathlib.Path, base_nll: float, results: dict) -> None:
+  """``report.md``: base and final eval NLL per method, printed too."""
+  lines = ["| method | LR | trainable params | eval NLL | perplexity | steps | run |",
+           "|---|---|---|---|---|---|---|", f"| base model | - | - | {base_nll:.4f} | - | 0 | - |"]
+  for method, r in results.items():
+    lines.append(f"| {method} | {r['lr']:g} | {r['trainable']:,} | {r['eval_nll']:.4f} | {r['perplexity']:.3f} | "
+                 f"{r['steps']} | {r['workdir']} |")
+  text = "\n".join(lines) + "\n"
+  (workdir / "report.md").write_text(f"# Results: {workdir}\n\n{text}")
+  print("\n" + text)
+  print(f"report: {workdir / 'report.md'}; metrics: {workdir}/<method>/metrics.jsonl; "
+        f"TensorBoard: tensorboard --logdir {workdir}")
+
+
+def main(argv):
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _WORKDIR.value is None:
+    raise app.UsageError("--workdir is required")
+  run(_CONFIG.value, pathlib.Path(_WORKDIR.value), _OVERWRITE.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("config")
+  app.run(main)
