@@ -24,131 +24,131 @@ import numpy as np
 
 from lora_jax.data.formats import FALLBACK_CHAT_TEMPLATE
 
-SPECIAL_TOKENS = ('<pad>', '<bos>', '<eos>', '<unk>')
-ROLE_TOKENS = ('<|system|>', '<|user|>', '<|assistant|>', '<|tool|>')  # FALLBACK_CHAT_TEMPLATE's role markers
-CHARACTERS = tuple(sorted(set(string.printable) - set('\x0b\x0c\r')))
-OPERATORS = {'+': lambda a, b: a + b, '-': lambda a, b: a - b, '*': lambda a, b: a * b}
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|tool|>")  # FALLBACK_CHAT_TEMPLATE's role markers
+CHARACTERS = tuple(sorted(set(string.printable) - set("\x0b\x0c\r")))
+OPERATORS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
-_PROBLEM = re.compile(r'^\s*(-?\d+)\s*([-+*])\s*(-?\d+)\s*=\s*$')
-_ANSWER = re.compile(r'^\s*(-?\d+)(?!\d)')
+_PROBLEM = re.compile(r"^\s*(-?\d+)\s*([-+*])\s*(-?\d+)\s*=\s*$")
+_ANSWER = re.compile(r"^\s*(-?\d+)(?!\d)")
 
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """Prompt → completion pairs, the same pairs as records, and the information (bits) the completions carry."""
-    prompts: tuple[str, ...]
-    completions: tuple[str, ...]
-    records: tuple[dict[str, Any], ...]
-    bits: float  # entropy of the completions given the prompts; 0 for a deterministic rule such as arithmetic
+  """Prompt → completion pairs, the same pairs as records, and the information (bits) the completions carry."""
+  prompts: tuple[str, ...]
+  completions: tuple[str, ...]
+  records: tuple[dict[str, Any], ...]
+  bits: float  # entropy of the completions given the prompts; 0 for a deterministic rule such as arithmetic
 
 
-def as_record(prompt: str, completion: str, fmt: str = 'chat') -> dict[str, Any]:
-    """A prompt/completion pair as a chat, Alpaca or text record."""
-    if fmt == 'chat':
-        return {'messages': [{'role': 'user', 'content': prompt}, {'role': 'assistant', 'content': completion}]}
-    if fmt == 'alpaca':
-        return {'instruction': prompt, 'input': '', 'output': completion}
-    if fmt == 'text':
-        return {'text': prompt + completion}
-    raise ValueError(f'unknown format {fmt!r}; valid: chat, alpaca, text')
+def as_record(prompt: str, completion: str, fmt: str = "chat") -> dict[str, Any]:
+  """A prompt/completion pair as a chat, Alpaca or text record."""
+  if fmt == "chat":
+    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]}
+  if fmt == "alpaca":
+    return {"instruction": prompt, "input": "", "output": completion}
+  if fmt == "text":
+    return {"text": prompt + completion}
+  raise ValueError(f"unknown format {fmt!r}; valid: chat, alpaca, text")
 
 
 def _task(prompts: Sequence[str], completions: Sequence[str], fmt: str, bits: float) -> Task:
-    records = tuple(as_record(p, c, fmt) for p, c in zip(prompts, completions))
-    return Task(tuple(prompts), tuple(completions), records, bits)
+  records = tuple(as_record(p, c, fmt) for p, c in zip(prompts, completions))
+  return Task(tuple(prompts), tuple(completions), records, bits)
 
 
-def facts(n_facts: int, num_values: int, *, seed: int, key_len: int = 6, fmt: str = 'chat') -> Task:
-    """Distinct random lowercase keys, each with a uniformly random value of num_values; bits = n·log2(num_values)."""
-    if n_facts > 26 ** key_len // 2:
-        raise ValueError(f'{n_facts} facts need longer keys than {key_len} letters')
-    if num_values < 2:
-        raise ValueError(f'num_values must be at least 2, got {num_values}')
-    rng = np.random.default_rng(seed)
-    keys: dict[str, None] = {}
-    while len(keys) < n_facts:
-        letters = rng.integers(0, 26, size=(n_facts - len(keys), key_len))
-        for row in letters:
-            keys.setdefault(''.join(string.ascii_lowercase[i] for i in row))
-    keys_list = list(keys)[:n_facts]
-    width = len(str(num_values - 1))
-    values = [f'{v:0{width}d}' for v in rng.integers(0, num_values, size=n_facts)]
-    return _task(keys_list, values, fmt, n_facts * math.log2(num_values))
+def facts(n_facts: int, num_values: int, *, seed: int, key_len: int = 6, fmt: str = "chat") -> Task:
+  """Distinct random lowercase keys, each with a uniformly random value of num_values; bits = n·log2(num_values)."""
+  if n_facts > 26 ** key_len // 2:
+    raise ValueError(f"{n_facts} facts need longer keys than {key_len} letters")
+  if num_values < 2:
+    raise ValueError(f"num_values must be at least 2, got {num_values}")
+  rng = np.random.default_rng(seed)
+  keys: dict[str, None] = {}
+  while len(keys) < n_facts:
+    letters = rng.integers(0, 26, size=(n_facts - len(keys), key_len))
+    for row in letters:
+      keys.setdefault("".join(string.ascii_lowercase[i] for i in row))
+  keys_list = list(keys)[:n_facts]
+  width = len(str(num_values - 1))
+  values = [f"{v:0{width}d}" for v in rng.integers(0, num_values, size=n_facts)]
+  return _task(keys_list, values, fmt, n_facts * math.log2(num_values))
 
 
-def arithmetic(n: int, *, seed: int, max_operand: int = 99, operators: str = '+', fmt: str = 'chat') -> Task:
-    """Problems 'a<op>b=' with operands in [0, max_operand] and their answers as completions."""
-    unknown = set(operators) - set(OPERATORS)
-    if unknown or not operators:
-        raise ValueError(f'unknown operators {sorted(unknown)}; valid: {"".join(OPERATORS)}')
-    rng = np.random.default_rng(seed)
-    a, b = rng.integers(0, max_operand + 1, size=(2, n))
-    ops = rng.choice(list(operators), size=n)
-    prompts = [f'{x}{op}{y}=' for x, op, y in zip(a.tolist(), ops.tolist(), b.tolist())]
-    completions = [str(OPERATORS[op](x, y)) for x, op, y in zip(a.tolist(), ops.tolist(), b.tolist())]
-    return _task(prompts, completions, fmt, 0.0)
+def arithmetic(n: int, *, seed: int, max_operand: int = 99, operators: str = "+", fmt: str = "chat") -> Task:
+  """Problems 'a<op>b=' with operands in [0, max_operand] and their answers as completions."""
+  unknown = set(operators) - set(OPERATORS)
+  if unknown or not operators:
+    raise ValueError(f"unknown operators {sorted(unknown)}; valid: {''.join(OPERATORS)}")
+  rng = np.random.default_rng(seed)
+  a, b = rng.integers(0, max_operand + 1, size=(2, n))
+  ops = rng.choice(list(operators), size=n)
+  prompts = [f"{x}{op}{y}=" for x, op, y in zip(a.tolist(), ops.tolist(), b.tolist())]
+  completions = [str(OPERATORS[op](x, y)) for x, op, y in zip(a.tolist(), ops.tolist(), b.tolist())]
+  return _task(prompts, completions, fmt, 0.0)
 
 
 def reward(prompt: str, completion: str) -> float:
-    """1.0 when the completion starts with the right answer to an arithmetic prompt 'a<op>b=', else 0.0."""
-    problem = _PROBLEM.match(prompt)
-    if problem is None:
-        raise ValueError(f'not an arithmetic prompt: {prompt!r}')
-    a, op, b = int(problem[1]), problem[2], int(problem[3])
-    answer = _ANSWER.match(completion)
-    return float(answer is not None and int(answer[1]) == OPERATORS[op](a, b))
+  """1.0 when the completion starts with the right answer to an arithmetic prompt 'a<op>b=', else 0.0."""
+  problem = _PROBLEM.match(prompt)
+  if problem is None:
+    raise ValueError(f"not an arithmetic prompt: {prompt!r}")
+  a, op, b = int(problem[1]), problem[2], int(problem[3])
+  answer = _ANSWER.match(completion)
+  return float(answer is not None and int(answer[1]) == OPERATORS[op](a, b))
 
 
 # A small probabilistic grammar: nonterminal → [(expansion, probability)]; terminals are words.
 GRAMMAR = {
-    'S': [(('NP', 'VP'), 1.0)],
-    'NP': [(('Det', 'N'), 0.6), (('Det', 'Adj', 'N'), 0.3), (('Name',), 0.1)],
-    'VP': [(('Vt', 'NP'), 0.5), (('Vi',), 0.3), (('Vt', 'NP', 'PP'), 0.2)],
-    'PP': [(('P', 'NP'), 1.0)],
-    'Det': [(('the',), 0.5), (('a',), 0.3), (('every',), 0.1), (('some',), 0.1)],
-    'Adj': [((w,), 1 / 6) for w in ('small', 'red', 'quiet', 'old', 'happy', 'bright')],
-    'N': [((w,), 1 / 8) for w in ('cat', 'dog', 'bird', 'river', 'tree', 'child', 'robot', 'house')],
-    'Name': [((w,), 1 / 3) for w in ('Alice', 'Bob', 'Carol')],
-    'Vt': [((w,), 1 / 5) for w in ('sees', 'likes', 'follows', 'finds', 'builds')],
-    'Vi': [((w,), 1 / 4) for w in ('sleeps', 'runs', 'sings', 'waits')],
-    'P': [((w,), 1 / 4) for w in ('near', 'under', 'with', 'behind')],
+    "S": [(("NP", "VP"), 1.0)],
+    "NP": [(("Det", "N"), 0.6), (("Det", "Adj", "N"), 0.3), (("Name",), 0.1)],
+    "VP": [(("Vt", "NP"), 0.5), (("Vi",), 0.3), (("Vt", "NP", "PP"), 0.2)],
+    "PP": [(("P", "NP"), 1.0)],
+    "Det": [(("the",), 0.5), (("a",), 0.3), (("every",), 0.1), (("some",), 0.1)],
+    "Adj": [((w,), 1 / 6) for w in ("small", "red", "quiet", "old", "happy", "bright")],
+    "N": [((w,), 1 / 8) for w in ("cat", "dog", "bird", "river", "tree", "child", "robot", "house")],
+    "Name": [((w,), 1 / 3) for w in ("Alice", "Bob", "Carol")],
+    "Vt": [((w,), 1 / 5) for w in ("sees", "likes", "follows", "finds", "builds")],
+    "Vi": [((w,), 1 / 4) for w in ("sleeps", "runs", "sings", "waits")],
+    "P": [((w,), 1 / 4) for w in ("near", "under", "with", "behind")],
 }
 
 
 def _expand(symbol: str, rng: np.random.Generator) -> list[str]:
-    if symbol not in GRAMMAR:
-        return [symbol]
-    rules = GRAMMAR[symbol]
-    expansion = rules[rng.choice(len(rules), p=[p for _, p in rules])][0]
-    return [word for part in expansion for word in _expand(part, rng)]
+  if symbol not in GRAMMAR:
+    return [symbol]
+  rules = GRAMMAR[symbol]
+  expansion = rules[rng.choice(len(rules), p=[p for _, p in rules])][0]
+  return [word for part in expansion for word in _expand(part, rng)]
 
 
 def sentence(rng: np.random.Generator) -> str:
-    """One sentence drawn from GRAMMAR."""
-    text = ' '.join(_expand('S', rng))
-    return text[0].upper() + text[1:] + '.'
+  """One sentence drawn from GRAMMAR."""
+  text = " ".join(_expand("S", rng))
+  return text[0].upper() + text[1:] + "."
 
 
 def corpus(n_docs: int, *, seed: int, max_sentences: int = 4) -> list[dict[str, str]]:
-    """Text records of 1..max_sentences grammar sentences each."""
-    rng = np.random.default_rng(seed)
-    return [{'text': ' '.join(sentence(rng) for _ in range(rng.integers(1, max_sentences + 1)))}
-            for _ in range(n_docs)]
+  """Text records of 1..max_sentences grammar sentences each."""
+  rng = np.random.default_rng(seed)
+  return [{"text": " ".join(sentence(rng) for _ in range(rng.integers(1, max_sentences + 1)))}
+          for _ in range(n_docs)]
 
 
 def char_tokenizer():
-    """A fast tokenizer with one token per printable ASCII character, pad/bos/eos/unk, role markers, a chat template."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+  """A fast tokenizer with one token per printable ASCII character, pad/bos/eos/unk, role markers, a chat template."""
+  from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+  from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + ROLE_TOKENS + CHARACTERS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token='<unk>'))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r'[\s\S]'), behavior='isolated')  # every character alone
-    backend.decoder = decoders.Fuse()
-    backend.post_processor = processors.TemplateProcessing(single='<bos> $A', pair='<bos> $A $B',
-                                                           special_tokens=[('<bos>', vocab['<bos>'])])
-    backend.add_special_tokens(list(SPECIAL_TOKENS + ROLE_TOKENS))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token='<pad>', bos_token='<bos>',
-                                        eos_token='<eos>', unk_token='<unk>', model_max_length=1 << 20)
-    tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
-    return tokenizer
+  vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + ROLE_TOKENS + CHARACTERS)}
+  backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+  backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character alone
+  backend.decoder = decoders.Fuse()
+  backend.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A $B",
+                                                         special_tokens=[("<bos>", vocab["<bos>"])])
+  backend.add_special_tokens(list(SPECIAL_TOKENS + ROLE_TOKENS))
+  tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>",
+                                      eos_token="<eos>", unk_token="<unk>", model_max_length=1 << 20)
+  tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+  return tokenizer

@@ -9,87 +9,87 @@ from lora_jax import data, synthetic
 
 
 def test_facts_deterministic_with_known_bits():
-    task = synthetic.facts(100, 16, seed=0)
-    assert task == synthetic.facts(100, 16, seed=0)
-    assert task.prompts != synthetic.facts(100, 16, seed=1).prompts
-    assert len(set(task.prompts)) == 100  # distinct keys, so every fact is independent
-    assert task.bits == 100 * 4.0
-    assert math.isclose(synthetic.facts(10, 10, seed=0).bits, 10 * math.log2(10))
-    assert {len(c) for c in synthetic.facts(50, 100, seed=0).completions} == {2}  # fixed-width values
-    values = np.array([int(c) for c in synthetic.facts(2000, 4, seed=0).completions])
-    assert set(values) == {0, 1, 2, 3} and abs(np.mean(values == 0) - 0.25) < 0.05  # uniform values
-    assert task.records[0] == {'messages': [{'role': 'user', 'content': task.prompts[0]},
-                                            {'role': 'assistant', 'content': task.completions[0]}]}
+  task = synthetic.facts(100, 16, seed=0)
+  assert task == synthetic.facts(100, 16, seed=0)
+  assert task.prompts != synthetic.facts(100, 16, seed=1).prompts
+  assert len(set(task.prompts)) == 100  # distinct keys, so every fact is independent
+  assert task.bits == 100 * 4.0
+  assert math.isclose(synthetic.facts(10, 10, seed=0).bits, 10 * math.log2(10))
+  assert {len(c) for c in synthetic.facts(50, 100, seed=0).completions} == {2}  # fixed-width values
+  values = np.array([int(c) for c in synthetic.facts(2000, 4, seed=0).completions])
+  assert set(values) == {0, 1, 2, 3} and abs(np.mean(values == 0) - 0.25) < 0.05  # uniform values
+  assert task.records[0] == {"messages": [{"role": "user", "content": task.prompts[0]},
+                                          {"role": "assistant", "content": task.completions[0]}]}
 
 
 def test_record_formats():
-    assert synthetic.as_record('1+1=', '2', 'alpaca') == {'instruction': '1+1=', 'input': '', 'output': '2'}
-    assert synthetic.as_record('1+1=', '2', 'text') == {'text': '1+1=2'}
-    for fmt in ('chat', 'alpaca', 'text'):
-        assert data.detect_format(synthetic.as_record('a', 'b', fmt)) == fmt
-    with pytest.raises(ValueError, match='unknown format'):
-        synthetic.as_record('a', 'b', 'xml')
+  assert synthetic.as_record("1+1=", "2", "alpaca") == {"instruction": "1+1=", "input": "", "output": "2"}
+  assert synthetic.as_record("1+1=", "2", "text") == {"text": "1+1=2"}
+  for fmt in ("chat", "alpaca", "text"):
+    assert data.detect_format(synthetic.as_record("a", "b", fmt)) == fmt
+  with pytest.raises(ValueError, match="unknown format"):
+    synthetic.as_record("a", "b", "xml")
 
 
 def test_arithmetic_deterministic_and_correct():
-    task = synthetic.arithmetic(200, seed=0, operators='+-*')
-    assert task == synthetic.arithmetic(200, seed=0, operators='+-*')
-    assert task.prompts != synthetic.arithmetic(200, seed=1, operators='+-*').prompts
-    assert {p[len(p.rstrip('=0123456789')) - 1] for p in task.prompts} <= set('+-*')
-    assert all(synthetic.reward(p, c) == 1.0 for p, c in zip(task.prompts, task.completions))
-    assert synthetic.arithmetic(3, seed=0).bits == 0.0
+  task = synthetic.arithmetic(200, seed=0, operators="+-*")
+  assert task == synthetic.arithmetic(200, seed=0, operators="+-*")
+  assert task.prompts != synthetic.arithmetic(200, seed=1, operators="+-*").prompts
+  assert {p[len(p.rstrip("=0123456789")) - 1] for p in task.prompts} <= set("+-*")
+  assert all(synthetic.reward(p, c) == 1.0 for p, c in zip(task.prompts, task.completions))
+  assert synthetic.arithmetic(3, seed=0).bits == 0.0
 
 
 def test_reward():
-    assert synthetic.reward('12+35=', '47') == 1.0
-    assert synthetic.reward('12+35=', ' 47<eos>') == 1.0
-    assert synthetic.reward('12+35=', '47 is the answer') == 1.0
-    assert synthetic.reward('12+35=', '470') == 0.0
-    assert synthetic.reward('12+35=', '46') == 0.0
-    assert synthetic.reward('12+35=', 'forty-seven') == 0.0
-    assert synthetic.reward('3-10=', '-7') == 1.0
-    assert synthetic.reward('12*12=', '144') == 1.0
-    with pytest.raises(ValueError, match='not an arithmetic prompt'):
-        synthetic.reward('hello', '1')
+  assert synthetic.reward("12+35=", "47") == 1.0
+  assert synthetic.reward("12+35=", " 47<eos>") == 1.0
+  assert synthetic.reward("12+35=", "47 is the answer") == 1.0
+  assert synthetic.reward("12+35=", "470") == 0.0
+  assert synthetic.reward("12+35=", "46") == 0.0
+  assert synthetic.reward("12+35=", "forty-seven") == 0.0
+  assert synthetic.reward("3-10=", "-7") == 1.0
+  assert synthetic.reward("12*12=", "144") == 1.0
+  with pytest.raises(ValueError, match="not an arithmetic prompt"):
+    synthetic.reward("hello", "1")
 
 
 def test_corpus_deterministic_from_grammar():
-    docs = synthetic.corpus(50, seed=0)
-    assert docs == synthetic.corpus(50, seed=0) and docs != synthetic.corpus(50, seed=1)
-    words = {w for rules in synthetic.GRAMMAR.values() for expansion, _ in rules for w in expansion}
-    for doc in docs:
-        for sentence in doc['text'].split('. '):
-            tokens = sentence.rstrip('.').split()
-            assert tokens and {tokens[0].lower(), *tokens[1:]} <= words | {w.lower() for w in words}
-    assert all(math.isclose(sum(p for _, p in rules), 1.0) for rules in synthetic.GRAMMAR.values())
+  docs = synthetic.corpus(50, seed=0)
+  assert docs == synthetic.corpus(50, seed=0) and docs != synthetic.corpus(50, seed=1)
+  words = {w for rules in synthetic.GRAMMAR.values() for expansion, _ in rules for w in expansion}
+  for doc in docs:
+    for sentence in doc["text"].split(". "):
+      tokens = sentence.rstrip(".").split()
+      assert tokens and {tokens[0].lower(), *tokens[1:]} <= words | {w.lower() for w in words}
+  assert all(math.isclose(sum(p for _, p in rules), 1.0) for rules in synthetic.GRAMMAR.values())
 
 
 def test_char_tokenizer_round_trip_and_save(tmp_path):
-    from transformers import AutoTokenizer
+  from transformers import AutoTokenizer
 
-    tok = synthetic.char_tokenizer()
-    text = 'Hello, world!\n\t12+35=47 ~'
-    ids = tok(text, add_special_tokens=False)['input_ids']
-    assert len(ids) == len(text) and tok.decode(ids) == text
-    assert tok(text)['input_ids'][0] == tok.bos_token_id
-    assert tok('<|user|>', add_special_tokens=False)['input_ids'] == [tok.convert_tokens_to_ids('<|user|>')]
-    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
-    tok.save_pretrained(str(tmp_path))
-    loaded = AutoTokenizer.from_pretrained(str(tmp_path))
-    assert loaded(text)['input_ids'] == tok(text)['input_ids']
-    assert loaded.chat_template == data.FALLBACK_CHAT_TEMPLATE
-    assert len(loaded) == len(tok) == 4 + 4 + len(synthetic.CHARACTERS)
+  tok = synthetic.char_tokenizer()
+  text = "Hello, world!\n\t12+35=47 ~"
+  ids = tok(text, add_special_tokens=False)["input_ids"]
+  assert len(ids) == len(text) and tok.decode(ids) == text
+  assert tok(text)["input_ids"][0] == tok.bos_token_id
+  assert tok("<|user|>", add_special_tokens=False)["input_ids"] == [tok.convert_tokens_to_ids("<|user|>")]
+  assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+  tok.save_pretrained(str(tmp_path))
+  loaded = AutoTokenizer.from_pretrained(str(tmp_path))
+  assert loaded(text)["input_ids"] == tok(text)["input_ids"]
+  assert loaded.chat_template == data.FALLBACK_CHAT_TEMPLATE
+  assert len(loaded) == len(tok) == 4 + 4 + len(synthetic.CHARACTERS)
 
 
-@pytest.mark.parametrize('fmt', ['chat', 'alpaca', 'text'])
+@pytest.mark.parametrize("fmt", ["chat", "alpaca", "text"])
 def test_tasks_go_through_the_pipeline(tmp_path, fmt):
-    tok = synthetic.char_tokenizer()
-    task = synthetic.arithmetic(20, seed=0, fmt=fmt)
-    path = data.write_jsonl(str(tmp_path / 'a.jsonl'), task.records)
-    (source,) = data.load([path], tok, seq_len=256, template='vanilla', cache_dir=str(tmp_path / 'cache'))
-    assert len(source) == 20 and source.stats['format'] == fmt
-    ids, mask = source.example(0)
-    loss = ''.join(tok.convert_ids_to_tokens(ids[1:][mask[1:] == 1].tolist()))
-    expected = {'chat': task.completions[0] + '<eos>', 'alpaca': task.completions[0] + '<eos>',
-                'text': task.prompts[0] + task.completions[0] + '<eos>'}[fmt]
-    assert loss == expected
+  tok = synthetic.char_tokenizer()
+  task = synthetic.arithmetic(20, seed=0, fmt=fmt)
+  path = data.write_jsonl(str(tmp_path / "a.jsonl"), task.records)
+  (source,) = data.load([path], tok, seq_len=256, template="vanilla", cache_dir=str(tmp_path / "cache"))
+  assert len(source) == 20 and source.stats["format"] == fmt
+  ids, mask = source.example(0)
+  loss = "".join(tok.convert_ids_to_tokens(ids[1:][mask[1:] == 1].tolist()))
+  expected = {"chat": task.completions[0] + "<eos>", "alpaca": task.completions[0] + "<eos>",
+              "text": task.prompts[0] + task.completions[0] + "<eos>"}[fmt]
+  assert loss == expected

@@ -1,11 +1,11 @@
 """The data pipeline: records (chat, Alpaca, text) → token ids and loss masks → packed, shuffled, resumable batches.
 
-    sources = data.load(['train.jsonl:0.8', 'extra.jsonl:0.2'], tokenizer, seq_len=2048, cache_dir='/tmp/tok')
+    sources = data.load(["train.jsonl:0.8", "extra.jsonl:0.2"], tokenizer, seq_len=2048, cache_dir="/tmp/tok")
     splits = [data.split(s, eval_size=200, seed=0) for s in sources]
     train = data.BatchIterator([t for t, _ in splits], batch_size=16, seq_len=2048, seed=0,
                                process_index=jax.process_index(), process_count=jax.process_count())
     batch = next(train)      # inputs, targets, loss_mask, segment_ids, positions: numpy [16 / hosts, 2048]
-    saved = train.state()    # {'epoch': 0, 'index': 1}; train.restore(saved) resumes exactly
+    saved = train.state()    # {"epoch": 0, "index": 1}; train.restore(saved) resumes exactly
 
 Modules: ``formats`` (record → ids and mask), ``sources`` (reading files and hub datasets), ``dataset`` (tokenised
 sources, disk cache, train/eval split), ``pack`` (mixing, shuffling, packing, host slices, iterator state),
@@ -37,8 +37,8 @@ from lora_jax.data.sources import (
 )
 
 __all__ = [
-    'BATCH_KEYS', 'FALLBACK_CHAT_TEMPLATE', 'FORMATS', 'TEMPLATES', 'BatchIterator', 'DataError', 'Encoded', 'Plan',
-    'Records', 'Source', 'TokenizedSource', 'check_record', 'detect_format', 'encode', 'load', 'load_records',
-    'mixture', 'pack_rows', 'parse_source', 'parse_sources', 'resolve_template', 'scan_json', 'split', 'tokenize',
-    'tokenizer_fingerprint', 'truncate', 'write_jsonl',
+    "BATCH_KEYS", "FALLBACK_CHAT_TEMPLATE", "FORMATS", "TEMPLATES", "BatchIterator", "DataError", "Encoded", "Plan",
+    "Records", "Source", "TokenizedSource", "check_record", "detect_format", "encode", "load", "load_records",
+    "mixture", "pack_rows", "parse_source", "parse_sources", "resolve_template", "scan_json", "split", "tokenize",
+    "tokenizer_fingerprint", "truncate", "write_jsonl",
 ]

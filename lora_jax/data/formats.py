@@ -23,30 +23,30 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-FORMATS = ('chat', 'alpaca', 'text')
-ROLES = ('system', 'user', 'assistant', 'tool')
+FORMATS = ("chat", "alpaca", "text")
+ROLES = ("system", "user", "assistant", "tool")
 
 # alpaca-lora's templates/*.json (prompt with input, prompt without input), plus a bare `vanilla` one.
 TEMPLATES = {
-    'alpaca': (
-        'Below is an instruction that describes a task, paired with an input that provides further context. '
-        'Write a response that appropriately completes the request.\n\n'
-        '### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n',
-        'Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n'
-        '### Instruction:\n{instruction}\n\n### Response:\n',
+    "alpaca": (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Response:\n",
     ),
-    'alpaca_legacy': (
-        'Below is an instruction that describes a task, paired with an input that provides further context. '
-        'Write a response that appropriately completes the request.\n\n'
-        '### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:',
-        'Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n'
-        '### Instruction:\n{instruction}\n\n### Response:',
+    "alpaca_legacy": (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:",
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Response:",
     ),
-    'alpaca_short': (
-        '### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n',
-        '### Instruction:\n{instruction}\n\n### Response:\n',
+    "alpaca_short": (
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
+        "### Instruction:\n{instruction}\n\n### Response:\n",
     ),
-    'vanilla': ('{instruction}\n{input}\n', '{instruction}\n'),
+    "vanilla": ("{instruction}\n{input}\n", "{instruction}\n"),
 }
 
 # For tokenizers without a chat template: role markers, assistant turns closed by EOS (the stop token at inference).
@@ -62,214 +62,214 @@ FALLBACK_CHAT_TEMPLATE = (
 )
 
 # Stands in for an assistant message's content to find the text a chat template puts after it (its end of turn).
-_SENTINEL = '\u2063lora_jax_sentinel\u2063'
+_SENTINEL = "\u2063lora_jax_sentinel\u2063"
 
 
 class DataError(ValueError):
-    """A data file or record that cannot be used; the message starts with its location (file:line)."""
+  """A data file or record that cannot be used; the message starts with its location (file:line)."""
 
 
 class Encoded(NamedTuple):
-    """One tokenised example: ids, per-token loss mask, and where the first completion starts (None: no completion)."""
-    ids: np.ndarray
-    mask: np.ndarray
-    prompt_len: int | None
+  """One tokenised example: ids, per-token loss mask, and where the first completion starts (None: no completion)."""
+  ids: np.ndarray
+  mask: np.ndarray
+  prompt_len: int | None
 
 
 def detect_format(record: Mapping[str, Any]) -> str:
-    """The format a record is written in, from its fields."""
-    if record.get('messages') is not None:
-        return 'chat'
-    if record.get('instruction') is not None or record.get('output') is not None:
-        return 'alpaca'
-    if record.get('text') is not None:
-        return 'text'
-    raise DataError(f"record has none of the fields 'messages' (chat), 'instruction'/'output' (alpaca), 'text' "
-                    f"(text); its fields: {sorted(record)}")
+  """The format a record is written in, from its fields."""
+  if record.get("messages") is not None:
+    return "chat"
+  if record.get("instruction") is not None or record.get("output") is not None:
+    return "alpaca"
+  if record.get("text") is not None:
+    return "text"
+  raise DataError(f"record has none of the fields 'messages' (chat), 'instruction'/'output' (alpaca), 'text' "
+                  f"(text); its fields: {sorted(record)}")
 
 
 def check_record(record: Any, fmt: str) -> str | None:
-    """What is wrong with a record for a format (missing or mistyped field), or None when it is usable."""
-    if not isinstance(record, Mapping):
-        return f'expected a JSON object, got {type(record).__name__}'
-    if fmt == 'text':
-        return _check_str(record, 'text')
-    if fmt == 'alpaca':
-        for field in ('instruction', 'output'):
-            if problem := _check_str(record, field):
-                return problem
-        if record.get('input') is not None and not isinstance(record['input'], str):
-            return f"field 'input' must be a string, got {type(record['input']).__name__}"
-        return None
-    if fmt != 'chat':
-        raise ValueError(f'unknown format {fmt!r}; valid: {", ".join(FORMATS)}')
-    messages = record.get('messages')
-    if messages is None:
-        return "missing field 'messages'"
-    if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
-        return "field 'messages' must be a non-empty list"
-    for i, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            return f'messages[{i}]: expected an object, got {type(message).__name__}'
-        if message.get('role') is None:
-            return f"messages[{i}]: missing field 'role'"
-        if message['role'] not in ROLES:
-            return f"messages[{i}]: unknown role {message['role']!r} (valid: {', '.join(ROLES)})"
-        content = message.get('content')
-        if content is None and not (message['role'] == 'assistant' and message.get('tool_calls')):
-            return f"messages[{i}]: missing field 'content'"
-        if content is not None and not isinstance(content, str):
-            return f"messages[{i}]: field 'content' must be a string, got {type(content).__name__}"
-        weight = message.get('weight')
-        if weight is not None and weight not in (0, 1):
-            return f'messages[{i}]: weight must be 0 or 1, got {weight!r}'
+  """What is wrong with a record for a format (missing or mistyped field), or None when it is usable."""
+  if not isinstance(record, Mapping):
+    return f"expected a JSON object, got {type(record).__name__}"
+  if fmt == "text":
+    return _check_str(record, "text")
+  if fmt == "alpaca":
+    for field in ("instruction", "output"):
+      if problem := _check_str(record, field):
+        return problem
+    if record.get("input") is not None and not isinstance(record["input"], str):
+      return f"field 'input' must be a string, got {type(record['input']).__name__}"
     return None
+  if fmt != "chat":
+    raise ValueError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+  messages = record.get("messages")
+  if messages is None:
+    return "missing field 'messages'"
+  if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
+    return "field 'messages' must be a non-empty list"
+  for i, message in enumerate(messages):
+    if not isinstance(message, Mapping):
+      return f"messages[{i}]: expected an object, got {type(message).__name__}"
+    if message.get("role") is None:
+      return f"messages[{i}]: missing field 'role'"
+    if message["role"] not in ROLES:
+      return f"messages[{i}]: unknown role {message['role']!r} (valid: {', '.join(ROLES)})"
+    content = message.get("content")
+    if content is None and not (message["role"] == "assistant" and message.get("tool_calls")):
+      return f"messages[{i}]: missing field 'content'"
+    if content is not None and not isinstance(content, str):
+      return f"messages[{i}]: field 'content' must be a string, got {type(content).__name__}"
+    weight = message.get("weight")
+    if weight is not None and weight not in (0, 1):
+      return f"messages[{i}]: weight must be 0 or 1, got {weight!r}"
+  return None
 
 
 def _check_str(record: Mapping[str, Any], field: str) -> str | None:
-    if record.get(field) is None:
-        return f'missing field {field!r}'
-    if not isinstance(record[field], str):
-        return f'field {field!r} must be a string, got {type(record[field]).__name__}'
-    return None
+  if record.get(field) is None:
+    return f"missing field {field!r}"
+  if not isinstance(record[field], str):
+    return f"field {field!r} must be a string, got {type(record[field]).__name__}"
+  return None
 
 
 def resolve_template(template: str) -> tuple[str, str]:
-    """An Alpaca prompt template (with input, without input) by name, or from an alpaca-lora style JSON file."""
-    if template in TEMPLATES:
-        return TEMPLATES[template]
-    if template.endswith('.json') and os.path.isfile(template):
-        with open(template) as f:
-            spec = json.load(f)
-        missing = [key for key in ('prompt_input', 'prompt_no_input') if key not in spec]
-        if missing:
-            raise DataError(f'{template}: template file lacks {missing}')
-        return spec['prompt_input'], spec['prompt_no_input']
-    raise DataError(f'unknown prompt template {template!r}; valid: {", ".join(sorted(TEMPLATES))} '
-                    f'or the path of an alpaca-lora style .json template')
+  """An Alpaca prompt template (with input, without input) by name, or from an alpaca-lora style JSON file."""
+  if template in TEMPLATES:
+    return TEMPLATES[template]
+  if template.endswith(".json") and os.path.isfile(template):
+    with open(template) as f:
+      spec = json.load(f)
+    missing = [key for key in ("prompt_input", "prompt_no_input") if key not in spec]
+    if missing:
+      raise DataError(f"{template}: template file lacks {missing}")
+    return spec["prompt_input"], spec["prompt_no_input"]
+  raise DataError(f"unknown prompt template {template!r}; valid: {', '.join(sorted(TEMPLATES))} "
+                  f"or the path of an alpaca-lora style .json template")
 
 
 def alpaca_prompt(record: Mapping[str, Any], template: tuple[str, str]) -> str:
-    """The prompt text of an Alpaca record (everything before the output)."""
-    with_input, without_input = template
-    if record.get('input'):
-        return with_input.format(instruction=record['instruction'], input=record['input'])
-    return without_input.format(instruction=record['instruction'])
+  """The prompt text of an Alpaca record (everything before the output)."""
+  with_input, without_input = template
+  if record.get("input"):
+    return with_input.format(instruction=record["instruction"], input=record["input"])
+  return without_input.format(instruction=record["instruction"])
 
 
 def special_prefix(tokenizer) -> list[int]:
-    """The ids the tokenizer puts before a text when adding special tokens (BOS for Llama/Mistral, none for Qwen)."""
-    plain = tokenizer('a', add_special_tokens=False)['input_ids']
-    full = tokenizer('a', add_special_tokens=True)['input_ids']
-    for start in range(len(full) - len(plain) + 1):
-        if full[start:start + len(plain)] == plain:
-            return list(full[:start])
-    return []
+  """The ids the tokenizer puts before a text when adding special tokens (BOS for Llama/Mistral, none for Qwen)."""
+  plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+  full = tokenizer("a", add_special_tokens=True)["input_ids"]
+  for start in range(len(full) - len(plain) + 1):
+    if full[start:start + len(plain)] == plain:
+      return list(full[:start])
+  return []
 
 
 def check_tokenizer(tokenizer) -> None:
-    """Fail early on a tokenizer the pipeline cannot use (no EOS, no character offsets)."""
-    if tokenizer.eos_token_id is None:
-        raise DataError('the tokenizer has no EOS token; set one (tokenizer.eos_token = ...)')
-    if not getattr(tokenizer, 'is_fast', False):
-        raise DataError(f'{type(tokenizer).__name__} is not a fast (tokenizers-backed) tokenizer; the loss mask needs '
-                        'its character offsets')
+  """Fail early on a tokenizer the pipeline cannot use (no EOS, no character offsets)."""
+  if tokenizer.eos_token_id is None:
+    raise DataError("the tokenizer has no EOS token; set one (tokenizer.eos_token = ...)")
+  if not getattr(tokenizer, "is_fast", False):
+    raise DataError(f"{type(tokenizer).__name__} is not a fast (tokenizers-backed) tokenizer; the loss mask needs "
+                    "its character offsets")
 
 
-def encode(record: Mapping[str, Any], tokenizer, fmt: str, *, template: tuple[str, str] = TEMPLATES['alpaca'],
+def encode(record: Mapping[str, Any], tokenizer, fmt: str, *, template: tuple[str, str] = TEMPLATES["alpaca"],
            train_on_inputs: bool = False) -> Encoded:
-    """Tokenise one (checked) record into ids and a 0/1 loss mask over the same tokens."""
-    if fmt == 'text':
-        text = record['text']
-        return _tokenize(tokenizer, special_prefix(tokenizer), text, [(0, len(text), 1)], 1, eos=True)
-    if fmt == 'alpaca':
-        prompt = alpaca_prompt(record, template)
-        text = prompt + record['output']
-        return _tokenize(tokenizer, special_prefix(tokenizer), text, [(len(prompt), len(text), 1)],
-                         int(train_on_inputs), eos=True)
-    if fmt == 'chat':
-        text, spans = chat_spans(record, tokenizer)
-        return _tokenize(tokenizer, [], text, spans, int(train_on_inputs), eos=False)
-    raise ValueError(f'unknown format {fmt!r}; valid: {", ".join(FORMATS)}')
+  """Tokenise one (checked) record into ids and a 0/1 loss mask over the same tokens."""
+  if fmt == "text":
+    text = record["text"]
+    return _tokenize(tokenizer, special_prefix(tokenizer), text, [(0, len(text), 1)], 1, eos=True)
+  if fmt == "alpaca":
+    prompt = alpaca_prompt(record, template)
+    text = prompt + record["output"]
+    return _tokenize(tokenizer, special_prefix(tokenizer), text, [(len(prompt), len(text), 1)],
+                     int(train_on_inputs), eos=True)
+  if fmt == "chat":
+    text, spans = chat_spans(record, tokenizer)
+    return _tokenize(tokenizer, [], text, spans, int(train_on_inputs), eos=False)
+  raise ValueError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
 
 
 def chat_spans(record: Mapping[str, Any], tokenizer) -> tuple[str, list[tuple[int, int, int]]]:
-    """The rendered conversation and the character span (start, end, loss 0/1) of each assistant turn."""
-    messages = [_drop_none(m) for m in record['messages']]
-    tools = record.get('tools') or None
-    chat_template = tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE
+  """The rendered conversation and the character span (start, end, loss 0/1) of each assistant turn."""
+  messages = [_drop_none(m) for m in record["messages"]]
+  tools = record.get("tools") or None
+  chat_template = tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE
 
-    def render(msgs, generation_prompt=False):
-        return tokenizer.apply_chat_template(msgs, tools=tools, chat_template=chat_template, tokenize=False,
-                                             add_generation_prompt=generation_prompt)
+  def render(msgs, generation_prompt=False):
+    return tokenizer.apply_chat_template(msgs, tools=tools, chat_template=chat_template, tokenize=False,
+                                         add_generation_prompt=generation_prompt)
 
-    text = render(messages)
-    spans, cursor = [], 0
-    for i, message in enumerate(messages):
-        if message['role'] != 'assistant':
-            continue
-        if i:
-            prompt = render(messages[:i], generation_prompt=True)
-        else:  # transformers renders no empty conversation: the header is what precedes the content
-            marked = render([{**message, 'content': _SENTINEL}])
-            prompt = marked[:marked.index(_SENTINEL)]
-        if not text.startswith(prompt) or len(prompt) < cursor:
-            raise DataError(f'messages[{i}]: the chat template renders the conversation before this assistant message '
-                            'differently from the start of the whole conversation; cannot place its loss mask')
-        turn = render(messages[:i + 1])
-        if text.startswith(turn) and len(turn) > len(prompt):
-            end = len(turn)
-        else:
-            # Templates such as Qwen3's render a message differently once later turns follow (reasoning dropped):
-            # the turn then ends at the template's own end-of-turn text after its header.
-            marked = render(messages[:i] + [{**message, 'content': _SENTINEL}])
-            end_of_turn = marked[marked.rindex(_SENTINEL) + len(_SENTINEL):]
-            found = text.find(end_of_turn, len(prompt)) if end_of_turn.strip() else -1
-            if found < 0:
-                raise DataError(f'messages[{i}]: cannot find the end of this assistant turn in the rendered '
-                                'conversation')
-            end = found + len(end_of_turn)
-        spans.append((len(prompt), end, 0 if message.get('weight') == 0 else 1))
-        cursor = end
-    return text, spans
+  text = render(messages)
+  spans, cursor = [], 0
+  for i, message in enumerate(messages):
+    if message["role"] != "assistant":
+      continue
+    if i:
+      prompt = render(messages[:i], generation_prompt=True)
+    else:  # transformers renders no empty conversation: the header is what precedes the content
+      marked = render([{**message, "content": _SENTINEL}])
+      prompt = marked[:marked.index(_SENTINEL)]
+    if not text.startswith(prompt) or len(prompt) < cursor:
+      raise DataError(f"messages[{i}]: the chat template renders the conversation before this assistant message "
+                      "differently from the start of the whole conversation; cannot place its loss mask")
+    turn = render(messages[:i + 1])
+    if text.startswith(turn) and len(turn) > len(prompt):
+      end = len(turn)
+    else:
+      # Templates such as Qwen3's render a message differently once later turns follow (reasoning dropped):
+      # the turn then ends at the template's own end-of-turn text after its header.
+      marked = render(messages[:i] + [{**message, "content": _SENTINEL}])
+      end_of_turn = marked[marked.rindex(_SENTINEL) + len(_SENTINEL):]
+      found = text.find(end_of_turn, len(prompt)) if end_of_turn.strip() else -1
+      if found < 0:
+        raise DataError(f"messages[{i}]: cannot find the end of this assistant turn in the rendered "
+                        "conversation")
+      end = found + len(end_of_turn)
+    spans.append((len(prompt), end, 0 if message.get("weight") == 0 else 1))
+    cursor = end
+  return text, spans
 
 
 def _drop_none(message: Mapping[str, Any]) -> dict[str, Any]:
-    # Arrow fills fields absent from a record with None; templates test `is defined`, so drop them.
-    return {key: value for key, value in message.items() if value is not None}
+  # Arrow fills fields absent from a record with None; templates test `is defined`, so drop them.
+  return {key: value for key, value in message.items() if value is not None}
 
 
 def _tokenize(tokenizer, prefix: list[int], text: str, spans: list[tuple[int, int, int]], outside: int, *,
               eos: bool) -> Encoded:
-    """Tokenise text; a token carries the loss of the span holding its last character, else `outside`."""
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(encoding['input_ids'])
-    ends = np.array([end for _, end in encoding['offset_mapping']], dtype=np.int64) - 1
-    mask = np.full(len(ids), outside, dtype=np.uint8)
-    prompt_len = None
-    for start, end, loss in spans:
-        inside = (ends >= start) & (ends < end)
-        if loss:
-            mask[inside] = 1
-            if prompt_len is None and inside.any():
-                prompt_len = len(prefix) + int(np.argmax(inside))
-        else:
-            mask[inside] = 0
-    mask = np.concatenate([np.full(len(prefix), outside, np.uint8), mask])
-    ids = prefix + ids
-    if eos:
-        ids.append(tokenizer.eos_token_id)
-        mask = np.append(mask, np.uint8(1))
-        if prompt_len is None and spans:
-            prompt_len = len(ids) - 1  # an empty completion still teaches EOS
-    return Encoded(np.asarray(ids, dtype=np.int32), mask, prompt_len)
+  """Tokenise text; a token carries the loss of the span holding its last character, else `outside`."""
+  encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+  ids = list(encoding["input_ids"])
+  ends = np.array([end for _, end in encoding["offset_mapping"]], dtype=np.int64) - 1
+  mask = np.full(len(ids), outside, dtype=np.uint8)
+  prompt_len = None
+  for start, end, loss in spans:
+    inside = (ends >= start) & (ends < end)
+    if loss:
+      mask[inside] = 1
+      if prompt_len is None and inside.any():
+        prompt_len = len(prefix) + int(np.argmax(inside))
+    else:
+      mask[inside] = 0
+  mask = np.concatenate([np.full(len(prefix), outside, np.uint8), mask])
+  ids = prefix + ids
+  if eos:
+    ids.append(tokenizer.eos_token_id)
+    mask = np.append(mask, np.uint8(1))
+    if prompt_len is None and spans:
+      prompt_len = len(ids) - 1  # an empty completion still teaches EOS
+  return Encoded(np.asarray(ids, dtype=np.int32), mask, prompt_len)
 
 
 def truncate(example: Encoded, max_len: int, eos_id: int) -> tuple[Encoded, bool]:
-    """Cut an example to max_len tokens, ending it with EOS (alpaca-lora dropped it); also say whether it was cut."""
-    if len(example.ids) <= max_len:
-        return example, False
-    ids = np.append(example.ids[:max_len - 1], np.int32(eos_id))
-    # EOS takes the loss of the token it replaces: cut inside a completion, the model still learns to stop.
-    mask = np.append(example.mask[:max_len - 1], example.mask[max_len - 1])
-    return Encoded(ids, mask, example.prompt_len), True
+  """Cut an example to max_len tokens, ending it with EOS (alpaca-lora dropped it); also say whether it was cut."""
+  if len(example.ids) <= max_len:
+    return example, False
+  ids = np.append(example.ids[:max_len - 1], np.int32(eos_id))
+  # EOS takes the loss of the token it replaces: cut inside a completion, the model still learns to stop.
+  mask = np.append(example.mask[:max_len - 1], example.mask[max_len - 1])
+  return Encoded(ids, mask, example.prompt_len), True
