@@ -26,7 +26,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lora_jax import data, hf, lora, synthetic, train
+from lora_jax import data, hf, lora, metrics, synthetic, train
 from lora_jax.models import transformer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg].", lock_config=True)
@@ -206,7 +206,11 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, overwrite: boo
     loop = train.LoopConfig(**config.train.to_dict(), seed=config.seed)
     print(f"== {method}: lr {optim.lr:g}, {sum(x.size for x in jax.tree.leaves(state.trainable)):,} trainable")
     record = {"base_model": str(model_dir), "method": method, "lora_spec": spec.to_dict()}
-    state, last = train.fit(model, state, optim, loop, batches, lambda: evals, run_dir, record=record)
+    wandb = {"project": config.wandb.project, "name": f"{workdir.name}/{method}",
+             "config": config.to_dict()} if config.wandb.project else None
+    writer = metrics.MetricWriter(run_dir, wandb=wandb)
+    state, last = train.fit(model, state, optim, loop, batches, lambda: evals, run_dir, record=record, writer=writer)
+    writer.close()
     results[method] = {"lr": optim.lr, "trainable": sum(x.size for x in jax.tree.leaves(state.trainable)),
                        "eval_nll": last["eval/nll"], "perplexity": last["eval/perplexity"],
                        "steps": int(state.step), "workdir": str(run_dir)}

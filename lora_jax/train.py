@@ -106,6 +106,11 @@ class TrainState:
 def init_state(params, adapters, spec: lora.LoraSpec, optim: OptimConfig, seed: int) -> TrainState:
   """A step-0 state from base params and adapters (from ``lora.create``)."""
   trainable, frozen = lora.split(params, adapters, spec)
+  # Mixed precision: whatever the base's dtype, trained values and Adam moments are float32 (a bf16 base may stay
+  # frozen in bf16; the model casts to its compute dtype). Adapters keep the dtype their spec asks for.
+  trainable = {"lora": trainable["lora"],
+               "params": jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating)
+                                      else x, trainable["params"])}
   opt_state = make_optimizer(optim).init(trainable)
   return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen, opt_state=opt_state,
                     rng=jax.random.key_data(jax.random.key(seed)))

@@ -167,3 +167,22 @@ def test_lora_plus_and_clipping_in_the_optimizer():
   updates, _ = tx.update(grads, state.opt_state, state.trainable)
   ad = updates["lora"]["lm_head"]
   assert float(ad.a[0, 0]) == pytest.approx(-1.0) and float(ad.b[0, 0]) == pytest.approx(-4.0)
+
+
+def test_mixed_precision_bf16_compute_and_base_with_fp32_trainables(tmp_path):
+  config = CONFIG.replace(dtype="bfloat16", param_dtype="bfloat16")
+  model = transformer.CausalLM(config)
+  params = transformer.init_params(config, jax.random.key(0))
+  assert params["lm_head"]["kernel"].dtype == jnp.bfloat16
+  for spec in (LORA, lora.LoraSpec.full()):
+    params2, adapters = lora.create(params, spec, jax.random.key(1))
+    state = train.init_state(params2, adapters, spec, OPTIM, seed=0)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.trainable))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.opt_state) if x.ndim)
+    loop = train.LoopConfig(steps=10, log_every=1, eval_every=10, checkpoint_every=10)
+    state, _ = train.fit(model, state, OPTIM, loop, CountingBatches(), eval_batches, tmp_path / str(spec.is_full),
+                         progress=False)
+    losses = [json.loads(l)["train/loss"] for l in (tmp_path / str(spec.is_full) / "metrics.jsonl").read_text()
+              .splitlines() if "train/loss" in l]
+    assert losses[-1] < losses[0]
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(state.frozen))  # the frozen base stays bf16
