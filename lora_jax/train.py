@@ -333,3 +333,21 @@ def fit(model: nn.Module, state: TrainState, optim: OptimConfig, loop: LoopConfi
     signal.signal(signal.SIGTERM, previous)
     checkpointer.close()
   return state, last
+
+
+def restore_trained(run_dir: str | pathlib.Path, params, layouts=None) -> tuple[Any, Any]:
+  """``(params, adapters)`` of a run dir's newest checkpoint, on top of the base ``params`` it was trained from."""
+  run_dir = pathlib.Path(run_dir)
+  spec_file = run_dir / "lora_spec.json"
+  if not spec_file.exists():
+    raise FileNotFoundError(f"{spec_file} not found: expected a run directory written by experiments.main")
+  spec = lora.LoraSpec.from_json(spec_file.read_text())
+  base, adapters = lora.create(params, spec, jax.random.key(0), layouts=layouts)
+  checkpointer = ckpt_lib.Checkpointer(run_dir / "checkpoints")
+  step = checkpointer.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"no finished checkpoint in {checkpointer.directory}")
+  # The checkpoint holds the optimizer state too; its template costs one Adam init of the trainable tree.
+  state = init_state(base, adapters, spec, OptimConfig(lr=1.0), 0)
+  restored, _ = checkpointer.restore(step, state.checkpoint_tree())
+  return lora.combine(restored["trainable"], state.frozen)
