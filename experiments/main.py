@@ -11,6 +11,7 @@ logging (``lora_jax.train``); rerunning the same command resumes from the newest
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -23,10 +24,11 @@ import sys
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lora_jax import data, hf, lora, metrics, synthetic, train
+from lora_jax import data, generate, hf, lora, metrics, synthetic, train
 from lora_jax.models import transformer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg].", lock_config=True)
@@ -150,6 +152,23 @@ def resolve_sources(config: ml_collections.ConfigDict) -> list[str]:
   return out
 
 
+def arithmetic_accuracy_hook(config: ml_collections.ConfigDict, model, tokenizer):
+  """Eval hook: exact-match accuracy of greedy answers to held-out arithmetic problems (None when off)."""
+  n = config.eval.arithmetic_examples
+  if not n:
+    return None
+  task = synthetic.arithmetic(n, seed=config.seed + 1)  # a different seed from the training problems
+  init_cache = functools.partial(transformer.init_cache, model.config)
+
+  def hook(state: train.TrainState) -> dict:
+    params, adapters = lora.combine(state.trainable, state.frozen)
+    answers = generate.generate_text(model, params, adapters, tokenizer, task.prompts, chat=True,
+                                     max_new_tokens=config.eval.max_new_tokens, init_cache=init_cache)
+    return {"eval/accuracy": float(np.mean([synthetic.reward(p, a) for p, a in zip(task.prompts, answers)]))}
+
+  return hook
+
+
 def make_spec(method: str, config: ml_collections.ConfigDict) -> lora.LoraSpec:
   """The LoRA spec of a method: the config's for ``lora``, ``LoraSpec.full()`` for ``full``."""
   if method == "full":
@@ -209,10 +228,13 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, overwrite: boo
     wandb = {"project": config.wandb.project, "name": f"{workdir.name}/{method}",
              "config": config.to_dict()} if config.wandb.project else None
     writer = metrics.MetricWriter(run_dir, wandb=wandb)
-    state, last = train.fit(model, state, optim, loop, batches, lambda: evals, run_dir, record=record, writer=writer)
+    hook = arithmetic_accuracy_hook(config, model, tokenizer)
+    state, last = train.fit(model, state, optim, loop, batches, lambda: evals, run_dir, record=record, writer=writer,
+                            eval_hook=hook)
     writer.close()
     results[method] = {"lr": optim.lr, "trainable": sum(x.size for x in jax.tree.leaves(state.trainable)),
                        "eval_nll": last["eval/nll"], "perplexity": last["eval/perplexity"],
+                       "accuracy": last.get("eval/accuracy"),
                        "steps": int(state.step), "workdir": str(run_dir)}
   write_report(workdir, base_nll, results)
   return results
@@ -220,11 +242,12 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, overwrite: boo
 
 def write_report(workdir: pathlib.Path, base_nll: float, results: dict) -> None:
   """``report.md``: base and final eval NLL per method, printed too."""
-  lines = ["| method | LR | trainable params | eval NLL | perplexity | steps | run |",
-           "|---|---|---|---|---|---|---|", f"| base model | - | - | {base_nll:.4f} | - | 0 | - |"]
+  lines = ["| method | LR | trainable params | eval NLL | perplexity | accuracy | steps | run |",
+           "|---|---|---|---|---|---|---|---|", f"| base model | - | - | {base_nll:.4f} | - | - | 0 | - |"]
   for method, r in results.items():
+    accuracy = "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
     lines.append(f"| {method} | {r['lr']:g} | {r['trainable']:,} | {r['eval_nll']:.4f} | {r['perplexity']:.3f} | "
-                 f"{r['steps']} | {r['workdir']} |")
+                 f"{accuracy} | {r['steps']} | {r['workdir']} |")
   text = "\n".join(lines) + "\n"
   (workdir / "report.md").write_text(f"# Results: {workdir}\n\n{text}")
   print("\n" + text)

@@ -71,6 +71,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   config.train.checkpoint_every = 40 if args.tiny else 100  # Steps between checkpoints.
   config.train.keep_checkpoints = 2  # Checkpoints kept.
 
+  config.eval = ml_collections.ConfigDict()
+  config.eval.arithmetic_examples = 64 if args.tiny else 0  # Greedy exact-match accuracy on held-out sums; 0 = off.
+  config.eval.max_new_tokens = 8  # Generation budget of that eval.
+
   config.tiny_base = common.tiny_base_config()  # Used when model.name == "tiny".
   config.wandb = ml_collections.ConfigDict({"project": ""})  # W&B project; empty = off.
   return config
