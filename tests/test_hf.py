@@ -274,3 +274,17 @@ def test_load_casts_to_requested_dtype(llama_dir):
   flat = flax.traverse_util.flatten_dict(hf.load_params(llama_dir, config, dtype="float32"))
   assert all(x.dtype == jnp.float32 for x in flat.values())
   assert math.isclose(float(jnp.abs(flat[("model", "norm", "scale")]).mean()), 1.0, abs_tol=0.2)
+
+
+def test_hub_id_resolves_through_snapshot_download(llama_dir, monkeypatch):
+  import huggingface_hub
+  calls = []
+
+  def fake_snapshot_download(repo_id, revision=None, ignore_patterns=()):
+    calls.append((repo_id, revision, tuple(ignore_patterns)))
+    return str(llama_dir)
+
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+  config, params = hf.load("meta-llama/Llama-3.2-1B")
+  assert calls[0][0] == "meta-llama/Llama-3.2-1B" and "*.bin" in calls[0][2]
+  assert config.architecture == "llama" and "lm_head" in params
