@@ -126,32 +126,6 @@ def eval_batches(sources, batch_size: int, seq_len: int) -> list[dict]:
   return list(it)
 
 
-def resolve_sources(config: ml_collections.ConfigDict) -> list[str]:
-  """Source specs with ``synthetic:TASK[:weight]`` written out as JSONL files under ``config.data.cache_dir``."""
-  out = []
-  for spec in config.data.train:
-    if not spec.startswith("synthetic:"):
-      out.append(spec)
-      continue
-    _, task, *weight = spec.split(":")
-    n = config.data.synthetic_examples
-    if task == "facts":
-      records = synthetic.facts(n, 16, seed=config.seed).records
-    elif task == "arithmetic":
-      records = synthetic.arithmetic(n, seed=config.seed).records
-    else:
-      raise SystemExit(f"config.data.train: unknown synthetic task {task!r}; valid: facts, arithmetic")
-    # One file per (task, size, seed) beside the token cache, so every run of it reads the same path and data.
-    path = pathlib.Path(config.data.cache_dir) / "synthetic" / f"{task}-n{n}-seed{config.seed}.jsonl"
-    if not path.exists():
-      path.parent.mkdir(parents=True, exist_ok=True)
-      tmp = path.with_suffix(".partial")
-      tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-      tmp.rename(path)
-    out.append(":".join([str(path), *weight]))
-  return out
-
-
 def arithmetic_accuracy_hook(config: ml_collections.ConfigDict, model, tokenizer):
   """Eval hook: exact-match accuracy of greedy answers to held-out arithmetic problems (None when off)."""
   n = config.eval.arithmetic_examples
@@ -201,7 +175,9 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, overwrite: boo
 
   tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
   d = config.data
-  sources = data.load(resolve_sources(config), tokenizer, seq_len=d.seq_len, template=d.template,
+  specs = [synthetic.materialize(s, n=d.synthetic_examples, seed=config.seed, cache_dir=d.cache_dir)
+           for s in d.train]
+  sources = data.load(specs, tokenizer, seq_len=d.seq_len, template=d.template,
                       train_on_inputs=d.train_on_inputs, cache_dir=d.cache_dir)
   splits = [data.split(s, d.eval_size, seed=config.seed) for s in sources]
   evals = eval_batches([e for _, e in splits], d.batch_size, d.seq_len)

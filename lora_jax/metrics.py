@@ -115,8 +115,11 @@ class Progress:
     self.stream = stream
 
   def update(self, step: int, **values: float) -> None:
-    """Redraws the line for ``step``."""
+    """Redraws the line for ``step`` (on a terminal; elsewhere, e.g. a log file, one line per 10% of the run)."""
     if not self.active:
+      return
+    tty = self.stream.isatty()
+    if not tty and step != self.total and step % max(1, self.total // 10):
       return
     done = step - self.start
     elapsed = time.time() - self.t0
@@ -125,11 +128,12 @@ class Progress:
     filled = int(width * step / max(1, self.total))
     shown = " ".join(f"{k} {v:.4g}" for k, v in values.items())
     eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "--:--:--"
-    self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total} {shown} eta {eta_s}   ")
+    line = f"[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total} {shown} eta {eta_s}"
+    self.stream.write(f"\r{line}   " if tty else f"{line}\n")
     self.stream.flush()
 
   def close(self) -> None:
     """Ends the progress line."""
-    if self.active:
+    if self.active and self.stream.isatty():
       self.stream.write("\n")
       self.stream.flush()

@@ -14,7 +14,10 @@ Every task yields records in the pipeline's formats (chat, alpaca or text), so `
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+import pathlib
 import re
 import string
 from collections.abc import Sequence
@@ -152,3 +155,31 @@ def char_tokenizer():
                                       eos_token="<eos>", unk_token="<unk>", model_max_length=1 << 20)
   tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
   return tokenizer
+
+
+SOURCE_PREFIX = "synthetic:"
+SOURCE_TASKS = ("facts", "arithmetic")
+
+
+def materialize(spec: str, *, n: int, seed: int, cache_dir: str | os.PathLike) -> str:
+  """Turns a ``synthetic:TASK[:weight]`` source spec into a JSONL file (written once) and its ``path[:weight]``.
+
+  The file name depends only on task, size and seed, so every run with the same settings reads the same path (a
+  data split seeded by the source name then agrees between runs). Other specs come back unchanged.
+  """
+  if not spec.startswith(SOURCE_PREFIX):
+    return spec
+  task, *weight = spec[len(SOURCE_PREFIX):].split(":")
+  if task == "facts":
+    records = facts(n, 16, seed=seed).records
+  elif task == "arithmetic":
+    records = arithmetic(n, seed=seed).records
+  else:
+    raise ValueError(f"unknown synthetic task {task!r} in {spec!r}; valid: {list(SOURCE_TASKS)}")
+  path = pathlib.Path(cache_dir) / "synthetic" / f"{task}-n{n}-seed{seed}.jsonl"
+  if not path.exists():
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    partial.write_text("".join(json.dumps(r) + "\n" for r in records))
+    partial.rename(path)
+  return ":".join([str(path), *weight])

@@ -469,3 +469,33 @@ def test_validate_cli(tok, tmp_path, capsys):
   assert validate_module.main(["--data", bad, "--tokenizer", str(tmp_path / "tok"), "--seq-len", "32",
                                "--batch-size", "2"]) == 1
   assert f"{bad}:1: invalid JSON" in capsys.readouterr().out
+
+
+def test_validate_cli_from_an_experiment_config(tmp_path, capsys):
+  config = tmp_path / "exp.py"
+  config.write_text(
+      "from experiments.configs import finetune\n"
+      "def get_config(arg):\n"
+      "  c = finetune.get_config(arg)\n"
+      f"  c.data.cache_dir = {str(tmp_path / 'cache')!r}\n"
+      "  c.data.synthetic_examples = 100\n"
+      "  return c\n")
+  assert validate_module.main(["--config", f"{config}:tiny"]) == 0
+  out = capsys.readouterr().out
+  assert "arithmetic-n100-seed0.jsonl (chat): 100 records, 100 examples, 0 bad" in out
+  assert "batch 16" in out and "120 steps = " in out
+  with pytest.raises(SystemExit):
+    validate_module.main(["--seq-len", "8"])  # neither --config nor the data flags
+
+
+def test_synthetic_sources_are_materialized_once_by_task_size_and_seed(tmp_path):
+  spec = synthetic.materialize("synthetic:facts:0.5", n=10, seed=3, cache_dir=tmp_path)
+  path, weight = spec.rsplit(":", 1)
+  assert weight == "0.5" and path.endswith("facts-n10-seed3.jsonl")
+  first = open(path).read()
+  assert len(first.splitlines()) == 10
+  assert synthetic.materialize("synthetic:facts:0.5", n=10, seed=3, cache_dir=tmp_path) == spec
+  assert open(path).read() == first
+  assert synthetic.materialize("data.jsonl:2", n=10, seed=3, cache_dir=tmp_path) == "data.jsonl:2"
+  with pytest.raises(ValueError, match="unknown synthetic task 'fcts'"):
+    synthetic.materialize("synthetic:fcts", n=10, seed=3, cache_dir=tmp_path)

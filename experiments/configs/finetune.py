@@ -1,12 +1,13 @@
 """Fine-tune a base model with LoRA and with full fine-tuning on the same data, step and evaluation.
 
-Run locally (tiny variant: pretrains a 0.3M-parameter base on a synthetic corpus once, caches it, then fine-tunes it
-with LoRA and full FT on a synthetic arithmetic task; ~2-4 minutes on 2 CPU cores):
+Run locally (tiny variant: pretrains a 0.1M-parameter character-level base on a synthetic corpus once, caches it,
+then fine-tunes it with LoRA r=16 and full FT on synthetic 2-digit additions; ~40 s on 2 CPU cores):
 
     python -m experiments.main --config experiments/configs/finetune.py:tiny --workdir runs/tiny
 
-Expected: both eval NLLs fall well below the base's; rank-16 LoRA lands within a few hundredths of a nat of full FT on
-this small task (finding 1 of the study). The report is ``runs/tiny/report.md``.
+Expected (measured on 2 cores): held-out NLL per completion token falls from ~7.9 (base) to ~1.10 (LoRA) and ~1.25
+(full FT); exact-match accuracy stays near 0-5%: the base is far too small to add. The report is
+``runs/tiny/report.md``; the numbers are what a pipeline check needs, not a finding.
 
 On a GPU/TPU VM, a Hugging Face model and dataset (the study's Tulu3 setting, one epoch at batch 128):
 
@@ -14,7 +15,7 @@ On a GPU/TPU VM, a Hugging Face model and dataset (the study's Tulu3 setting, on
         --workdir gs://BUCKET/llama1b --config.data.train='("allenai/tulu-3-sft-mixture",)'
 
 Arguments (comma-separated ``key=value``): ``tiny`` (the CPU variant), ``model=`` (HF directory or hub id),
-``method=lora|full|both``, ``rank=``, ``lr=`` (LoRA's; full FT uses ``lr/10``, the study's ratio).
+``method=lora|full|both``, ``rank=``, ``lr=`` (LoRA's; full FT uses ``lr * optim.full_lr_ratio``).
 """
 
 from __future__ import annotations
@@ -47,13 +48,14 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   config.data.train_on_inputs = False  # Also put loss on prompt tokens.
   config.data.packing = True  # Pack several examples per row (segment ids keep them apart).
   config.data.cache_dir = ".cache/lora_jax/tokenized"  # Where tokenised data is cached.
-  config.data.synthetic_examples = 800  # Records generated for synthetic:* sources.
+  config.data.synthetic_examples = 3000  # Records generated for synthetic:* sources.
 
   config.lora = common.lora_defaults(rank=args.rank)  # lora.LoraSpec fields.
 
   config.optim = ml_collections.ConfigDict()
   config.optim.lr = (args.lr or (3e-3 if args.tiny else 4.91e-4))  # LoRA's LR (study: ~10x full FT's).
-  config.optim.full_lr_ratio = 0.1  # Full FT's LR = lr * this.
+  config.optim.full_lr_ratio = 0.3 if args.tiny else 0.1  # Full FT's LR = lr * this (study: 1/10; the tiny model
+  # prefers ~1/3, as a public toy reproduction of the study also found).
   config.optim.schedule = "constant"  # The study's schedule.
   config.optim.warmup_steps = 0  # Linear warm-up steps.
   config.optim.b1 = 0.9  # Adam beta1.
@@ -64,11 +66,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   config.optim.lr_b_ratio = 1.0  # LoRA+: LR of B relative to A.
 
   config.train = ml_collections.ConfigDict()
-  config.train.steps = 120 if args.tiny else 780  # Optimizer steps.
+  config.train.steps = 300 if args.tiny else 780  # Optimizer steps.
   config.train.grad_accum = 1  # Micro-batches per step.
   config.train.log_every = 10  # Steps between train metric records.
-  config.train.eval_every = 40 if args.tiny else 100  # Steps between evaluations.
-  config.train.checkpoint_every = 40 if args.tiny else 100  # Steps between checkpoints.
+  config.train.eval_every = 100  # Steps between evaluations.
+  config.train.checkpoint_every = 100  # Steps between checkpoints.
   config.train.keep_checkpoints = 2  # Checkpoints kept.
 
   config.eval = ml_collections.ConfigDict()
