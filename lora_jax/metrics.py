@@ -19,8 +19,12 @@ import jax
 import numpy as np
 
 
-def lora_diagnostics(params, adapters) -> dict[str, dict[str, float]]:
-  """Per adapted module: ‖s·A·B‖_F/‖W‖_F and the spectral norms of A and B (the study saw B outgrow A)."""
+def lora_diagnostics(params, adapters) -> dict[str, dict[str, jax.Array]]:
+  """Per adapted module: ‖s·A·B‖_F/‖W‖_F and the spectral norms of A and B (the study saw B outgrow A).
+
+  Pure jnp, so it can be jitted over sharded arrays; the results are scalars.
+  """
+  import jax.numpy as jnp
   from flax import traverse_util
 
   from lora_jax import lora
@@ -28,15 +32,13 @@ def lora_diagnostics(params, adapters) -> dict[str, dict[str, float]]:
   flat = traverse_util.flatten_dict(params)
   out = {}
   for path, ad in lora.adapter_items(adapters):
-    w = np.asarray(flat[path + (ad.param,)], np.float32)
-    d = np.asarray(lora.delta(ad))
-    a = np.asarray(ad.a, np.float32).reshape(-1, ad.a.shape[-1])
-    b = np.asarray(ad.b, np.float32)
-    b = np.moveaxis(b, ad.n_stack + sum(r == "shared" for r in ad.layout.roles), -1).reshape(-1, ad.rank)
+    w = flat[path + (ad.param,)].astype(jnp.float32)
+    a = ad.a.astype(jnp.float32).reshape(-1, ad.rank)
+    b = jnp.moveaxis(ad.b.astype(jnp.float32), ad.n_stack + sum(r == "shared" for r in ad.layout.roles), -1)
     out["/".join(path)] = {
-        "rel_update": float(np.linalg.norm(d) / max(np.linalg.norm(w), 1e-30)),
-        "norm_a": float(np.linalg.norm(a, 2)),
-        "norm_b": float(np.linalg.norm(b, 2)),
+        "rel_update": jnp.linalg.norm(lora.delta(ad)) / jnp.maximum(jnp.linalg.norm(w), 1e-30),
+        "norm_a": jnp.linalg.norm(a, 2),
+        "norm_b": jnp.linalg.norm(b.reshape(-1, ad.rank), 2),
     }
   return out
 

@@ -27,10 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import traverse_util
 
 from lora_jax import checkpoint as ckpt_lib
 from lora_jax import lora
 from lora_jax import metrics as metrics_lib
+from lora_jax import sharding as sharding_lib
 
 SCHEDULES = ("constant", "warmup_constant", "linear", "cosine")
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
@@ -212,10 +214,19 @@ class LoopConfig:
   seed: int = 0  # Seed of the per-step RNG (adapter dropout).
 
 
-def _donating(train_step: Callable) -> Callable:
-  """Jits ``train_step`` donating the state's buffers except the frozen base, which the caller keeps using."""
+def _donating(train_step: Callable, shardings: TrainState | None = None, batch_sharding=None) -> Callable:
+  """Jits ``train_step`` donating the state's buffers except the frozen base, which the caller keeps using.
 
-  @functools.partial(jax.jit, donate_argnums=(1,))
+  With ``shardings`` (a TrainState of NamedShardings) the step is compiled with explicit in/out shardings.
+  """
+  if shardings is None:
+    jit = functools.partial(jax.jit, donate_argnums=(1,))
+  else:
+    rest = shardings.replace(frozen=None)
+    jit = functools.partial(jax.jit, donate_argnums=(1,), in_shardings=(shardings.frozen, rest, batch_sharding),
+                            out_shardings=(rest, sharding_lib.replicated(batch_sharding.mesh)))
+
+  @jit
   def step(frozen, state, batch):
     state, metrics = train_step(state.replace(frozen=frozen), batch)
     return state.replace(frozen=None), metrics
@@ -225,6 +236,34 @@ def _donating(train_step: Callable) -> Callable:
     return new.replace(frozen=state.frozen), metrics
 
   return run
+
+
+def state_shardings(state: TrainState, optim: OptimConfig, param_shardings, mesh) -> TrainState:
+  """Where each part of the state lives: base params by ``param_shardings``, adapters like their kernels, the
+  optimizer moments like what they track, counters and RNG replicated."""
+  flat = traverse_util.flatten_dict(param_shardings)
+
+  def like_params(tree):
+    return traverse_util.unflatten_dict({p: flat[p] for p in traverse_util.flatten_dict(tree)}) if tree else {}
+
+  rep = sharding_lib.replicated(mesh)
+  trainable = {"lora": sharding_lib.adapter_shardings(state.trainable["lora"], param_shardings, mesh),
+               "params": like_params(state.trainable["params"])}
+  # An optimizer-state leaf that tracks a trainable leaf (Adam's mu and nu) sits at a path ending with that leaf's
+  # path; it is placed like it. Everything else (step counts) is replicated.
+  by_path = {tuple(p): s for p, s in jax.tree_util.tree_flatten_with_path(trainable)[0]}
+  shapes = {tuple(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(state.trainable)[0]}
+
+  def place(path, leaf):
+    for i in range(len(path)):
+      suffix = tuple(path[i:])
+      if suffix in by_path and shapes[suffix] == leaf.shape:
+        return by_path[suffix]
+    return rep
+
+  opt_state = jax.tree_util.tree_map_with_path(place, state.opt_state)
+  del optim
+  return TrainState(step=rep, trainable=trainable, frozen=like_params(state.frozen), opt_state=opt_state, rng=rep)
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -242,16 +281,32 @@ def peak_memory_bytes() -> int:
 def fit(model: nn.Module, state: TrainState, optim: OptimConfig, loop: LoopConfig,
         train_batches: BatchIterator, eval_batches: Callable[[], Iterable[dict]], workdir: str | pathlib.Path,
         *, record: dict | None = None, eval_hook: Callable[[TrainState], dict] | None = None,
-        writer: metrics_lib.MetricWriter | None = None, progress: bool = True) -> tuple[TrainState, dict]:
+        writer: metrics_lib.MetricWriter | None = None, progress: bool = True, mesh=None,
+        param_shardings=None) -> tuple[TrainState, dict]:
   """Trains ``state`` for ``loop.steps`` steps, resuming from the newest checkpoint in ``workdir`` if there is one.
 
   ``record`` (JSON) is stored with every checkpoint (e.g. which base model the adapters belong to).
   ``eval_hook(state)`` may add metrics (e.g. generation accuracy) at each evaluation. SIGTERM saves a checkpoint
   and stops cleanly; a NaN/Inf loss raises ``NonFiniteLoss`` without saving. Returns the final state and metrics.
+  With a ``mesh``, the state is placed by ``param_shardings`` (see ``state_shardings``), each host's batches become
+  one global batch split over the data axes, and the steps are compiled with explicit shardings.
   """
+  if (mesh is None) != (param_shardings is None):
+    raise ValueError("fit needs both mesh and param_shardings, or neither")
   workdir = pathlib.Path(workdir)
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=loop.keep_checkpoints)
   writer = writer or metrics_lib.MetricWriter(workdir)
+  if mesh is None:
+    train_step = _donating(make_train_step(model, make_optimizer(optim), loop.grad_accum))
+    eval_step = jax.jit(make_eval_step(model))
+    to_device = lambda batch: batch  # noqa: E731
+  else:
+    shardings = state_shardings(state, optim, param_shardings, mesh)
+    state = jax.device_put(state, shardings)
+    batch_sharding = sharding_lib.batch_sharding(mesh)
+    train_step = _donating(make_train_step(model, make_optimizer(optim), loop.grad_accum), shardings, batch_sharding)
+    eval_step = jax.jit(make_eval_step(model), in_shardings=(shardings, batch_sharding))
+    to_device = functools.partial(sharding_lib.global_batch, mesh=mesh)
   start = checkpointer.latest_step()
   if start is not None:
     restored, saved = checkpointer.restore(start, state.checkpoint_tree())
@@ -259,9 +314,8 @@ def fit(model: nn.Module, state: TrainState, optim: OptimConfig, loop: LoopConfi
     train_batches.restore(saved["data"])
     writer.truncate_after(start)
   start = int(state.step)
-
-  train_step = _donating(make_train_step(model, make_optimizer(optim), loop.grad_accum))
-  eval_step = jax.jit(make_eval_step(model))
+  diagnostics = jax.jit(lambda s: metrics_lib.lora_diagnostics(*lora.combine(s.trainable, s.frozen)),
+                        out_shardings=None if mesh is None else sharding_lib.replicated(mesh))
   n_trainable = sum(x.size for x in jax.tree.leaves(state.trainable))
   n_total = n_trainable + sum(x.size for x in jax.tree.leaves(state.frozen))
   lr_at = schedule(optim)
@@ -296,11 +350,10 @@ def fit(model: nn.Module, state: TrainState, optim: OptimConfig, loop: LoopConfi
                           "params/total": n_total})
 
   def run_eval(step):
-    m = evaluate(eval_step, state, eval_batches())
+    m = evaluate(eval_step, state, map(to_device, eval_batches()))
     if eval_hook is not None:
       m.update(eval_hook(state))
-    params, adapters = lora.combine(state.trainable, state.frozen)
-    diag = metrics_lib.lora_diagnostics(params, adapters)
+    diag = {k: {n: float(v) for n, v in d.items()} for k, d in jax.device_get(diagnostics(state)).items()}
     if diag:
       for key in ("rel_update", "norm_a", "norm_b"):
         m[f"lora/{key}_mean"] = float(np.mean([d[key] for d in diag.values()]))
@@ -312,7 +365,7 @@ def fit(model: nn.Module, state: TrainState, optim: OptimConfig, loop: LoopConfi
 
   try:
     for step in range(start + 1, loop.steps + 1):
-      batch = next(train_batches)
+      batch = to_device(next(train_batches))
       t0 = time.time()
       state, m = train_step(state, batch)
       finish_pending()

@@ -1,0 +1,126 @@
+"""Sharded training equals one device: 8 fake CPU devices (several meshes) and 2 local processes x 2 devices."""
+
+import json
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from lora_jax import distributed, lora, sharding
+from lora_jax.models import transformer
+
+HERE = pathlib.Path(__file__).parent
+sys.path.insert(0, str(HERE))
+import _distributed_run  # noqa: E402
+
+TOL = 1e-5
+
+
+def test_make_mesh_fills_and_checks_the_device_count():
+  assert sharding.make_mesh({"fsdp": -1}).shape == {"data": 1, "fsdp": 1, "tensor": 1}
+  with pytest.raises(ValueError, match="has 4 devices but there are 1"):
+    sharding.make_mesh({"fsdp": 2, "tensor": 2})
+  with pytest.raises(ValueError, match="unknown mesh axes \\['model'\\]"):
+    sharding.make_mesh({"model": 1})
+  with pytest.raises(ValueError, match="only one mesh axis may be -1"):
+    sharding.make_mesh({"fsdp": -1, "tensor": -1})
+  with pytest.raises(ValueError, match="1 devices are not divisible by the fixed axes' product 2"):
+    sharding.make_mesh({"data": 2, "fsdp": -1})
+
+
+def test_rules_and_indivisible_dimensions_name_the_parameter_and_axis():
+  assert sharding.logical_to_spec(("embed", "mlp"), sharding.DEFAULT_RULES) == P("fsdp", "tensor")
+  assert sharding.logical_to_spec(("layers", "embed", "heads"), sharding.DEFAULT_RULES) == P(None, "fsdp", "tensor")
+  with pytest.raises(ValueError, match="no sharding rule for logical axis 'rows'"):
+    sharding.logical_to_spec(("rows",), sharding.DEFAULT_RULES)
+  config = transformer.ModelConfig.tiny_llama(vocab_size=130)
+  mesh = sharding.make_mesh({"tensor": 1})
+  shardings = sharding.param_shardings(transformer.abstract_params(config), transformer.logical_axes(config), mesh)
+  assert shardings["model"]["layers_0"]["mlp"]["up_proj"]["kernel"].spec == P("fsdp", "tensor")
+  # One device cannot show an indivisible split; the 8-device subprocess test below checks the real error.
+
+
+def test_adapters_shard_like_their_kernels():
+  config = transformer.ModelConfig.tiny_llama()
+  mesh = sharding.make_mesh({"fsdp": 1})
+  params = transformer.init_params(config, jax.random.key(0))
+  _, adapters = lora.create(params, lora.LoraSpec(rank=2, targets=("q_proj", "down_proj")), jax.random.key(0))
+  ps = sharding.param_shardings(transformer.abstract_params(config), transformer.logical_axes(config), mesh)
+  ad = sharding.adapter_shardings(adapters, ps, mesh)["model"]["layers_0"]
+  assert ad["self_attn"]["q_proj"].a.spec == P("fsdp", None) and ad["self_attn"]["q_proj"].b.spec == P(None, "tensor")
+  assert ad["mlp"]["down_proj"].a.spec == P("tensor", None) and ad["mlp"]["down_proj"].b.spec == P(None, "fsdp")
+
+
+def test_unreachable_coordinator_fails_in_bounded_time_with_its_address():
+  port = _free_port()
+  t0 = time.monotonic()
+  with pytest.raises(ConnectionError, match=f"JAX coordinator 127.0.0.1:{port} not reachable within 1 s"):
+    distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=1, timeout_s=1.0)
+  assert time.monotonic() - t0 < 10
+  with pytest.raises(ValueError, match="process_id 2 is outside \\[0, 2\\)"):
+    distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=2)
+  assert distributed.initialize() is False  # a plain single-process run
+
+
+def test_every_mesh_equals_one_device_for_lora_and_full_on_llama_and_moe(tmp_path):
+  out = tmp_path / "meshes.json"
+  run = subprocess.run([sys.executable, str(HERE / "_distributed_run.py"), "meshes", str(out)], capture_output=True,
+                       text=True, timeout=900)
+  assert run.returncode == 0, run.stderr[-3000:]
+  report = json.loads(out.read_text())
+  results = report["results"]
+  assert "parameter 'lm_head/kernel' dimension 1 has size 130, not divisible by mesh axis 'tensor' of size 4" in \
+      report["indivisible"]
+  assert {(r["model"], r["method"]) for r in results} == {(m, k) for m in ("llama", "qwen3_moe")
+                                                          for k in ("lora", "full")}
+  assert {r["mesh"] for r in results} == {"fsdp=8", "tensor=8", "data=2,fsdp=2,tensor=2"}
+  for r in results:
+    assert r["loss_diff"] <= TOL and r["param_diff"] <= TOL, r
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _processes(mode, n, path, out):
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, str(HERE / "_distributed_run.py"), mode, str(i), str(n), str(port),
+                             str(path), str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(n)]
+  logs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-3000:]
+
+
+def test_two_processes_equal_one_device_and_checkpoints_move_between_process_counts(tmp_path):
+  config = _distributed_run.configs()["llama"]
+  ref_loss, ref = _distributed_run.run(config, "lora", None, tmp_path / "ref")
+
+  _processes("host", 2, tmp_path / "multi", tmp_path / "multi.npz")
+  got = np.load(tmp_path / "multi.npz")
+  assert abs(float(got["loss"]) - ref_loss) <= TOL
+  values = [got[f"arr_{i}"] for i in range(len(ref))]
+  for a, b in zip(values, ref):
+    assert np.max(np.abs(a - b)) <= TOL
+
+  # Saved by 2 processes, restored by 1 (with 2 devices): the same values.
+  subprocess.run([sys.executable, str(HERE / "_distributed_run.py"), "restore", "0", "1", "0",
+                  str(tmp_path / "multi" / "checkpoints"), str(tmp_path / "one.npz")], check=True,
+                 capture_output=True, timeout=600)
+  one = np.load(tmp_path / "one.npz")
+  for i, v in enumerate(values):
+    np.testing.assert_array_equal(one[f"arr_{i}"], v)
+
+  # Saved by 1 process (the reference run), restored by 2 processes on a 2 x 2 mesh.
+  _processes("restore", 2, tmp_path / "ref" / "checkpoints", tmp_path / "two.npz")
+  two = np.load(tmp_path / "two.npz")
+  for i, v in enumerate(ref):
+    np.testing.assert_array_equal(two[f"arr_{i}"], v)
