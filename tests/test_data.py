@@ -483,7 +483,7 @@ def test_validate_cli_from_an_experiment_config(tmp_path, capsys):
   assert validate_module.main(["--config", f"{config}:tiny"]) == 0
   out = capsys.readouterr().out
   assert "arithmetic-n100-seed0.jsonl (chat): 100 records, 100 examples, 0 bad" in out
-  assert "batch 16" in out and "120 steps = " in out
+  assert "batch 16" in out and "300 steps = " in out
   with pytest.raises(SystemExit):
     validate_module.main(["--seq-len", "8"])  # neither --config nor the data flags
 
