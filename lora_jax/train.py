@@ -214,10 +214,11 @@ class LoopConfig:
   seed: int = 0  # Seed of the per-step RNG (adapter dropout).
 
 
-def _donating(train_step: Callable, shardings: TrainState | None = None, batch_sharding=None) -> Callable:
-  """Jits ``train_step`` donating the state's buffers except the frozen base, which the caller keeps using.
+def jit_train_step(train_step: Callable, shardings: TrainState | None = None, batch_sharding=None) -> Callable:
+  """``train_step`` jitted as ``step(frozen, state_without_frozen, batch)``, donating all but the frozen base.
 
-  With ``shardings`` (a TrainState of NamedShardings) the step is compiled with explicit in/out shardings.
+  With ``shardings`` (a TrainState of NamedShardings) it is compiled with explicit in/out shardings; lowering it
+  with abstract arguments is how ``benchmarks/fit.py`` plans memory without allocating anything.
   """
   if shardings is None:
     jit = functools.partial(jax.jit, donate_argnums=(1,))
@@ -230,6 +231,13 @@ def _donating(train_step: Callable, shardings: TrainState | None = None, batch_s
   def step(frozen, state, batch):
     state, metrics = train_step(state.replace(frozen=frozen), batch)
     return state.replace(frozen=None), metrics
+
+  return step
+
+
+def _donating(train_step: Callable, shardings: TrainState | None = None, batch_sharding=None) -> Callable:
+  """``train_step(state, batch)`` run through ``jit_train_step``: the caller keeps the frozen base."""
+  step = jit_train_step(train_step, shardings, batch_sharding)
 
   def run(state: TrainState, batch):
     new, metrics = step(state.frozen, state.replace(frozen=None), batch)
