@@ -1,0 +1,203 @@
+"""Export a trained run for serving, and check adapter directories the way vLLM loads them.
+
+    python -m lora_jax.export --run RUN_DIR --base MODEL_DIR_OR_ID --out OUT --merged
+    python -m lora_jax.export --run RUN_DIR --base MODEL_DIR_OR_ID --out OUT --peft [--for-serving]
+    python -m lora_jax.export --check ADAPTER_DIR [--base MODEL_DIR_OR_ID]
+
+`--merged` writes an HF model directory with W + s·A·B folded into the weights (plus the base's tokenizer);
+`--peft` writes a PEFT LoRA directory (`hf.save_peft`), `--for-serving` one that vLLM and SGLang compute exactly
+(scales folded into B, ranks zero-padded to a vLLM rank, no patterns). `--check` lists every reason vLLM would
+refuse an adapter or compute a different function from it, and exits 1 if there is one. RUN_DIR is a run written
+by `experiments.main` (`lora_spec.json`, `checkpoints/`); its workdir's `config.json` says whether layers were
+scanned. See docs/serving.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import re
+import sys
+
+import jax.numpy as jnp
+
+from lora_jax import hf, lora, train
+from lora_jax.models.transformer import CausalLM
+
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+_EMBEDDINGS = ("embed_tokens", "lm_head")
+# HF module leaf names vLLM has LoRA layers for, per architecture (its packed modules qkv_proj and gate_up_proj
+# unpacked to the HF names); MoE experts are named `experts.{e}.{gate,up,down}_proj`.
+VLLM_MODULES = {
+    "llama": _ATTENTION + _MLP + _EMBEDDINGS,
+    "mistral": _ATTENTION + _MLP + _EMBEDDINGS,
+    "qwen3": _ATTENTION + _MLP + _EMBEDDINGS,
+    "qwen3_moe": _ATTENTION + _MLP + _EMBEDDINGS,
+}
+_EXPERT_MODULE = re.compile(r"experts\.\d+\.(gate_proj|up_proj|down_proj)")
+
+
+def export_run(run_dir: str | pathlib.Path, base: str, out: str | pathlib.Path, merged: bool,
+               for_serving: bool = False) -> str:
+  """Writes a run's trained adapters as a merged HF model (`merged`) or a PEFT directory; returns a summary line."""
+  run_dir, out = pathlib.Path(run_dir), pathlib.Path(out)
+  root = hf.resolve_checkpoint(base)
+  config = hf.load_config(root, scan_layers=_scanned(run_dir))
+  params = hf.load_params(root, config)
+  layouts = lora.trace_layouts(CausalLM(config), jnp.zeros((1, 8), jnp.int32))
+  params, adapters = train.restore_trained(run_dir, params, layouts)
+  if merged:
+    params, errors = lora.merge(params, adapters)
+    hf.save_params(params, config, out)
+    tokenizer = _copy_tokenizer(root, out)
+    worst = max((float(e) for e in errors.values()), default=0.0)
+    return (f"merged {len(errors)} adapters into {out} ({config.param_dtype}, largest rounding error {worst:.3g})"
+            + ("" if tokenizer else "; the base has no tokenizer, none copied"))
+  spec = lora.LoraSpec.from_json((run_dir / "lora_spec.json").read_text())
+  hf.save_peft(config, adapters, spec, out, str(base), for_serving=for_serving)
+  with open(out / hf.PEFT_CONFIG_FILE) as f:
+    r = json.load(f)["r"]
+  return f"wrote the PEFT adapter {out} (r={r}{', for serving' if for_serving else ''})"
+
+
+def _scanned(run_dir: pathlib.Path) -> bool:
+  """Whether the run trained scan-stacked layers, from its workdir's config.json (False when there is none)."""
+  saved = run_dir.parent / "config.json"
+  if not saved.exists():
+    return False
+  return bool(json.loads(saved.read_text()).get("model", {}).get("scan_layers", False))
+
+
+def _copy_tokenizer(root: pathlib.Path, out: pathlib.Path) -> bool:
+  from transformers import AutoTokenizer
+
+  try:
+    tokenizer = AutoTokenizer.from_pretrained(str(root))
+  except (OSError, ValueError, TypeError):
+    return False
+  tokenizer.save_pretrained(str(out))
+  return True
+
+
+def check_adapter(adapter_dir: str | pathlib.Path, architecture: str | None = None) -> list[str]:
+  """Every reason vLLM would refuse this PEFT adapter or serve a different function from it (empty when clean)."""
+  try:
+    config, tensors = hf.read_peft(adapter_dir)
+  except (FileNotFoundError, ValueError) as err:
+    return [str(err)]
+  problems = []
+  if config.get("peft_type") != "LORA":
+    problems.append(f"peft_type is {config.get('peft_type')!r}: vLLM serves LORA adapters only")
+  r = config.get("r")
+  if not isinstance(r, int) or r not in hf.VLLM_RANKS:
+    problems.append(f"r={r!r} is not a rank vLLM accepts {hf.VLLM_RANKS}; re-export with --for-serving, which "
+                    "zero-pads to the next one")
+  if config.get("use_dora"):
+    problems.append("use_dora=true: vLLM does not serve DoRA")
+  if config.get("modules_to_save"):
+    problems.append(f"modules_to_save={config['modules_to_save']}: vLLM refuses fully trained modules; merge them")
+  for field in ("rank_pattern", "alpha_pattern"):
+    if config.get(field):
+      problems.append(f"{field}={config[field]}: vLLM ignores it and scales every module by lora_alpha/r, a "
+                      "different function; re-export with --for-serving, which folds the scales into B")
+  if config.get("bias", "none") != "none" or config.get("lora_bias"):
+    problems.append(f"bias={config.get('bias')!r}, lora_bias={config.get('lora_bias', False)!r}: vLLM serves "
+                    "bias-free LoRA only")
+  if config.get("target_parameters"):
+    problems.append(f"target_parameters={config['target_parameters']}: fused-parameter LoRA (PEFT's layout for "
+                    "transformers 5 MoE experts); vLLM expects one module per expert (experts.{e}.gate_proj)")
+
+  known = VLLM_MODULES.get(architecture) if architecture else sorted({m for v in VLLM_MODULES.values() for m in v})
+  if architecture and known is None:
+    problems.append(f"architecture {architecture!r}: no vLLM module list known here; supported: "
+                    f"{sorted(VLLM_MODULES)}")
+    known = ()
+  moe = architecture in (None, "qwen3_moe")
+
+  def unknown(name: str) -> bool:
+    if ".experts." in name or name.startswith("experts."):
+      return not (moe and _EXPERT_MODULE.fullmatch(name[name.index("experts."):]))
+    return name.rsplit(".", 1)[-1] not in known
+
+  targets = config.get("target_modules")
+  if isinstance(targets, list):
+    bad = sorted(t for t in targets if t.rsplit(".", 1)[-1] not in known)
+    if bad:
+      problems.append(f"target_modules {bad}: not a module vLLM has LoRA for "
+                      f"({architecture or 'any supported architecture'}: {list(known)})")
+  modules, parse_problems = hf.peft_modules(tensors)
+  problems += parse_problems
+  odd = sorted((n for n in modules if unknown(n)), key=_natural_key)
+  if odd:
+    problems.append(f"{len(odd)} LoRA modules vLLM does not know for {architecture or 'these architectures'}: "
+                    f"{odd[:5]}{' ...' if len(odd) > 5 else ''}")
+  ranks = {n: m["a"].shape[0] for n, m in modules.items() if "a" in m}
+  off = sorted((n for n, rank in ranks.items() if rank != r), key=_natural_key)
+  if off and isinstance(r, int):
+    problems.append(f"{len(off)} modules have tensors of another rank than r={r} (e.g. {off[0]}: rank "
+                    f"{ranks[off[0]]}): vLLM scales them by lora_alpha/r of the global r")
+  if not modules:
+    problems.append("no LoRA tensors in the adapter")
+  return problems
+
+
+def _natural_key(name: str):
+  return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", name)]
+
+
+def _architecture(adapter_dir: pathlib.Path, base: str | None) -> str | None:
+  """The base model's architecture: from --base, else from a local base_model_name_or_path, else unknown."""
+  if base:
+    return hf.load_config(base).architecture
+  try:
+    name = json.loads((adapter_dir / hf.PEFT_CONFIG_FILE).read_text()).get("base_model_name_or_path")
+  except (OSError, ValueError):
+    return None
+  if name and (pathlib.Path(name) / "config.json").exists():
+    return hf.load_config(name).architecture
+  return None
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Command line entry point; returns the exit status."""
+  parser = argparse.ArgumentParser(prog="python -m lora_jax.export", description=__doc__.split("\n\n")[0])
+  parser.add_argument("--run", help="Run directory written by experiments.main (lora_spec.json, checkpoints/).")
+  parser.add_argument("--base", help="Base model: local HF directory or hub id.")
+  parser.add_argument("--out", help="Output directory.")
+  mode = parser.add_mutually_exclusive_group()
+  mode.add_argument("--merged", action="store_true", help="Write an HF model with the adapters merged in.")
+  mode.add_argument("--peft", action="store_true", help="Write a PEFT LoRA adapter directory.")
+  mode.add_argument("--check", metavar="ADAPTER_DIR", help="Check an adapter directory for vLLM.")
+  parser.add_argument("--for-serving", action="store_true",
+                      help="With --peft: fold scales into B, pad ranks to a vLLM rank, drop patterns and rsLoRA.")
+  args = parser.parse_args(argv)
+
+  if args.check:
+    adapter_dir = pathlib.Path(args.check)
+    architecture = _architecture(adapter_dir, args.base)
+    problems = check_adapter(adapter_dir, architecture)
+    for p in problems:
+      print(f"PROBLEM: {p}")
+    if problems:
+      print(f"{adapter_dir}: {len(problems)} problem(s) for vLLM")
+      return 1
+    with open(adapter_dir / hf.PEFT_CONFIG_FILE) as f:
+      r = json.load(f)["r"]
+    print(f"{adapter_dir}: OK for vLLM ({architecture or 'architecture not checked'}); serve with "
+          f"--enable-lora --max-lora-rank {r} or more")
+    return 0
+  if not (args.merged or args.peft):
+    parser.error("choose one of --merged, --peft or --check")
+  if args.for_serving and not args.peft:
+    parser.error("--for-serving goes with --peft")
+  missing = [f"--{k}" for k in ("run", "base", "out") if not getattr(args, k)]
+  if missing:
+    parser.error(f"{', '.join(missing)} required with --merged/--peft")
+  print(export_run(args.run, args.base, args.out, merged=args.merged, for_serving=args.for_serving))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
