@@ -1,0 +1,46 @@
+"""benchmarks.fit plans per-device memory from abstract shapes: sharding must shrink the per-device arguments."""
+
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import fit
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+  transformers = pytest.importorskip("transformers")
+  path = tmp_path_factory.mktemp("tiny")
+  transformers.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                           architectures=["LlamaForCausalLM"]).save_pretrained(path)
+  return path
+
+
+def test_plan_on_one_device_counts_the_whole_state(tiny_dir):
+  import jax
+
+  lora = fit.plan(str(tiny_dir), "lora", 8, 4, 64, {"fsdp": 1}, jax.devices()[:1])
+  full = fit.plan(str(tiny_dir), "full", 8, 4, 64, {"fsdp": 1}, jax.devices()[:1])
+  assert lora["trainable"] < full["trainable"] == full["params"]
+  # Full FT carries fp32 weights and two Adam moments of everything: at least 3 x 4 bytes per parameter.
+  assert full["arguments"] >= 12 * full["params"] > lora["arguments"]
+  assert lora["total"] > 0 and full["total"] > lora["total"]
+
+
+def test_cli_on_eight_fake_devices_shards_the_arguments(tiny_dir):
+  def run(devices, mesh):
+    out = subprocess.run([sys.executable, "-m", "benchmarks.fit", "--model", str(tiny_dir), "--method", "full",
+                          "--devices", str(devices), "--mesh", mesh, "--batch", "8", "--seq", "64"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    line = next(l for l in out.splitlines() if l.strip().startswith("arguments"))
+    return float(line.split()[1]), out
+
+  one, _ = run(1, "fsdp=1")
+  eight, out = run(8, "fsdp=4,tensor=2")
+  assert "on 8 cpu devices" in out and "fits in 16 GiB: yes" in out
+  assert eight < one / 4  # weights and optimizer state are split over the devices
+  bad = subprocess.run([sys.executable, "-m", "benchmarks.fit", "--model", str(tiny_dir), "--devices", "8",
+                        "--mesh", "fsdp=8", "--batch", "4"], capture_output=True, text=True, timeout=300)
+  assert bad.returncode != 0 and "--batch 4 is not divisible by the data x fsdp mesh size 8" in bad.stderr
