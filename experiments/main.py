@@ -28,12 +28,16 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lora_jax import data, generate, hf, lora, metrics, synthetic, train
+from lora_jax import data, distributed, generate, hf, lora, metrics, sharding, synthetic, train
 from lora_jax.models import transformer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg].", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for this experiment's runs and report.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Delete a workdir that holds a run of a different config.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for a manual multi-process "
+                                   "run (TPU pods and tpu.gpu_launch need none).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of a manual multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a manual multi-process run.")
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "datasets", "numpy",
             "ml-collections")
@@ -49,7 +53,10 @@ def prepare_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, ov
       diff = sorted(k for k in set(_flat(old)) | set(_flat(new)) if _flat(old).get(k) != _flat(new).get(k))
       raise SystemExit(f"{workdir} holds a run of a different config (differs in: {', '.join(diff[:10])}). "
                        "Use another --workdir, or --overwrite to delete it.")
-    shutil.rmtree(workdir)
+    if jax.process_index() == 0:
+      shutil.rmtree(workdir)
+  if jax.process_index() != 0:  # process 0 writes the run's files (all processes write checkpoints)
+    return
   workdir.mkdir(parents=True, exist_ok=True)
   saved.write_text(text + "\n")
   (workdir / "run_info.json").write_text(json.dumps(run_info(), indent=2) + "\n")
@@ -169,7 +176,10 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, overwrite: boo
     raise SystemExit("config.model.name is empty: give an HF directory or hub id (or use the 'tiny' config arg)")
   model_config = hf.load_config(model_dir, scan_layers=config.model.scan_layers, remat=config.model.remat,
                                 param_dtype=config.model.param_dtype).replace(dtype=config.model.dtype)
-  params = hf.load_params(model_dir, model_config)
+  mesh = sharding.make_mesh(config.mesh.to_dict())
+  param_sh = sharding.param_shardings(transformer.abstract_params(model_config), transformer.logical_axes(model_config),
+                                      mesh, config.sharding_rules.to_dict())
+  params = jax.device_put(hf.load_params(model_dir, model_config), param_sh)
   model = transformer.CausalLM(model_config)
   from transformers import AutoTokenizer
 
@@ -182,9 +192,6 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, overwrite: boo
   splits = [data.split(s, d.eval_size, seed=config.seed) for s in sources]
   evals = eval_batches([e for _, e in splits], d.batch_size, d.seq_len)
   layouts = lora.trace_layouts(model, jnp.zeros((1, 8), jnp.int32))
-  base_state = train.init_state(params, {}, lora.LoraSpec(targets=()), make_optim("full", config), config.seed)
-  base_nll = train.evaluate(jax.jit(train.make_eval_step(model)), base_state, evals)["eval/nll"]
-  print(f"base model eval NLL: {base_nll:.4f}")
 
   results = {}
   for method in config.methods:
@@ -206,13 +213,16 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, overwrite: boo
     writer = metrics.MetricWriter(run_dir, wandb=wandb)
     hook = arithmetic_accuracy_hook(config, model, tokenizer)
     state, last = train.fit(model, state, optim, loop, batches, lambda: evals, run_dir, record=record, writer=writer,
-                            eval_hook=hook)
+                            eval_hook=hook, mesh=mesh, param_shardings=param_sh)
     writer.close()
     results[method] = {"lr": optim.lr, "trainable": sum(x.size for x in jax.tree.leaves(state.trainable)),
                        "eval_nll": last["eval/nll"], "perplexity": last["eval/perplexity"],
                        "accuracy": last.get("eval/accuracy"),
                        "steps": int(state.step), "workdir": str(run_dir)}
-  write_report(workdir, base_nll, results)
+  first = workdir / config.methods[0] / "metrics.jsonl"
+  base_nll = next(r["eval/nll"] for r in metrics.read_metrics(first.parent) if r["step"] == 0 and "eval/nll" in r)
+  if jax.process_index() == 0:
+    write_report(workdir, base_nll, results)
   return results
 
 
@@ -237,6 +247,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required")
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   run(_CONFIG.value, pathlib.Path(_WORKDIR.value), _OVERWRITE.value)
 
 

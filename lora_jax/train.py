@@ -372,6 +372,8 @@ def fit(model: nn.Module, state: TrainState, optim: OptimConfig, loop: LoopConfi
     return m
 
   try:
+    if start == 0:  # the curve starts at the base model (B = 0 for LoRA)
+      last.update(run_eval(0))
     for step in range(start + 1, loop.steps + 1):
       batch = to_device(next(train_batches))
       t0 = time.time()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ml_collections
 
 from experiments.configs import common
+from lora_jax import sharding
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
@@ -72,6 +73,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   config.train.eval_every = 100  # Steps between evaluations.
   config.train.checkpoint_every = 100  # Steps between checkpoints.
   config.train.keep_checkpoints = 2  # Checkpoints kept.
+
+  config.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})  # Device mesh; -1 = the rest.
+  config.sharding_rules = ml_collections.ConfigDict(sharding.DEFAULT_RULES)  # Logical axis -> mesh axis (or None).
 
   config.eval = ml_collections.ConfigDict()
   config.eval.arithmetic_examples = 64 if args.tiny else 0  # Greedy exact-match accuracy on held-out sums; 0 = off.
