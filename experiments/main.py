@@ -179,7 +179,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, overwrite: boo
   mesh = sharding.make_mesh(config.mesh.to_dict())
   param_sh = sharding.param_shardings(transformer.abstract_params(model_config), transformer.logical_axes(model_config),
                                       mesh, config.sharding_rules.to_dict())
-  params = jax.device_put(hf.load_params(model_dir, model_config), param_sh)
+  params = hf.load_params(model_dir, model_config, shardings=param_sh)  # each host reads only its slices
   model = transformer.CausalLM(model_config)
   from transformers import AutoTokenizer
 

@@ -318,12 +318,17 @@ def _check(available: dict[str, tuple[pathlib.Path, tuple[int, ...]]], entries: 
     raise ValueError(f"checkpoint {root} does not match the {config.architecture} config:\n" + "\n".join(problems))
 
 
-def load_params(path_or_hub_id: str | os.PathLike, config: ModelConfig, dtype=None) -> dict[str, Any]:
-  """Reads a (single or sharded) safetensors checkpoint into our param tree, cast to `dtype` (default param_dtype)."""
+def load_params(path_or_hub_id: str | os.PathLike, config: ModelConfig, dtype=None, shardings=None) -> dict[str, Any]:
+  """Reads a (single or sharded) safetensors checkpoint into our param tree, cast to `dtype` (default param_dtype).
+
+  Tensor by tensor: never two full copies in host RAM. With `shardings` (a tree of NamedShardings like the params)
+  each array is built straight into its sharding and each process reads only the slices its devices hold.
+  """
   root = resolve_checkpoint(path_or_hub_id)
   dtype = np.dtype(jnp.dtype(dtype or config.param_dtype))
   shapes = _shapes(config)
   entries = _entries(config, shapes)
+  flat_shardings = flax.traverse_util.flatten_dict(shardings) if shardings is not None else None
   with contextlib.ExitStack() as stack:
     handles, available = {}, {}
     for file in _weight_files(root):
@@ -339,18 +344,33 @@ def load_params(path_or_hub_id: str | os.PathLike, config: ModelConfig, dtype=No
       by_path.setdefault(e.path, []).append(e)
     flat = {}
     for path, shape in shapes.items():
-      buf = np.empty(shape, dtype)
-      for e in by_path[path]:
-        file = available[e.key][0]
-        try:
-          tensor = handles[file].get_tensor(e.key)
-        except Exception as err:
-          raise ValueError(f"{file}: cannot read tensor {e.key} ({err})") from err
-        buf[e.index] = tensor.T if e.transpose else tensor
-        del tensor
-      flat[path] = jax.device_put(buf)
-      del buf
+      def read(region, path=path, shape=shape):
+        return _read_region(handles, available, by_path[path], shape, region, dtype)
+
+      if flat_shardings is None:
+        flat[path] = jax.device_put(read(tuple(slice(None) for _ in shape)))
+      else:
+        flat[path] = jax.make_array_from_callback(shape, flat_shardings[path], read)
   return flax.traverse_util.unflatten_dict(flat)
+
+
+def _read_region(handles, available, entries: list[_Entry], shape, region, dtype) -> np.ndarray:
+  """The block `region` (slices over our array) of one parameter, reading only those slices from the files."""
+  bounds = [range(*s.indices(n)) for s, n in zip(region, shape)]
+  out = np.empty(tuple(len(b) for b in bounds), dtype)
+  for e in entries:
+    k = len(e.index)
+    if any(i not in b for i, b in zip(e.index, bounds[:k])):
+      continue
+    inner = [slice(b.start, b.stop, b.step) for b in bounds[k:]]
+    file = available[e.key][0]
+    try:
+      part = handles[file].get_slice(e.key)
+      block = part[inner[1], inner[0]].T if e.transpose else part[tuple(inner)]
+    except Exception as err:
+      raise ValueError(f"{file}: cannot read tensor {e.key} ({err})") from err
+    out[tuple(b.index(i) for i, b in zip(e.index, bounds[:k]))] = block
+  return out
 
 
 def load(path_or_hub_id: str | os.PathLike, dtype=None, **config_changes) -> tuple[ModelConfig, dict[str, Any]]:
