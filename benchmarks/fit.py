@@ -116,10 +116,12 @@ def plan(model: str, method: str, rank: int, batch: int, seq: int, mesh_shape: d
 
 def _row(model, method, rank, n, r, hbm):
   if "oom" in r:
-    total, fits = "-", f"no (compiler: {r['temporaries'] / GIB:.1f} GiB of temporaries)"
+    arguments, total = "-", "-"
+    fits = f"no (compiler: {r['temporaries'] / GIB:.1f} GiB of temporaries)"
   else:
-    total, fits = f"{r['total'] / GIB:.2f}", "yes" if r["total"] <= hbm * GIB else "no"
-  return (f"| {model} | {method if method == 'full' else f'LoRA r={rank}'} | {n} | {r['arguments'] / GIB:.2f} | "
+    arguments, total = f"{r['arguments'] / GIB:.2f}", f"{r['total'] / GIB:.2f}"
+    fits = "yes" if r["total"] <= hbm * GIB else "no"
+  return (f"| {model} | {method if method == 'full' else f'LoRA r={rank}'} | {n} | {arguments} | "
           f"{r['temporaries'] / GIB:.2f} | {total} | {fits} |")
 
 

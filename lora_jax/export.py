@@ -160,11 +160,20 @@ def _architecture(adapter_dir: pathlib.Path, base: str | None) -> str | None:
   return None
 
 
+def base_of_run(run_dir: str | pathlib.Path) -> str | None:
+  """The base model a run's newest checkpoint says it was trained from (``experiments.main`` records it)."""
+  from lora_jax import checkpoint
+
+  ck = checkpoint.Checkpointer(pathlib.Path(run_dir) / "checkpoints")
+  step = ck.latest_step()
+  return None if step is None else ck.restore_record(step).get("base_model")
+
+
 def main(argv: list[str] | None = None) -> int:
   """Command line entry point; returns the exit status."""
   parser = argparse.ArgumentParser(prog="python -m lora_jax.export", description=__doc__.split("\n\n")[0])
   parser.add_argument("--run", help="Run directory written by experiments.main (lora_spec.json, checkpoints/).")
-  parser.add_argument("--base", help="Base model: local HF directory or hub id.")
+  parser.add_argument("--base", help="Base model: local HF directory or hub id (default: the one the run recorded).")
   parser.add_argument("--out", help="Output directory.")
   mode = parser.add_mutually_exclusive_group()
   mode.add_argument("--merged", action="store_true", help="Write an HF model with the adapters merged in.")
@@ -192,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.error("choose one of --merged, --peft or --check")
   if args.for_serving and not args.peft:
     parser.error("--for-serving goes with --peft")
+  if args.run and not args.base:
+    args.base = base_of_run(args.run)
   missing = [f"--{k}" for k in ("run", "base", "out") if not getattr(args, k)]
   if missing:
     parser.error(f"{', '.join(missing)} required with --merged/--peft")

@@ -51,7 +51,7 @@ def test_every_config_builds_at_every_sweep_point():
     finetune.get_config("tiny,rnk=4")
 
 
-def test_tiny_run_fine_tunes_with_lora_and_full_and_reports(tmp_path):
+def test_tiny_run_fine_tunes_with_lora_and_full_and_reports(tmp_path, capsys):
   results = exp_main.run(small_config(tmp_path), tmp_path / "run")
   report = (tmp_path / "run" / "report.md").read_text()
   base = float(report.split("| base model | - | - | ")[1].split(" ")[0])
@@ -67,6 +67,17 @@ def test_tiny_run_fine_tunes_with_lora_and_full_and_reports(tmp_path):
   assert "model/layers_0/mlp/down_proj/kernel" in (tmp_path / "run" / "lora" / "summary.txt").read_text()
   record = checkpoint.Checkpointer(tmp_path / "run" / "lora" / "checkpoints").restore_record(20)
   assert record["method"] == "lora" and record["base_model"].startswith(str(tmp_path.parent / "tiny_base_cache"))
+
+  # The run's adapters go on: a merged HF export (base read from the run's record) and the generation CLI.
+  from lora_jax import export, generate
+
+  assert export.main(["--run", str(tmp_path / "run" / "lora"), "--out", str(tmp_path / "merged"), "--merged"]) == 0
+  assert (tmp_path / "merged" / "config.json").exists() and (tmp_path / "merged" / "tokenizer.json").exists()
+  generate.main(["--model", record["base_model"], "--adapter", str(tmp_path / "run" / "lora"), "--prompt", "2+3=",
+                 "--prompt", "40+1=", "--max-new-tokens", "4"])
+  merged_out = capsys.readouterr().out
+  generate.main(["--model", str(tmp_path / "merged"), "--prompt", "2+3=", "--prompt", "40+1=", "--max-new-tokens", "4"])
+  assert "### 2+3=" in merged_out and capsys.readouterr().out.split("### 2+3=")[1] == merged_out.split("### 2+3=")[1]
 
 
 def test_workdir_of_another_config_is_refused_unless_overwrite(tmp_path):
