@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
 from lora_jax import data, distributed, generate, hf, lora, metrics, sharding, synthetic, train
@@ -43,7 +44,7 @@ PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers"
             "ml-collections")
 
 
-def prepare_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, overwrite: bool) -> None:
+def prepare_workdir(workdir: epath.Path, config: ml_collections.ConfigDict, overwrite: bool) -> None:
   """Creates the workdir, or checks it belongs to this config (refusing another config's run unless overwrite)."""
   text = config.to_json_best_effort(indent=2, sort_keys=True)
   saved = workdir / "config.json"
@@ -54,7 +55,7 @@ def prepare_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict, ov
       raise SystemExit(f"{workdir} holds a run of a different config (differs in: {', '.join(diff[:10])}). "
                        "Use another --workdir, or --overwrite to delete it.")
     if jax.process_index() == 0:
-      shutil.rmtree(workdir)
+      workdir.rmtree()
   if jax.process_index() != 0:  # process 0 writes the run's files (all processes write checkpoints)
     return
   workdir.mkdir(parents=True, exist_ok=True)
@@ -168,8 +169,9 @@ def make_optim(method: str, config: ml_collections.ConfigDict) -> train.OptimCon
                            lr_b_ratio=o.lr_b_ratio if method == "lora" else 1.0)
 
 
-def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, overwrite: bool = False) -> dict:
-  """Runs every method of ``config`` into ``workdir``, writes ``report.md`` and returns the results."""
+def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, overwrite: bool = False) -> dict:
+  """Runs every method of ``config`` into ``workdir`` (local or gs://), writes ``report.md``, returns the results."""
+  workdir = epath.Path(workdir)
   prepare_workdir(workdir, config, overwrite)
   model_dir = tiny_base(config.tiny_base) if config.model.name == "tiny" else config.model.name
   if not model_dir:
@@ -226,7 +228,7 @@ def run(config: ml_collections.ConfigDict, workdir: pathlib.Path, overwrite: boo
   return results
 
 
-def write_report(workdir: pathlib.Path, base_nll: float, results: dict) -> None:
+def write_report(workdir: epath.Path, base_nll: float, results: dict) -> None:
   """``report.md``: base and final eval NLL per method, printed too."""
   lines = ["| method | LR | trainable params | eval NLL | perplexity | accuracy | steps | run |",
            "|---|---|---|---|---|---|---|---|", f"| base model | - | - | {base_nll:.4f} | - | - | 0 | - |"]
@@ -248,7 +250,7 @@ def main(argv):
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required")
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  run(_CONFIG.value, pathlib.Path(_WORKDIR.value), _OVERWRITE.value)
+  run(_CONFIG.value, _WORKDIR.value, _OVERWRITE.value)
 
 
 if __name__ == "__main__":

@@ -8,18 +8,19 @@ process, full disk) leaves the previous checkpoint as it was; ``latest_step`` on
 
 from __future__ import annotations
 
-import pathlib
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 class Checkpointer:
   """Saves and restores ``(tree, record)`` pairs under ``directory/<step>``, keeping the last ``keep``."""
 
-  def __init__(self, directory: str | pathlib.Path, keep: int = 2):
-    self.directory = pathlib.Path(directory).absolute()
+  def __init__(self, directory: str | epath.PathLike, keep: int = 2):
+    directory = epath.Path(directory)
+    self.directory = directory if "://" in str(directory) else directory.absolute()  # local or gs://
     self._manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-import pathlib
 import sys
 import time
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
 
 def lora_diagnostics(params, adapters) -> dict[str, dict[str, jax.Array]]:
@@ -46,9 +46,9 @@ def lora_diagnostics(params, adapters) -> dict[str, dict[str, jax.Array]]:
 class MetricWriter:
   """Appends metrics to ``workdir/metrics.jsonl`` and TensorBoard; only process 0 writes."""
 
-  def __init__(self, workdir: str | pathlib.Path, *, tensorboard: bool = True, wandb: dict | None = None,
+  def __init__(self, workdir: str | epath.PathLike, *, tensorboard: bool = True, wandb: dict | None = None,
                active: bool | None = None):
-    self.workdir = pathlib.Path(workdir)
+    self.workdir = epath.Path(workdir)  # a local path or gs://
     self.active = jax.process_index() == 0 if active is None else active
     self._tb = None
     self._wandb = None
@@ -79,8 +79,7 @@ class MetricWriter:
     if not self.active:
       return
     clean = {k: _scalar(v) for k, v in metrics.items()}
-    with self.path.open("a") as f:
-      f.write(json.dumps({"step": int(step), **clean}) + "\n")
+    append_line(self.path, json.dumps({"step": int(step), **clean}))
     if self._tb is not None:
       for k, v in clean.items():
         if isinstance(v, (int, float)) and math.isfinite(v):
@@ -102,9 +101,18 @@ def _scalar(v):
   return v.item() if v.size == 1 else v.tolist()
 
 
-def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
+def append_line(path: epath.Path, line: str) -> None:
+  """Appends a line to a text file; object stores (gs://) cannot append, so there the file is rewritten."""
+  if "://" in str(path):
+    path.write_text((path.read_text() if path.exists() else "") + line + "\n")
+  else:
+    with path.open("a") as f:
+      f.write(line + "\n")
+
+
+def read_metrics(workdir: str | epath.PathLike) -> list[dict]:
   """All records of a run's metrics.jsonl."""
-  path = pathlib.Path(workdir) / "metrics.jsonl"
+  path = epath.Path(workdir) / "metrics.jsonl"
   return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
 
 

@@ -14,7 +14,6 @@ import dataclasses
 import functools
 import json
 import math
-import pathlib
 import resource
 import signal
 import time
@@ -27,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from flax import traverse_util
 
 from lora_jax import checkpoint as ckpt_lib
@@ -287,7 +287,7 @@ def peak_memory_bytes() -> int:
 
 
 def fit(model: nn.Module, state: TrainState, optim: OptimConfig, loop: LoopConfig,
-        train_batches: BatchIterator, eval_batches: Callable[[], Iterable[dict]], workdir: str | pathlib.Path,
+        train_batches: BatchIterator, eval_batches: Callable[[], Iterable[dict]], workdir: str | epath.PathLike,
         *, record: dict | None = None, eval_hook: Callable[[TrainState], dict] | None = None,
         writer: metrics_lib.MetricWriter | None = None, progress: bool = True, mesh=None,
         param_shardings=None) -> tuple[TrainState, dict]:
@@ -301,7 +301,7 @@ def fit(model: nn.Module, state: TrainState, optim: OptimConfig, loop: LoopConfi
   """
   if (mesh is None) != (param_shardings is None):
     raise ValueError("fit needs both mesh and param_shardings, or neither")
-  workdir = pathlib.Path(workdir)
+  workdir = epath.Path(workdir)
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=loop.keep_checkpoints)
   writer = writer or metrics_lib.MetricWriter(workdir)
   if mesh is None:
@@ -366,8 +366,7 @@ def fit(model: nn.Module, state: TrainState, optim: OptimConfig, loop: LoopConfi
       for key in ("rel_update", "norm_a", "norm_b"):
         m[f"lora/{key}_mean"] = float(np.mean([d[key] for d in diag.values()]))
       if writer.active:
-        with (workdir / "lora_diagnostics.jsonl").open("a") as f:
-          f.write(json.dumps({"step": step, "modules": diag}) + "\n")
+        metrics_lib.append_line(workdir / "lora_diagnostics.jsonl", json.dumps({"step": step, "modules": diag}))
     writer.write(step, m)
     return m
 
@@ -398,9 +397,9 @@ def fit(model: nn.Module, state: TrainState, optim: OptimConfig, loop: LoopConfi
   return state, last
 
 
-def restore_trained(run_dir: str | pathlib.Path, params, layouts=None) -> tuple[Any, Any]:
+def restore_trained(run_dir: str | epath.PathLike, params, layouts=None) -> tuple[Any, Any]:
   """``(params, adapters)`` of a run dir's newest checkpoint, on top of the base ``params`` it was trained from."""
-  run_dir = pathlib.Path(run_dir)
+  run_dir = epath.Path(run_dir)
   spec_file = run_dir / "lora_spec.json"
   if not spec_file.exists():
     raise FileNotFoundError(f"{spec_file} not found: expected a run directory written by experiments.main")

@@ -157,7 +157,7 @@ def test_setup_clone(capsys):
                         " && git -C ~/lora_jax checkout --quiet v1.0")
     assert all(s.startswith("cd ~/lora_jax && ") for s in steps[1:])
     assert "uv venv --seed --python 3.11 .venv" in steps[1]
-    assert steps[2:5] == ["cd ~/lora_jax && .venv/bin/pip install -r requirements.txt",
+    assert steps[2:5] == ["cd ~/lora_jax && .venv/bin/pip install -r requirements.txt -r requirements-cloud.txt",
                           f"cd ~/lora_jax && .venv/bin/pip install 'jax[tpu]=={pinned_jax()}'",
                           "cd ~/lora_jax && .venv/bin/pip install --no-deps -e ."]
     assert "jax.default_backend() == \"tpu\"" in steps[5]

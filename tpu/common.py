@@ -51,7 +51,7 @@ def config_arg(value: str) -> str:
     path = Path(file)
     if path.suffix != ".py" or not path.is_file():
         raise argparse.ArgumentTypeError(
-            f"config file {file!r} not found (expected e.g. experiments/configs/lr_sweep.py:method=lora)")
+            f"config file {file!r} not found (expected e.g. experiments/configs/finetune.py:method=lora)")
     if "def get_config" not in path.read_text():
         raise argparse.ArgumentTypeError(f"config file {file!r} does not define get_config()")
     try:  # The workers run from their own checkout, so the path they get is relative to the repository root.

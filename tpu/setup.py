@@ -30,7 +30,7 @@ def install_commands(args) -> list[list[str]]:
         # The TPU images ship Python 3.10, older than the pins allow; uv fetches the Python the tests ran with.
         "python3 -m pip install --user --quiet uv && "
         f"python3 -m uv venv --seed --python {shlex.quote(args.python)} .venv",
-        ".venv/bin/pip install -r requirements.txt",
+        ".venv/bin/pip install -r requirements.txt -r requirements-cloud.txt",
         ".venv/bin/pip install " + shlex.quote(f"jax[tpu]=={common.jax_version()}"),
         ".venv/bin/pip install --no-deps -e .",
         ".venv/bin/python -c " + shlex.quote('import jax; assert jax.default_backend() == "tpu", jax.devices(); '
