@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 from etils import epath
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from lora_jax import data, distributed, generate, hf, lora, metrics, sharding, synthetic, train
@@ -90,12 +91,16 @@ def run_info() -> dict:
 
 
 def tiny_base(c: ml_collections.ConfigDict) -> pathlib.Path:
-  """The tiny base model as an HF directory: pretrained on the synthetic corpus once, then reused from the cache."""
+  """The tiny base model as an HF directory: pretrained on the synthetic corpus once, then reused from the cache.
+
+  Every process takes part (on a 1-D fsdp mesh over all devices); process 0 writes the files.
+  """
   key = hashlib.sha256(c.to_json(sort_keys=True).encode()).hexdigest()[:12]
   out = pathlib.Path(c.cache_dir) / key
   if (out / "config.json").exists():
     print(f"reusing the tiny base model in {out}")
     return out
+  lead = jax.process_index() == 0
   print(f"pretraining the tiny base model ({c.steps} steps on a synthetic corpus) into {out}")
   tokenizer = synthetic.char_tokenizer()
   model_config = transformer.ModelConfig(
@@ -103,27 +108,36 @@ def tiny_base(c: ml_collections.ConfigDict) -> pathlib.Path:
       intermediate_size=c.intermediate_size, num_layers=c.num_layers, num_heads=c.num_heads,
       num_kv_heads=c.num_kv_heads, head_dim=c.hidden_size // c.num_heads, tie_word_embeddings=False)
   work = out.with_name(out.name + ".partial")
-  shutil.rmtree(work, ignore_errors=True)
-  work.mkdir(parents=True)
   corpus_file = work / "corpus.jsonl"
-  corpus_file.write_text("".join(json.dumps(r) + "\n" for r in synthetic.corpus(c.corpus_documents, seed=c.seed)))
+  if lead:
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    corpus_file.write_text("".join(json.dumps(r) + "\n" for r in synthetic.corpus(c.corpus_documents, seed=c.seed)))
+  multihost_utils.sync_global_devices("tiny_base corpus written")
   sources = data.load([str(corpus_file)], tokenizer, seq_len=c.seq_len)
   train_part, eval_part = data.split(sources[0], 32, seed=c.seed)
-  batches = data.BatchIterator([train_part], batch_size=c.batch_size, seq_len=c.seq_len, seed=c.seed)
+  batches = data.BatchIterator([train_part], batch_size=c.batch_size, seq_len=c.seq_len, seed=c.seed,
+                               process_index=jax.process_index(), process_count=jax.process_count())
   evals = eval_batches([eval_part], c.batch_size, c.seq_len)
   spec = lora.LoraSpec.full()
+  mesh = sharding.make_mesh({"fsdp": -1})
+  param_sh = sharding.param_shardings(transformer.abstract_params(model_config),
+                                      transformer.logical_axes(model_config), mesh)
   params = transformer.init_params(model_config, jax.random.key(c.seed))
   optim = train.OptimConfig(lr=c.lr)
   state = train.init_state(params, {}, spec, optim, c.seed)
   loop = train.LoopConfig(steps=c.steps, log_every=10, eval_every=c.steps, checkpoint_every=c.steps)
   state, last = train.fit(transformer.CausalLM(model_config), state, optim, loop, batches, lambda: evals,
-                          work / "pretrain")
+                          work / "pretrain", mesh=mesh, param_shardings=param_sh)
   params, _ = lora.combine(state.trainable, state.frozen)
-  hf.save_params(params, model_config, work)
-  tokenizer.save_pretrained(work)
-  print(f"tiny base: eval NLL {last['eval/nll']:.4f} after pretraining")
-  shutil.rmtree(out, ignore_errors=True)
-  work.rename(out)
+  params = multihost_utils.process_allgather(params, tiled=True)  # tiny: every process holds it whole
+  if lead:
+    hf.save_params(params, model_config, work)
+    tokenizer.save_pretrained(work)
+    print(f"tiny base: eval NLL {last['eval/nll']:.4f} after pretraining")
+    shutil.rmtree(out, ignore_errors=True)
+    work.rename(out)
+  multihost_utils.sync_global_devices("tiny_base saved")
   return out
 
 

@@ -109,6 +109,10 @@ def generate(model: nn.Module, params, adapters, prompts: Sequence[Sequence[int]
   out = _generate(model, params, adapters, jnp.asarray(tokens), jnp.asarray(segments), rng,
                   -1 if eos_id is None else eos_id, pad_id, max_new_tokens=max_new_tokens, sampling=sampling,
                   init_cache=init_cache)
+  if jax.process_count() > 1:  # outputs may span other hosts' devices: every process gets the whole result
+    from jax.experimental import multihost_utils
+
+    out = multihost_utils.process_allgather(out, tiled=True)
   tokens_BN, logp_BN, lengths_B = jax.device_get(out)
   return Generation(np.asarray(tokens_BN), np.asarray(logp_BN), np.asarray(lengths_B))
 

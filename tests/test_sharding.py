@@ -126,3 +126,26 @@ def test_two_processes_equal_one_device_and_checkpoints_move_between_process_cou
   two = np.load(tmp_path / "two.npz")
   for i, v in enumerate(ref):
     np.testing.assert_array_equal(two[f"arr_{i}"], v)
+
+
+def test_the_cli_runs_on_two_processes_and_only_process_0_writes(tmp_path):
+  import os
+
+  port = _free_port()
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  cmd = [sys.executable, "-m", "experiments.main", "--config", "experiments/configs/finetune.py:tiny",
+         "--workdir", str(tmp_path / "run"), "--config.methods=('lora',)", "--config.train.steps=6",
+         "--config.train.eval_every=3", "--config.train.checkpoint_every=3", "--config.train.log_every=1",
+         f"--config.tiny_base.cache_dir={tmp_path / 'base'}", "--config.tiny_base.steps=6",
+         f"--config.data.cache_dir={tmp_path / 'tok'}", "--config.data.synthetic_examples=300",
+         "--config.eval.arithmetic_examples=4", "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2"]
+  procs = [subprocess.Popen(cmd + ["--process_id", str(i)], cwd=HERE.parent, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  logs = [p.communicate(timeout=600)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+  assert "report:" in logs[0] and "report:" not in logs[1]
+  steps = [json.loads(l)["step"] for l in (tmp_path / "run" / "lora" / "metrics.jsonl").read_text().splitlines()
+           if "train/loss" in l]
+  assert steps == list(range(1, 7))  # one writer: no duplicated records
+  assert (tmp_path / "run" / "lora" / "checkpoints" / "6").exists()
+  assert "| lora |" in (tmp_path / "run" / "report.md").read_text()
