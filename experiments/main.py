@@ -11,6 +11,7 @@ logging (``lora_jax.train``); rerunning the same command resumes from the newest
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import importlib.metadata
@@ -165,13 +166,21 @@ def arithmetic_accuracy_hook(config: ml_collections.ConfigDict, model, tokenizer
   return hook
 
 
-def make_spec(method: str, config: ml_collections.ConfigDict) -> lora.LoraSpec:
-  """The LoRA spec of a method: the config's for ``lora``, ``LoraSpec.full()`` for ``full``."""
+def make_spec(method: str, config: ml_collections.ConfigDict,
+              model_config: transformer.ModelConfig | None = None) -> lora.LoraSpec:
+  """The LoRA spec of a method: the config's for ``lora`` (with the MoE expert-rank rule), ``full()`` for ``full``."""
   if method == "full":
     return lora.LoraSpec.full()
-  if method == "lora":
-    return lora.LoraSpec.from_dict(config.lora.to_dict())
-  raise SystemExit(f"config.methods: unknown method {method!r}; valid: lora, full")
+  if method != "lora":
+    raise SystemExit(f"config.methods: unknown method {method!r}; valid: lora, full")
+  spec = lora.LoraSpec.from_dict(config.lora.to_dict())
+  if config.moe_expert_rank not in ("total/active", "same"):
+    raise SystemExit(f"config.moe_expert_rank {config.moe_expert_rank!r}; valid: 'total/active', 'same'")
+  if model_config is not None and config.moe_expert_rank == "total/active":
+    # Explicit rank_pattern entries come first, so they win over the rule.
+    spec = dataclasses.replace(spec, rank_pattern={**spec.rank_pattern,
+                                                   **transformer.expert_rank_pattern(model_config, spec.rank)})
+  return spec
 
 
 def make_optim(method: str, config: ml_collections.ConfigDict) -> train.OptimConfig:
@@ -211,7 +220,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, overwr
 
   results = {}
   for method in config.methods:
-    spec, optim = make_spec(method, config), make_optim(method, config)
+    spec, optim = make_spec(method, config, model_config), make_optim(method, config)
     run_dir = workdir / method
     run_dir.mkdir(parents=True, exist_ok=True)
     base_params, adapters = lora.create(params, spec, jax.random.key(config.seed), layouts=layouts)

@@ -206,3 +206,23 @@ def test_a_save_on_a_really_full_tmpfs_leaves_the_previous_checkpoint_usable(tmp
     assert float(tree["w"][0, 0]) == 1.0
   finally:
     subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_moe_rank_per_expert_is_total_rank_over_active_experts():
+  from lora_jax.models import transformer
+
+  config = finetune.get_config("tiny,rank=8")
+  moe = transformer.ModelConfig.tiny_qwen3_moe(scan_layers=True)  # 2 experts per token
+  model = transformer.CausalLM(moe)
+  params = transformer.init_params(moe, jax.random.key(0))
+  layouts = lora.trace_layouts(model, np.zeros((1, 4), np.int32))
+  ranks = {}
+  for rule, expected in (("total/active", 4), ("same", 8)):
+    config.moe_expert_rank = rule
+    _, adapters = lora.create(params, exp_main.make_spec("lora", config, moe), jax.random.key(0), layouts=layouts)
+    ranks = {"/".join(p): a.rank for p, a in lora.adapter_items(adapters)}
+    assert ranks["model/layers/mlp/experts/up_proj"] == expected
+    assert ranks["model/layers/self_attn/q_proj"] == 8
+  config.moe_expert_rank = "half"
+  with pytest.raises(SystemExit, match="moe_expert_rank 'half'"):
+    exp_main.make_spec("lora", config, moe)

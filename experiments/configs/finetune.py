@@ -52,6 +52,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   config.data.synthetic_examples = 3000  # Records generated for synthetic:* sources.
 
   config.lora = common.lora_defaults(rank=args.rank)  # lora.LoraSpec fields.
+  config.moe_expert_rank = "total/active"  # MoE: rank per expert = rank / experts per token (the study's) | "same".
 
   config.optim = ml_collections.ConfigDict()
   config.optim.lr = (args.lr or (3e-3 if args.tiny else 4.91e-4))  # LoRA's LR (study: ~10x full FT's).

@@ -496,3 +496,11 @@ def logical_axes(config: ModelConfig) -> dict[str, Any]:
 def param_count(config: ModelConfig) -> int:
   """Number of parameters of the model described by `config`."""
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params(config)))
+
+
+def expert_rank_pattern(config: ModelConfig, rank: int) -> dict[str, int]:
+  """The study's MoE rule as a LoRA ``rank_pattern``: each expert gets rank // experts-per-token (at least 1), so
+  the active experts together hold the total rank. Empty for dense models."""
+  if not config.num_experts:
+    return {}
+  return {r"(.*/)?experts/(gate|up|down)_proj": max(1, rank // config.num_experts_per_tok)}
