@@ -8,7 +8,7 @@ Prompts are left-padded to a common length; padding has segment id 0, so it is n
 count from each prompt's first real token, as Hugging Face does with an attention mask. Works with or without LoRA
 adapters (``adapters={}``). The CLI mirrors alpaca-lora's ``generate.py``:
 
-    python -m lora_jax.generate --model DIR_OR_HUB_ID [--adapter RUN_DIR] --prompt "2+2=" [--temperature 0.7 ...]
+    python -m lora_jax.generate --model DIR_OR_HUB_ID [--adapter PEFT_OR_RUN_DIR] --prompt "2+2=" [--temperature 0.7]
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import pathlib
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -142,7 +143,8 @@ def main(argv=None):
 
   p = argparse.ArgumentParser(description="Generate text with a base model and optional LoRA adapters.")
   p.add_argument("--model", required=True, help="Hugging Face directory or hub id of the base model")
-  p.add_argument("--adapter", help="a LoRA run directory (WORKDIR/lora) whose newest checkpoint to use")
+  p.add_argument("--adapter", help="a PEFT adapter directory, or a LoRA run directory (WORKDIR/lora) whose newest "
+                 "checkpoint to use")
   p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
   p.add_argument("--max-new-tokens", type=int, default=64)
   p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -157,10 +159,13 @@ def main(argv=None):
   tokenizer = AutoTokenizer.from_pretrained(str(hf.resolve_checkpoint(args.model)))
   adapters = {}
   if args.adapter:
-    from lora_jax import train
-
     layouts = lora.trace_layouts(model, jnp.zeros((1, 8), jnp.int32))
-    params, adapters = train.restore_trained(args.adapter, params, layouts)
+    if (pathlib.Path(args.adapter) / hf.PEFT_CONFIG_FILE).exists():  # a PEFT adapter directory
+      adapters, _ = hf.load_peft(args.adapter, params, config, layouts)
+    else:  # a run directory of experiments.main
+      from lora_jax import train
+
+      params, adapters = train.restore_trained(args.adapter, params, layouts)
   chat = bool(tokenizer.chat_template) if args.chat is None else args.chat
   texts = generate_text(model, params, adapters, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                         init_cache=functools.partial(transformer.init_cache, config), chat=chat,

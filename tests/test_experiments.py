@@ -78,6 +78,11 @@ def test_tiny_run_fine_tunes_with_lora_and_full_and_reports(tmp_path, capsys):
   merged_out = capsys.readouterr().out
   generate.main(["--model", str(tmp_path / "merged"), "--prompt", "2+3=", "--prompt", "40+1=", "--max-new-tokens", "4"])
   assert "### 2+3=" in merged_out and capsys.readouterr().out.split("### 2+3=")[1] == merged_out.split("### 2+3=")[1]
+  assert export.main(["--run", str(tmp_path / "run" / "lora"), "--out", str(tmp_path / "peft"), "--peft"]) == 0
+  capsys.readouterr()
+  generate.main(["--model", record["base_model"], "--adapter", str(tmp_path / "peft"), "--prompt", "2+3=",
+                 "--prompt", "40+1=", "--max-new-tokens", "4"])
+  assert capsys.readouterr().out.split("### 2+3=")[1] == merged_out.split("### 2+3=")[1]  # PEFT dir: same output
 
 
 def test_workdir_of_another_config_is_refused_unless_overwrite(tmp_path):
