@@ -31,6 +31,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
+from experiments import report
 from lora_jax import data, distributed, generate, hf, lora, metrics, sharding, synthetic, train
 from lora_jax.models import transformer
 
@@ -244,26 +245,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, overwr
                        "eval_nll": last["eval/nll"], "perplexity": last["eval/perplexity"],
                        "accuracy": last.get("eval/accuracy"),
                        "steps": int(state.step), "workdir": str(run_dir)}
-  first = workdir / config.methods[0] / "metrics.jsonl"
-  base_nll = next(r["eval/nll"] for r in metrics.read_metrics(first.parent) if r["step"] == 0 and "eval/nll" in r)
   if jax.process_index() == 0:
-    write_report(workdir, base_nll, results)
+    print("\n" + report.write(workdir))
+    print(f"report: {workdir / 'report.md'} (curves: report.png); metrics: {workdir}/<method>/metrics.jsonl; "
+          f"TensorBoard: tensorboard --logdir {workdir}")
   return results
-
-
-def write_report(workdir: epath.Path, base_nll: float, results: dict) -> None:
-  """``report.md``: base and final eval NLL per method, printed too."""
-  lines = ["| method | LR | trainable params | eval NLL | perplexity | accuracy | steps | run |",
-           "|---|---|---|---|---|---|---|---|", f"| base model | - | - | {base_nll:.4f} | - | - | 0 | - |"]
-  for method, r in results.items():
-    accuracy = "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
-    lines.append(f"| {method} | {r['lr']:g} | {r['trainable']:,} | {r['eval_nll']:.4f} | {r['perplexity']:.3f} | "
-                 f"{accuracy} | {r['steps']} | {r['workdir']} |")
-  text = "\n".join(lines) + "\n"
-  (workdir / "report.md").write_text(f"# Results: {workdir}\n\n{text}")
-  print("\n" + text)
-  print(f"report: {workdir / 'report.md'}; metrics: {workdir}/<method>/metrics.jsonl; "
-        f"TensorBoard: tensorboard --logdir {workdir}")
 
 
 def main(argv):

@@ -56,6 +56,7 @@ def test_tiny_run_fine_tunes_with_lora_and_full_and_reports(tmp_path, capsys):
   report = (tmp_path / "run" / "report.md").read_text()
   base = float(report.split("| base model | - | - | ")[1].split(" ")[0])
   assert all(0.0 <= r["accuracy"] <= 1.0 for r in results.values())  # generation-based eval ran
+  assert (tmp_path / "run" / "report.png").stat().st_size > 10_000 and "report.png" in report
   assert set(results) == {"lora", "full"}
   for method, r in results.items():
     assert r["eval_nll"] < base - 1.0, (method, r, base)  # both learn the task

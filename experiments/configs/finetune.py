@@ -71,7 +71,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   config.train.steps = 300 if args.tiny else 780  # Optimizer steps.
   config.train.grad_accum = 1  # Micro-batches per step.
   config.train.log_every = 10  # Steps between train metric records.
-  config.train.eval_every = 100  # Steps between evaluations.
+  config.train.eval_every = 50 if args.tiny else 100  # Steps between evaluations.
   config.train.checkpoint_every = 100  # Steps between checkpoints.
   config.train.keep_checkpoints = 2  # Checkpoints kept.
 

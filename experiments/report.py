@@ -1,0 +1,99 @@
+"""Reports from workdirs alone: a Markdown table and learning curves of every run in an experiment.
+
+    python -m experiments.report runs/tiny [runs/other ...]
+
+Reads only what runs leave behind (``config.json`` and each ``<method>/metrics.jsonl``) and writes
+``report.md`` and ``report.png`` (train loss and held-out NLL against steps, one line per method) into each workdir.
+``experiments.main`` calls it at the end of an experiment.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from etils import epath
+
+from lora_jax import metrics
+
+
+def summarize(workdir: str | epath.PathLike) -> dict:
+  """Per method: LR, trainable params, steps, base and final eval NLL, perplexity, accuracy; from the files."""
+  workdir = epath.Path(workdir)
+  config = json.loads((workdir / "config.json").read_text())
+  runs = {}
+  for method in config["methods"]:
+    records = metrics.read_metrics(workdir / method)
+    train = [r for r in records if "train/loss" in r]
+    evals = [r for r in records if "eval/nll" in r]
+    if not train or not evals:
+      raise ValueError(f"{workdir / method}/metrics.jsonl has no train or eval records yet")
+    runs[method] = {
+        "lr": train[-1]["train/lr"], "trainable": train[-1]["params/trainable"], "steps": train[-1]["step"],
+        "base_nll": evals[0]["eval/nll"] if evals[0]["step"] == 0 else None, "eval_nll": evals[-1]["eval/nll"],
+        "perplexity": evals[-1]["eval/perplexity"], "accuracy": evals[-1].get("eval/accuracy"),
+        "curve": {"train": [(r["step"], r["train/loss"]) for r in train],
+                  "eval": [(r["step"], r["eval/nll"]) for r in evals]},
+    }
+  return runs
+
+
+def markdown(workdir: epath.Path, runs: dict) -> str:
+  """The results table (the base model's NLL is the first run's step-0 evaluation)."""
+  base = next((r["base_nll"] for r in runs.values() if r["base_nll"] is not None), None)
+  lines = ["| method | LR | trainable params | eval NLL | perplexity | accuracy | steps |",
+           "|---|---|---|---|---|---|---|"]
+  if base is not None:
+    lines.append(f"| base model | - | - | {base:.4f} | - | - | 0 |")
+  for method, r in runs.items():
+    accuracy = "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
+    lines.append(f"| {method} | {r['lr']:g} | {r['trainable']:,} | {r['eval_nll']:.4f} | {r['perplexity']:.3f} | "
+                 f"{accuracy} | {r['steps']} |")
+  return "\n".join(lines) + "\n"
+
+
+def plot(path: epath.Path, runs: dict, title: str) -> None:
+  """Train loss and eval NLL against steps, one line per method."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+  for method, r in runs.items():
+    for ax, key in zip(axes, ("train", "eval")):
+      steps, values = zip(*r["curve"][key])
+      ax.plot(steps, values, marker="o" if key == "eval" else None, markersize=3, label=method)
+  for ax, label in zip(axes, ("train loss (NLL per loss token)", "held-out NLL per loss token")):
+    ax.set_xlabel("step")
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+    ax.legend()
+  fig.suptitle(title)
+  fig.tight_layout()
+  with path.open("wb") as f:
+    fig.savefig(f, format="png", dpi=120)
+  plt.close(fig)
+
+
+def write(workdir: str | epath.PathLike) -> str:
+  """Writes report.md and report.png into the workdir; returns the Markdown table."""
+  workdir = epath.Path(workdir)
+  runs = summarize(workdir)
+  table = markdown(workdir, runs)
+  plot(workdir / "report.png", runs, str(workdir))
+  (workdir / "report.md").write_text(f"# Results: {workdir}\n\n{table}\n![learning curves](report.png)\n\n"
+                                     + "\n".join(f"- {m}: `{workdir / m}`" for m in runs) + "\n")
+  return table
+
+
+def main(argv: list[str]) -> None:
+  if not argv:
+    raise SystemExit("usage: python -m experiments.report WORKDIR [WORKDIR ...]")
+  for workdir in argv:
+    print(write(workdir))
+    print(f"wrote {epath.Path(workdir) / 'report.md'} and report.png")
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
