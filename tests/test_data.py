@@ -499,3 +499,16 @@ def test_synthetic_sources_are_materialized_once_by_task_size_and_seed(tmp_path)
   assert synthetic.materialize("data.jsonl:2", n=10, seed=3, cache_dir=tmp_path) == "data.jsonl:2"
   with pytest.raises(ValueError, match="unknown synthetic task 'fcts'"):
     synthetic.materialize("synthetic:fcts", n=10, seed=3, cache_dir=tmp_path)
+
+
+def test_split_does_not_depend_on_the_directory(tok, tmp_path):
+  records = [{"text": f"document number {i}"} for i in range(40)]
+  parts = []
+  for d in ("a", "b/c"):
+    path = tmp_path / d / "docs.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    (source,) = data.load([str(path)], tok, seq_len=32)
+    _, evaluation = data.split(source, 8, seed=0)
+    parts.append([evaluation.example(i)[0].tolist() for i in range(len(evaluation))])
+  assert parts[0] == parts[1]

@@ -32,7 +32,7 @@ def small_config(tmp_path, **changes):
   config.train.steps = 20
   config.train.eval_every = 10
   config.train.checkpoint_every = 10
-  config.optim.lr = 1e-2
+  config.optim.lr = 3e-3
   for key, value in changes.items():
     node = config
     *parents, leaf = key.split(".")

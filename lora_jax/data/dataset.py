@@ -204,7 +204,9 @@ def split(source: TokenizedSource, eval_size: int | float, seed: int) -> tuple[T
     n_eval = int(eval_size)
   if not 0 <= n_eval < n:
     raise DataError(f"{source.name}: eval_size {eval_size} leaves no training examples out of {n}")
-  rng = np.random.default_rng([seed, _SPLIT_STREAM, zlib.crc32(source.name.encode())])
+  # Seeded by the file's name, not its directory: the same data copied elsewhere (another workdir, a cache on
+  # another machine) splits the same way.
+  rng = np.random.default_rng([seed, _SPLIT_STREAM, zlib.crc32(os.path.basename(source.name).encode())])
   order = rng.permutation(n)
   evaluation = dataclasses.replace(source.subset(np.sort(order[:n_eval])), weight=None)  # eval is not mixed
   return source.subset(np.sort(order[n_eval:])), evaluation
