@@ -194,7 +194,8 @@ def make_optim(method: str, config: ml_collections.ConfigDict) -> train.OptimCon
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, overwrite: bool = False) -> dict:
-  """Runs every method of ``config`` into ``workdir`` (local or gs://), writes ``report.md``, returns the results."""
+  """Runs every method of ``config`` into ``workdir`` (local or gs://), writes the report; returns its summary
+  (``report.summarize``) on process 0."""
   workdir = epath.Path(workdir)
   prepare_workdir(workdir, config, overwrite)
   model_dir = tiny_base(config.tiny_base) if config.model.name == "tiny" else config.model.name
@@ -219,7 +220,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, overwr
   evals = eval_batches([e for _, e in splits], d.batch_size, d.seq_len)
   layouts = lora.trace_layouts(model, jnp.zeros((1, 8), jnp.int32))
 
-  results = {}
   for method in config.methods:
     spec, optim = make_spec(method, config, model_config), make_optim(method, config)
     run_dir = workdir / method
@@ -238,18 +238,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, overwr
              "config": config.to_dict()} if config.wandb.project else None
     writer = metrics.MetricWriter(run_dir, wandb=wandb)
     hook = arithmetic_accuracy_hook(config, model, tokenizer)
-    state, last = train.fit(model, state, optim, loop, batches, lambda: evals, run_dir, record=record, writer=writer,
-                            eval_hook=hook, mesh=mesh, param_shardings=param_sh)
+    train.fit(model, state, optim, loop, batches, lambda: evals, run_dir, record=record, writer=writer,
+              eval_hook=hook, mesh=mesh, param_shardings=param_sh)
     writer.close()
-    results[method] = {"lr": optim.lr, "trainable": sum(x.size for x in jax.tree.leaves(state.trainable)),
-                       "eval_nll": last["eval/nll"], "perplexity": last["eval/perplexity"],
-                       "accuracy": last.get("eval/accuracy"),
-                       "steps": int(state.step), "workdir": str(run_dir)}
   if jax.process_index() == 0:
-    print("\n" + report.write(workdir))
+    table, runs = report.write(workdir)
+    print("\n" + table)
     print(f"report: {workdir / 'report.md'} (curves: report.png); metrics: {workdir}/<method>/metrics.jsonl; "
           f"TensorBoard: tensorboard --logdir {workdir}")
-  return results
+    return runs
+  return {}
 
 
 def main(argv):

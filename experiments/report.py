@@ -76,22 +76,22 @@ def plot(path: epath.Path, runs: dict, title: str) -> None:
   plt.close(fig)
 
 
-def write(workdir: str | epath.PathLike) -> str:
-  """Writes report.md and report.png into the workdir; returns the Markdown table."""
+def write(workdir: str | epath.PathLike) -> tuple[str, dict]:
+  """Writes report.md and report.png into the workdir; returns the Markdown table and the summary it came from."""
   workdir = epath.Path(workdir)
   runs = summarize(workdir)
   table = markdown(workdir, runs)
   plot(workdir / "report.png", runs, str(workdir))
   (workdir / "report.md").write_text(f"# Results: {workdir}\n\n{table}\n![learning curves](report.png)\n\n"
                                      + "\n".join(f"- {m}: `{workdir / m}`" for m in runs) + "\n")
-  return table
+  return table, runs
 
 
 def main(argv: list[str]) -> None:
   if not argv:
     raise SystemExit("usage: python -m experiments.report WORKDIR [WORKDIR ...]")
   for workdir in argv:
-    print(write(workdir))
+    print(write(workdir)[0])
     print(f"wrote {epath.Path(workdir) / 'report.md'} and report.png")
 
 

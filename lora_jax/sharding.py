@@ -105,17 +105,10 @@ def _check_divisible(name: str, shape: Sequence[int], spec: P, mesh: Mesh) -> No
 def adapter_shardings(adapters, params_shardings, mesh: Mesh):
   """NamedShardings for an adapter tree from its kernels' (checked for divisibility like the base)."""
   out = lora.adapter_partition_specs(adapters, params_shardings)
-  for path, ad in lora.adapter_items(out):
-    real = _lookup(adapters, path)
+  for (path, real), (_, ad) in zip(lora.adapter_items(adapters), lora.adapter_items(out)):
     _check_divisible("/".join(path) + "/lora_a", real.a.shape, ad.a.spec, mesh)
     _check_divisible("/".join(path) + "/lora_b", real.b.shape, ad.b.spec, mesh)
   return out
-
-
-def _lookup(tree, path):
-  for key in path:
-    tree = tree[key]
-  return tree
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

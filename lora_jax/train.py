@@ -35,7 +35,6 @@ from lora_jax import metrics as metrics_lib
 from lora_jax import sharding as sharding_lib
 
 SCHEDULES = ("constant", "warmup_constant", "linear", "cosine")
-BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 
 @dataclasses.dataclass(frozen=True)
