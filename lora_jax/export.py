@@ -1,15 +1,16 @@
 """Export a trained run for serving, and check adapter directories the way vLLM loads them.
 
-    python -m lora_jax.export --run RUN_DIR --base MODEL_DIR_OR_ID --out OUT --merged
-    python -m lora_jax.export --run RUN_DIR --base MODEL_DIR_OR_ID --out OUT --peft [--for-serving]
+    python -m lora_jax.export --run RUN_DIR --out OUT --merged [--base MODEL_DIR_OR_ID [--force]]
+    python -m lora_jax.export --run RUN_DIR --out OUT --peft [--for-serving]
     python -m lora_jax.export --check ADAPTER_DIR [--base MODEL_DIR_OR_ID]
 
 `--merged` writes an HF model directory with W + s·A·B folded into the weights (plus the base's tokenizer);
-`--peft` writes a PEFT LoRA directory (`hf.save_peft`), `--for-serving` one that vLLM and SGLang compute exactly
+`--peft` writes a PEFT LoRA directory (`peft_io.save_peft`), `--for-serving` one that vLLM and SGLang compute exactly
 (scales folded into B, ranks zero-padded to a vLLM rank, no patterns). `--check` lists every reason vLLM would
 refuse an adapter or compute a different function from it, and exits 1 if there is one. RUN_DIR is a run written
-by `experiments.main` (`lora_spec.json`, `checkpoints/`); its workdir's `config.json` says whether layers were
-scanned. See docs/serving.md.
+by `experiments.main` (or its `checkpoints/`): its checkpoint records the base model (path or hub id, and a
+fingerprint: another `--base` is refused unless `--force`), the layout and the LoRA spec. A tied model's output-side
+(`unembed`) adapter is merged into an untied model with its own `lm_head`. See docs/serving.md.
 """
 
 from __future__ import annotations
@@ -20,10 +21,8 @@ import pathlib
 import re
 import sys
 
-import jax.numpy as jnp
-
-from lora_jax import hf, lora, train
-from lora_jax.models.transformer import CausalLM
+from lora_jax import checkpoint, hf, lora, peft_io
+from lora_jax.models import transformer
 
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
@@ -39,35 +38,32 @@ VLLM_MODULES = {
 _EXPERT_MODULE = re.compile(r"experts\.\d+\.(gate_proj|up_proj|down_proj)")
 
 
-def export_run(run_dir: str | pathlib.Path, base: str, out: str | pathlib.Path, merged: bool,
-               for_serving: bool = False) -> str:
-  """Writes a run's trained adapters as a merged HF model (`merged`) or a PEFT directory; returns a summary line."""
-  run_dir, out = pathlib.Path(run_dir), pathlib.Path(out)
-  root = hf.resolve_checkpoint(base)
-  config = hf.load_config(root, scan_layers=_scanned(run_dir))
-  params = hf.load_params(root, config)
-  layouts = lora.trace_layouts(CausalLM(config), jnp.zeros((1, 8), jnp.int32))
-  params, adapters = train.restore_trained(run_dir, params, layouts)
+def export_run(run_dir: str | pathlib.Path, base: str | None, out: str | pathlib.Path, merged: bool,
+               for_serving: bool = False, force: bool = False) -> str:
+  """Writes a run's trained adapters as a merged HF model (`merged`) or a PEFT directory; returns a summary line.
+
+  The base is the one the run recorded unless `base` names another (checked by fingerprint; `force` overrides).
+  """
+  out = pathlib.Path(out)
+  config, params, adapters, record = hf.load_trained(run_dir, base, force=force)
+  base_name = str(base) if base else record["base_model"]
   if merged:
+    # A tied model's unembed adapter is on the output side only: written as an untied model with its own lm_head.
+    untied = config.tie_word_embeddings and any(ad.layout.tied for _, ad in lora.adapter_items(adapters))
+    if untied:
+      config, params, adapters = transformer.untie_embeddings(config, params, adapters)
     params, errors = lora.merge(params, adapters)
     hf.save_params(params, config, out)
-    tokenizer = _copy_tokenizer(root, out)
+    tokenizer = _copy_tokenizer(hf.resolve_checkpoint(base_name), out)
     worst = max((float(e) for e in errors.values()), default=0.0)
     return (f"merged {len(errors)} adapters into {out} ({config.param_dtype}, largest rounding error {worst:.3g})"
+            + ("; untied the embeddings (the output head has its own adapter)" if untied else "")
             + ("" if tokenizer else "; the base has no tokenizer, none copied"))
-  spec = lora.LoraSpec.from_json((run_dir / "lora_spec.json").read_text())
-  hf.save_peft(config, adapters, spec, out, str(base), for_serving=for_serving)
-  with open(out / hf.PEFT_CONFIG_FILE) as f:
+  spec = lora.LoraSpec.from_dict(record["lora_spec"])
+  peft_io.save_peft(config, adapters, spec, out, base_name, for_serving=for_serving)
+  with open(out / peft_io.PEFT_CONFIG_FILE) as f:
     r = json.load(f)["r"]
   return f"wrote the PEFT adapter {out} (r={r}{', for serving' if for_serving else ''})"
-
-
-def _scanned(run_dir: pathlib.Path) -> bool:
-  """Whether the run trained scan-stacked layers, from its workdir's config.json (False when there is none)."""
-  saved = run_dir.parent / "config.json"
-  if not saved.exists():
-    return False
-  return bool(json.loads(saved.read_text()).get("model", {}).get("scan_layers", False))
 
 
 def _copy_tokenizer(root: pathlib.Path, out: pathlib.Path) -> bool:
@@ -84,15 +80,15 @@ def _copy_tokenizer(root: pathlib.Path, out: pathlib.Path) -> bool:
 def check_adapter(adapter_dir: str | pathlib.Path, architecture: str | None = None) -> list[str]:
   """Every reason vLLM would refuse this PEFT adapter or serve a different function from it (empty when clean)."""
   try:
-    config, tensors = hf.read_peft(adapter_dir)
+    config, tensors = peft_io.read_peft(adapter_dir)
   except (FileNotFoundError, ValueError) as err:
     return [str(err)]
   problems = []
   if config.get("peft_type") != "LORA":
     problems.append(f"peft_type is {config.get('peft_type')!r}: vLLM serves LORA adapters only")
   r = config.get("r")
-  if not isinstance(r, int) or r not in hf.VLLM_RANKS:
-    problems.append(f"r={r!r} is not a rank vLLM accepts {hf.VLLM_RANKS}; re-export with --for-serving, which "
+  if not isinstance(r, int) or r not in peft_io.VLLM_RANKS:
+    problems.append(f"r={r!r} is not a rank vLLM accepts {peft_io.VLLM_RANKS}; re-export with --for-serving, which "
                     "zero-pads to the next one")
   if config.get("use_dora"):
     problems.append("use_dora=true: vLLM does not serve DoRA")
@@ -127,7 +123,7 @@ def check_adapter(adapter_dir: str | pathlib.Path, architecture: str | None = No
     if bad:
       problems.append(f"target_modules {bad}: not a module vLLM has LoRA for "
                       f"({architecture or 'any supported architecture'}: {list(known)})")
-  modules, parse_problems = hf.peft_modules(tensors)
+  modules, parse_problems = peft_io.peft_modules(tensors)
   problems += parse_problems
   odd = sorted((n for n in modules if unknown(n)), key=_natural_key)
   if odd:
@@ -152,7 +148,7 @@ def _architecture(adapter_dir: pathlib.Path, base: str | None) -> str | None:
   if base:
     return hf.load_config(base).architecture
   try:
-    name = json.loads((adapter_dir / hf.PEFT_CONFIG_FILE).read_text()).get("base_model_name_or_path")
+    name = json.loads((adapter_dir / peft_io.PEFT_CONFIG_FILE).read_text()).get("base_model_name_or_path")
   except (OSError, ValueError):
     return None
   if name and (pathlib.Path(name) / "config.json").exists():
@@ -160,25 +156,18 @@ def _architecture(adapter_dir: pathlib.Path, base: str | None) -> str | None:
   return None
 
 
-def base_of_run(run_dir: str | pathlib.Path) -> str | None:
-  """The base model a run's newest checkpoint says it was trained from (``experiments.main`` records it)."""
-  from lora_jax import checkpoint
-
-  ck = checkpoint.Checkpointer(pathlib.Path(run_dir) / "checkpoints")
-  step = ck.latest_step()
-  return None if step is None else ck.restore_record(step).get("base_model")
-
-
 def main(argv: list[str] | None = None) -> int:
   """Command line entry point; returns the exit status."""
   parser = argparse.ArgumentParser(prog="python -m lora_jax.export", description=__doc__.split("\n\n")[0])
-  parser.add_argument("--run", help="Run directory written by experiments.main (lora_spec.json, checkpoints/).")
+  parser.add_argument("--run", help="Run directory written by experiments.main (its checkpoints/ describe themselves).")
   parser.add_argument("--base", help="Base model: local HF directory or hub id (default: the one the run recorded).")
   parser.add_argument("--out", help="Output directory.")
   mode = parser.add_mutually_exclusive_group()
   mode.add_argument("--merged", action="store_true", help="Write an HF model with the adapters merged in.")
   mode.add_argument("--peft", action="store_true", help="Write a PEFT LoRA adapter directory.")
   mode.add_argument("--check", metavar="ADAPTER_DIR", help="Check an adapter directory for vLLM.")
+  parser.add_argument("--force", action="store_true",
+                      help="Apply the run's adapters to a --base whose weights differ from the recorded one.")
   parser.add_argument("--for-serving", action="store_true",
                       help="With --peft: fold scales into B, pad ranks to a vLLM rank, drop patterns and rsLoRA.")
   args = parser.parse_args(argv)
@@ -192,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     if problems:
       print(f"{adapter_dir}: {len(problems)} problem(s) for vLLM")
       return 1
-    with open(adapter_dir / hf.PEFT_CONFIG_FILE) as f:
+    with open(adapter_dir / peft_io.PEFT_CONFIG_FILE) as f:
       r = json.load(f)["r"]
     print(f"{adapter_dir}: OK for vLLM ({architecture or 'architecture not checked'}); serve with "
           f"--enable-lora --max-lora-rank {r} or more")
@@ -201,12 +190,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.error("choose one of --merged, --peft or --check")
   if args.for_serving and not args.peft:
     parser.error("--for-serving goes with --peft")
-  if args.run and not args.base:
-    args.base = base_of_run(args.run)
-  missing = [f"--{k}" for k in ("run", "base", "out") if not getattr(args, k)]
+  missing = [f"--{k}" for k in ("run", "out") if not getattr(args, k)]
   if missing:
     parser.error(f"{', '.join(missing)} required with --merged/--peft")
-  print(export_run(args.run, args.base, args.out, merged=args.merged, for_serving=args.for_serving))
+  try:
+    print(export_run(args.run, args.base, args.out, merged=args.merged, for_serving=args.for_serving,
+                     force=args.force))
+  except (hf.BaseMismatch, checkpoint.CheckpointError, FileNotFoundError) as err:
+    print(f"error: {err}", file=sys.stderr)
+    return 2
   return 0
 
 

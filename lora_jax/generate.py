@@ -138,13 +138,16 @@ def main(argv=None):
   """CLI: generate from a base model (an HF directory or hub id) with optional LoRA adapters."""
   from transformers import AutoTokenizer
 
-  from lora_jax import hf
+  from lora_jax import checkpoint, hf, peft_io
   from lora_jax.models import transformer
 
   p = argparse.ArgumentParser(description="Generate text with a base model and optional LoRA adapters.")
-  p.add_argument("--model", required=True, help="Hugging Face directory or hub id of the base model")
+  p.add_argument("--model", help="Hugging Face directory or hub id of the base model (default with a run "
+                 "directory: the base it recorded)")
   p.add_argument("--adapter", help="a PEFT adapter directory, or a LoRA run directory (WORKDIR/lora) whose newest "
                  "checkpoint to use")
+  p.add_argument("--force", action="store_true", help="apply a run's adapters to a --model whose weights differ "
+                 "from the base the run recorded")
   p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
   p.add_argument("--max-new-tokens", type=int, default=64)
   p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -154,18 +157,24 @@ def main(argv=None):
   p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                  help="apply the tokenizer's chat template (default: when it has one)")
   args = p.parse_args(argv)
-  config, params = hf.load(args.model)
+  is_peft = bool(args.adapter) and (pathlib.Path(args.adapter) / peft_io.PEFT_CONFIG_FILE).exists()
+  if args.adapter and not is_peft:  # a run directory of experiments.main: its checkpoint names its base
+    try:
+      config, params, adapters, record = hf.load_trained(args.adapter, args.model, force=args.force)
+    except (hf.BaseMismatch, checkpoint.CheckpointError, FileNotFoundError) as err:
+      raise SystemExit(f"error: {err}") from None
+    model_name = args.model or record["base_model"]
+  else:
+    if not args.model:
+      p.error("--model is required (unless --adapter is a run directory, which records its base)")
+    model_name = args.model
+    config, params = hf.load(args.model)
+    adapters = {}
+    if is_peft:
+      layouts = lora.trace_layouts(transformer.CausalLM(config), jnp.zeros((1, 8), jnp.int32))
+      adapters, _ = peft_io.load_peft(args.adapter, params, config, layouts)
   model = transformer.CausalLM(config)
-  tokenizer = AutoTokenizer.from_pretrained(str(hf.resolve_checkpoint(args.model)))
-  adapters = {}
-  if args.adapter:
-    layouts = lora.trace_layouts(model, jnp.zeros((1, 8), jnp.int32))
-    if (pathlib.Path(args.adapter) / hf.PEFT_CONFIG_FILE).exists():  # a PEFT adapter directory
-      adapters, _ = hf.load_peft(args.adapter, params, config, layouts)
-    else:  # a run directory of experiments.main
-      from lora_jax import train
-
-      params, adapters = train.restore_trained(args.adapter, params, layouts)
+  tokenizer = AutoTokenizer.from_pretrained(str(hf.resolve_checkpoint(model_name)))
   chat = bool(tokenizer.chat_template) if args.chat is None else args.chat
   texts = generate_text(model, params, adapters, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                         init_cache=functools.partial(transformer.init_cache, config), chat=chat,

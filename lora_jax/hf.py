@@ -13,18 +13,16 @@ Name mapping (`hf_key`, `hf_module_name`, `param_path`): our param path
 `model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight`. torch Linear weights are `[out, in]`, our kernels
 `[in, out]`: transposed both ways.
 
-PEFT LoRA adapters: `save_peft` writes an adapter tree as a PEFT directory (optionally `for_serving` in the form
-vLLM and SGLang compute exactly), `load_peft` reads one back into adapters and the LoraSpec that makes them.
+PEFT LoRA adapter directories are `lora_jax.peft_io`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
+import hashlib
 import itertools
 import json
-import math
 import os
 import pathlib
 import re
@@ -37,7 +35,6 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from lora_jax import lora
 from lora_jax.models.transformer import ModelConfig, abstract_params
 
 # HF class name -> our architecture (HF model_type).
@@ -71,6 +68,38 @@ def resolve_checkpoint(path_or_hub_id: str | os.PathLike, revision: str | None =
         name, revision=revision, ignore_patterns=["*.bin", "*.pth", "*.pt", "*.gguf", "*.h5", "*.msgpack",
                                                   "original/*"]))
   raise FileNotFoundError(f"{name}: no such local checkpoint directory, and not a hub id of the form org/name")
+
+
+def base_identity(path_or_hub_id: str | os.PathLike) -> dict[str, str]:
+  """What a run records about its base: ``base_model`` (an absolute path, or the hub id) and ``base_fingerprint``."""
+  path = pathlib.Path(path_or_hub_id).expanduser()
+  name = str(path.resolve()) if path.exists() else str(path_or_hub_id)
+  return {"base_model": name, "base_fingerprint": fingerprint(resolve_checkpoint(path_or_hub_id))}
+
+
+def fingerprint(root: str | os.PathLike) -> str:
+  """A short hash of a checkpoint directory's shapes (config.json) and weights, cheap for any size.
+
+  It hashes the model's shape fields, every safetensors header (names, dtypes, shapes) and up to 64 sampled 4 KiB
+  blocks of each file's tensor data, so two bases with the same shapes but different weights differ, while the
+  same files always give the same value on any machine.
+  """
+  root = pathlib.Path(root)
+  config = load_config(root)
+  shape_fields = {k: v for k, v in dataclasses.asdict(config).items()
+                  if k not in ("param_dtype", "dtype", "scan_layers", "remat")}
+  digest = hashlib.sha256(json.dumps(shape_fields, sort_keys=True).encode())
+  for file in _weight_files(root):
+    with open(file, "rb") as f:
+      size = os.fstat(f.fileno()).st_size
+      header_len = int.from_bytes(f.read(8), "little")
+      digest.update(f.read(header_len))
+      start = 8 + header_len
+      blocks = 64
+      for i in range(blocks):
+        f.seek(start + (size - start) * i // blocks)
+        digest.update(f.read(4096))
+  return digest.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -236,7 +265,7 @@ def param_path(key: str, scan_layers: bool) -> tuple[tuple[str, ...], tuple[int,
 
 
 @dataclasses.dataclass(frozen=True)
-class _Entry:
+class TensorEntry:
   """One HF tensor and where it lives in our tree."""
   key: str  # HF tensor name.
   path: tuple[str, ...]  # Our param path.
@@ -245,11 +274,12 @@ class _Entry:
   transpose: bool  # torch [out, in] <-> our [in, out].
 
 
-def _natural_key(key: str):
+def natural_key(key: str):
+  """Sort key that orders numbers inside names numerically (layers.2 before layers.10)."""
   return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", key)]
 
 
-def _entries(config: ModelConfig, shapes: dict[tuple[str, ...], tuple[int, ...]]) -> list[_Entry]:
+def tensor_entries(config: ModelConfig, shapes: dict[tuple[str, ...], tuple[int, ...]]) -> list[TensorEntry]:
   """All HF tensors of `config`, sorted as HF writes them (layer by layer)."""
   entries = []
   for path, shape in shapes.items():
@@ -261,11 +291,12 @@ def _entries(config: ModelConfig, shapes: dict[tuple[str, ...], tuple[int, ...]]
     for index in itertools.product(*ranges):
       named = dict(zip([n for n in ("layers", "experts") if n in path], index))
       key = hf_key(path, named.get("layers"), named.get("experts"))
-      entries.append(_Entry(key, path, index, hf_shape, transpose))
-  return sorted(entries, key=lambda e: _natural_key(e.key))
+      entries.append(TensorEntry(key, path, index, hf_shape, transpose))
+  return sorted(entries, key=lambda e: natural_key(e.key))
 
 
-def _shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+def param_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """Shape of every parameter of a model of ``config``, by path."""
   flat = flax.traverse_util.flatten_dict(abstract_params(config))
   return {path: tuple(leaf.shape) for path, leaf in flat.items()}
 
@@ -290,14 +321,15 @@ def _weight_files(root: pathlib.Path) -> list[pathlib.Path]:
   return files
 
 
-def _open(stack: contextlib.ExitStack, file: pathlib.Path):
+def open_safetensors(stack: contextlib.ExitStack, file: pathlib.Path):
+  """A numpy ``safe_open`` handle on ``file``, closed with ``stack``; a corrupt file names itself."""
   try:
     return stack.enter_context(safetensors.safe_open(str(file), framework="numpy"))
   except Exception as e:  # safetensors raises its own SafetensorError (truncated file, bad header, ...).
     raise ValueError(f"{file}: not a readable safetensors file ({e})") from e
 
 
-def _check(available: dict[str, tuple[pathlib.Path, tuple[int, ...]]], entries: list[_Entry],
+def _check(available: dict[str, tuple[pathlib.Path, tuple[int, ...]]], entries: list[TensorEntry],
            config: ModelConfig, root: pathlib.Path):
   """Raises one ValueError listing every missing, unexpected and mis-shaped tensor."""
   expected = {e.key: e for e in entries}
@@ -305,7 +337,7 @@ def _check(available: dict[str, tuple[pathlib.Path, tuple[int, ...]]], entries: 
   if config.tie_word_embeddings:
     ignored.add("lm_head.weight")  # Some tied checkpoints store a copy of the embedding; HF ignores it too.
   missing = [k for k in expected if k not in available]
-  unexpected = sorted(set(available) - set(expected) - ignored, key=_natural_key)
+  unexpected = sorted(set(available) - set(expected) - ignored, key=natural_key)
   misshaped = [f"{k}: checkpoint {available[k][1]} in {available[k][0].name}, config expects {e.hf_shape}"
                for k, e in expected.items() if k in available and available[k][1] != e.hf_shape]
   problems = []
@@ -326,13 +358,13 @@ def load_params(path_or_hub_id: str | os.PathLike, config: ModelConfig, dtype=No
   """
   root = resolve_checkpoint(path_or_hub_id)
   dtype = np.dtype(jnp.dtype(dtype or config.param_dtype))
-  shapes = _shapes(config)
-  entries = _entries(config, shapes)
+  shapes = param_shapes(config)
+  entries = tensor_entries(config, shapes)
   flat_shardings = flax.traverse_util.flatten_dict(shardings) if shardings is not None else None
   with contextlib.ExitStack() as stack:
     handles, available = {}, {}
     for file in _weight_files(root):
-      handles[file] = handle = _open(stack, file)
+      handles[file] = handle = open_safetensors(stack, file)
       for key in handle.keys():
         if key in available:
           raise ValueError(f"{key} appears in both {available[key][0]} and {file}")
@@ -354,7 +386,7 @@ def load_params(path_or_hub_id: str | os.PathLike, config: ModelConfig, dtype=No
   return flax.traverse_util.unflatten_dict(flat)
 
 
-def _read_region(handles, available, entries: list[_Entry], shape, region, dtype) -> np.ndarray:
+def _read_region(handles, available, entries: list[TensorEntry], shape, region, dtype) -> np.ndarray:
   """The block `region` (slices over our array) of one parameter, reading only those slices from the files."""
   bounds = [range(*s.indices(n)) for s, n in zip(region, shape)]
   out = np.empty(tuple(len(b) for b in bounds), dtype)
@@ -389,7 +421,7 @@ def save_params(params: dict[str, Any], config: ModelConfig, out_dir: str | os.P
   """Writes an HF checkpoint directory (config.json + safetensors, sharded with an index above max_shard_bytes)."""
   out_dir = pathlib.Path(out_dir)
   dtype = np.dtype(jnp.dtype(dtype or config.param_dtype))
-  shapes = _shapes(config)
+  shapes = param_shapes(config)
   flat = flax.traverse_util.flatten_dict(params)
   got = {path: tuple(np.shape(leaf)) for path, leaf in flat.items()}
   if got != shapes:
@@ -397,7 +429,7 @@ def save_params(params: dict[str, Any], config: ModelConfig, out_dir: str | os.P
                   for p in set(got) | set(shapes) if got.get(p) != shapes.get(p))
     raise ValueError("params do not match the config:\n  " + "\n  ".join(diff[:20]))
 
-  entries = _entries(config, shapes)
+  entries = tensor_entries(config, shapes)
   shards, size = [[]], 0
   for e in entries:
     nbytes = int(np.prod(e.hf_shape)) * dtype.itemsize
@@ -429,406 +461,47 @@ def save_params(params: dict[str, Any], config: ModelConfig, out_dir: str | os.P
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# PEFT LoRA adapters (adapter_config.json + adapter_model.safetensors).
-#
-# Tensor keys are `base_model.model.<HF module>.lora_A.weight` [r, in] (our A transposed) and `.lora_B.weight`
-# [out, r] (our B transposed); embeddings use `.lora_embedding_A` [r, vocab] and `.lora_embedding_B` [dim, r].
-# Scan-stacked adapters are written one module per layer, MoE expert adapters one module per expert
-# (`model.layers.{i}.mlp.experts.{e}.gate_proj`, the transformers 4 layout, which PEFT on transformers 5 converts to
-# its fused experts on load). Per-module ranks and alphas become PEFT `rank_pattern` / `alpha_pattern` entries, keyed
-# by the HF leaf name ('q_proj') where all such modules agree and by the full module name otherwise; PEFT matches a
-# key k against a module name n by `re.match(rf"(.*\.)?({k})$", n)`.
-
-PEFT_CONFIG_FILE = "adapter_config.json"
-PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
-VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # The ranks vLLM accepts (--max-lora-rank choices).
-_PEFT_PREFIX = "base_model.model."
-_PEFT_SUFFIXES = {".lora_A.weight": "a", ".lora_B.weight": "b", ".lora_embedding_A": "a", ".lora_embedding_B": "b"}
-_EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-# adapter_config.json fields that change the adapted function in ways an Adapter tree cannot hold: field -> value
-# that is fine.
-_PEFT_UNSUPPORTED = {"use_dora": False, "bias": "none", "modules_to_save": None, "lora_bias": False,
-                     "fan_in_fan_out": False, "target_parameters": None, "trainable_token_indices": None,
-                     "layer_replication": None, "use_qalora": False, "alora_invocation_tokens": None,
-                     "use_bdlora": None}
+# Trained runs on their base.
 
 
-@dataclasses.dataclass(frozen=True)
-class _Slice:
-  """One PEFT LoRA module and where its A and B live in our adapter tree."""
-  name: str  # HF module name, e.g. 'model.layers.0.self_attn.q_proj'.
-  module_path: tuple[str, ...]  # Key of the adapter in our tree.
-  index: tuple[int, ...]  # Index into the adapter's stack axis (scanned layers), then its expert axis.
-  embed: bool  # An nn.Embed adapter: PEFT lora_embedding_A / lora_embedding_B.
-  expert: bool  # One expert of a stacked MoE kernel.
-  rank: int
-  scale: float
+class BaseMismatch(ValueError):
+  """A run's adapters applied to a base other than the one it was trained from."""
 
 
-def _slices(adapters) -> list[_Slice]:
-  """Every PEFT module of an adapter tree; layers that LoraSpec.layers leaves out of a scanned kernel are skipped."""
-  out = []
-  for module_path, ad in lora.adapter_items(adapters):
-    where = "/".join(module_path)
-    expert = ad.layout.roles == ("shared", "in", "out") and "experts" in module_path
-    if ad.layout.roles != ("in", "out") and not expert:
-      raise ValueError(f"adapter '{where}' has kernel axes {ad.layout.roles}; PEFT holds LoRA of 2-D weights and "
-                       "of stacked MoE experts only")
-    scale = ad.scale_array()
-    if scale.ndim > 1 or (scale.ndim == 1 and "layers" not in module_path):
-      raise ValueError(f"adapter '{where}' has stack axes {scale.shape}; only a scanned layer axis is supported")
-    for stack in np.ndindex(scale.shape):
-      s = float(scale[stack])
-      if stack and s == 0.0:
-        continue  # A layer left out by LoraSpec.layers inside a scan-stacked kernel: not an adapter at all.
-      layer = stack[0] if stack else None
-      for e in range(ad.a.shape[len(stack)]) if expert else [None]:
-        out.append(_Slice(hf_module_name(module_path, layer, e), tuple(module_path),
-                          stack + (() if e is None else (e,)), ad.layout.kind == "embed", expert, ad.rank, s))
-  return out
+_SHAPE_FIELDS = ("architecture", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                 "num_kv_heads", "head_dim", "tie_word_embeddings", "num_experts", "moe_intermediate_size")
 
 
-def serving_rank(rank: int) -> int:
-  """The smallest rank vLLM accepts that is >= `rank` (what `for_serving` pads to); above 512 is an error."""
-  for allowed in VLLM_RANKS:
-    if rank <= allowed:
-      return allowed
-  raise ValueError(f"rank {rank} is above 512, the largest LoRA rank vLLM serves; merge the adapter instead "
-                   "(python -m lora_jax.export --merged)")
+def load_trained(run_dir: str | os.PathLike, base: str | None = None, *, force: bool = False,
+                 dtype=None) -> tuple[ModelConfig, dict[str, Any], Any, dict]:
+  """``(config, params, adapters, record)``: a run's trained parameters on the base it was trained from.
 
-
-def _json_number(x: float):
-  return int(x) if float(x).is_integer() else float(x)
-
-
-def _peft_alpha(scale: float, rank: int, rslora: bool) -> float:
-  """The PEFT lora_alpha giving `scale` (alpha/r, or alpha/sqrt(r) with rsLoRA), rounded to float32 precision."""
-  alpha = scale * (math.sqrt(rank) if rslora else rank)
-  return float(str(np.float32(alpha)))  # Our scales are float32; this drops the float32 rounding noise.
-
-
-def _compress_patterns(values: dict[Any, float], default, leaf=lambda n: n.rsplit(".", 1)[-1], full=str):
-  """Pattern dict for per-module values: one `leaf` key where all modules of that leaf agree, else `full` keys.
-
-  Modules whose value is the default get no entry. Works for HF names (PEFT patterns) and, with other `leaf` and
-  `full` functions, for our module paths (LoraSpec patterns).
+  The base is the one the run's checkpoint records (an absolute path or hub id) unless ``base`` names another; its
+  fingerprint must equal the recorded one (``force`` applies the adapters to a different base anyway, but never to
+  one of other shapes). The layout (``scan_layers``) is the run's. Only the trained parameters are read.
   """
-  by_leaf: dict[str, list] = {}
-  for module in values:
-    by_leaf.setdefault(leaf(module), []).append(module)
-  out = {}
-  for name, modules in sorted(by_leaf.items()):
-    if len({values[m] for m in modules}) == 1:
-      modules = modules[:1]
-      keys = [name]
-    else:
-      modules = sorted(modules, key=lambda m: _natural_key(full(m)))
-      keys = [full(m) for m in modules]
-    for key, m in zip(keys, modules):
-      if not math.isclose(values[m], default, rel_tol=1e-6):
-        out[key] = _json_number(values[m])
-  return out
+  from lora_jax import checkpoint
+  from lora_jax import lora
 
+  _, _, record = checkpoint.open_run(run_dir)
+  recorded = record["base_model"]
+  name = str(base) if base else recorded
+  root = resolve_checkpoint(name)
+  trained_on = record["model_config"]
+  config = load_config(root, scan_layers=bool(trained_on.get("scan_layers", False)))
+  differ = [f"{k} {trained_on.get(k)} -> {getattr(config, k)}" for k in _SHAPE_FIELDS
+            if trained_on.get(k) != getattr(config, k)]
+  if differ:
+    raise BaseMismatch(f"run {run_dir} was trained on {recorded}, a model of other shapes than {name} "
+                       f"({', '.join(differ)}); its adapters can't be applied to it")
+  found = fingerprint(root)
+  if found != record["base_fingerprint"] and not force:
+    raise BaseMismatch(f"run {run_dir} was trained on {recorded} (fingerprint {record['base_fingerprint']}), but "
+                       f"{name} has fingerprint {found}: other weights, so the adapters would compute garbage. "
+                       "Give the base it was trained on, or force it (--force) if you know better")
+  params = load_params(root, config, dtype)
+  from lora_jax.models.transformer import CausalLM
 
-def _check_peft_experts(config: ModelConfig, slices: list[_Slice], ranks: dict, alphas: dict, r: int,
-                        alpha: float, rslora: bool):
-  """Refuses MoE adapters that PEFT on transformers 5 would load into a different function."""
-  problems = []
-  if config.architecture == "qwen3_moe":
-    dense = sorted({s.name for s in slices if not s.expert and s.name.rsplit(".", 1)[-1] in _EXPERT_PROJECTIONS},
-                   key=_natural_key)
-    if dense:
-      problems.append(f"adapters on the dense MLP of layers without experts ({dense[0]}, ...): for qwen3_moe PEFT "
-                      "maps the names gate_proj/up_proj/down_proj to the fused experts, so it would drop them; "
-                      "leave these layers' MLP out (LoraSpec.exclude)")
-  experts = [s for s in slices if s.expert]
-  if experts and rslora:
-    problems.append("expert adapters with rsLoRA: PEFT fuses gate_proj and up_proj into one rank-2r LoRA and would "
-                    "scale it by alpha/sqrt(2r); use scaling 'alpha/r', or for_serving (which folds the scales)")
-  odd = sorted({s.name for s in experts if ranks[s.name] != r or not math.isclose(alphas[s.name], alpha,
-                                                                                    rel_tol=1e-6)},
-               key=_natural_key)
-  if odd:
-    problems.append(f"expert adapters with a rank or alpha other than the global r={r}, lora_alpha={alpha} "
-                    f"({odd[0]}, ...): PEFT ignores rank_pattern/alpha_pattern for fused experts; use for_serving "
-                    "(which folds the scales and pads ranks)")
-  by_layer: dict[str, set[str]] = {}
-  for s in experts:
-    prefix, _, rest = s.name.partition(".experts.")
-    by_layer.setdefault(prefix, set()).add(rest.rsplit(".", 1)[-1])
-  for prefix, kinds in sorted(by_layer.items(), key=lambda kv: _natural_key(kv[0])):
-    if ("gate_proj" in kinds) != ("up_proj" in kinds):
-      problems.append(f"{prefix}.experts: only one of gate_proj/up_proj is adapted; PEFT fuses them into "
-                      "gate_up_proj and can load both or neither")
-  if problems:
-    raise ValueError("these adapters can't be written as a PEFT adapter that loads correctly:\n  "
-                     + "\n  ".join(problems))
-
-
-def save_peft(params_config: ModelConfig, adapters, spec: lora.LoraSpec, out_dir: str | os.PathLike,
-              base_model_name_or_path: str, for_serving: bool = False) -> None:
-  """Writes `adapters` as a PEFT LoRA directory; `for_serving` folds every scale into B and pads to a vLLM rank.
-
-  Normal export keeps rank, alpha, rsLoRA and per-module rank/alpha patterns (PEFT reproduces our function
-  exactly). `for_serving` writes what vLLM and SGLang compute correctly: every module's scale folded into B, all
-  ranks zero-padded to one vLLM rank R (`serving_rank` of the largest rank), r = lora_alpha = R, no patterns, no
-  rsLoRA; padding adds zero rows/columns, so the function is unchanged. A tied model's embedding adapter also acts
-  on the tied output head (our `Embed.attend`): it is written with the equivalent lm_head LoRA
-  (lora_A = B, lora_B = A, in our layout) and `ensure_weight_tying`, so PEFT ties the two as well.
-  """
-  config = params_config
-  if spec.extra_trainable:
-    raise ValueError(f"the spec also trains base parameters (extra_trainable={list(spec.extra_trainable)}), which "
-                     "a PEFT LoRA adapter does not carry; export a merged model instead")
-  slices = _slices(adapters)
-  if not slices:
-    raise ValueError("no adapters to export")
-  tree = dict(lora.adapter_items(adapters))
-  rslora = spec.scaling == "alpha/sqrt(r)" and not for_serving
-  if for_serving:
-    r = serving_rank(max(s.rank for s in slices))
-    alpha = float(r)
-  else:
-    r = spec.rank
-    alpha = float(spec.rank if spec.scaling == "none" else spec.alpha)  # s = 1 is alpha = r.
-
-  ranks, alphas, tensors = {}, {}, {}
-
-  def put(name, a_in_r, b_r_out, embed):  # our layout: A [in, r], B [r, out]
-    kind = ("lora_embedding_A", "lora_embedding_B") if embed else ("lora_A.weight", "lora_B.weight")
-    tensors[f"{_PEFT_PREFIX}{name}.{kind[0]}"] = np.ascontiguousarray(a_in_r.T)
-    tensors[f"{_PEFT_PREFIX}{name}.{kind[1]}"] = np.ascontiguousarray(b_r_out.T)
-
-  for s in slices:
-    ad = tree[s.module_path]
-    dtype = np.dtype(ad.a.dtype)
-    a = np.asarray(jax.device_get(ad.a[s.index]), np.float32)
-    b = np.asarray(jax.device_get(ad.b[s.index]), np.float32)
-    if for_serving:
-      b = b * s.scale
-      a = np.pad(a, ((0, 0), (0, r - s.rank)))
-      b = np.pad(b, ((0, r - s.rank), (0, 0)))
-      ranks[s.name], alphas[s.name] = r, alpha
-    else:
-      ranks[s.name], alphas[s.name] = s.rank, _peft_alpha(s.scale, s.rank, rslora)
-    a, b = a.astype(dtype), b.astype(dtype)
-    put(s.name, a, b, s.embed)
-    if s.embed and config.tie_word_embeddings:
-      # Output head x·(E + s·A·B)^T adds s·(x·B^T)·A^T: a Linear LoRA with lora_A.weight = B, lora_B.weight = A.
-      put("lm_head", b.T, a.T, False)
-      ranks["lm_head"], alphas["lm_head"] = ranks[s.name], alphas[s.name]
-  _check_peft_experts(config, slices, ranks, alphas, r, alpha, rslora)
-  tied = config.tie_word_embeddings and "lm_head" in ranks
-
-  adapter_config = dict(
-      peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=str(base_model_name_or_path),
-      r=r, lora_alpha=_json_number(alpha), use_rslora=rslora,
-      # As PEFT writes it: with ensure_weight_tying the tied lm_head is not a target of its own.
-      target_modules=sorted({n.rsplit(".", 1)[-1] for n in ranks} - ({"lm_head"} if tied else set())),
-      rank_pattern=_compress_patterns(ranks, r), alpha_pattern=_compress_patterns(alphas, alpha),
-      # PEFT's default layers_pattern (None) takes the first number in a module name: the layer index here.
-      layers_to_transform=None if spec.layers is None else list(spec.layers), layers_pattern=None,
-      lora_dropout=spec.dropout, init_lora_weights="gaussian" if spec.init_a == "gaussian" else True,
-      bias="none", use_dora=False, modules_to_save=None, fan_in_fan_out=False, inference_mode=True,
-      ensure_weight_tying=tied, exclude_modules=None, target_parameters=None, lora_bias=False)
-  out_dir = pathlib.Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  safetensors.numpy.save_file(tensors, str(out_dir / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
-  with open(out_dir / PEFT_CONFIG_FILE, "w") as f:
-    json.dump(adapter_config, f, indent=2)
-    f.write("\n")
-
-
-def read_peft(adapter_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-  """(adapter_config dict, {tensor key: array}) of a PEFT directory, read as stored."""
-  root = pathlib.Path(adapter_dir)
-  if not (root / PEFT_CONFIG_FILE).exists():
-    raise FileNotFoundError(f"{root}: no {PEFT_CONFIG_FILE}; not a PEFT adapter directory")
-  if not (root / PEFT_WEIGHTS_FILE).exists():
-    found = sorted(p.name for p in root.iterdir())
-    raise FileNotFoundError(f"{root}: no {PEFT_WEIGHTS_FILE} (found {found}); a .bin adapter must be converted "
-                            "to safetensors first")
-  with open(root / PEFT_CONFIG_FILE) as f:
-    adapter_config = json.load(f)
-  with contextlib.ExitStack() as stack:
-    handle = _open(stack, root / PEFT_WEIGHTS_FILE)
-    tensors = {k: handle.get_tensor(k) for k in handle.keys()}
-  return adapter_config, tensors
-
-
-def _peft_pattern_value(patterns: dict[str, Any] | None, name: str, default):
-  """The value PEFT uses for module `name` (first key k with re.match(rf'(.*\\.)?({k})$', name))."""
-  for key, value in (patterns or {}).items():
-    if re.match(rf"(.*\.)?({key})$", name):
-      return value
-  return default
-
-
-def peft_modules(tensors: dict[str, np.ndarray]) -> tuple[dict[str, dict[str, Any]], list[str]]:
-  """Groups PEFT tensors by module: ({HF module name: {'a', 'b' (as stored), 'embed'}}, problems with the keys)."""
-  modules: dict[str, dict[str, Any]] = {}
-  problems = []
-  for key, value in tensors.items():
-    if key.endswith(".base_layer.weight"):
-      continue  # PEFT also saves copies of adapted embedding weights; the base model has them.
-    suffix = next((s for s in _PEFT_SUFFIXES if key.endswith(s)), None)
-    if suffix is None or not key.startswith(_PEFT_PREFIX):
-      problems.append(f"{key}: not a LoRA tensor (expected {_PEFT_PREFIX}<module>.lora_A.weight / lora_B.weight / "
-                      "lora_embedding_A / lora_embedding_B)")
-      continue
-    name = key[len(_PEFT_PREFIX):-len(suffix)]
-    entry = modules.setdefault(name, {"embed": "embedding" in suffix})
-    entry[_PEFT_SUFFIXES[suffix]] = value
-    if entry["embed"] != ("embedding" in suffix):
-      problems.append(f"{name}: mixes lora_A/B and lora_embedding_A/B tensors")
-  for name, entry in modules.items():
-    if "a" not in entry or "b" not in entry:
-      problems.append(f"{name}: has lora_{'A' if 'a' in entry else 'B'} but not lora_{'B' if 'a' in entry else 'A'}")
-  return modules, problems
-
-
-def load_peft(adapter_dir: str | os.PathLike, params, config: ModelConfig,
-              layouts=None) -> tuple[Any, lora.LoraSpec]:
-  """Reads a PEFT LoRA directory into (adapters, LoraSpec) for `params`; the spec reproduces rank, alpha, patterns.
-
-  Everything is checked before anything is built: a module the model lacks, a tensor whose shape does not fit its
-  kernel, or a PEFT feature an adapter tree can't hold (DoRA, bias, modules_to_save, ...) raises one ValueError
-  listing every problem. `layouts` (lora.trace_layouts) is needed for scanned layers and MoE experts.
-  """
-  adapter_config, tensors = read_peft(adapter_dir)
-  where = str(adapter_dir)
-  problems = []
-  if adapter_config.get("peft_type") != "LORA":
-    problems.append(f"peft_type is {adapter_config.get('peft_type')!r}, not 'LORA'")
-  for field, fine in _PEFT_UNSUPPORTED.items():
-    value = adapter_config.get(field, fine)
-    if value != fine and not (fine is None and not value):
-      problems.append(f"{field}={value!r} is not supported (only {fine!r})")
-  layers_pattern = adapter_config.get("layers_pattern")
-  if layers_pattern not in (None, "", "layers", ["layers"]):
-    problems.append(f"layers_pattern={layers_pattern!r}: only 'layers' is supported")
-  modules, tensor_problems = peft_modules(tensors)
-  problems += tensor_problems
-  modules = {n: m for n, m in modules.items() if "a" in m and "b" in m}  # The incomplete ones are problems already.
-
-  r, alpha = int(adapter_config.get("r", 8)), float(adapter_config.get("lora_alpha", 8))
-  rslora = bool(adapter_config.get("use_rslora", False))
-  rank_pattern, alpha_pattern = adapter_config.get("rank_pattern") or {}, adapter_config.get("alpha_pattern") or {}
-
-  if config.tie_word_embeddings:
-    embed_name = hf_module_name(("model", "embed_tokens"))
-    head, embed = modules.pop("lm_head", None), modules.get(embed_name)
-    if embed is not None and head is None:
-      problems.append(f"{embed_name} has a LoRA but lm_head has none: PEFT applies it to the input lookup only, "
-                      "while the tied model also uses the embedding as output head (save with "
-                      "ensure_weight_tying=True, which adds the tied lm_head LoRA)")
-    elif head is not None and (embed is None or not (
-        np.array_equal(head["a"], embed["b"].T) and np.array_equal(head["b"], embed["a"].T)
-        and _peft_pattern_value(alpha_pattern, "lm_head", alpha)
-        == _peft_pattern_value(alpha_pattern, embed_name, alpha))):
-      problems.append("lm_head of a tied model has a LoRA that is not the transpose of the embedding's: the "
-                      "output head can't be adapted apart from the tied embedding")
-
-  entries = {e.key[: -len(".weight")]: e for e in _entries(config, _shapes(config))}
-  found: dict[str, tuple[_Entry, int, float, float]] = {}  # HF module name -> (entry, rank, alpha, scale)
-  for name, m in sorted(modules.items(), key=lambda kv: _natural_key(kv[0])):
-    e = entries.get(name)
-    if e is None or e.path[-1] not in lora.MATRIX_PARAMS:
-      close = _closest_names(name, entries)
-      problems.append(f"{name}: no such {'matrix ' if e is not None else ''}module in this {config.architecture} "
-                      f"model (closest: {close})")
-      continue
-    a, b = m["a"], m["b"]
-    rank = a.shape[0] if a.ndim else 0
-    if e.path[-1] == "embedding":  # torch [V, D]: lora_embedding_A [r, V], lora_embedding_B [D, r]
-      want_a, want_b = (rank, e.hf_shape[0]), (e.hf_shape[1], rank)
-    else:  # torch [out, in]: lora_A [r, in], lora_B [out, r]
-      want_a, want_b = (rank, e.hf_shape[1]), (e.hf_shape[0], rank)
-    if m["embed"] != (e.path[-1] == "embedding"):
-      problems.append(f"{name}: {'embedding' if m['embed'] else 'linear'} LoRA tensors on a "
-                      f"{'linear' if m['embed'] else 'embedding'} module")
-    elif a.ndim != 2 or b.ndim != 2 or tuple(a.shape) != want_a or tuple(b.shape) != want_b:
-      problems.append(f"{name}: A {tuple(a.shape)}, B {tuple(b.shape)} do not fit its weight "
-                      f"{e.hf_shape} (expected A {want_a}, B {want_b})")
-    elif _peft_pattern_value(rank_pattern, name, r) != rank:
-      problems.append(f"{name}: tensors have rank {rank} but the config gives it rank "
-                      f"{_peft_pattern_value(rank_pattern, name, r)}")
-    else:
-      a_m = float(_peft_pattern_value(alpha_pattern, name, alpha))
-      found[name] = (e, rank, a_m, a_m / (math.sqrt(rank) if rslora else rank))
-  if not modules and not problems:
-    problems.append("the adapter holds no LoRA tensors")
-  if problems:
-    raise ValueError(f"PEFT adapter {where} can't be loaded into this {config.architecture} model:\n  "
-                     + "\n  ".join(problems))
-
-  spec, template = _spec_for(found, adapter_config, params, layouts, modules, where)
-  return _fill(template, modules, spec), spec
-
-
-def _closest_names(name: str, entries: dict) -> str:
-  return ", ".join(difflib.get_close_matches(name, list(entries), n=3, cutoff=0.0))
-
-
-def _spec_for(found, adapter_config, params, layouts, modules, where):
-  """A LoraSpec whose lora.create gives exactly the modules, ranks and scales of the PEFT adapter, and its template."""
-  per_path: dict[tuple[str, ...], list[tuple[int, float]]] = {}
-  alpha = float(adapter_config.get("lora_alpha", 8))
-  rslora = bool(adapter_config.get("use_rslora", False))
-  for e, rank, alpha_m, _ in found.values():
-    per_path.setdefault(e.path[:-1], []).append((rank, alpha_m))
-  ranks, alphas = {}, {}
-  for path, values in per_path.items():
-    if len({v[0] for v in values}) > 1 or len({v[1] for v in values}) > 1:
-      raise ValueError(f"PEFT adapter {where}: the layers or experts stacked in '{'/'.join(path)}' have different "
-                       "ranks or alphas, which one stacked adapter can't hold; load with scan_layers=False")
-    ranks[path], alphas[path] = values[0][0], values[0][1]
-
-  path_keys = (lambda path: path[-1], "/".join)  # LoraSpec patterns: a plain name, or the '/'-joined path.
-  layers = adapter_config.get("layers_to_transform")
-  dtypes = {np.dtype(m[k].dtype).name for m in modules.values() for k in ("a", "b")}
-  init = adapter_config.get("init_lora_weights", True)
-  base = dict(rank=int(adapter_config.get("r", 8)), alpha=alpha, scaling="alpha/sqrt(r)" if rslora else "alpha/r",
-              rank_pattern=_compress_patterns(ranks, int(adapter_config.get("r", 8)), *path_keys),
-              alpha_pattern=_compress_patterns(alphas, alpha, *path_keys),
-              layers=None if layers is None else ([layers] if isinstance(layers, int) else list(layers)),
-              dropout=float(adapter_config.get("lora_dropout", 0.0)),
-              init_a="gaussian" if init == "gaussian" else "uniform",
-              dtype=dtypes.pop() if len(dtypes) == 1 else "float32")
-  wanted = set(found)
-  leaf_targets = tuple(sorted({p[-1] for p in per_path}))
-  path_targets = tuple(sorted("/".join(p) for p in per_path))
-  for targets in (leaf_targets, path_targets):
-    spec = lora.LoraSpec(targets=targets, **base)
-    try:
-      _, template = lora.create(params, spec, jax.random.key(0), layouts=layouts)
-    except ValueError as err:
-      raise ValueError(f"PEFT adapter {where}: can't build matching adapters: {err}") from err
-    slices = {s.name: s for s in _slices(template)}
-    if set(slices) == wanted:
-      break
-  else:
-    extra = sorted(set(slices) - wanted, key=_natural_key)
-    missing = sorted(wanted - set(slices), key=_natural_key)
-    raise ValueError(f"PEFT adapter {where}: its set of adapted modules can't be expressed as a LoraSpec for these "
-                     f"params (layers of one scanned kernel adapted differently?); the spec would also adapt "
-                     f"{extra[:5]} and miss {missing[:5]}; try scan_layers=False")
-  bad = [n for n, s in slices.items() if not math.isclose(s.scale, found[n][3], rel_tol=1e-6)]
-  if bad:
-    raise ValueError(f"PEFT adapter {where}: scales of {bad[:5]} can't be reproduced by a LoraSpec")
-  return spec, template
-
-
-def _fill(template, modules, spec: lora.LoraSpec):
-  """The template adapters with A and B taken from the PEFT tensors (our layout: their transposes)."""
-  tree = dict(lora.adapter_items(template))
-  arrays = {path: (np.zeros(ad.a.shape, np.float32), np.zeros(ad.b.shape, np.float32)) for path, ad in tree.items()}
-  for s in _slices(template):
-    m = modules[s.name]
-    a, b = arrays[s.module_path]
-    a[s.index] = m["a"].T
-    b[s.index] = m["b"].T
-  dtype = jnp.dtype(spec.dtype)
-  filled = {path: ad.replace(a=jnp.asarray(arrays[path][0], dtype), b=jnp.asarray(arrays[path][1], dtype))
-            for path, ad in tree.items()}
-  return flax.traverse_util.unflatten_dict(filled)
+  layouts = lora.trace_layouts(CausalLM(config), jnp.zeros((1, 8), jnp.int32))
+  params, adapters, record = checkpoint.restore_trained(run_dir, params, layouts)
+  return config, params, adapters, record

@@ -59,6 +59,11 @@ PRESETS = ("all-linear", "attention", "mlp", "unembed", "embed")
 EXTRA_PRESETS = ("all", "bias", "norm")
 MATRIX_PARAMS = ("kernel", "embedding")
 ROLES = ("in", "out", "shared")
+KINDS = ("dense", "embed", "attend")
+RANK_POLICIES = ("error", "clip")
+# Adapter-tree key suffix of an adapter on an nn.Embed's output side (``Embed.attend``, a tied unembedding):
+# ``("model", "embed_tokens@attend")`` sits beside the input-side adapter ``("model", "embed_tokens")``.
+ATTEND_SUFFIX = "@attend"
 
 _ATTN_CONTEXT = re.compile(r".*(attn|attention).*")
 _MLP_CONTEXT = re.compile(r".*(mlp|ffn|feed_?forward|moe|expert).*")
@@ -91,6 +96,7 @@ class LoraSpec:
   dropout: float = 0.0  # Dropout on the adapter input (training only).
   dtype: str = "float32"  # dtype of A and B.
   extra_trainable: tuple[str, ...] = ()  # Base params trained fully: "bias", "norm", "all" or path regexes.
+  rank_policy: str = "error"  # A rank above a kernel's min(d_in, d_out): "error", or "clip" it to that (summary).
 
   def __post_init__(self):
     for name in ("targets", "exclude", "extra_trainable"):
@@ -105,6 +111,7 @@ class LoraSpec:
     _check_choice("scaling", self.scaling, SCALINGS)
     _check_choice("init_a", self.init_a, INITS_A)
     _check_choice("init_b", self.init_b, INITS_B)
+    _check_choice("rank_policy", self.rank_policy, RANK_POLICIES)
     _check_rank(self.rank, "LoraSpec.rank")
     for pattern, rank in self.rank_pattern.items():
       _check_rank(rank, f"LoraSpec.rank_pattern[{pattern!r}]")
@@ -183,10 +190,14 @@ def _compile(pattern: str, where: str) -> re.Pattern:
 class Layout:
   """How a kernel's axes (as the module sees them, stack axes excluded) split into input, output and shared axes."""
 
-  kind: str  # "dense" (Dense, DenseGeneral, Einsum) or "embed" (nn.Embed: A is gathered by token id).
+  kind: str  # "dense" (Dense, DenseGeneral, Einsum), "embed" (nn.Embed lookup: A is gathered by token id) or
+  # "attend" (nn.Embed.attend, the output side of a tied embedding: x·E^T, so the kernel's [V, D] is ("out", "in")).
   roles: tuple[str, ...]  # Per kernel axis: "in" (contracted with x), "out" (in the output), "shared" (both).
+  tied: bool = False  # An embedding used both for lookup and as the output head (its adapters can't be merged).
 
   def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f"unknown layout kind {self.kind!r}; valid: {list(KINDS)}")
     if "in" not in self.roles or "out" not in self.roles or any(r not in ROLES for r in self.roles):
       raise ValueError(f"a layout needs at least one 'in' and one 'out' axis, got roles {self.roles}")
 
@@ -219,6 +230,31 @@ class Adapter:
 
 def _is_adapter(x) -> bool:
   return isinstance(x, Adapter)
+
+
+def attend_key(module_path: Path) -> Path:
+  """Adapter-tree key of the output-side (``attend``) adapter of the nn.Embed at ``module_path``."""
+  return module_path[:-1] + ((module_path[-1] if module_path else "") + ATTEND_SUFFIX,)
+
+
+def module_path_of(key: Path, adapter: Adapter) -> Path:
+  """Path of the module an adapter belongs to (its tree key without the ``@attend`` suffix)."""
+  if adapter.layout.kind != "attend":
+    return key
+  name = key[-1][: -len(ATTEND_SUFFIX)]
+  return key[:-1] + ((name,) if name else ())
+
+
+def kernel_path(key: Path, adapter: Adapter) -> Path:
+  """Path of the parameter an adapter adapts (e.g. ``(..., "q_proj", "kernel")``)."""
+  return module_path_of(key, adapter) + (adapter.param,)
+
+
+def _variable_names(adapter: Adapter) -> tuple[str, str, str]:
+  """Names of A, B and the scale beside the kernel in the module's parameters."""
+  if adapter.layout.kind == "attend":
+    return "lora_attend_a", "lora_attend_b", "lora_attend_scale"
+  return "lora_a", "lora_b", "lora_scale"
 
 
 def adapter_items(adapters) -> list[tuple[Path, Adapter]]:
@@ -291,6 +327,8 @@ def _path_str(path: Path) -> str:
 
 def _kernel_group(module_path: Path, param: str) -> str:
   """Classifies a matrix parameter for the presets: embed, unembed, attention, mlp, router or other."""
+  if module_path and str(module_path[-1]).endswith(ATTEND_SUFFIX):
+    return "unembed"  # the output side of a tied embedding
   if param == "embedding":
     return "embed"
   parts = [str(p).lower() for p in module_path]
@@ -321,7 +359,7 @@ def _pattern_hits(pattern: str, module_path: Path, param: str | None = None) -> 
   if pattern in PRESETS:
     return param is not None and _preset_hits(pattern, module_path, param)
   mod = _path_str(module_path)
-  if re.fullmatch(r"[A-Za-z0-9_\-]+", pattern) and module_path and pattern == str(module_path[-1]):
+  if re.fullmatch(r"[A-Za-z0-9_\-@]+", pattern) and module_path and pattern == str(module_path[-1]):
     return True
   if re.fullmatch(pattern, mod):
     return True
@@ -368,6 +406,11 @@ def _default_layout(path: Path, arr, layouts: Mapping[str, Layout] | None) -> tu
   key = _path_str(module_path)
   if layouts is not None and key in layouts:
     layout = layouts[key]
+  elif layouts is not None and arr.ndim > 2:
+    raise ValueError(
+        f"kernel '{_path_str(path)}' (shape {tuple(arr.shape)}) belongs to a module that trace_layouts did not see "
+        "called as nn.Dense, nn.DenseGeneral, nn.Einsum or nn.Embed (e.g. an nn.Conv): LoRA can't adapt it; "
+        "leave it out of LoraSpec.targets or add it to LoraSpec.exclude")
   elif param == "embedding":
     layout = Layout("embed", ("in", "out"))
   elif arr.ndim == 2:
@@ -391,17 +434,32 @@ def _plan(params, spec: LoraSpec, layouts: Mapping[str, Layout] | None) -> list[
   if not flat and spec.targets:
     raise ValueError("the parameter tree is empty")
   matrices = {p: v for p, v in flat.items() if p[-1] in MATRIX_PARAMS}
+  if layouts is not None:
+    # The output side of each embedding the model calls through `attend` (a tied unembedding) is a target of its
+    # own, keyed `<module>@attend`; presets skip kernels of modules LoRA can't adapt (e.g. nn.Conv).
+    for key, layout in layouts.items():
+      if layout.kind == "attend":
+        module_path = tuple(key[: -len(ATTEND_SUFFIX)].split("/")) if key != ATTEND_SUFFIX else ()
+        if module_path + ("embedding",) in flat:
+          matrices[attend_key(module_path) + ("embedding",)] = flat[module_path + ("embedding",)]
+    adaptable = {p for p in matrices if _path_str(p[:-1]) in layouts or matrices[p].ndim <= 2}
+  else:
+    adaptable = set(matrices)
   all_paths = [_path_str(p) for p in flat]
   chosen: dict[Path, None] = {}
   for pattern in spec.targets:
-    hits = [p for p in matrices if _pattern_hits(pattern, p[:-1], p[-1])]
+    hits = [p for p in matrices if _pattern_hits(pattern, p[:-1], p[-1])
+            and (p in adaptable or pattern not in PRESETS)]
     if not hits:
       _check_non_matrix_hits(pattern, flat)
+      tied = ("\nA model whose output head is its embedding (tied) has an 'unembed' target only when create() gets "
+              "layouts=lora.trace_layouts(model, *example_inputs)." if pattern == "unembed" and layouts is None
+              else "")
       raise ValueError(
           f"LoRA target {pattern!r} matches no kernel. Parameter paths (closest first):\n  "
           + "\n  ".join(_closest(pattern, all_paths))
           + f"\nPresets: {list(PRESETS)}; plain names match a module's last path component; regexes fullmatch "
-          "'/'-joined module or parameter paths."
+          "'/'-joined module or parameter paths." + tied
       )
     chosen.update(dict.fromkeys(hits))
   for pattern in spec.exclude:
@@ -430,8 +488,11 @@ def _plan(params, spec: LoraSpec, layouts: Mapping[str, Layout] | None) -> list[
     _, ins, outs = _layout_axes(layout)
     d_in, d_out = math.prod(inner[i] for i in ins), math.prod(inner[i] for i in outs)
     if rank > min(d_in, d_out):
-      raise ValueError(f"rank {rank} for '{_path_str(path)}' exceeds min(d_in, d_out) = min({d_in}, {d_out}); "
-                       f"kernel shape {tuple(arr.shape)}")
+      if spec.rank_policy == "error":
+        raise ValueError(f"rank {rank} for '{_path_str(path)}' exceeds min(d_in, d_out) = min({d_in}, {d_out}); "
+                         f"kernel shape {tuple(arr.shape)}. LoraSpec.rank_policy='clip' clips it to "
+                         f"{min(d_in, d_out)} (a full-rank update), recorded in lora.summary")
+      rank = min(d_in, d_out)
     targets.append(_Target(module_path, param, layout, n_stack, rank, mask * _scale(spec, rank, alpha)))
   if spec.targets and not targets:
     raise ValueError(f"LoRA targets {list(spec.targets)} minus exclude {list(spec.exclude)} and layers "
@@ -466,18 +527,22 @@ def create(params, spec: LoraSpec, rng: jax.Array, layouts: Mapping[str, Layout]
   ``params`` comes back unchanged except with ``init_a="pissa"``, where the top-r part is moved out of W into the
   adapter (W_res = W - s·A·B). ``layouts`` (from ``trace_layouts``) is needed for kernels with more than two axes.
   """
+  params = _unboxed(params)
   targets = _plan(params, spec, layouts)
   flat = traverse_util.flatten_dict(params)
   dtype = jnp.dtype(spec.dtype)
   out_adapters, new_params = {}, dict(flat)
   for i, t in enumerate(targets):
-    path = t.module_path + (t.param,)
+    path = module_path_of(t.module_path, _layout_probe(t.layout)) + (t.param,)
     kernel = flat[path]
     a_shape, b_shape = _adapter_shapes(kernel.shape, t.layout, t.n_stack, t.rank)
     key = jax.random.fold_in(rng, i)
     scale = t.scale
     if spec.init_a == "pissa":
       a, b = _pissa(kernel, t)
+      if t.layout.tied:
+        raise ValueError(f"init_a='pissa' on '{_path_str(path)}', one side of a tied embedding: moving its top-r "
+                         "part out of the shared weight would change the other side too; exclude it")
       stub = Adapter(a, b, t.param, t.layout, _nested(scale), spec.dropout)
       new_params[path] = (kernel.astype(jnp.float32) - delta(stub)).astype(kernel.dtype)
     else:
@@ -495,6 +560,16 @@ def create(params, spec: LoraSpec, rng: jax.Array, layouts: Mapping[str, Layout]
     out_adapters[t.module_path] = Adapter(a.astype(dtype), b.astype(dtype), t.param, t.layout, _nested(scale),
                                           spec.dropout)
   return traverse_util.unflatten_dict(new_params), _unflatten(out_adapters)
+
+
+def _layout_probe(layout: Layout) -> Adapter:
+  """An array-free Adapter carrying only a layout (for the key <-> module path helpers)."""
+  return Adapter(None, None, layout=layout)
+
+
+def _unboxed(params):
+  """``params`` without Flax partitioning metadata (``nn.LogicallyPartitioned`` boxes from ``model.init``)."""
+  return nn.meta.unbox(params)
 
 
 def _nested(scale: np.ndarray):
@@ -523,7 +598,11 @@ def _pissa(kernel, t: _Target):
 
 
 def trace_layouts(model: nn.Module, *args, method=None, **kwargs) -> dict[str, Layout]:
-  """Reads each Dense/DenseGeneral/Einsum/Embed kernel's axis roles off the model by tracing it abstractly."""
+  """Reads each Dense/DenseGeneral/Einsum/Embed kernel's axis roles off the model by tracing it abstractly.
+
+  An embedding called through ``attend`` (the output head of a tied model) gets a second entry,
+  ``"<path>@attend"``, and both of its entries are marked ``tied`` when it is also used for lookup.
+  """
   layouts: dict[str, Layout] = {}
 
   def record(next_fun, a, kw, context):
@@ -532,6 +611,8 @@ def trace_layouts(model: nn.Module, *args, method=None, **kwargs) -> dict[str, L
       layout = _module_layout(module, a, kw)
       if layout is not None:
         layouts[_path_str(module.path)] = layout
+    elif context.method_name == "attend" and isinstance(module, nn.Embed):
+      layouts[_path_str(attend_key(tuple(module.path)))] = Layout("attend", ("out", "in"))
     return next_fun(*a, **kw)
 
   def run(rng):
@@ -539,6 +620,11 @@ def trace_layouts(model: nn.Module, *args, method=None, **kwargs) -> dict[str, L
       return model.init(rng, *args, method=method, **kwargs)
 
   jax.eval_shape(run, jax.random.key(0))
+  for key, layout in list(layouts.items()):
+    if layout.kind == "attend" and key[: -len(ATTEND_SUFFIX)] in layouts:
+      layouts[key] = dataclasses.replace(layout, tied=True)
+      lookup = key[: -len(ATTEND_SUFFIX)]
+      layouts[lookup] = dataclasses.replace(layouts[lookup], tied=True)
   return layouts
 
 
@@ -592,8 +678,8 @@ def _check_fit(params, adapters):
   """Adapters must fit the kernels they adapt: every mismatch is listed with paths and shapes."""
   flat = traverse_util.flatten_dict(params)
   problems = []
-  for module_path, ad in adapter_items(adapters):
-    path = module_path + (ad.param,)
+  for key, ad in adapter_items(adapters):
+    path = kernel_path(key, ad)
     if path not in flat:
       problems.append(f"'{_path_str(path)}': no such parameter (adapter A {tuple(ad.a.shape)})")
       continue
@@ -612,10 +698,10 @@ def inject(params, adapters):
   """Parameter tree with each adapter's lora_a, lora_b and lora_scale placed beside the kernel it adapts."""
   _check_fit(params, adapters)
   flat = dict(traverse_util.flatten_dict(params))
-  for module_path, ad in adapter_items(adapters):
-    flat[module_path + ("lora_a",)] = ad.a
-    flat[module_path + ("lora_b",)] = ad.b
-    flat[module_path + ("lora_scale",)] = jnp.asarray(ad.scale_array())
+  for key, ad in adapter_items(adapters):
+    module_path = module_path_of(key, ad)
+    for name, value in zip(_variable_names(ad), (ad.a, ad.b, jnp.asarray(ad.scale_array()))):
+      flat[module_path + (name,)] = value
   return traverse_util.unflatten_dict(flat)
 
 
@@ -626,6 +712,7 @@ def apply(model: nn.Module, params, adapters, *args, train: bool = False, collec
   ``train=True`` turns on adapter dropout (needs ``rngs={"dropout": key}``). ``collections`` holds variable
   collections other than ``params`` (e.g. batch_stats). Other keyword arguments go to ``model.apply``.
   """
+  params = _unboxed(params)
   items = adapter_items(adapters)
   if not items:
     return model.apply({"params": params, **(collections or {})}, *args, **kwargs)
@@ -637,23 +724,30 @@ def apply(model: nn.Module, params, adapters, *args, train: bool = False, collec
   def interceptor(next_fun, a, kw, context):
     module = context.module
     path = tuple(module.path)
-    ad = info.get(path)
-    if ad is None or not module.has_variable("params", "lora_a"):
+    if isinstance(module, nn.Embed) and context.method_name == "attend":
+      path = attend_key(path)
+    elif context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral, nn.Einsum,
+                                                                      nn.Embed)):
       return next_fun(*a, **kw)
-    if isinstance(module, nn.Embed):
-      if context.method_name not in ("__call__", "attend"):
-        return next_fun(*a, **kw)
-    elif context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.DenseGeneral, nn.Einsum)):
+    ad = info.get(path)
+    names = _variable_names(ad) if ad is not None else ()
+    if ad is None or not module.has_variable("params", names[0]):
       return next_fun(*a, **kw)
     used.add(path)
     y = next_fun(*a, **kw)
-    lora_a = module.get_variable("params", "lora_a")
-    lora_b = module.get_variable("params", "lora_b")
-    scale = module.get_variable("params", "lora_scale")
-    return y + _delta_output(module, context.method_name, a, kw, lora_a, lora_b, scale, ad.dropout, train, y.dtype)
+    lora_a, lora_b, scale = (module.get_variable("params", n) for n in names)
+    return y + _delta_output(module, ad.layout.kind, a, kw, lora_a, lora_b, scale, ad.dropout, train, y.dtype)
 
-  with nn.intercept_methods(interceptor):
-    out = model.apply({"params": inject(params, adapters), **(collections or {})}, *args, **kwargs)
+  try:
+    with nn.intercept_methods(interceptor):
+      out = model.apply({"params": inject(params, adapters), **(collections or {})}, *args, **kwargs)
+  except flax.errors.InvalidRngError as err:
+    if "dropout" not in str(err):
+      raise
+    raise ValueError(
+        f"LoRA dropout could not draw from the 'dropout' RNG ({err}). Inside nn.scan / nn.vmap the RNG must be "
+        "passed through: add split_rngs={'params': True, 'dropout': True} to the transform (or set "
+        "LoraSpec.dropout=0)") from err
   unused = sorted(set(info) - used)
   if check_unused and unused:
     raise ValueError(
@@ -664,14 +758,12 @@ def apply(model: nn.Module, params, adapters, *args, train: bool = False, collec
   return out
 
 
-def _delta_output(module, method, args, kwargs, a, b, scale, dropout, train, dtype):
+def _delta_output(module, kind, args, kwargs, a, b, scale, dropout, train, dtype):
   """s·(x·A)·B for one module call, from the module's own input; W + s·A·B is never formed."""
   precision = getattr(module, "precision", None)
   a, b, scale = a.astype(dtype), b.astype(dtype), scale.astype(dtype)
-  x = args[0] if args else kwargs["inputs"]
-  if isinstance(module, nn.Embed):
-    if method == "attend":  # x·(E + s·A·B)^T = x·E^T + s·(x·B^T)·A^T
-      return scale * jnp.dot(jnp.dot(x.astype(dtype), b.T, precision=precision), a.T, precision=precision)
+  x = args[0] if args else kwargs.get("inputs", kwargs.get("query"))
+  if kind == "embed":  # lookup: row x of s·A·B
     return scale * jnp.dot(jnp.take(a, x, axis=0), b, precision=precision)
   x = x.astype(dtype)
   if train and dropout > 0:
@@ -686,7 +778,7 @@ def _delta_output(module, method, args, kwargs, a, b, scale, dropout, train, dty
     keep = "".join(c for c in lhs if c not in ins)
     xa = jnp.einsum(f"{lhs},{shared}{ins}{r}->{keep}{r}", x, a, precision=precision)
     return scale * jnp.einsum(f"{keep}{r},{shared}{r}{outs}->{out}", xa, b, precision=precision)
-  if isinstance(module, nn.Dense):
+  if isinstance(module, (nn.Dense, nn.Embed)):  # nn.Embed here: `attend`, x [..., D]·A [D, r]·B [r, V]
     axes = (x.ndim - 1,)
   else:
     axis = module.axis if isinstance(module.axis, Sequence) else (module.axis,)
@@ -714,16 +806,47 @@ def unmerge(params, adapters):
 
 
 def _fold(params, adapters, sign: float):
+  params = _unboxed(params)
   _check_fit(params, adapters)
+  tied = [_path_str(k) for k, ad in adapter_items(adapters) if ad.layout.tied]
+  if tied:
+    raise ValueError(
+        f"adapters {tied} sit on one side of a tied embedding (lookup or output head); folding them into the "
+        "shared weight would change the other side too. Untie the embedding first (a separate output kernel "
+        "E^T; for this project's models models.transformer.untie_embeddings) and merge into that.")
   flat = dict(traverse_util.flatten_dict(params))
   errors = {}
-  for module_path, ad in adapter_items(adapters):
-    path = module_path + (ad.param,)
+  for key, ad in adapter_items(adapters):
+    path = kernel_path(key, ad)
     w = flat[path]
     exact = w.astype(jnp.float32) + sign * delta(ad)
     flat[path] = exact.astype(w.dtype)
     errors[_path_str(path)] = jnp.max(jnp.abs(flat[path].astype(jnp.float32) - exact))
   return traverse_util.unflatten_dict(flat), errors
+
+
+def untie(params, adapters, embedding: Path, head: Path):
+  """A tied embedding made into two weights: ``head/kernel = E^T`` (the ``attend`` side) beside ``embedding``.
+
+  The output-side adapter (``<embedding>@attend``) moves to ``head`` as an ordinary dense adapter (its A [D, r] and
+  B [r, V] are already a Dense kernel's), the input-side one stays, and neither is marked tied any more, so both
+  can be merged. The model must then compute its logits with a dense ``head`` (e.g. a config with untied
+  embeddings); ``apply`` on the untied tree equals ``apply`` on the tied one.
+  """
+  params = _unboxed(params)
+  flat = dict(traverse_util.flatten_dict(params))
+  if embedding + ("embedding",) not in flat:
+    raise ValueError(f"no embedding '{_path_str(embedding + ('embedding',))}' to untie")
+  if head + ("kernel",) in flat:
+    raise ValueError(f"'{_path_str(head + ('kernel',))}' exists already: the model is not tied")
+  flat[head + ("kernel",)] = jnp.swapaxes(flat[embedding + ("embedding",)], 0, 1)
+  out = {}
+  for key, ad in adapter_items(adapters):
+    if key == attend_key(embedding):
+      out[head] = ad.replace(param="kernel", layout=Layout("dense", ("in", "out")))
+    else:
+      out[key] = ad.replace(layout=dataclasses.replace(ad.layout, tied=False)) if ad.layout.tied else ad
+  return traverse_util.unflatten_dict(flat), _unflatten(out)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -742,7 +865,7 @@ def _extra_hits(pattern: str, path: Path) -> bool:
 
 def split(params, adapters, spec: LoraSpec):
   """Splits into ``(trainable, frozen)``: trainable = {"lora": adapters, "params": extra-trainable base params}."""
-  flat = traverse_util.flatten_dict(params)
+  flat = traverse_util.flatten_dict(_unboxed(params))
   extra = {}
   for pattern in spec.extra_trainable:
     hits = {p: v for p, v in flat.items() if _extra_hits(pattern, p)}
@@ -796,18 +919,23 @@ def count(adapters) -> int:
 
 def summary(params, adapters, spec: LoraSpec | None = None) -> str:
   """A readable table: which parameters got adapters, shapes, rank, scale, trainable count and percent."""
-  flat = traverse_util.flatten_dict(params)
+  flat = traverse_util.flatten_dict(_unboxed(params))
   n_base = sum(int(np.prod(np.shape(v))) for v in flat.values())
   rows = [("parameter", "shape", "A", "B", "rank", "scale")]
-  for module_path, ad in adapter_items(adapters):
-    path = module_path + (ad.param,)
+  for key, ad in adapter_items(adapters):
+    path = kernel_path(key, ad)
     s = ad.scale_array()
     nz = s[s != 0]
     scale = f"{nz.flat[0]:.4g}" if nz.size and np.all(nz == nz.flat[0]) else "varies"
     if s.ndim and np.count_nonzero(s) < s.size:
       scale += f" ({np.count_nonzero(s)}/{s.size} layers)"
-    rows.append((_path_str(path), str(tuple(flat[path].shape)), str(tuple(ad.a.shape)), str(tuple(ad.b.shape)),
-                 str(ad.rank), scale))
+    rank = str(ad.rank)
+    if spec is not None:
+      asked = int(_first_pattern_value(spec.rank_pattern, key, ad.param, spec.rank))
+      rank += f" (clipped from {asked})" if asked != ad.rank else ""
+    side = {"attend": " (output side)", "embed": " (input side)"}.get(ad.layout.kind, "") if ad.layout.tied else ""
+    rows.append((_path_str(path) + side, str(tuple(flat[path].shape)), str(tuple(ad.a.shape)),
+                 str(tuple(ad.b.shape)), rank, scale))
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
   lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
   lines.insert(1, "  ".join("-" * w for w in widths))
@@ -831,8 +959,8 @@ def adapter_partition_specs(adapters, kernel_specs):
   flat = traverse_util.flatten_dict(kernel_specs, is_leaf=lambda _, x: isinstance(x, (jax.sharding.PartitionSpec,
                                                                                     jax.sharding.NamedSharding)))
   out = {}
-  for module_path, ad in adapter_items(adapters):
-    path = module_path + (ad.param,)
+  for key, ad in adapter_items(adapters):
+    path = kernel_path(key, ad)
     if path not in flat:
       raise ValueError(f"no sharding given for '{_path_str(path)}'")
     spec = flat[path]
@@ -846,5 +974,5 @@ def adapter_partition_specs(adapters, kernel_specs):
     b = jax.sharding.PartitionSpec(*stack, *(inner[i] for i in shared), None, *(inner[i] for i in outs))
     if mesh is not None:
       a, b = jax.sharding.NamedSharding(mesh, a), jax.sharding.NamedSharding(mesh, b)
-    out[module_path] = ad.replace(a=a, b=b)
+    out[key] = ad.replace(a=a, b=b)
   return _unflatten(out)
