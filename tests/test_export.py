@@ -1,4 +1,4 @@
-"""Tests for PEFT adapters in and out (lora_jax.hf.save_peft / load_peft) and the lora_jax.export CLI.
+"""Tests for PEFT adapters in and out (lora_jax.peft_io.save_peft / load_peft) and the lora_jax.export CLI.
 
 Reference models are tiny random HF models built with torch; PyTorch PEFT loads what we write and writes what we
 read, and the logits of both sides are compared.
@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from lora_jax import export, hf, lora, synthetic, train  # noqa: E402
+from lora_jax import export, hf, lora, optim, peft_io, synthetic, train  # noqa: E402
 from lora_jax import checkpoint as ckpt_lib  # noqa: E402
 from lora_jax.models.transformer import CausalLM  # noqa: E402
 
@@ -92,11 +92,11 @@ def _peft_logits(base_path, adapter_dir):
 
 
 def _adapter_config(path):
-  return json.loads((path / hf.PEFT_CONFIG_FILE).read_text())
+  return json.loads((path / peft_io.PEFT_CONFIG_FILE).read_text())
 
 
 def _tensors(path):
-  return safetensors.numpy.load_file(str(path / hf.PEFT_WEIGHTS_FILE))
+  return safetensors.numpy.load_file(str(path / peft_io.PEFT_WEIGHTS_FILE))
 
 
 EXPORT_CASES = {
@@ -112,7 +112,9 @@ EXPORT_CASES = {
     "scan_layers": ("llama", True, dict(rank=4, layers=(1,), targets=("attention",))),
     "embed_unembed": ("llama", False, dict(rank=4, targets=("all-linear", "embed", "unembed"),
                                            rank_pattern={"embed_tokens": 2})),
-    "tied_embed": ("qwen3", False, dict(rank=4, targets=("attention", "embed"), alpha_pattern={"embed_tokens": 5.0})),
+    "tied_embed": ("qwen3", False, dict(rank=4, targets=("attention", "embed", "unembed"),
+                                        alpha_pattern={"embed_tokens": 5.0})),
+    "tied_unembed": ("qwen3", False, dict(rank=4, targets=("all-linear", "unembed"))),  # the study's default spec
     "tied_embed_scan": ("qwen3", True, dict(rank=4, targets=("embed", "mlp"), scaling="alpha/sqrt(r)")),
     "moe_experts": ("qwen3_moe", False, dict(rank=4, alpha=8.0, rank_pattern={"q_proj": 2})),
     "moe_experts_scan": ("qwen3_moe", True, dict(rank=4, alpha=8.0, targets=("mlp",))),  # experts only
@@ -124,7 +126,7 @@ def test_save_peft_loads_in_peft_with_the_same_logits(bases, tmp_path, case):
   arch, scan, kwargs = EXPORT_CASES[case]
   spec = lora.LoraSpec(**kwargs)
   config, params, model, _, adapters = _trained(bases[arch], spec, scan)
-  hf.save_peft(config, adapters, spec, tmp_path, str(bases[arch]))
+  peft_io.save_peft(config, adapters, spec, tmp_path, str(bases[arch]))
   ours = _logits(model, params, adapters)
   base = _torch_logits(_torch_base(bases[arch]))
   assert np.abs(ours - base).max() > 1e-2  # the adapters matter
@@ -145,7 +147,7 @@ def test_save_peft_key_names_shapes_and_patterns(bases, tmp_path):
   arch, scan, kwargs = EXPORT_CASES["patterns"]
   spec = lora.LoraSpec(**kwargs)
   config, _, _, _, adapters = _trained(bases[arch], spec, scan)
-  hf.save_peft(config, adapters, spec, tmp_path, "meta-llama/base")
+  peft_io.save_peft(config, adapters, spec, tmp_path, "meta-llama/base")
   tensors = _tensors(tmp_path)
   q = adapters["model"]["layers_0"]["self_attn"]["q_proj"]
   np.testing.assert_array_equal(tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"], q.a.T)
@@ -158,23 +160,28 @@ def test_save_peft_key_names_shapes_and_patterns(bases, tmp_path):
   assert sorted(c["target_modules"]) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                 "down_proj"])
   assert c["base_model_name_or_path"] == "meta-llama/base"
-  with safetensors.safe_open(str(tmp_path / hf.PEFT_WEIGHTS_FILE), "numpy") as f:
+  with safetensors.safe_open(str(tmp_path / peft_io.PEFT_WEIGHTS_FILE), "numpy") as f:
     assert f.metadata() == {"format": "pt"}
 
 
-def test_tied_embedding_adapter_is_written_with_the_tied_lm_head(bases, tmp_path):
+def test_tied_model_sides_are_written_as_embed_tokens_and_lm_head(bases, tmp_path):
   arch, scan, kwargs = EXPORT_CASES["tied_embed"]
   spec = lora.LoraSpec(**kwargs)
   config, _, _, _, adapters = _trained(bases[arch], spec, scan)
-  hf.save_peft(config, adapters, spec, tmp_path, "base")
+  peft_io.save_peft(config, adapters, spec, tmp_path, "base")
   t, c = _tensors(tmp_path), _adapter_config(tmp_path)
-  emb = adapters["model"]["embed_tokens"]
+  emb, head = adapters["model"]["embed_tokens"], adapters["model"]["embed_tokens@attend"]
   np.testing.assert_array_equal(t["base_model.model.model.embed_tokens.lora_embedding_A"], emb.a.T)  # [r, V]
   np.testing.assert_array_equal(t["base_model.model.model.embed_tokens.lora_embedding_B"], emb.b.T)  # [D, r]
-  np.testing.assert_array_equal(t["base_model.model.lm_head.lora_A.weight"], emb.b)  # [r, D]
-  np.testing.assert_array_equal(t["base_model.model.lm_head.lora_B.weight"], emb.a)  # [V, r]
-  assert c["ensure_weight_tying"] and "embed_tokens" in c["target_modules"] and "lm_head" not in c["target_modules"]
-  assert c["alpha_pattern"] == {"embed_tokens": 5, "lm_head": 5}
+  np.testing.assert_array_equal(t["base_model.model.lm_head.lora_A.weight"], head.a.T)  # [r, D]
+  np.testing.assert_array_equal(t["base_model.model.lm_head.lora_B.weight"], head.b.T)  # [V, r]
+  assert not c["ensure_weight_tying"] and {"embed_tokens", "lm_head"} <= set(c["target_modules"])
+  assert c["alpha_pattern"] == {"embed_tokens": 5}
+  # And back: PEFT's lm_head on a tied model is our output-side adapter again.
+  config, params, _, layouts = _flax(bases[arch])
+  loaded, loaded_spec = peft_io.load_peft(tmp_path, params, config, layouts)
+  np.testing.assert_array_equal(loaded["model"]["embed_tokens@attend"].b, head.b)
+  assert set(loaded["model"]) >= {"embed_tokens", "embed_tokens@attend"}
 
 
 SERVING_CASES = ("patterns", "scan_patterns", "scan_layers", "tied_embed", "no_scaling")
@@ -188,11 +195,11 @@ def test_for_serving_folds_scales_and_pads_ranks(bases, tmp_path, case):
     arch, scan, kwargs = EXPORT_CASES[case]
   spec = lora.LoraSpec(**kwargs)
   config, params, model, _, adapters = _trained(bases[arch], spec, scan)
-  hf.save_peft(config, adapters, spec, tmp_path, str(bases[arch]), for_serving=True)
+  peft_io.save_peft(config, adapters, spec, tmp_path, str(bases[arch]), for_serving=True)
   np.testing.assert_allclose(_peft_logits(bases[arch], tmp_path), _logits(model, params, adapters),
                              atol=1e-4, rtol=1e-4)
   c = _adapter_config(tmp_path)
-  assert c["r"] == c["lora_alpha"] == 8 and c["r"] in hf.VLLM_RANKS
+  assert c["r"] == c["lora_alpha"] == 8 and c["r"] in peft_io.VLLM_RANKS
   assert not c["rank_pattern"] and not c["alpha_pattern"] and not c["use_rslora"]
   for key, value in _tensors(tmp_path).items():  # every module padded to r = 8 with zeros
     rank_axis = 0 if key.endswith(("lora_A.weight", "lora_embedding_A")) else 1
@@ -201,9 +208,9 @@ def test_for_serving_folds_scales_and_pads_ranks(bases, tmp_path, case):
 
 
 def test_serving_rank():
-  assert [hf.serving_rank(r) for r in (1, 2, 8, 9, 300, 320, 321, 512)] == [1, 8, 8, 16, 320, 320, 512, 512]
+  assert [peft_io.serving_rank(r) for r in (1, 2, 8, 9, 300, 320, 321, 512)] == [1, 8, 8, 16, 320, 320, 512, 512]
   with pytest.raises(ValueError, match="above 512"):
-    hf.serving_rank(513)
+    peft_io.serving_rank(513)
 
 
 ROUND_TRIP_CASES = {
@@ -215,6 +222,7 @@ ROUND_TRIP_CASES = {
                                                use_rslora=True, layers_to_transform=[1], lora_dropout=0.05)),
     "tied": ("qwen3", False, dict(r=2, lora_alpha=4, target_modules=["embed_tokens", "o_proj"],
                                   ensure_weight_tying=True)),
+    "tied_sides": ("qwen3", False, dict(r=2, lora_alpha=4, target_modules=["embed_tokens", "lm_head", "q_proj"])),
     "one_module": ("llama", False, dict(r=4, lora_alpha=4, target_modules=["model.layers.1.mlp.up_proj"])),
 }
 
@@ -236,43 +244,61 @@ def test_peft_round_trip(bases, tmp_path, case):
   arch, scan, kwargs = ROUND_TRIP_CASES[case]
   peft_model = _peft_adapter(bases[arch], tmp_path / "peft", **kwargs)
   config, params, model, layouts = _flax(bases[arch], scan)
-  adapters, spec = hf.load_peft(tmp_path / "peft", params, config, layouts)
+  adapters, spec = peft_io.load_peft(tmp_path / "peft", params, config, layouts)
   np.testing.assert_allclose(_logits(model, params, adapters), _torch_logits(peft_model), atol=1e-4, rtol=1e-4)
   assert spec.rank == kwargs["r"] and spec.alpha == kwargs["lora_alpha"]
   assert spec.scaling == ("alpha/sqrt(r)" if kwargs.get("use_rslora") else "alpha/r")
 
-  hf.save_peft(config, adapters, spec, tmp_path / "ours", str(bases[arch]))
+  peft_io.save_peft(config, adapters, spec, tmp_path / "ours", str(bases[arch]))
   theirs = {k: v for k, v in _tensors(tmp_path / "peft").items() if ".base_layer." not in k}
   ours = _tensors(tmp_path / "ours")
   assert sorted(ours) == sorted(theirs)
   for k in theirs:
     np.testing.assert_array_equal(ours[k], theirs[k], err_msg=k)
   a, b = _adapter_config(tmp_path / "peft"), _adapter_config(tmp_path / "ours")
+  tied = a.get("ensure_weight_tying")  # PEFT's tied lm_head LoRA is written back as the two sides it computes
   for field in ("peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "layers_to_transform",
                 "layers_pattern", "lora_dropout", "bias", "use_dora", "modules_to_save", "fan_in_fan_out",
-                "init_lora_weights", "ensure_weight_tying", "task_type"):
+                "init_lora_weights", "task_type") + (() if tied else ("ensure_weight_tying",)):
     assert a[field] == b[field], field
-  assert {t.rsplit(".", 1)[-1] for t in a["target_modules"]} == set(b["target_modules"])
+  assert {t.rsplit(".", 1)[-1] for t in a["target_modules"]} | ({"lm_head"} if tied else set()) == \
+      set(b["target_modules"])
+  if tied:
+    assert not b["ensure_weight_tying"]
+    np.testing.assert_allclose(_peft_logits(bases[arch], tmp_path / "ours"), _torch_logits(peft_model), atol=1e-4,
+                               rtol=1e-4)
+
+
+def _write_run(run, base, spec, scan=False, optim_config=optim.OptimConfig(lr=1.0), record_base=None):
+  """A run directory as experiments.main leaves it: a checkpoint whose record describes the run; returns
+  (model, params, adapters) of the trained state."""
+  config, params, model, layouts = _flax(base, scan)
+  params, adapters = lora.create(params, spec, jax.random.key(0), layouts=layouts)
+  adapters = _random_b(adapters)
+  state = train.init_state(params, adapters, spec, optim_config, 0)
+  checkpointer = ckpt_lib.Checkpointer(run / "checkpoints")
+  checkpointer.save(3, state.checkpoint_tree(), {**ckpt_lib.describe_run(record_base or base, config, spec),
+                                                 "data": {}})
+  checkpointer.close()
+  return model, params, adapters
+
+
+def _tokenized_base(bases, tmp_path, name="llama"):
+  base = tmp_path / f"base_{name}"
+  shutil.copytree(bases[name], base)
+  synthetic.char_tokenizer().save_pretrained(base)
+  return base
 
 
 def test_merged_and_peft_export_of_a_run(bases, tmp_path, capsys):
-  base = tmp_path / "base"
-  shutil.copytree(bases["llama"], base)
-  synthetic.char_tokenizer().save_pretrained(base)
-  spec = lora.LoraSpec(rank=4, alpha=8.0, rank_pattern={"v_proj": 2})
-  config, params, model, layouts = _flax(base)
-  params, adapters = lora.create(params, spec, jax.random.key(0), layouts=layouts)
-  adapters = _random_b(adapters)
+  base = _tokenized_base(bases, tmp_path)
   run = tmp_path / "work" / "lora"
-  run.mkdir(parents=True)
-  (run / "lora_spec.json").write_text(spec.to_json())
-  state = train.init_state(params, adapters, spec, train.OptimConfig(lr=1.0), 0)
-  checkpointer = ckpt_lib.Checkpointer(run / "checkpoints")
-  checkpointer.save(3, state.checkpoint_tree(), {})
-  checkpointer.close()
+  # Gradient clipping chains another optimizer state: reading trained parameters must not depend on it.
+  model, params, adapters = _write_run(run, base, lora.LoraSpec(rank=4, alpha=8.0, rank_pattern={"v_proj": 2}),
+                                       optim_config=optim.OptimConfig(lr=1.0, grad_clip_norm=1.0))
   ours = _logits(model, params, adapters)
 
-  assert export.main(["--run", str(run), "--base", str(base), "--out", str(tmp_path / "merged"), "--merged"]) == 0
+  assert export.main(["--run", str(run), "--out", str(tmp_path / "merged"), "--merged"]) == 0  # base: recorded
   merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", attn_implementation="eager")
   np.testing.assert_allclose(_torch_logits(merged.eval()), ours, atol=1e-4, rtol=1e-4)
   assert transformers.AutoTokenizer.from_pretrained(tmp_path / "merged").get_vocab() == \
@@ -285,19 +311,67 @@ def test_merged_and_peft_export_of_a_run(bases, tmp_path, capsys):
   assert "OK for vLLM (llama)" in capsys.readouterr().out
 
 
+def test_a_tied_scanned_run_with_the_default_spec_exports_merged_and_peft(bases, tmp_path):
+  """The study's spec (all-linear + unembed) on a tied model, trained with scanned layers."""
+  base = _tokenized_base(bases, tmp_path, "qwen3")
+  run = tmp_path / "run"
+  spec = lora.LoraSpec(rank=4, targets=("all-linear", "unembed"))
+  model, params, adapters = _write_run(run, base, spec, scan=True)
+  assert "embed_tokens@attend" in adapters["model"]
+  ours = _logits(model, params, adapters)
+  assert export.main(["--run", str(run), "--out", str(tmp_path / "merged"), "--merged"]) == 0
+  merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", attn_implementation="eager")
+  assert not merged.config.tie_word_embeddings  # the output head has its own weights now
+  np.testing.assert_allclose(_torch_logits(merged.eval()), ours, atol=1e-4, rtol=1e-4)
+  assert export.main(["--run", str(run), "--out", str(tmp_path / "peft"), "--peft"]) == 0
+  np.testing.assert_allclose(_peft_logits(base, tmp_path / "peft"), ours, atol=1e-4, rtol=1e-4)
+
+
+def test_a_run_refuses_another_base_unless_forced(bases, tmp_path, capsys, monkeypatch):
+  base = _tokenized_base(bases, tmp_path)
+  run = tmp_path / "run"
+  _write_run(run, base, lora.LoraSpec(rank=2))
+  other = tmp_path / "other"  # same shapes, other weights
+  shutil.copytree(base, other)
+  config, params = hf.load(other)
+  hf.save_params(jax.tree.map(lambda x: x * 1.01, params), config, other)
+  out = tmp_path / "out"
+  assert export.main(["--run", str(run), "--base", str(other), "--out", str(out), "--merged"]) == 2
+  err = capsys.readouterr().err
+  assert "fingerprint" in err and str(base) in err and "--force" in err and not out.exists()
+  assert export.main(["--run", str(run), "--base", str(other), "--out", str(out), "--merged", "--force"]) == 0
+  # A base of other shapes: one clear line, even when forced.
+  assert export.main(["--run", str(run), "--base", str(bases["llama_wide"]), "--out", str(tmp_path / "w"),
+                      "--merged", "--force"]) == 2
+  err = capsys.readouterr().err
+  assert "hidden_size 32 -> 48" in err and len(err.strip().splitlines()) == 1
+  # The base is recorded as an absolute path: the run exports from any working directory.
+  monkeypatch.chdir(tmp_path / "run")
+  assert export.main(["--run", ".", "--out", str(tmp_path / "elsewhere"), "--peft"]) == 0
+  assert json.loads((tmp_path / "elsewhere" / peft_io.PEFT_CONFIG_FILE).read_text())["base_model_name_or_path"] \
+      == str(base.resolve())
+
+
+def test_describe_run_records_an_absolute_base_path(bases, tmp_path, monkeypatch):
+  monkeypatch.chdir(bases["llama"].parent)
+  record = ckpt_lib.describe_run(bases["llama"].name, hf.load_config(bases["llama"]), lora.LoraSpec())
+  assert record["base_model"] == str(bases["llama"].resolve())
+  assert record["base_fingerprint"] == hf.fingerprint(bases["llama"]) != hf.fingerprint(bases["llama_wide"])
+
+
 def _clean_adapter(bases, path):
   spec = lora.LoraSpec(rank=8, targets=("attention",))
   config, _, _, _, adapters = _trained(bases["llama"], spec)
-  hf.save_peft(config, adapters, spec, path, str(bases["llama"]), for_serving=True)
+  peft_io.save_peft(config, adapters, spec, path, str(bases["llama"]), for_serving=True)
   return path
 
 
 def _edit(path, out, config_changes=None, tensors=None):
   shutil.copytree(path, out)
   c = {**_adapter_config(path), **(config_changes or {})}
-  (out / hf.PEFT_CONFIG_FILE).write_text(json.dumps(c))
+  (out / peft_io.PEFT_CONFIG_FILE).write_text(json.dumps(c))
   if tensors is not None:
-    safetensors.numpy.save_file(tensors, str(out / hf.PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
+    safetensors.numpy.save_file(tensors, str(out / peft_io.PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
   return out
 
 
@@ -335,10 +409,10 @@ def test_check_flags_each_vllm_problem(bases, tmp_path, capsys):
 def test_load_peft_refuses_an_adapter_for_another_base(bases, tmp_path):
   spec = lora.LoraSpec(rank=4, targets=("q_proj", "down_proj"))
   config, _, _, _, adapters = _trained(bases["llama_wide"], spec)
-  hf.save_peft(config, adapters, spec, tmp_path / "wide", "wide")
+  peft_io.save_peft(config, adapters, spec, tmp_path / "wide", "wide")
   config, params, _, layouts = _flax(bases["llama"])
   with pytest.raises(ValueError) as err:
-    hf.load_peft(tmp_path / "wide", params, config, layouts)
+    peft_io.load_peft(tmp_path / "wide", params, config, layouts)
   assert "model.layers.0.self_attn.q_proj: A (4, 48), B (32, 4) do not fit its weight (32, 32)" in str(err.value)
   assert "model.layers.1.mlp.down_proj" in str(err.value)  # every problem, not only the first
 
@@ -347,45 +421,45 @@ def test_load_peft_refuses_an_adapter_for_another_base(bases, tmp_path):
   moved = {k.replace("layers.1.self_attn.q_proj", "layers.7.self_attn.q_proj").replace(
       "layers.1.self_attn.k_proj", "layers.1.self_attn.kk_proj"): v for k, v in t.items()}
   with pytest.raises(ValueError) as err:
-    hf.load_peft(_edit(clean, tmp_path / "moved", tensors=moved), params, config, layouts)
+    peft_io.load_peft(_edit(clean, tmp_path / "moved", tensors=moved), params, config, layouts)
   assert "model.layers.7.self_attn.q_proj: no such module" in str(err.value)
   assert "model.layers.1.self_attn.kk_proj: no such module" in str(err.value)
   half = {k: v for k, v in t.items() if k != "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"}
   with pytest.raises(ValueError, match="layers.0.self_attn.v_proj: has lora_A but not lora_B"):
-    hf.load_peft(_edit(clean, tmp_path / "half", tensors=half), params, config, layouts)
+    peft_io.load_peft(_edit(clean, tmp_path / "half", tensors=half), params, config, layouts)
   with pytest.raises(ValueError, match="use_dora=True is not supported"):
-    hf.load_peft(_edit(clean, tmp_path / "dora", {"use_dora": True}), params, config, layouts)
+    peft_io.load_peft(_edit(clean, tmp_path / "dora", {"use_dora": True}), params, config, layouts)
 
 
 def test_load_peft_refuses_what_the_flax_model_cannot_represent(bases, tmp_path):
   config, params, _, layouts = _flax(bases["qwen3"])  # tied embeddings
   _peft_adapter(bases["qwen3"], tmp_path / "lookup_only", r=2, target_modules=["embed_tokens"])
   with pytest.raises(ValueError, match="applies it to the input lookup only"):
-    hf.load_peft(tmp_path / "lookup_only", params, config, layouts)
+    peft_io.load_peft(tmp_path / "lookup_only", params, config, layouts)
   _peft_adapter(bases["qwen3"], tmp_path / "head_only", r=2, target_modules=["lm_head"])
   with pytest.raises(ValueError, match="output head can't be adapted apart"):
-    hf.load_peft(tmp_path / "head_only", params, config, layouts)
+    peft_io.load_peft(tmp_path / "head_only", params, config, layouts)
   config, params, _, layouts = _flax(bases["llama"], scan=True)
   _peft_adapter(bases["llama"], tmp_path / "per_layer", r=2, target_modules=["q_proj"],
                 alpha_pattern={"model.layers.1.self_attn.q_proj": 3})
   with pytest.raises(ValueError, match="load with scan_layers=False"):
-    hf.load_peft(tmp_path / "per_layer", params, config, layouts)
+    peft_io.load_peft(tmp_path / "per_layer", params, config, layouts)
 
 
 def test_save_peft_refuses_what_peft_would_load_differently(bases, tmp_path):
   config, _, _, _, adapters = _trained(bases["qwen3_moe"], lora.LoraSpec(rank=4, scaling="alpha/sqrt(r)"))
   with pytest.raises(ValueError, match="expert adapters with rsLoRA"):
-    hf.save_peft(config, adapters, lora.LoraSpec(rank=4, scaling="alpha/sqrt(r)"), tmp_path, "moe")
+    peft_io.save_peft(config, adapters, lora.LoraSpec(rank=4, scaling="alpha/sqrt(r)"), tmp_path, "moe")
   spec = lora.LoraSpec(rank=4, targets=("model/layers_0/mlp/experts/gate_proj",))
   config, _, _, _, adapters = _trained(bases["qwen3_moe"], spec)
   with pytest.raises(ValueError, match="only one of gate_proj/up_proj"):
-    hf.save_peft(config, adapters, spec, tmp_path, "moe")
+    peft_io.save_peft(config, adapters, spec, tmp_path, "moe")
   spec = lora.LoraSpec(rank=4, targets=("mlp",))
   config, _, _, _, adapters = _trained(bases["qwen3_moe_dense1"], spec)
   with pytest.raises(ValueError, match="dense MLP of layers without experts"):
-    hf.save_peft(config, adapters, spec, tmp_path, "moe")
+    peft_io.save_peft(config, adapters, spec, tmp_path, "moe")
   spec = lora.LoraSpec(rank=4, extra_trainable=("norm",))
   config, _, _, _, adapters = _trained(bases["llama"], spec)
   with pytest.raises(ValueError, match="also trains base parameters"):
-    hf.save_peft(config, adapters, spec, tmp_path, "llama")
-  assert not (tmp_path / hf.PEFT_WEIGHTS_FILE).exists()  # nothing written by a refused export
+    peft_io.save_peft(config, adapters, spec, tmp_path, "llama")
+  assert not (tmp_path / peft_io.PEFT_WEIGHTS_FILE).exists()  # nothing written by a refused export
