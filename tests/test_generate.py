@@ -111,3 +111,41 @@ def test_greedy_generation_matches_transformers_generate(tmp_path):
       want = ref.generate(torch.tensor([p]), max_new_tokens=20, do_sample=False, min_new_tokens=20,
                           pad_token_id=0)[0, len(p):].tolist()
     assert out.tokens[i].tolist() == want
+
+
+def test_cli_generates_from_a_scanned_run_and_refuses_another_base(tmp_path, capsys):
+  """`--adapter RUN` reads the run's recorded base and layout (scan_layers) and only its trained parameters."""
+  pytest.importorskip("torch")
+  import transformers
+
+  from lora_jax import checkpoint, hf, lora, optim, synthetic, train
+
+  tokenizer = synthetic.char_tokenizer()
+  bases = []
+  for seed in (0, 1):
+    cfg = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   tie_word_embeddings=False)
+    import torch
+
+    torch.manual_seed(seed)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / f"base{seed}")
+    tokenizer.save_pretrained(tmp_path / f"base{seed}")
+    bases.append(tmp_path / f"base{seed}")
+  config, params = hf.load(bases[0], scan_layers=True)
+  model = transformer.CausalLM(config)
+  spec = lora.LoraSpec(rank=2, targets=("all-linear", "unembed"))
+  params, adapters = lora.create(params, spec, jax.random.key(0),
+                                 layouts=lora.trace_layouts(model, jnp.zeros((1, 4), jnp.int32)))
+  adapters = jax.tree.map(lambda x: x + 0.5 * jax.random.normal(jax.random.key(3), x.shape), adapters)
+  state = train.init_state(params, adapters, spec, optim.OptimConfig(lr=1.0, grad_clip_norm=1.0), 0)
+  ck = checkpoint.Checkpointer(tmp_path / "run" / "checkpoints")
+  ck.save(5, state.checkpoint_tree(), {**checkpoint.describe_run(bases[0], config, spec), "data": {}})
+  ck.close()
+
+  generate.main(["--adapter", str(tmp_path / "run"), "--prompt", "2+3=", "--max-new-tokens", "4", "--no-chat"])
+  want = generate.generate_text(model, params, adapters, tokenizer, ["2+3="], max_new_tokens=4,
+                                init_cache=functools.partial(transformer.init_cache, config))
+  assert capsys.readouterr().out == f"### 2+3=\n{want[0]}\n"
+  with pytest.raises(SystemExit, match="fingerprint"):
+    generate.main(["--model", str(bases[1]), "--adapter", str(tmp_path / "run"), "--prompt", "1+1="])
