@@ -1,8 +1,9 @@
 """Run evidence: metrics.jsonl with fixed names, TensorBoard events, optional Weights & Biases, a progress line.
 
 Metric names (the analysis code reads only these):
-  train/loss, train/grad_norm, train/update_norm, train/lr, train/tokens_per_s, train/step_time_s,
-  train/peak_memory_bytes, eval/nll, eval/perplexity, eval/accuracy (generation-based eval, when on),
+  train/loss, train/grad_norm, train/update_norm, train/lr, train/tokens (loss tokens in the step),
+  train/tokens_per_s (all processed token slots: prompt and padding included), train/loss_tokens_per_s,
+  train/step_time_s, train/peak_memory_bytes, eval/nll, eval/perplexity, eval/accuracy (generation-based eval, when on),
   params/trainable, params/total, lora/rel_update_mean, lora/norm_a_mean, lora/norm_b_mean.
 """
 
@@ -32,7 +33,7 @@ def lora_diagnostics(params, adapters) -> dict[str, dict[str, jax.Array]]:
   flat = traverse_util.flatten_dict(params)
   out = {}
   for path, ad in lora.adapter_items(adapters):
-    w = flat[path + (ad.param,)].astype(jnp.float32)
+    w = flat[lora.kernel_path(path, ad)].astype(jnp.float32)
     a = ad.a.astype(jnp.float32).reshape(-1, ad.rank)
     b = jnp.moveaxis(ad.b.astype(jnp.float32), ad.n_stack + sum(r == "shared" for r in ad.layout.roles), -1)
     out["/".join(path)] = {
@@ -69,10 +70,8 @@ class MetricWriter:
 
   def truncate_after(self, step: int) -> None:
     """Drops records past ``step`` (used when resuming from a checkpoint at ``step``)."""
-    if not self.active or not self.path.exists():
-      return
-    lines = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
-    self.path.write_text("".join(l + "\n" for l in lines))
+    if self.active:
+      truncate_jsonl(self.path, step)
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     """Records ``metrics`` at ``step`` everywhere that is configured."""
@@ -108,6 +107,22 @@ def append_line(path: epath.Path, line: str) -> None:
   else:
     with path.open("a") as f:
       f.write(line + "\n")
+
+
+def truncate_jsonl(path: epath.Path, step: int) -> None:
+  """Drops the records of a JSON-lines log whose ``"step"`` is past ``step``; a missing file is left missing."""
+  path = epath.Path(path)
+  if not path.exists():
+    return
+  kept = []
+  for line in path.read_text().splitlines():
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      continue  # a blank line, or one cut short by a killed writer: nothing to keep
+    if record["step"] <= step:
+      kept.append(line)
+  path.write_text("".join(l + "\n" for l in kept))
 
 
 def read_metrics(workdir: str | epath.PathLike) -> list[dict]:
