@@ -59,7 +59,7 @@ def plan(model: str, method: str, rank: int, batch: int, seq: int, mesh_shape: d
   import jax
   import jax.numpy as jnp
 
-  from lora_jax import hf, lora, sharding, train
+  from lora_jax import hf, lora, optim, sharding, train
   from lora_jax.models import transformer
 
   changes = dict(param_dtype="bfloat16", dtype="bfloat16", scan_layers=True, remat=True)
@@ -67,37 +67,21 @@ def plan(model: str, method: str, rank: int, batch: int, seq: int, mesh_shape: d
     config = hf.load_config(model, **changes)
   else:
     config = transformer.ModelConfig.from_preset(model, **changes)
+  # Every matrix incl. the unembedding, with the MoE expert-rank rule: what experiments.main trains.
+  spec = transformer.model_spec(lora.LoraSpec(rank=rank, targets=("all-linear", "unembed")), config) \
+      if method == "lora" else lora.LoraSpec.full()
   mesh = sharding.make_mesh(mesh_shape, devices)
   rows_split = mesh.shape["data"] * mesh.shape["fsdp"]
   if batch % rows_split:
     raise SystemExit(f"--batch {batch} is not divisible by the data x fsdp mesh size {rows_split}")
-  net = transformer.CausalLM(config)
+  # The trainer's own set-up, from abstract params: an abstract state with its shardings, nothing allocated.
   params = transformer.abstract_params(config)
-  param_sh = sharding.param_shardings(params, transformer.logical_axes(config), mesh)
-  # Every matrix incl. the unembedding; a tied model's unembedding is its embedding (adapted in lookup and attend).
-  unembed = "embed" if config.tie_word_embeddings else "unembed"
-  spec = lora.LoraSpec(rank=rank, targets=("all-linear", unembed)) if method == "lora" else lora.LoraSpec.full()
-  optim = train.OptimConfig(lr=1e-4)
-  layouts = lora.trace_layouts(net, jnp.zeros((1, 8), jnp.int32))
-
-  def make_state(p):
-    p, adapters = lora.create(p, spec, jax.random.key(0), layouts=layouts)
-    return train.init_state(p, adapters, spec, optim, 0)
-
-  state = jax.eval_shape(make_state, params)
-  state_sh = train.state_shardings(state, optim, param_sh, mesh)
-  batch_sh = sharding.batch_sharding(mesh)
-  step = train.jit_train_step(train.make_train_step(net, train.make_optimizer(optim)), state_sh, batch_sh)
-
-  def abstract(tree, shardings):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-  tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=batch_sh)
+  s = train.setup(config, spec, optim.OptimConfig(lr=1e-4), params, mesh=mesh)
+  tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=s.batch_sharding)
   batch_tree = {"inputs": tokens, "targets": tokens,
-                "loss_mask": jax.ShapeDtypeStruct((batch, seq), jnp.float32, sharding=batch_sh)}
-  lowered = step.lower(abstract(state.frozen, state_sh.frozen),
-                       abstract(state.replace(frozen=None), state_sh.replace(frozen=None)), batch_tree)
-  out = {"trainable": sum(x.size for x in jax.tree.leaves(state.trainable))}
+                "loss_mask": jax.ShapeDtypeStruct((batch, seq), jnp.float32, sharding=s.batch_sharding)}
+  lowered = s.train_step.lower(s.state.frozen, s.state.replace(frozen=None), batch_tree)
+  out = {"trainable": sum(x.size for x in jax.tree.leaves(s.state.trainable))}
   try:
     m = lowered.compile().memory_analysis()
   except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a step that cannot fit its HBM

@@ -3,27 +3,25 @@
     python -m experiments.main --config experiments/configs/finetune.py:tiny --workdir runs/tiny \\
         [--config.optim.lr=1e-3] [--overwrite]
 
-Each method in ``config.methods`` trains into ``WORKDIR/<method>`` through the same data, step, evaluation and
-logging (``lora_jax.train``); rerunning the same command resumes from the newest checkpoints. ``WORKDIR`` holds
+Each method in ``config.methods`` trains into ``WORKDIR/<method>`` through the same set-up, data, step, evaluation
+and logging (``lora_jax.train``); rerunning the same command resumes from the newest checkpoints. ``WORKDIR`` holds
 ``config.json``, ``run_info.json`` and ``report.md``; each run dir holds ``metrics.jsonl``, TensorBoard events,
-``summary.txt`` (what was adapted) and Orbax checkpoints (adapter-only for LoRA).
+``summary.txt`` (what was adapted) and Orbax checkpoints (adapter-only for LoRA). Nothing is written before the
+config, the model, the shardings and the data have been checked. SIGTERM (preemption) saves a checkpoint and stops
+the whole experiment with exit status 143; the same command resumes it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import hashlib
 import importlib.metadata
 import json
 import pathlib
 import platform
-import shutil
 import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags, logging
@@ -31,8 +29,9 @@ from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from experiments import report
-from lora_jax import data, distributed, generate, hf, lora, metrics, sharding, synthetic, train
+from experiments import report, tiny_base
+from experiments.configs import common
+from lora_jax import checkpoint, data, distributed, generate, hf, lora, metrics, optim, sharding, synthetic, train
 from lora_jax.models import transformer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg].", lock_config=True)
@@ -42,27 +41,49 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of pr
                                    "run (TPU pods and tpu.gpu_launch need none).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of a manual multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a manual multi-process run.")
+_INIT_TIMEOUT = flags.DEFINE_integer("initialization_timeout", 300, "Seconds a multi-process run waits for all its "
+                                     "processes before failing with the coordinator's address.")
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "datasets", "numpy",
             "ml-collections")
+METHODS = ("lora", "full")
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: what a scheduler sees from a process ended by SIGTERM; rerun to resume
 
 
-def prepare_workdir(workdir: epath.Path, config: ml_collections.ConfigDict, overwrite: bool) -> None:
-  """Creates the workdir, or checks it belongs to this config (refusing another config's run unless overwrite)."""
-  text = config.to_json_best_effort(indent=2, sort_keys=True)
+def workdir_conflict(workdir: epath.Path, config: ml_collections.ConfigDict) -> str | None:
+  """Why ``workdir`` cannot take this config's runs without --overwrite (it holds another config's runs), or None.
+
+  Read-only. A ``config.json`` with no run next to it (a start that failed before its first step) is no conflict.
+  """
   saved = workdir / "config.json"
-  if saved.exists() and json.loads(saved.read_text()) != json.loads(text):
-    if not overwrite:
-      old, new = json.loads(saved.read_text()), json.loads(text)
-      diff = sorted(k for k in set(_flat(old)) | set(_flat(new)) if _flat(old).get(k) != _flat(new).get(k))
-      raise SystemExit(f"{workdir} holds a run of a different config (differs in: {', '.join(diff[:10])}). "
-                       "Use another --workdir, or --overwrite to delete it.")
-    if jax.process_index() == 0:
-      workdir.rmtree()
-  if jax.process_index() != 0:  # process 0 writes the run's files (all processes write checkpoints)
+  if not saved.exists():
+    return None
+  old, new = json.loads(saved.read_text()), json.loads(config_json(config))
+  if old == new or not _has_runs(workdir):
+    return None
+  diff = sorted(k for k in set(_flat(old)) | set(_flat(new)) if _flat(old).get(k) != _flat(new).get(k))
+  return (f"{workdir} holds a run of a different config (differs in: {', '.join(diff[:10])}). "
+          "Use another --workdir, or --overwrite to delete it.")
+
+
+def _has_runs(workdir: epath.Path) -> bool:
+  return any((d / "metrics.jsonl").exists() or (d / "checkpoints").exists() for d in workdir.iterdir() if d.is_dir())
+
+
+def config_json(config: ml_collections.ConfigDict) -> str:
+  """The config as a run records it in ``config.json``."""
+  return config.to_json_best_effort(indent=2, sort_keys=True)
+
+
+def start_workdir(workdir: epath.Path, config: ml_collections.ConfigDict, overwrite: bool) -> None:
+  """Makes ``workdir`` this config's, once everything is checked: deletes another config's runs (``overwrite``),
+  writes ``config.json`` and ``run_info.json``. Process 0 writes (all processes write checkpoints)."""
+  if jax.process_index() != 0:
     return
+  if overwrite and workdir.exists():
+    workdir.rmtree()
   workdir.mkdir(parents=True, exist_ok=True)
-  saved.write_text(text + "\n")
+  (workdir / "config.json").write_text(config_json(config) + "\n")
   (workdir / "run_info.json").write_text(json.dumps(run_info(), indent=2) + "\n")
 
 
@@ -92,70 +113,12 @@ def run_info() -> dict:
   }
 
 
-def tiny_base(c: ml_collections.ConfigDict) -> pathlib.Path:
-  """The tiny base model as an HF directory: pretrained on the synthetic corpus once, then reused from the cache.
-
-  Every process takes part (on a 1-D fsdp mesh over all devices); process 0 writes the files.
-  """
-  key = hashlib.sha256(c.to_json(sort_keys=True).encode()).hexdigest()[:12]
-  out = pathlib.Path(c.cache_dir) / key
-  if (out / "config.json").exists():
-    print(f"reusing the tiny base model in {out}")
-    return out
-  lead = jax.process_index() == 0
-  print(f"pretraining the tiny base model ({c.steps} steps on a synthetic corpus) into {out}")
-  tokenizer = synthetic.char_tokenizer()
-  model_config = transformer.ModelConfig(
-      architecture="llama", vocab_size=len(tokenizer), hidden_size=c.hidden_size,
-      intermediate_size=c.intermediate_size, num_layers=c.num_layers, num_heads=c.num_heads,
-      num_kv_heads=c.num_kv_heads, head_dim=c.hidden_size // c.num_heads, tie_word_embeddings=False)
-  work = out.with_name(out.name + ".partial")
-  corpus_file = work / "corpus.jsonl"
-  if lead:
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    corpus_file.write_text("".join(json.dumps(r) + "\n" for r in synthetic.corpus(c.corpus_documents, seed=c.seed)))
-  multihost_utils.sync_global_devices("tiny_base corpus written")
-  sources = data.load([str(corpus_file)], tokenizer, seq_len=c.seq_len)
-  train_part, eval_part = data.split(sources[0], 32, seed=c.seed)
-  batches = data.BatchIterator([train_part], batch_size=c.batch_size, seq_len=c.seq_len, seed=c.seed,
-                               process_index=jax.process_index(), process_count=jax.process_count())
-  evals = eval_batches([eval_part], c.batch_size, c.seq_len)
-  spec = lora.LoraSpec.full()
-  mesh = sharding.make_mesh({"fsdp": -1})
-  param_sh = sharding.param_shardings(transformer.abstract_params(model_config),
-                                      transformer.logical_axes(model_config), mesh)
-  params = transformer.init_params(model_config, jax.random.key(c.seed))
-  optim = train.OptimConfig(lr=c.lr)
-  state = train.init_state(params, {}, spec, optim, c.seed)
-  loop = train.LoopConfig(steps=c.steps, log_every=10, eval_every=c.steps, checkpoint_every=c.steps)
-  state, last = train.fit(transformer.CausalLM(model_config), state, optim, loop, batches, lambda: evals,
-                          work / "pretrain", mesh=mesh, param_shardings=param_sh)
-  params, _ = lora.combine(state.trainable, state.frozen)
-  params = multihost_utils.process_allgather(params, tiled=True)  # tiny: every process holds it whole
-  if lead:
-    hf.save_params(params, model_config, work)
-    tokenizer.save_pretrained(work)
-    print(f"tiny base: eval NLL {last['eval/nll']:.4f} after pretraining")
-    shutil.rmtree(out, ignore_errors=True)
-    work.rename(out)
-  multihost_utils.sync_global_devices("tiny_base saved")
-  return out
-
-
-def eval_batches(sources, batch_size: int, seq_len: int) -> list[dict]:
-  """Every held-out example once, in order, as batches (the last one padded, without loss on padding)."""
-  it = data.BatchIterator(sources, batch_size=batch_size, seq_len=seq_len, seed=0, shuffle=False, num_epochs=1,
-                          drop_remainder=False)
-  return list(it)
-
-
 def arithmetic_accuracy_hook(config: ml_collections.ConfigDict, model, tokenizer):
   """Eval hook: exact-match accuracy of greedy answers to held-out arithmetic problems (None when off)."""
   n = config.eval.arithmetic_examples
   if not n:
     return None
-  task = synthetic.arithmetic(n, seed=config.seed + 1)  # a different seed from the training problems
+  task = synthetic.arithmetic(n, seed=config.data.synthetic_seed + 1)  # other problems than the training records
   init_cache = functools.partial(transformer.init_cache, model.config)
 
   def hook(state: train.TrainState) -> dict:
@@ -168,79 +131,145 @@ def arithmetic_accuracy_hook(config: ml_collections.ConfigDict, model, tokenizer
 
 
 def make_spec(method: str, config: ml_collections.ConfigDict,
-              model_config: transformer.ModelConfig | None = None) -> lora.LoraSpec:
-  """The LoRA spec of a method: the config's for ``lora`` (with the MoE expert-rank rule), ``full()`` for ``full``."""
+              model_config: transformer.ModelConfig) -> lora.LoraSpec:
+  """The LoRA spec of a method on this model: ``full()`` for full FT, else the config's (``transformer.model_spec``:
+  the MoE expert-rank rule)."""
   if method == "full":
     return lora.LoraSpec.full()
-  if method != "lora":
-    raise SystemExit(f"config.methods: unknown method {method!r}; valid: lora, full")
-  spec = lora.LoraSpec.from_dict(config.lora.to_dict())
-  if config.moe_expert_rank not in ("total/active", "same"):
-    raise SystemExit(f"config.moe_expert_rank {config.moe_expert_rank!r}; valid: 'total/active', 'same'")
-  if model_config is not None and config.moe_expert_rank == "total/active":
-    # Explicit rank_pattern entries come first, so they win over the rule.
-    spec = dataclasses.replace(spec, rank_pattern={**spec.rank_pattern,
-                                                   **transformer.expert_rank_pattern(model_config, spec.rank)})
-  return spec
+  return transformer.model_spec(common.lora_spec(config.lora), model_config, config.moe_expert_rank)
 
 
-def make_optim(method: str, config: ml_collections.ConfigDict) -> train.OptimConfig:
-  """The optimizer config of a method (full FT's LR is ``lr * full_lr_ratio``)."""
+def make_optim(method: str, config: ml_collections.ConfigDict) -> optim.OptimConfig:
+  """The optimizer config of a method: ``optim.lr``, except full FT next to a LoRA run (``both``), which gets
+  ``lr * full_lr_ratio``."""
   o = config.optim
-  lr = o.lr * (o.full_lr_ratio if method == "full" else 1.0)
-  return train.OptimConfig(lr=lr, schedule=o.schedule, warmup_steps=o.warmup_steps, total_steps=config.train.steps,
+  lr = o.lr * (o.full_lr_ratio if method == "full" and "lora" in config.methods else 1.0)
+  return optim.OptimConfig(lr=lr, schedule=o.schedule, warmup_steps=o.warmup_steps, total_steps=config.train.steps,
                            b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, grad_clip_norm=o.grad_clip_norm,
                            lr_b_ratio=o.lr_b_ratio if method == "lora" else 1.0)
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Checks what needs no model or data: methods, LoRA spec, optimizer, loop, data settings, mesh and sharding
+  rules; raises ValueError naming the field."""
+  unknown = [m for m in config.methods if m not in METHODS]
+  if not config.methods or unknown:
+    raise ValueError(f"config.methods {tuple(config.methods)}: give one or both of {list(METHODS)}")
+  if not config.model.name:
+    raise ValueError("config.model.name is empty: give an HF directory or hub id (or use the 'tiny' config arg)")
+  if "lora" in config.methods:
+    common.lora_spec(config.lora)
+    if config.moe_expert_rank not in transformer.MOE_EXPERT_RANKS:
+      raise ValueError(f"config.moe_expert_rank {config.moe_expert_rank!r}; valid: "
+                       f"{list(transformer.MOE_EXPERT_RANKS)}")
+  for method in config.methods:
+    make_optim(method, config)
+  train.LoopConfig(**config.train.to_dict(), seed=config.seed)
+  d = config.data
+  if d.overflow not in data.OVERFLOW:
+    raise ValueError(f"config.data.overflow {d.overflow!r}; valid: {list(data.OVERFLOW)}")
+  data.resolve_template(d.template)
+  data.parse_sources(list(d.train))
+  mesh = sharding.make_mesh(config.mesh.to_dict())
+  sharding.check_rules(config.sharding_rules.to_dict(), mesh.axis_names)
+  rows_split = mesh.shape["data"] * mesh.shape["fsdp"]
+  for name, divisor in (("the data x fsdp mesh size", rows_split), ("config.train.grad_accum", config.train.grad_accum),
+                        ("the process count", jax.process_count())):
+    if d.batch_size % divisor:
+      raise ValueError(f"config.data.batch_size {d.batch_size} is not divisible by {name} {divisor}")
+
+
+def load_data(config: ml_collections.ConfigDict, tokenizer) -> tuple[list[data.TokenizedSource], list[dict]]:
+  """The training part of every source and the held-out eval batches (``eval_seed`` picks the held-out examples;
+  synthetic sources are generated from ``data.synthetic_seed``)."""
+  d = config.data
+  specs = [synthetic.materialize(s, n=d.synthetic_examples, seed=d.synthetic_seed, cache_dir=d.cache_dir)
+           for s in d.train]
+  sources = data.load(specs, tokenizer, seq_len=d.seq_len, template=d.template, train_on_inputs=d.train_on_inputs,
+                      overflow=d.overflow, cache_dir=d.cache_dir)
+  splits = [data.split(s, d.eval_size, seed=config.eval_seed) for s in sources]
+  return [t for t, _ in splits], data.eval_batches([e for _, e in splits], batch_size=d.batch_size,
+                                                   seq_len=d.seq_len)
+
+
+def train_batches(config: ml_collections.ConfigDict, sources: list[data.TokenizedSource]) -> data.BatchIterator:
+  """This host's training batches, in the order ``data_seed`` draws."""
+  d = config.data
+  return data.BatchIterator(sources, batch_size=d.batch_size, seq_len=d.seq_len, seed=config.data_seed,
+                            packing=d.packing, process_index=jax.process_index(), process_count=jax.process_count())
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, overwrite: bool = False) -> dict:
   """Runs every method of ``config`` into ``workdir`` (local or gs://), writes the report; returns its summary
-  (``report.summarize``) on process 0."""
+  (``report.summarize``) on process 0.
+
+  Everything is checked before the workdir is touched (config values, each method's spec and state shapes against
+  the model, shardings, data); ``config.json`` is written only when training starts. SIGTERM ends the current run
+  with a checkpoint and raises ``train.Preempted`` without starting the next one (the report marks it unfinished).
+  """
   workdir = epath.Path(workdir)
-  prepare_workdir(workdir, config, overwrite)
-  model_dir = tiny_base(config.tiny_base) if config.model.name == "tiny" else config.model.name
-  if not model_dir:
-    raise SystemExit("config.model.name is empty: give an HF directory or hub id (or use the 'tiny' config arg)")
-  model_config = hf.load_config(model_dir, scan_layers=config.model.scan_layers, remat=config.model.remat,
-                                param_dtype=config.model.param_dtype).replace(dtype=config.model.dtype)
-  mesh = sharding.make_mesh(config.mesh.to_dict())
-  param_sh = sharding.param_shardings(transformer.abstract_params(model_config), transformer.logical_axes(model_config),
-                                      mesh, config.sharding_rules.to_dict())
-  params = hf.load_params(model_dir, model_config, shardings=param_sh)  # each host reads only its slices
-  model = transformer.CausalLM(model_config)
-  from transformers import AutoTokenizer
+  conflict = workdir_conflict(workdir, config)
+  if conflict and not overwrite:
+    raise SystemExit(conflict)
+  try:
+    check_config(config)
+    model_dir = tiny_base.pretrained(config.tiny_base) if config.model.name == "tiny" else config.model.name
+    model_config = hf.load_config(model_dir, scan_layers=config.model.scan_layers, remat=config.model.remat,
+                                  param_dtype=config.model.param_dtype).replace(dtype=config.model.dtype)
+    mesh = sharding.make_mesh(config.mesh.to_dict())
+    rules = config.sharding_rules.to_dict()
+    plans = {m: (make_spec(m, config, model_config), make_optim(m, config)) for m in config.methods}
+    for spec, optim_config in plans.values():  # each run's adapters, shardings and state as shapes: no allocation
+      train.setup(model_config, spec, optim_config, transformer.abstract_params(model_config), mesh=mesh, rules=rules,
+                  seed=config.seed, grad_accum=config.train.grad_accum)
+    from transformers import AutoTokenizer
 
-  tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-  d = config.data
-  specs = [synthetic.materialize(s, n=d.synthetic_examples, seed=config.seed, cache_dir=d.cache_dir)
-           for s in d.train]
-  sources = data.load(specs, tokenizer, seq_len=d.seq_len, template=d.template,
-                      train_on_inputs=d.train_on_inputs, cache_dir=d.cache_dir)
-  splits = [data.split(s, d.eval_size, seed=config.seed) for s in sources]
-  evals = eval_batches([e for _, e in splits], d.batch_size, d.seq_len)
-  layouts = lora.trace_layouts(model, jnp.zeros((1, 8), jnp.int32))
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    train_sources, evals = load_data(config, tokenizer)
+    train_batches(config, train_sources)
+  except ValueError as e:  # DataError is one too
+    raise SystemExit(f"not started, {workdir} untouched: {e}") from e
+  start_workdir(workdir, config, overwrite=conflict is not None)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("workdir ready")  # no process writes before process 0 has set it up
 
-  for method in config.methods:
-    spec, optim = make_spec(method, config, model_config), make_optim(method, config)
-    run_dir = workdir / method
-    run_dir.mkdir(parents=True, exist_ok=True)
-    base_params, adapters = lora.create(params, spec, jax.random.key(config.seed), layouts=layouts)
-    (run_dir / "summary.txt").write_text(lora.summary(base_params, adapters, spec) + "\n")
-    (run_dir / "lora_spec.json").write_text(spec.to_json() + "\n")
-    state = train.init_state(base_params, adapters, spec, optim, config.seed)
-    batches = data.BatchIterator([t for t, _ in splits], batch_size=d.batch_size, seq_len=d.seq_len,
-                                 seed=config.seed, packing=d.packing, process_index=jax.process_index(),
-                                 process_count=jax.process_count())
-    loop = train.LoopConfig(**config.train.to_dict(), seed=config.seed)
-    print(f"== {method}: lr {optim.lr:g}, {sum(x.size for x in jax.tree.leaves(state.trainable)):,} trainable")
-    record = {"base_model": str(model_dir), "method": method, "lora_spec": spec.to_dict()}
-    wandb = {"project": config.wandb.project, "name": f"{workdir.name}/{method}",
-             "config": config.to_dict()} if config.wandb.project else None
-    writer = metrics.MetricWriter(run_dir, wandb=wandb)
-    hook = arithmetic_accuracy_hook(config, model, tokenizer)
-    train.fit(model, state, optim, loop, batches, lambda: evals, run_dir, record=record, writer=writer,
-              eval_hook=hook, mesh=mesh, param_shardings=param_sh)
-    writer.close()
+  base = {}
+
+  def load_base(shardings):  # read once for every method; each host reads only its slices
+    if "params" not in base:
+      base["params"] = hf.load_params(model_dir, model_config, shardings=shardings)
+    return base["params"]
+
+  try:
+    for method in config.methods:
+      spec, optim_config = plans[method]
+      s = train.setup(model_config, spec, optim_config, load_base, mesh=mesh, rules=rules, seed=config.seed,
+                      grad_accum=config.train.grad_accum)
+      run_dir = workdir / method
+      if jax.process_index() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "summary.txt").write_text(lora.summary(*lora.combine(s.state.trainable, s.state.frozen), spec)
+                                             + "\n")
+        (run_dir / "lora_spec.json").write_text(spec.to_json() + "\n")
+      batches = train_batches(config, train_sources)
+      loop = train.LoopConfig(**config.train.to_dict(), seed=config.seed)
+      print(f"== {method}: lr {optim_config.lr:g}, {sum(x.size for x in jax.tree.leaves(s.state.trainable)):,} "
+            "trainable")
+      record = {**checkpoint.describe_run(model_dir, model_config, spec), "method": method}
+      wandb = {"project": config.wandb.project, "name": f"{workdir.name}/{method}",
+               "config": config.to_dict()} if config.wandb.project else None
+      writer = metrics.MetricWriter(run_dir, wandb=wandb)
+      try:
+        train.fit(s.model, s.state, optim_config, loop, batches, lambda: evals, run_dir, record=record,
+                  writer=writer, eval_hook=arithmetic_accuracy_hook(config, s.model, tokenizer), mesh=s.mesh,
+                  param_shardings=s.param_shardings)
+      finally:
+        writer.close()
+      del s  # free this run's state before the next one is set up
+  except train.Preempted:
+    if jax.process_index() == 0:
+      report.write(workdir)  # marks the interrupted run, and any not started, as unfinished
+    raise
   if jax.process_index() == 0:
     table, runs = report.write(workdir)
     print("\n" + table)
@@ -256,8 +285,12 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required")
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  run(_CONFIG.value, _WORKDIR.value, _OVERWRITE.value)
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _INIT_TIMEOUT.value)
+  try:
+    run(_CONFIG.value, _WORKDIR.value, _OVERWRITE.value)
+  except train.Preempted as e:
+    print(f"{e}; the remaining runs were not started. Rerun the same command to resume.", flush=True)
+    sys.exit(EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

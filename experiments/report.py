@@ -4,7 +4,8 @@
 
 Reads only what runs leave behind (``config.json`` and each ``<method>/metrics.jsonl``) and writes
 ``report.md`` and ``report.png`` (train loss and held-out NLL against steps, one line per method) into each workdir.
-``experiments.main`` calls it at the end of an experiment.
+``experiments.main`` calls it at the end of an experiment, and when a preemption stops one: a run that has not
+reached the config's steps is marked unfinished, a method with no records yet as not started.
 """
 
 from __future__ import annotations
@@ -18,28 +19,38 @@ from lora_jax import metrics
 
 
 def summarize(workdir: str | epath.PathLike) -> dict:
-  """Per method: LR, trainable params, steps, base and final eval NLL, perplexity, accuracy; from the files."""
+  """Per method with train and eval records: LR, trainable params, steps (done and planned), whether it finished,
+  base and last eval NLL (and its step), perplexity, accuracy; from the files."""
   workdir = epath.Path(workdir)
   config = json.loads((workdir / "config.json").read_text())
   runs = {}
   for method in config["methods"]:
-    records = metrics.read_metrics(workdir / method)
+    records = metrics.read_metrics(workdir / method) if (workdir / method / "metrics.jsonl").exists() else []
     train = [r for r in records if "train/loss" in r]
     evals = [r for r in records if "eval/nll" in r]
     if not train or not evals:
-      raise ValueError(f"{workdir / method}/metrics.jsonl has no train or eval records yet")
+      continue  # not started (or stopped before its first logged step): see ``not_started``
+    steps = max(r["step"] for r in records)
     runs[method] = {
-        "lr": train[-1]["train/lr"], "trainable": train[-1]["params/trainable"], "steps": train[-1]["step"],
+        "lr": train[-1]["train/lr"], "trainable": train[-1]["params/trainable"], "steps": steps,
+        "planned_steps": config["train"]["steps"], "finished": steps >= config["train"]["steps"],
         "base_nll": evals[0]["eval/nll"] if evals[0]["step"] == 0 else None, "eval_nll": evals[-1]["eval/nll"],
-        "perplexity": evals[-1]["eval/perplexity"], "accuracy": evals[-1].get("eval/accuracy"),
+        "eval_step": evals[-1]["step"], "perplexity": evals[-1]["eval/perplexity"],
+        "accuracy": evals[-1].get("eval/accuracy"),
         "curve": {"train": [(r["step"], r["train/loss"]) for r in train],
                   "eval": [(r["step"], r["eval/nll"]) for r in evals]},
     }
   return runs
 
 
+def not_started(workdir: str | epath.PathLike, runs: dict) -> list[str]:
+  """The config's methods with no results in ``runs`` (``summarize``)."""
+  config = json.loads((epath.Path(workdir) / "config.json").read_text())
+  return [m for m in config["methods"] if m not in runs]
+
+
 def markdown(workdir: epath.Path, runs: dict) -> str:
-  """The results table (the base model's NLL is the first run's step-0 evaluation)."""
+  """The results table (the base model's NLL is the first run's step-0 evaluation); unfinished runs say so."""
   base = next((r["base_nll"] for r in runs.values() if r["base_nll"] is not None), None)
   lines = ["| method | LR | trainable params | eval NLL | perplexity | accuracy | steps |",
            "|---|---|---|---|---|---|---|"]
@@ -47,8 +58,13 @@ def markdown(workdir: epath.Path, runs: dict) -> str:
     lines.append(f"| base model | - | - | {base:.4f} | - | - | 0 |")
   for method, r in runs.items():
     accuracy = "-" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
+    steps = str(r["steps"])
+    if not r["finished"]:
+      steps = f"{r['steps']} of {r['planned_steps']} (unfinished; eval NLL at step {r['eval_step']})"
     lines.append(f"| {method} | {r['lr']:g} | {r['trainable']:,} | {r['eval_nll']:.4f} | {r['perplexity']:.3f} | "
-                 f"{accuracy} | {r['steps']} |")
+                 f"{accuracy} | {steps} |")
+  for method in not_started(workdir, runs):
+    lines.append(f"| {method} | - | - | - | - | - | not started |")
   return "\n".join(lines) + "\n"
 
 
@@ -82,7 +98,10 @@ def write(workdir: str | epath.PathLike) -> tuple[str, dict]:
   runs = summarize(workdir)
   table = markdown(workdir, runs)
   plot(workdir / "report.png", runs, str(workdir))
-  (workdir / "report.md").write_text(f"# Results: {workdir}\n\n{table}\n![learning curves](report.png)\n\n"
+  unfinished = [m for m, r in runs.items() if not r["finished"]] + not_started(workdir, runs)
+  warning = (f"**Unfinished: {', '.join(unfinished)}.** The experiment stopped early (e.g. preempted); its runs are "
+             "not comparable yet. Rerun the same command to resume.\n\n") if unfinished else ""
+  (workdir / "report.md").write_text(f"# Results: {workdir}\n\n{warning}{table}\n![learning curves](report.png)\n\n"
                                      + "\n".join(f"- {m}: `{workdir / m}`" for m in runs) + "\n")
   return table, runs
 

@@ -310,8 +310,9 @@ def _delta_einsum(layout: Layout, n_stack: int) -> str:
 
 def delta(adapter: Adapter) -> jax.Array:
   """s·A·B in float32, shaped like the adapted kernel (for merging and checks; never used in the forward pass)."""
-  a = adapter.a.astype(jnp.float32)
-  b = adapter.b.astype(jnp.float32)
+  wide = jnp.promote_types(adapter.a.dtype, jnp.float32)  # float32, or float64 under x64
+  a = adapter.a.astype(wide)
+  b = adapter.b.astype(wide)
   d = jnp.einsum(_delta_einsum(adapter.layout, adapter.n_stack), a, b, precision=jax.lax.Precision.HIGHEST)
   scale = adapter.scale_array()
   return d * scale.reshape(scale.shape + (1,) * (d.ndim - scale.ndim))
@@ -819,9 +820,10 @@ def _fold(params, adapters, sign: float):
   for key, ad in adapter_items(adapters):
     path = kernel_path(key, ad)
     w = flat[path]
-    exact = w.astype(jnp.float32) + sign * delta(ad)
+    wide = jnp.promote_types(w.dtype, jnp.float32)
+    exact = w.astype(wide) + sign * delta(ad).astype(wide)
     flat[path] = exact.astype(w.dtype)
-    errors[_path_str(path)] = jnp.max(jnp.abs(flat[path].astype(jnp.float32) - exact))
+    errors[_path_str(path)] = jnp.max(jnp.abs(flat[path].astype(wide) - exact))
   return traverse_util.unflatten_dict(flat), errors
 
 

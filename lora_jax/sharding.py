@@ -76,9 +76,19 @@ def logical_to_spec(names: Sequence[str | None], rules: Mapping[str, str | None]
   return P(*out)
 
 
+def check_rules(rules: Mapping[str, str | Sequence[str] | None], axis_names: Sequence[str] = MESH_AXES) -> None:
+  """Raises ValueError naming a rule whose mesh axis does not exist (and the valid axes)."""
+  for name, axis in rules.items():
+    for a in () if axis is None else (axis,) if isinstance(axis, str) else tuple(axis):
+      if a not in axis_names:
+        raise ValueError(f"sharding rule {name!r} maps to mesh axis {a!r}, which is not one of the mesh's axes "
+                         f"{list(axis_names)}; use one of them or None (replicated)")
+
+
 def param_shardings(abstract_params, logical_axes, mesh: Mesh, rules: Mapping[str, str | None] = DEFAULT_RULES):
-  """NamedShardings for a parameter tree from its logical axes; a dimension not divisible by its mesh axis is an
-  error naming the parameter and the axis."""
+  """NamedShardings for a parameter tree from its logical axes; a rule naming no mesh axis, or a dimension not
+  divisible by its mesh axis, is an error naming the rule or the parameter and the axis."""
+  check_rules(rules, mesh.axis_names)
   flat_axes = traverse_util.flatten_dict(logical_axes, is_leaf=lambda _, x: isinstance(x, tuple))
   flat_params = traverse_util.flatten_dict(abstract_params)
   missing = sorted("/".join(p) for p in flat_params if p not in flat_axes)

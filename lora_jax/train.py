@@ -1,4 +1,4 @@
-"""One trainer for LoRA and full fine-tuning: state, optimizer, train/eval steps, the loop with resume.
+"""One trainer for LoRA and full fine-tuning: state, train/eval steps, the loop with resume (optimizer: ``optim``).
 
 Full fine-tuning is ``LoraSpec.full()``: no adapters and every base parameter trainable, so both methods share the
 optimizer, the step, the evaluation, the logging and the checkpoints. The frozen base lives in the state but is
@@ -32,62 +32,8 @@ from flax import traverse_util
 from lora_jax import checkpoint as ckpt_lib
 from lora_jax import lora
 from lora_jax import metrics as metrics_lib
+from lora_jax import optim
 from lora_jax import sharding as sharding_lib
-
-SCHEDULES = ("constant", "warmup_constant", "linear", "cosine")
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-  """Adam(W) and its schedule; the study's setting is Adam, constant LR, no warmup, no clipping."""
-
-  lr: float  # Peak learning rate (of A and of full fine-tuning's weights).
-  schedule: str = "constant"  # constant | warmup_constant | linear (decay to 0) | cosine (decay to 0).
-  warmup_steps: int = 0  # Linear warm-up steps (warmup_constant, linear, cosine).
-  total_steps: int = 0  # Steps the decaying schedules decay over.
-  b1: float = 0.9  # Adam beta1.
-  b2: float = 0.999  # Adam beta2.
-  eps: float = 1e-8  # Adam epsilon.
-  weight_decay: float = 0.0  # Decoupled weight decay (AdamW); 0 is plain Adam.
-  grad_clip_norm: float | None = None  # Clip the global gradient norm to this value; None = no clipping.
-  lr_b_ratio: float = 1.0  # LoRA+: learning rate of B = lr_b_ratio * lr (1 = one LR for A and B, the study's).
-
-  def __post_init__(self):
-    if self.schedule not in SCHEDULES:
-      raise ValueError(f"unknown optim.schedule {self.schedule!r}; valid: {list(SCHEDULES)}")
-    if self.schedule in ("linear", "cosine") and self.total_steps <= self.warmup_steps:
-      raise ValueError(f"optim.schedule {self.schedule!r} needs total_steps > warmup_steps, got "
-                       f"{self.total_steps} <= {self.warmup_steps}")
-    if self.lr <= 0:
-      raise ValueError(f"optim.lr must be > 0, got {self.lr}")
-
-
-def schedule(cfg: OptimConfig, scale: float = 1.0) -> optax.Schedule:
-  """The learning-rate schedule of ``cfg`` (times ``scale``)."""
-  peak = cfg.lr * scale
-  if cfg.schedule == "constant":
-    return optax.constant_schedule(peak)
-  warmup = optax.linear_schedule(0.0, peak, max(cfg.warmup_steps, 1)) if cfg.warmup_steps else None
-  if cfg.schedule == "warmup_constant":
-    main = optax.constant_schedule(peak)
-  elif cfg.schedule == "linear":
-    main = optax.linear_schedule(peak, 0.0, cfg.total_steps - cfg.warmup_steps)
-  else:
-    main = optax.cosine_decay_schedule(peak, cfg.total_steps - cfg.warmup_steps)
-  return optax.join_schedules([warmup, main], [cfg.warmup_steps]) if warmup else main
-
-
-def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-  """Global-norm clipping (optional) then Adam(W) over the trainable tree, B with its own LR under LoRA+."""
-
-  def adam(scale):
-    return optax.adamw(schedule(cfg, scale), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
-
-  tx = lora.optimizer(adam(1.0), tx_b=adam(cfg.lr_b_ratio) if cfg.lr_b_ratio != 1.0 else None)
-  if cfg.grad_clip_norm is not None:
-    tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
-  return tx
-
 
 @flax.struct.dataclass
 class TrainState:
@@ -104,15 +50,16 @@ class TrainState:
     return {"step": self.step, "trainable": self.trainable, "opt_state": self.opt_state, "rng": self.rng}
 
 
-def init_state(params, adapters, spec: lora.LoraSpec, optim: OptimConfig, seed: int) -> TrainState:
+def init_state(params, adapters, spec: lora.LoraSpec, optim_config: optim.OptimConfig, seed: int) -> TrainState:
   """A step-0 state from base params and adapters (from ``lora.create``)."""
   trainable, frozen = lora.split(params, adapters, spec)
-  # Mixed precision: whatever the base's dtype, trained values and Adam moments are float32 (a bf16 base may stay
-  # frozen in bf16; the model casts to its compute dtype). Adapters keep the dtype their spec asks for.
+  # Mixed precision: whatever the base's dtype, trained values and Adam moments are at least float32 (a bf16 base
+  # may stay frozen in bf16; the model casts to its compute dtype; a float64 base, as in exactness tests, stays
+  # float64). Adapters keep the dtype their spec asks for.
   trainable = {"lora": trainable["lora"],
-               "params": jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating)
-                                      else x, trainable["params"])}
-  opt_state = make_optimizer(optim).init(trainable)
+               "params": jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
+                                      if jnp.issubdtype(x.dtype, jnp.floating) else x, trainable["params"])}
+  opt_state = optim.make_optimizer(optim_config).init(trainable)
   return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen, opt_state=opt_state,
                     rng=jax.random.key_data(jax.random.key(seed)))
 
@@ -126,9 +73,11 @@ def nll_sum(model: nn.Module, trainable, frozen, batch, rng, train: bool):
   params, adapters = lora.combine(trainable, frozen)
   logits = lora.apply(model, params, adapters, batch["inputs"], train=train, rngs={"dropout": rng},
                       **_model_kwargs(batch))
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+  # The loss is at least float32 (bf16 logits are upcast); a float64 model keeps float64 for exactness tests.
+  loss_dtype = jnp.promote_types(logits.dtype, jnp.float32)
+  logp = jax.nn.log_softmax(logits.astype(loss_dtype))
   nll = -jnp.take_along_axis(logp, batch["targets"][..., None].astype(jnp.int32), axis=-1)[..., 0]
-  mask = batch["loss_mask"].astype(jnp.float32)
+  mask = batch["loss_mask"].astype(loss_dtype)
   return jnp.sum(nll * mask), jnp.sum(mask)
 
 
@@ -210,6 +159,7 @@ class LoopConfig:
   eval_every: int = 100  # Steps between evaluations (and at the end).
   checkpoint_every: int = 100  # Steps between checkpoints (and at the end).
   keep_checkpoints: int = 2  # Newest checkpoints kept on disk.
+  collapse_steps: int = 20  # Stop when the gradient is exactly 0 this many steps in a row (0 = never).
   seed: int = 0  # Seed of the per-step RNG (adapter dropout).
 
 
@@ -234,9 +184,17 @@ def jit_train_step(train_step: Callable, shardings: TrainState | None = None, ba
   return step
 
 
-def _donating(train_step: Callable, shardings: TrainState | None = None, batch_sharding=None) -> Callable:
-  """``train_step(state, batch)`` run through ``jit_train_step``: the caller keeps the frozen base."""
-  step = jit_train_step(train_step, shardings, batch_sharding)
+def make_steps(model: nn.Module, optim_config: optim.OptimConfig, grad_accum: int = 1,
+               shardings: TrainState | None = None, batch_sharding=None) -> tuple[Callable, Callable]:
+  """The jitted ``(train_step, eval_step)`` of a model (``jit_train_step``; explicit shardings under a mesh)."""
+  train_step = jit_train_step(make_train_step(model, optim.make_optimizer(optim_config), grad_accum), shardings,
+                              batch_sharding)
+  in_shardings = {} if shardings is None else {"in_shardings": (shardings, batch_sharding)}
+  return train_step, jax.jit(make_eval_step(model), **in_shardings)
+
+
+def _keeping_frozen(step: Callable) -> Callable:
+  """``step(state, batch)`` over a ``jit_train_step`` step: the caller keeps the frozen base (never donated)."""
 
   def run(state: TrainState, batch):
     new, metrics = step(state.frozen, state.replace(frozen=None), batch)
@@ -245,7 +203,7 @@ def _donating(train_step: Callable, shardings: TrainState | None = None, batch_s
   return run
 
 
-def state_shardings(state: TrainState, optim: OptimConfig, param_shardings, mesh) -> TrainState:
+def state_shardings(state: TrainState, optim_config: optim.OptimConfig, param_shardings, mesh) -> TrainState:
   """Where each part of the state lives: base params by ``param_shardings``, adapters like their kernels, the
   optimizer moments like what they track, counters and RNG replicated."""
   flat = traverse_util.flatten_dict(param_shardings)
@@ -269,12 +227,23 @@ def state_shardings(state: TrainState, optim: OptimConfig, param_shardings, mesh
     return rep
 
   opt_state = jax.tree_util.tree_map_with_path(place, state.opt_state)
-  del optim
+  del optim_config
   return TrainState(step=rep, trainable=trainable, frozen=like_params(state.frozen), opt_state=opt_state, rng=rep)
 
 
 class NonFiniteLoss(FloatingPointError):
-  """Raised when the loss becomes NaN or Inf; the last good checkpoint is left untouched."""
+  """Raised when the loss or the trained parameters become NaN or Inf; nothing non-finite is ever saved."""
+
+
+class Collapsed(ArithmeticError):
+  """Raised when the gradient has been exactly zero for ``LoopConfig.collapse_steps`` steps (a dead run)."""
+
+
+class Preempted(Exception):
+  """Raised after SIGTERM once a checkpoint is saved, so the whole process stops instead of starting the next run."""
+
+
+DIAGNOSTICS_FILE = "lora_diagnostics.jsonl"  # Per-module LoRA diagnostics at each evaluation, next to metrics.jsonl.
 
 
 def peak_memory_bytes() -> int:
@@ -285,7 +254,12 @@ def peak_memory_bytes() -> int:
   return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def fit(model: nn.Module, state: TrainState, optim: OptimConfig, loop: LoopConfig,
+def all_finite(tree) -> jax.Array:
+  """Whether every entry of every leaf of ``tree`` is finite, as one scalar (jit it: one fused reduction)."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)] or [jnp.array(True)]))
+
+
+def fit(model: nn.Module, state: TrainState, optim_config: optim.OptimConfig, loop: LoopConfig,
         train_batches: BatchIterator, eval_batches: Callable[[], Iterable[dict]], workdir: str | epath.PathLike,
         *, record: dict | None = None, eval_hook: Callable[[TrainState], dict] | None = None,
         writer: metrics_lib.MetricWriter | None = None, progress: bool = True, mesh=None,
@@ -294,62 +268,89 @@ def fit(model: nn.Module, state: TrainState, optim: OptimConfig, loop: LoopConfi
 
   ``record`` (JSON) is stored with every checkpoint (e.g. which base model the adapters belong to).
   ``eval_hook(state)`` may add metrics (e.g. generation accuracy) at each evaluation. SIGTERM saves a checkpoint
-  and stops cleanly; a NaN/Inf loss raises ``NonFiniteLoss`` without saving. Returns the final state and metrics.
-  With a ``mesh``, the state is placed by ``param_shardings`` (see ``state_shardings``), each host's batches become
-  one global batch split over the data axes, and the steps are compiled with explicit shardings.
+  and raises ``Preempted``; a NaN/Inf loss or non-finite parameters raise ``NonFiniteLoss`` without saving, and an
+  all-zero gradient for ``loop.collapse_steps`` steps raises ``Collapsed``; both name the newest checkpoint from
+  before the failure. On resume, the logs (metrics.jsonl, lora_diagnostics.jsonl) are cut back to the restored
+  step, so no step is logged twice. Returns the final state and metrics. With a ``mesh``, the state is placed by
+  ``param_shardings`` (see ``state_shardings``), each host's batches become one global batch split over the data
+  axes, and the steps are compiled with explicit shardings.
   """
   if (mesh is None) != (param_shardings is None):
     raise ValueError("fit needs both mesh and param_shardings, or neither")
   workdir = epath.Path(workdir)
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=loop.keep_checkpoints)
   writer = writer or metrics_lib.MetricWriter(workdir)
-  if mesh is None:
-    train_step = _donating(make_train_step(model, make_optimizer(optim), loop.grad_accum))
-    eval_step = jax.jit(make_eval_step(model))
-    to_device = lambda batch: batch  # noqa: E731
-  else:
-    shardings = state_shardings(state, optim, param_shardings, mesh)
+  shardings = batch_sharding = None
+  to_device = lambda batch: batch  # noqa: E731
+  if mesh is not None:
+    shardings = state_shardings(state, optim_config, param_shardings, mesh)
     state = jax.device_put(state, shardings)
     batch_sharding = sharding_lib.batch_sharding(mesh)
-    train_step = _donating(make_train_step(model, make_optimizer(optim), loop.grad_accum), shardings, batch_sharding)
-    eval_step = jax.jit(make_eval_step(model), in_shardings=(shardings, batch_sharding))
     to_device = functools.partial(sharding_lib.global_batch, mesh=mesh)
-  start = checkpointer.latest_step()
-  if start is not None:
-    restored, saved = checkpointer.restore(start, state.checkpoint_tree())
+  step, eval_step = make_steps(model, optim_config, loop.grad_accum, shardings, batch_sharding)
+  train_step = _keeping_frozen(step)
+  found = checkpointer.restore_latest(state.checkpoint_tree())  # an unreadable newest one falls back, saying so
+  if found is not None:
+    _, restored, saved = found
     state = state.replace(**restored)
     train_batches.restore(saved["data"])
-    writer.truncate_after(start)
   start = int(state.step)
+  # Records past ``start`` were written by an attempt that died before its next checkpoint; they are redone now.
+  # A fresh start redoes step 0's evaluation too, so then nothing is kept.
+  keep_until = start if start else -1
+  writer.truncate_after(keep_until)
+  if writer.active:
+    metrics_lib.truncate_jsonl(workdir / DIAGNOSTICS_FILE, keep_until)
+  replicated = None if mesh is None else sharding_lib.replicated(mesh)
   diagnostics = jax.jit(lambda s: metrics_lib.lora_diagnostics(*lora.combine(s.trainable, s.frozen)),
-                        out_shardings=None if mesh is None else sharding_lib.replicated(mesh))
+                        out_shardings=replicated)
+  trainable_finite = jax.jit(all_finite, out_shardings=replicated)
   n_trainable = sum(x.size for x in jax.tree.leaves(state.trainable))
   n_total = n_trainable + sum(x.size for x in jax.tree.leaves(state.frozen))
-  lr_at = schedule(optim)
+  lr_at = optim.schedule(optim_config)
 
   stop = {"signal": None}
   previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
   bar = metrics_lib.Progress(loop.steps, start, active=None if progress else False)
   last = {}
-  pending = None  # (step, metrics, t0): metrics of the step before are fetched after the next is dispatched
+  pending = None  # (step, metrics, t0, tokens): a step's metrics are fetched after the next step is dispatched
+  zero_grad_since = None  # first step of the current streak of exactly-zero gradients
+
+  def last_good(upto):
+    """A sentence naming the newest checkpoint on disk at or before step ``upto``."""
+    steps = [s for s in checkpointer.all_steps() if s <= upto]
+    if not steps:
+      return f"No good checkpoint in {checkpointer.directory}."
+    return f"Last good checkpoint: step {steps[-1]} in {checkpointer.directory}."
 
   def save(step, data_state):
+    # Only finite states are saved, so every checkpoint on disk can be resumed from.
+    if not bool(trainable_finite(state.trainable)):
+      raise NonFiniteLoss(f"the trained parameters are not finite after step {step} (train/loss at step {step} was "
+                          f"{last.get('train/loss')}); stopping without saving. {last_good(step - 1)}")
     checkpointer.save(step, state.checkpoint_tree(), {"data": data_state, **(record or {})})
 
   def finish_pending():
-    nonlocal pending, last
+    nonlocal pending, last, zero_grad_since
     if pending is None:
       return
-    step, m, t0 = pending
+    step, m, t0, tokens = pending
     pending = None
     m = {k: float(v) for k, v in jax.device_get(m).items()}
+    # Step s's loss and gradient are those of the state saved as step s - 1, so when they are bad, the newest
+    # checkpoint that can be trusted is at step s - 2 or before.
     if not math.isfinite(m["train/loss"]) or not math.isfinite(m["train/grad_norm"]):
-      good = checkpointer.latest_step()
       raise NonFiniteLoss(f"train/loss is {m['train/loss']} (grad norm {m['train/grad_norm']}) at step {step}; "
-                          f"stopping. Last good checkpoint: step {good} in {checkpointer.directory}")
+                          f"stopping. {last_good(step - 2)}")
+    zero_grad_since = (zero_grad_since or step) if m["train/grad_norm"] == 0.0 else None
+    if loop.collapse_steps and zero_grad_since is not None and step - zero_grad_since + 1 >= loop.collapse_steps:
+      raise Collapsed(f"train/grad_norm has been exactly 0 for {loop.collapse_steps} steps (steps "
+                      f"{zero_grad_since}-{step}, train/loss {m['train/loss']:.6g}): the run has collapsed (learning "
+                      f"rate too high?); stopping at step {step}. {last_good(zero_grad_since - 2)}")
     dt = time.time() - t0
     m.update({"train/lr": float(lr_at(step - 1)), "train/step_time_s": dt,
-              "train/tokens_per_s": m["train/tokens"] / max(dt, 1e-9)})
+              "train/loss_tokens_per_s": m["train/tokens"] / max(dt, 1e-9),
+              "train/tokens_per_s": tokens / max(dt, 1e-9)})
     last = m
     bar.update(step, loss=m["train/loss"])
     if step % loop.log_every == 0 or step == loop.steps:
@@ -365,7 +366,7 @@ def fit(model: nn.Module, state: TrainState, optim: OptimConfig, loop: LoopConfi
       for key in ("rel_update", "norm_a", "norm_b"):
         m[f"lora/{key}_mean"] = float(np.mean([d[key] for d in diag.values()]))
       if writer.active:
-        metrics_lib.append_line(workdir / "lora_diagnostics.jsonl", json.dumps({"step": step, "modules": diag}))
+        metrics_lib.append_line(workdir / DIAGNOSTICS_FILE, json.dumps({"step": step, "modules": diag}))
     writer.write(step, m)
     return m
 
@@ -377,7 +378,7 @@ def fit(model: nn.Module, state: TrainState, optim: OptimConfig, loop: LoopConfi
       t0 = time.time()
       state, m = train_step(state, batch)
       finish_pending()
-      pending = (step, m, t0)
+      pending = (step, m, t0, batch["inputs"].size)  # every token slot processed: prompt and padding included
       if step % loop.eval_every == 0 or step == loop.steps:
         finish_pending()
         last.update(run_eval(step))
@@ -385,9 +386,9 @@ def fit(model: nn.Module, state: TrainState, optim: OptimConfig, loop: LoopConfi
         finish_pending()
         save(step, train_batches.state())
       if stop["signal"] is not None:
-        bar.close()
-        print(f"stopped by signal {stop['signal']} at step {step}; checkpoint saved in {checkpointer.directory}")
-        break
+        # Raised, not returned: a caller looping over runs must not start the next one on a machine going away.
+        raise Preempted(f"preempted by signal {stop['signal']} at step {step}; checkpoint saved in "
+                        f"{checkpointer.directory}")
     finish_pending()
   finally:
     bar.close()
@@ -396,19 +397,63 @@ def fit(model: nn.Module, state: TrainState, optim: OptimConfig, loop: LoopConfi
   return state, last
 
 
-def restore_trained(run_dir: str | epath.PathLike, params, layouts=None) -> tuple[Any, Any]:
-  """``(params, adapters)`` of a run dir's newest checkpoint, on top of the base ``params`` it was trained from."""
-  run_dir = epath.Path(run_dir)
-  spec_file = run_dir / "lora_spec.json"
-  if not spec_file.exists():
-    raise FileNotFoundError(f"{spec_file} not found: expected a run directory written by experiments.main")
-  spec = lora.LoraSpec.from_json(spec_file.read_text())
-  base, adapters = lora.create(params, spec, jax.random.key(0), layouts=layouts)
-  checkpointer = ckpt_lib.Checkpointer(run_dir / "checkpoints")
-  step = checkpointer.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no finished checkpoint in {checkpointer.directory}")
-  # The checkpoint holds the optimizer state too; its template costs one Adam init of the trainable tree.
-  state = init_state(base, adapters, spec, OptimConfig(lr=1.0), 0)
-  restored, _ = checkpointer.restore(step, state.checkpoint_tree())
-  return lora.combine(restored["trainable"], state.frozen)
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What ``setup`` builds for one run: the model, its step-0 state placed on the mesh, and how it is placed."""
+
+  model: nn.Module
+  spec: lora.LoraSpec
+  state: TrainState  # arrays, or ShapeDtypeStructs (with shardings) when set up from abstract params
+  mesh: Any  # jax.sharding.Mesh, or None for one device without explicit shardings
+  param_shardings: Any  # NamedShardings of the base params (None without a mesh)
+  state_shardings: TrainState | None  # NamedShardings of every part of the state (None without a mesh)
+  batch_sharding: Any  # NamedSharding of a [B, T] batch (None without a mesh)
+  train_step: Callable  # step(frozen, state_without_frozen, batch) -> (state_without_frozen, metrics), jitted
+  eval_step: Callable  # eval_step(state, batch) -> (sum NLL, token count), jitted
+
+
+def setup(model_config, spec: lora.LoraSpec, optim_config: optim.OptimConfig, params, *, mesh=None,
+          rules=None, seed: int = 0, grad_accum: int = 1) -> Setup:
+  """The one set-up path: mesh -> parameter shardings -> params -> layouts -> adapters -> state -> jitted steps.
+
+  ``model_config`` is a ``models.transformer.ModelConfig``. ``params`` is a base parameter tree, a function of the
+  parameter shardings that loads or initialises one (e.g. ``hf.load_params(dir, cfg, shardings=...)``, reading only
+  each host's slices), or a tree of ``jax.ShapeDtypeStruct`` (e.g. ``transformer.abstract_params``): then nothing is
+  allocated and the state is abstract, with shardings, for lowering the step ahead of time (``benchmarks/fit.py``)
+  or checking a config. ``mesh`` is a ``Mesh``, a shape for ``sharding.make_mesh`` or None (one device); ``rules``
+  map logical axes to mesh axes (default ``sharding.DEFAULT_RULES``). ``seed`` draws the adapters' init and is the
+  state's RNG seed (adapter dropout). ``fit(s.model, s.state, ..., mesh=s.mesh, param_shardings=s.param_shardings)``
+  trains the result.
+  """
+  from lora_jax.models import transformer  # the trainer itself works on any Flax model; set-up knows this one
+
+  model = transformer.CausalLM(model_config)
+  param_sh = state_sh = batch_sh = None
+  if mesh is not None:
+    if not isinstance(mesh, jax.sharding.Mesh):
+      mesh = sharding_lib.make_mesh(mesh)
+    param_sh = sharding_lib.param_shardings(transformer.abstract_params(model_config),
+                                            transformer.logical_axes(model_config), mesh,
+                                            sharding_lib.DEFAULT_RULES if rules is None else rules)
+    batch_sh = sharding_lib.batch_sharding(mesh)
+  if callable(params):
+    params = params(param_sh)
+  layouts = lora.trace_layouts(model, jnp.zeros((1, 8), jnp.int32))
+
+  def make_state(p):
+    base, adapters = lora.create(p, spec, jax.random.key(seed), layouts=layouts)
+    return init_state(base, adapters, spec, optim_config, seed)
+
+  shapes = jax.eval_shape(make_state, params)  # checks spec against the model before anything is allocated
+  if mesh is not None:
+    state_sh = state_shardings(shapes, optim_config, param_sh, mesh)
+  if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
+    state = shapes if mesh is None else jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, state_sh)
+  else:
+    state = make_state(params)
+    if mesh is not None:
+      state = jax.device_put(state, state_sh)
+  train_step, eval_step = make_steps(model, optim_config, grad_accum, state_sh, batch_sh)
+  return Setup(model=model, spec=spec, state=state, mesh=mesh, param_shardings=param_sh, state_shardings=state_sh,
+               batch_sharding=batch_sh, train_step=train_step, eval_step=eval_step)

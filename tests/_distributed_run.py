@@ -51,18 +51,17 @@ class Batches:
     self.index = state["index"]
 
 
-def initial_state(config, method):
+def set_up(config, method, mesh_shape=None):
+  """The run's ``train.setup`` (on a mesh if ``mesh_shape``) and its optimizer config."""
   import jax
 
-  from lora_jax import lora, train
+  from lora_jax import lora, optim, train
   from lora_jax.models import transformer
 
   spec = lora.LoraSpec(rank=4, targets=("all-linear", "unembed")) if method == "lora" else lora.LoraSpec.full()
-  params = transformer.init_params(config, jax.random.key(0))
-  layouts = lora.trace_layouts(transformer.CausalLM(config), jax.numpy.zeros((1, 4), "int32"))
-  params, adapters = lora.create(params, spec, jax.random.key(1), layouts=layouts)
-  optim = train.OptimConfig(lr=1e-3)
-  return train.init_state(params, adapters, spec, optim, seed=0), optim
+  optim_config = optim.OptimConfig(lr=1e-3)
+  init = lambda shardings: transformer.init_params(config, jax.random.key(0))  # noqa: E731
+  return train.setup(config, spec, optim_config, init, mesh=mesh_shape, seed=1), optim_config
 
 
 def run(config, method, mesh_shape, workdir, process_index=0, process_count=1, steps=STEPS):
@@ -71,21 +70,15 @@ def run(config, method, mesh_shape, workdir, process_index=0, process_count=1, s
   import numpy as np
   from jax.experimental import multihost_utils
 
-  from lora_jax import sharding, train
-  from lora_jax.models import transformer
+  from lora_jax import train
 
-  state, optim = initial_state(config, method)
-  mesh = shardings = None
-  if mesh_shape is not None:
-    mesh = sharding.make_mesh(mesh_shape)
-    shardings = sharding.param_shardings(transformer.abstract_params(config), transformer.logical_axes(config), mesh)
+  s, optim = set_up(config, method, mesh_shape)
   loop = train.LoopConfig(steps=steps, log_every=1, eval_every=10**6, checkpoint_every=steps)
-  model = transformer.CausalLM(config)
   held_out = Batches(config.vocab_size, process_index, process_count)
   held_out.index = 1000
   evals = [next(held_out)]
-  state, last = train.fit(model, state, optim, loop, Batches(config.vocab_size, process_index, process_count),
-                          lambda: evals, workdir, progress=False, mesh=mesh, param_shardings=shardings)
+  state, last = train.fit(s.model, s.state, optim, loop, Batches(config.vocab_size, process_index, process_count),
+                          lambda: evals, workdir, progress=False, mesh=s.mesh, param_shardings=s.param_shardings)
   trainable = multihost_utils.process_allgather(state.trainable, tiled=True) if process_count > 1 else \
       jax.device_get(state.trainable)
   return last["train/loss"], [np.asarray(x) for x in jax.tree.leaves(trainable)]
@@ -183,16 +176,11 @@ def main_restore(pid, n, port, ckpt_dir, out):
   import jax
   from jax.experimental import multihost_utils
 
-  from lora_jax import checkpoint, sharding, train
-  from lora_jax.models import transformer
+  from lora_jax import checkpoint
 
-  config = configs()["llama"]
-  state, optim = initial_state(config, "lora")
-  mesh = sharding.make_mesh({"fsdp": -1, "tensor": 2} if len(jax.devices()) > 1 else {"fsdp": 1})
-  shardings = sharding.param_shardings(transformer.abstract_params(config), transformer.logical_axes(config), mesh)
-  state = jax.device_put(state, train.state_shardings(state, optim, shardings, mesh))
+  s, _ = set_up(configs()["llama"], "lora", {"fsdp": -1, "tensor": 2} if len(jax.devices()) > 1 else {"fsdp": 1})
   ck = checkpoint.Checkpointer(ckpt_dir)
-  restored, _ = ck.restore(ck.latest_step(), state.checkpoint_tree())
+  restored, _ = ck.restore(ck.latest_step(), s.state.checkpoint_tree())
   values = multihost_utils.process_allgather(restored["trainable"], tiled=True) if n > 1 else restored["trainable"]
   if pid == 0:
     np.savez(out, *[np.asarray(x) for x in jax.tree.leaves(values)])

@@ -214,6 +214,14 @@ def test_missing_file(tok, tmp_path):
     data.tokenize(data.Source(str(tmp_path / "nope.jsonl")), tok, max_len=64)
 
 
+def test_unsupported_extension_names_the_file_the_extension_and_the_supported_ones(tok, tmp_path):
+  path = tmp_path / "train.csv"
+  path.write_text("instruction,output\nhi,yo\n")
+  with pytest.raises(data.DataError, match=rf"^{path}: unsupported file extension '.csv'; supported: .jsonl, .json, "
+                                           r".parquet files, a dataset directory or a hub dataset name"):
+    data.load([str(path)], tok, seq_len=32)
+
+
 def test_prompt_longer_than_seq_len(tok, tmp_path):
   records = [{"instruction": "short", "output": "x"}, {"instruction": "a much longer instruction", "output": "y"}]
   path = data.write_jsonl(str(tmp_path / "a.jsonl"), records)
@@ -222,6 +230,11 @@ def test_prompt_longer_than_seq_len(tok, tmp_path):
     data.load([path], tok, seq_len=seq_len, template="alpaca_short")
   (source,) = data.load([path], tok, seq_len=seq_len, template="alpaca_short", overflow="skip")
   assert len(source) == 1 and source.stats["skipped"] == 1
+  # The checker agrees with the run: a problem under overflow='error', a counted skip under 'skip'.
+  strict = validate_module.validate([path], tok, seq_len, 1, template="alpaca_short")
+  assert len(strict["errors"]) == 1 and "the prompt is" in strict["errors"][0]
+  skipping = validate_module.validate([path], tok, seq_len, 1, template="alpaca_short", overflow="skip")
+  assert skipping["errors"] == [] and skipping["skipped"] == 1
 
 
 def test_parquet_matches_jsonl(tok, tmp_path):

@@ -1,4 +1,5 @@
-"""The experiment CLI end to end: configs, the tiny run, workdir safety, kill-and-resume, checkpoint safety."""
+"""The experiment CLI end to end: configs, the tiny run, workdir safety, kill-and-resume, preemption, reports,
+checkpoint safety."""
 
 import errno
 import json
@@ -14,8 +15,9 @@ import numpy as np
 import pytest
 
 from experiments import main as exp_main
-from experiments.configs import finetune
-from lora_jax import checkpoint, lora
+from experiments import report
+from experiments.configs import common, finetune
+from lora_jax import checkpoint, data, lora, synthetic
 
 ROOT = pathlib.Path(__file__).parents[1]
 
@@ -46,11 +48,82 @@ def test_every_config_builds_at_every_sweep_point():
   for arg in ["tiny", *finetune.get_sweep()]:
     config = finetune.get_config(arg)
     assert config.methods and config.lora.alpha == 32.0
-    lora.LoraSpec.from_dict(config.lora.to_dict())  # a valid spec
+    common.lora_spec(config.lora)  # a valid spec
+    exp_main.check_config(config)
+    if len(config.methods) == 1:  # a single-method point trains at exactly its config's LR
+      assert exp_main.make_optim(config.methods[0], config).lr == config.optim.lr
   with pytest.raises(ValueError, match="unknown config argument 'rnk'"):
     finetune.get_config("tiny,rnk=4")
 
 
+def test_a_sweep_points_lr_is_the_lr_its_run_uses():
+  for arg, method in (("tiny,method=full,lr=1e-3", "full"), ("tiny,method=lora,lr=1e-3", "lora"),
+                      ("model=m,method=full,lr=1e-3", "full"), ("tiny,lr=1e-3", "lora")):
+    assert exp_main.make_optim(method, finetune.get_config(arg)).lr == 1e-3, arg
+  both = finetune.get_config("tiny,lr=1e-3")  # the `both` default: full FT at lr * full_lr_ratio
+  assert exp_main.make_optim("full", both).lr == pytest.approx(1e-3 * both.optim.full_lr_ratio)
+  # Without lr=, a full-only point trains at the LR full FT gets in the default `both` experiment.
+  for prefix in ("tiny,", "model=m,"):
+    assert exp_main.make_optim("full", finetune.get_config(prefix + "method=full")).lr == \
+        pytest.approx(exp_main.make_optim("full", finetune.get_config(prefix.rstrip(","))).lr)
+
+
+def _parse_flags(*overrides):
+  from absl import flags
+  from ml_collections import config_flags
+
+  argv = ["prog", f"--config={ROOT}/experiments/configs/finetune.py:tiny", *overrides]
+  values = flags.FlagValues()
+  config = config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True, sys_argv=argv)
+  values(argv)
+  return config.value
+
+
+def test_a_dotted_override_of_a_per_module_rank_or_alpha_works_and_typos_fail():
+  from lora_jax.models import transformer
+
+  config = _parse_flags("--config.lora.rank=4", "--config.lora.rank_pattern.k_proj=8",
+                        "--config.lora.alpha_pattern.k_proj=64")
+  spec = common.lora_spec(config.lora)
+  assert spec.rank_pattern == {"k_proj": 8} and spec.alpha_pattern == {"k_proj": 64.0}
+  model_config = transformer.ModelConfig.tiny_llama()
+  params = transformer.init_params(model_config, jax.random.key(0))
+  layouts = lora.trace_layouts(transformer.CausalLM(model_config), np.zeros((1, 4), np.int32))
+  _, adapters = lora.create(params, spec, jax.random.key(0), layouts=layouts)
+  ranks = {"/".join(p): a.rank for p, a in lora.adapter_items(adapters)}
+  assert ranks["model/layers_0/self_attn/k_proj"] == 8 and ranks["model/layers_0/self_attn/q_proj"] == 4
+  with pytest.raises(Exception, match="kproj"):
+    _parse_flags("--config.lora.rank_pattern.kproj=8")
+
+
+def test_seed_data_seed_and_eval_seed_each_drive_one_thing(tmp_path):
+  tokenizer = synthetic.char_tokenizer()
+
+  def parts(**changes):
+    config = small_config(tmp_path, **changes)
+    train_sources, evals = exp_main.load_data(config, tokenizer)
+    return evals[0]["inputs"], next(exp_main.train_batches(config, train_sources))["inputs"]
+
+  evals, first = parts()
+  other_order = parts(data_seed=1)
+  assert np.array_equal(other_order[0], evals) and not np.array_equal(other_order[1], first)
+  other_split = parts(eval_seed=1)
+  assert not np.array_equal(other_split[0], evals)
+  other_init = parts(seed=1)  # init and dropout only: the same data in the same order
+  assert np.array_equal(other_init[0], evals) and np.array_equal(other_init[1], first)
+
+
+def test_data_overflow_is_a_config_key(tmp_path):
+  tokenizer = synthetic.char_tokenizer()
+  config = small_config(tmp_path, **{"data.seq_len": 12})  # most sums' chat prompts are 12 tokens
+  with pytest.raises(data.DataError, match="overflow='skip' \\(in an experiment config: data.overflow\\)"):
+    exp_main.load_data(config, tokenizer)
+  config.data.overflow = "skip"
+  train_sources, _ = exp_main.load_data(config, tokenizer)
+  assert train_sources[0].stats["skipped"] > 0 and len(train_sources[0]) > 0
+
+
+@pytest.mark.slow
 def test_tiny_run_fine_tunes_with_lora_and_full_and_reports(tmp_path, capsys):
   results = exp_main.run(small_config(tmp_path), tmp_path / "run")
   report = (tmp_path / "run" / "report.md").read_text()
@@ -86,6 +159,36 @@ def test_tiny_run_fine_tunes_with_lora_and_full_and_reports(tmp_path, capsys):
   assert capsys.readouterr().out.split("### 2+3=")[1] == merged_out.split("### 2+3=")[1]  # PEFT dir: same output
 
 
+@pytest.mark.parametrize("bad", [{"sharding_rules.vocab": "tensr"}, {"lora.targets": ("q_projj",)},
+                                 {"data.overflow": "drop"}])
+def test_overwrite_with_a_config_that_fails_its_checks_keeps_the_finished_run(tmp_path, bad):
+  config = small_config(tmp_path, methods=("lora",), **{"train.steps": 2})
+  exp_main.run(config, tmp_path / "run")
+  with pytest.raises(SystemExit, match=f"not started, {tmp_path / 'run'} untouched: "):
+    exp_main.run(small_config(tmp_path, methods=("lora",), **{"train.steps": 4, **bad}), tmp_path / "run",
+                 overwrite=True)
+  assert (tmp_path / "run" / "lora" / "checkpoints" / "2").exists()
+  assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["steps"] == 2
+
+
+def test_a_failed_start_leaves_no_trace_so_the_corrected_command_runs(tmp_path):
+  (tmp_path / "data.csv").write_text("instruction,output\n1+1=,2\n")
+  bad = small_config(tmp_path, methods=("lora",), **{"train.steps": 2, "data.train": (str(tmp_path / "data.csv"),)})
+  with pytest.raises(SystemExit, match="data.csv: unsupported file extension '.csv'; supported: .jsonl, .json"):
+    exp_main.run(bad, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+  exp_main.run(small_config(tmp_path, methods=("lora",), **{"train.steps": 2}), tmp_path / "run")
+  assert (tmp_path / "run" / "lora" / "checkpoints" / "2").exists()
+
+
+def test_a_sharding_rule_naming_no_mesh_axis_is_refused_with_the_valid_axes(tmp_path):
+  config = small_config(tmp_path, **{"sharding_rules.vocab": "tensr"})
+  with pytest.raises(ValueError, match="sharding rule 'vocab' maps to mesh axis 'tensr', which is not one of the "
+                                       "mesh's axes \\['data', 'fsdp', 'tensor'\\]"):
+    exp_main.check_config(config)
+
+
+@pytest.mark.slow
 def test_workdir_of_another_config_is_refused_unless_overwrite(tmp_path):
   config = small_config(tmp_path, methods=("lora",), **{"train.steps": 2})
   exp_main.run(config, tmp_path / "run")
@@ -103,13 +206,13 @@ def test_cli_rejects_a_mistyped_config_key(tmp_path):
   assert out.returncode != 0 and "lrr" in out.stderr
 
 
-def _cli(tmp_path, workdir, *extra):
+def _cli(tmp_path, workdir, *extra, methods="('lora',)", steps=30, checkpoint_every=5):
   overrides = ["--config.tiny_base.steps=40", "--config.tiny_base.corpus_documents=400",
                f"--config.tiny_base.cache_dir={tmp_path.parent / 'tiny_base_cache'}",
                "--config.data.synthetic_examples=200", "--config.data.eval_size=32",
-               f"--config.data.cache_dir={tmp_path / 'tok'}", "--config.train.steps=30",
-               "--config.train.checkpoint_every=5", "--config.train.eval_every=10", "--config.train.log_every=1",
-               "--config.methods=('lora',)"]
+               f"--config.data.cache_dir={tmp_path / 'tok'}", f"--config.train.steps={steps}",
+               f"--config.train.checkpoint_every={checkpoint_every}", "--config.train.eval_every=10",
+               "--config.train.log_every=1", f"--config.methods={methods}"]
   return [sys.executable, "-m", "experiments.main", "--config", "experiments/configs/finetune.py:tiny",
           "--workdir", str(workdir), *overrides, *extra]
 
@@ -121,6 +224,48 @@ def _final(workdir):
   return step, sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()), ck
 
 
+@pytest.mark.slow
+def test_sigterm_during_lora_stops_the_whole_experiment_and_the_report_says_unfinished(tmp_path):
+  workdir = tmp_path / "run"
+  cmd = _cli(tmp_path, workdir, "--config.eval.arithmetic_examples=4", methods="('lora','full')", steps=100_000,
+             checkpoint_every=100_000)
+  proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  metrics_file = workdir / "lora" / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None and \
+      not (metrics_file.exists() and "train/loss" in metrics_file.read_text()):
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  try:
+    out = proc.communicate(timeout=300)[0]
+  finally:
+    proc.kill()
+  assert proc.returncode == exp_main.EXIT_PREEMPTED, out[-3000:]
+  assert "preempted by signal 15" in out and "the remaining runs were not started" in out
+  assert not (workdir / "full").exists()  # full FT never started
+  step = checkpoint.Checkpointer(workdir / "lora" / "checkpoints").latest_step()
+  assert step is not None and step < 100_000
+  text = (workdir / "report.md").read_text()
+  assert "**Unfinished: lora, full.**" in text and f"| {step} of 100000 (unfinished" in text
+  assert "| full | - | - | - | - | - | not started |" in text
+
+
+def test_report_marks_unfinished_and_not_started_runs(tmp_path):
+  (tmp_path / "config.json").write_text(json.dumps({"methods": ["lora", "full"], "train": {"steps": 10}}))
+  (tmp_path / "lora").mkdir()
+  records = [{"step": 0, "eval/nll": 3.0, "eval/perplexity": 20.0},
+             {"step": 5, "train/loss": 2.0, "train/lr": 1e-3, "params/trainable": 10},
+             {"step": 5, "eval/nll": 2.5, "eval/perplexity": 12.2},
+             {"step": 7, "train/loss": 1.9, "train/lr": 1e-3, "params/trainable": 10}]
+  (tmp_path / "lora" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  table, runs = report.write(tmp_path)
+  assert runs["lora"]["finished"] is False and runs["lora"]["steps"] == 7 and "full" not in runs
+  assert "| lora | 0.001 | 10 | 2.5000 | 12.200 | - | 7 of 10 (unfinished; eval NLL at step 5) |" in table
+  assert "| full | - | - | - | - | - | not started |" in table
+  assert "**Unfinished: lora, full.**" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
   straight = tmp_path / "straight"
   subprocess.run(_cli(tmp_path, straight), cwd=ROOT, check=True, capture_output=True, timeout=600)
@@ -148,20 +293,17 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
 
 
 def _restore_like(workdir):
-  """A template tree for restoring a LoRA checkpoint of the CLI's tiny run, rebuilt the way main builds it."""
+  """A template tree for restoring a LoRA checkpoint of the CLI's tiny run, set up the way main sets it up."""
   import ml_collections
 
   from lora_jax import hf, train
-  from lora_jax.models import transformer
 
   config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
   base = checkpoint.Checkpointer(workdir / "lora" / "checkpoints").restore_record(30)["base_model"]
   model_config = hf.load_config(base)
-  params = hf.load_params(base, model_config)
-  spec = exp_main.make_spec("lora", config)
-  layouts = lora.trace_layouts(transformer.CausalLM(model_config), np.zeros((1, 8), np.int32))
-  params, adapters = lora.create(params, spec, jax.random.key(config.seed), layouts=layouts)
-  return train.init_state(params, adapters, spec, exp_main.make_optim("lora", config), config.seed).checkpoint_tree()
+  s = train.setup(model_config, exp_main.make_spec("lora", config, model_config), exp_main.make_optim("lora", config),
+                  hf.load_params(base, model_config), seed=config.seed)
+  return s.state.checkpoint_tree()
 
 
 def _tree(value):
@@ -214,6 +356,7 @@ def test_a_save_on_a_really_full_tmpfs_leaves_the_previous_checkpoint_usable(tmp
     subprocess.run(["umount", "-l", str(mnt)])
 
 
+@pytest.mark.slow
 def test_moe_rank_per_expert_is_total_rank_over_active_experts():
   from lora_jax.models import transformer
 
@@ -230,5 +373,27 @@ def test_moe_rank_per_expert_is_total_rank_over_active_experts():
     assert ranks["model/layers/mlp/experts/up_proj"] == expected
     assert ranks["model/layers/self_attn/q_proj"] == 8
   config.moe_expert_rank = "half"
-  with pytest.raises(SystemExit, match="moe_expert_rank 'half'"):
+  with pytest.raises(ValueError, match="moe_expert_rank 'half'"):
     exp_main.make_spec("lora", config, moe)
+  with pytest.raises(ValueError, match="moe_expert_rank 'half'"):
+    exp_main.check_config(config)
+
+
+def test_a_tied_hf_model_runs_with_the_default_config_adapting_its_output_side(tmp_path):
+  """finetune.py:model=DIR on a tied model (Llama-3.2-1B, small Qwen3) with the study's all-linear + unembed."""
+  from lora_jax import hf
+  from lora_jax.models import transformer
+
+  tokenizer = synthetic.char_tokenizer()
+  model_config = transformer.ModelConfig.tiny_qwen3(vocab_size=len(tokenizer))
+  assert model_config.tie_word_embeddings
+  hf.save_params(transformer.init_params(model_config, jax.random.key(0)), model_config, tmp_path / "tied")
+  tokenizer.save_pretrained(tmp_path / "tied")
+  config = small_config(tmp_path, **{"model.name": str(tmp_path / "tied"), "methods": ("lora",),
+                                     "train.steps": 4, "train.eval_every": 4, "train.checkpoint_every": 4,
+                                     "eval.arithmetic_examples": 0})
+  assert config.lora.targets == ("all-linear", "unembed")
+  results = exp_main.run(config, tmp_path / "run")
+  assert results["lora"]["steps"] == 4 and results["lora"]["finished"]
+  summary = (tmp_path / "run" / "lora" / "summary.txt").read_text()
+  assert "model/embed_tokens/embedding (output side)" in summary

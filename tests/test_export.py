@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+from _tolerance import TORCH, assert_close  # noqa: E402
 from lora_jax import export, hf, lora, optim, peft_io, synthetic, train  # noqa: E402
 from lora_jax import checkpoint as ckpt_lib  # noqa: E402
 from lora_jax.models.transformer import CausalLM  # noqa: E402
@@ -130,7 +131,7 @@ def test_save_peft_loads_in_peft_with_the_same_logits(bases, tmp_path, case):
   ours = _logits(model, params, adapters)
   base = _torch_logits(_torch_base(bases[arch]))
   assert np.abs(ours - base).max() > 1e-2  # the adapters matter
-  np.testing.assert_allclose(_peft_logits(bases[arch], tmp_path), ours, atol=1e-4, rtol=1e-4)
+  assert_close(_peft_logits(bases[arch], tmp_path), ours, TORCH)
 
   c = _adapter_config(tmp_path)
   assert (c["peft_type"], c["task_type"], c["bias"], c["use_dora"], c["modules_to_save"]) == (
@@ -196,8 +197,7 @@ def test_for_serving_folds_scales_and_pads_ranks(bases, tmp_path, case):
   spec = lora.LoraSpec(**kwargs)
   config, params, model, _, adapters = _trained(bases[arch], spec, scan)
   peft_io.save_peft(config, adapters, spec, tmp_path, str(bases[arch]), for_serving=True)
-  np.testing.assert_allclose(_peft_logits(bases[arch], tmp_path), _logits(model, params, adapters),
-                             atol=1e-4, rtol=1e-4)
+  assert_close(_peft_logits(bases[arch], tmp_path), _logits(model, params, adapters), TORCH)
   c = _adapter_config(tmp_path)
   assert c["r"] == c["lora_alpha"] == 8 and c["r"] in peft_io.VLLM_RANKS
   assert not c["rank_pattern"] and not c["alpha_pattern"] and not c["use_rslora"]
@@ -245,7 +245,7 @@ def test_peft_round_trip(bases, tmp_path, case):
   peft_model = _peft_adapter(bases[arch], tmp_path / "peft", **kwargs)
   config, params, model, layouts = _flax(bases[arch], scan)
   adapters, spec = peft_io.load_peft(tmp_path / "peft", params, config, layouts)
-  np.testing.assert_allclose(_logits(model, params, adapters), _torch_logits(peft_model), atol=1e-4, rtol=1e-4)
+  assert_close(_logits(model, params, adapters), _torch_logits(peft_model), TORCH)
   assert spec.rank == kwargs["r"] and spec.alpha == kwargs["lora_alpha"]
   assert spec.scaling == ("alpha/sqrt(r)" if kwargs.get("use_rslora") else "alpha/r")
 
@@ -265,8 +265,7 @@ def test_peft_round_trip(bases, tmp_path, case):
       set(b["target_modules"])
   if tied:
     assert not b["ensure_weight_tying"]
-    np.testing.assert_allclose(_peft_logits(bases[arch], tmp_path / "ours"), _torch_logits(peft_model), atol=1e-4,
-                               rtol=1e-4)
+    assert_close(_peft_logits(bases[arch], tmp_path / "ours"), _torch_logits(peft_model), TORCH)
 
 
 def _write_run(run, base, spec, scan=False, optim_config=optim.OptimConfig(lr=1.0), record_base=None):
@@ -300,13 +299,13 @@ def test_merged_and_peft_export_of_a_run(bases, tmp_path, capsys):
 
   assert export.main(["--run", str(run), "--out", str(tmp_path / "merged"), "--merged"]) == 0  # base: recorded
   merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", attn_implementation="eager")
-  np.testing.assert_allclose(_torch_logits(merged.eval()), ours, atol=1e-4, rtol=1e-4)
+  assert_close(_torch_logits(merged.eval()), ours, TORCH)
   assert transformers.AutoTokenizer.from_pretrained(tmp_path / "merged").get_vocab() == \
       transformers.AutoTokenizer.from_pretrained(base).get_vocab()
 
   assert export.main(["--run", str(run), "--base", str(base), "--out", str(tmp_path / "serve"), "--peft",
                       "--for-serving"]) == 0
-  np.testing.assert_allclose(_peft_logits(base, tmp_path / "serve"), ours, atol=1e-4, rtol=1e-4)
+  assert_close(_peft_logits(base, tmp_path / "serve"), ours, TORCH)
   assert export.main(["--check", str(tmp_path / "serve")]) == 0
   assert "OK for vLLM (llama)" in capsys.readouterr().out
 
@@ -322,9 +321,9 @@ def test_a_tied_scanned_run_with_the_default_spec_exports_merged_and_peft(bases,
   assert export.main(["--run", str(run), "--out", str(tmp_path / "merged"), "--merged"]) == 0
   merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", attn_implementation="eager")
   assert not merged.config.tie_word_embeddings  # the output head has its own weights now
-  np.testing.assert_allclose(_torch_logits(merged.eval()), ours, atol=1e-4, rtol=1e-4)
+  assert_close(_torch_logits(merged.eval()), ours, TORCH)
   assert export.main(["--run", str(run), "--out", str(tmp_path / "peft"), "--peft"]) == 0
-  np.testing.assert_allclose(_peft_logits(base, tmp_path / "peft"), ours, atol=1e-4, rtol=1e-4)
+  assert_close(_peft_logits(base, tmp_path / "peft"), ours, TORCH)
 
 
 def test_a_run_refuses_another_base_unless_forced(bases, tmp_path, capsys, monkeypatch):

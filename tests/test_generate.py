@@ -36,6 +36,7 @@ def greedy_by_full_forward(params, adapters, prompt, n):
   return seq[len(prompt):], logps
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_adapters", [False, True], ids=["base", "lora"])
 def test_cached_greedy_decoding_equals_full_forwards_and_logprobs(use_adapters):
   adapters = with_adapters() if use_adapters else {}
@@ -113,6 +114,7 @@ def test_greedy_generation_matches_transformers_generate(tmp_path):
     assert out.tokens[i].tolist() == want
 
 
+@pytest.mark.slow
 def test_cli_generates_from_a_scanned_run_and_refuses_another_base(tmp_path, capsys):
   """`--adapter RUN` reads the run's recorded base and layout (scan_layers) and only its trained parameters."""
   pytest.importorskip("torch")

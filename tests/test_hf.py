@@ -16,6 +16,7 @@ import safetensors.numpy
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from _tolerance import TORCH, assert_close  # noqa: E402
 from lora_jax import hf  # noqa: E402
 from lora_jax.models import transformer  # noqa: E402
 from lora_jax.models.transformer import CausalLM, ModelConfig  # noqa: E402
@@ -79,7 +80,7 @@ def test_logits_match_transformers(tmp_path, name, scan):
   ids = _ids()
   ref = _hf_logits(model, ids)
   assert np.abs(ref).max() > 1.0  # Not a near-zero model where any implementation agrees.
-  np.testing.assert_allclose(_logits(config, params, ids), ref, atol=1e-4, rtol=0)
+  assert_close(_logits(config, params, ids), ref, TORCH)
   if name == "mistral":  # The window (5 < 12 tokens) matters: without it the logits differ.
     no_window = _logits(config.replace(sliding_window=None), params, ids)
     assert np.abs(no_window - ref).max() > 1e-2
@@ -132,7 +133,7 @@ def test_sharded_checkpoint(tmp_path):
   (tmp_path / "model.safetensors").unlink(missing_ok=True)
   config, params = hf.load(tmp_path)
   ids = _ids()
-  np.testing.assert_allclose(_logits(config, params, ids), _hf_logits(model, ids), atol=1e-4, rtol=0)
+  assert_close(_logits(config, params, ids), _hf_logits(model, ids), TORCH)
 
 
 @pytest.mark.parametrize("config", [
@@ -151,7 +152,7 @@ def test_save_params_loads_in_transformers(tmp_path, config):
   model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
   ids = _ids(config.vocab_size)
   ours = _logits(config, params, ids)
-  np.testing.assert_allclose(_hf_logits(model, ids), ours, atol=1e-4, rtol=0)
+  assert_close(_hf_logits(model, ids), ours, TORCH)
   config2, params2 = hf.load(tmp_path, scan_layers=config.scan_layers)
   assert config2 == config
   jax.tree.map(np.testing.assert_array_equal, params2, params)
@@ -173,8 +174,8 @@ def test_save_params_bf16(tmp_path):
 @pytest.mark.parametrize("scan", [False, True])
 def test_name_mapping_round_trips(scan):
   config = ModelConfig.tiny_qwen3_moe(scan_layers=scan)
-  shapes = hf._shapes(config)
-  keys = [e.key for e in hf._entries(config, shapes)]
+  shapes = hf.param_shapes(config)
+  keys = [e.key for e in hf.tensor_entries(config, shapes)]
   assert len(keys) == len(set(keys)) == 2 + 1 + 2 * (2 + 6 + 1 + 3 * 4)
   for key in keys:
     path, index = hf.param_path(key, scan)

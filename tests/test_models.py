@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _tolerance import SAME_MODEL, assert_close
 from lora_jax.models import transformer
 from lora_jax.models.transformer import CausalLM, ModelConfig
 
@@ -136,7 +137,7 @@ def test_scan_matches_unrolled(arch):
   ref = _apply(config, params, ids)
   scanned = config.replace(scan_layers=True)
   stacked = _stack_layers(params, config.num_layers)
-  np.testing.assert_allclose(_apply(scanned, stacked, ids), ref, atol=1e-5, rtol=0)
+  assert_close(_apply(scanned, stacked, ids), ref, SAME_MODEL)
 
 
 def test_remat_and_scan_keep_logits_and_gradients():
@@ -145,11 +146,11 @@ def test_remat_and_scan_keep_logits_and_gradients():
   ids = _ids((2, 5), config.vocab_size)
   remat = config.replace(scan_layers=True, remat=True)
   stacked = _stack_layers(params, config.num_layers)
-  np.testing.assert_allclose(_apply(remat, stacked, ids), _apply(config, params, ids), atol=1e-5, rtol=0)
+  assert_close(_apply(remat, stacked, ids), _apply(config, params, ids), SAME_MODEL)
   loss = lambda cfg: lambda p: jnp.sum(_apply(cfg, p, ids)[..., 0] ** 2)
   g_ref = _stack_layers(jax.jit(jax.grad(loss(config)))(params), config.num_layers)
   g_remat = jax.jit(jax.grad(loss(remat)))(stacked)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), g_remat, g_ref)
+  jax.tree.map(lambda a, b: assert_close(a, b, SAME_MODEL), g_remat, g_ref)
 
 
 @pytest.mark.parametrize("arch", ["mistral", "qwen3_moe"])
@@ -161,13 +162,13 @@ def test_segment_ids_isolate_packed_documents(arch):
   packed = jnp.concatenate([doc_a, doc_b, jnp.zeros((1, 3), jnp.int32)], axis=1)
   segments = jnp.asarray([[1] * 5 + [2] * 7 + [0] * 3])
   logits = jax.jit(model.apply)({"params": params}, packed, segment_ids=segments)
-  np.testing.assert_allclose(logits[:, :5], _apply(config, params, doc_a), atol=1e-5, rtol=0)
-  np.testing.assert_allclose(logits[:, 5:12], _apply(config, params, doc_b), atol=1e-5, rtol=0)
+  assert_close(logits[:, :5], _apply(config, params, doc_a), SAME_MODEL)
+  assert_close(logits[:, 5:12], _apply(config, params, doc_b), SAME_MODEL)
   assert np.isfinite(np.asarray(logits)).all()  # Padding rows stay finite.
   # Positions restart per segment by default; explicit positions give the same result.
   positions = jnp.asarray([list(range(5)) + list(range(7)) + list(range(3))])
   np.testing.assert_array_equal(transformer.segment_positions(segments), positions)
-  np.testing.assert_allclose(_apply(config, params, packed, positions, segments), logits, atol=1e-5)
+  assert_close(_apply(config, params, packed, positions, segments), logits, SAME_MODEL)
 
 
 def test_sliding_window_masks_distant_keys():
@@ -180,7 +181,7 @@ def test_sliding_window_masks_distant_keys():
   ids = _ids((1, 8), config.vocab_size)
   windowed = _apply(config, params, ids)
   full = _apply(config.replace(sliding_window=None), params, ids)
-  np.testing.assert_allclose(windowed[:, :3], full[:, :3], atol=1e-5)
+  assert_close(windowed[:, :3], full[:, :3], SAME_MODEL)
   assert np.abs(windowed[:, 3:] - full[:, 3:]).max() > 1e-3
 
 
@@ -199,7 +200,7 @@ def test_kv_cache_decoding_matches_full_forward(arch, scan):
   for t in range(4, 9):  # One token at a time.
     logits, cache = step(params, ids[:, t:t + 1], cache)
     outs.append(logits)
-  np.testing.assert_allclose(jnp.concatenate(outs, axis=1), full, atol=1e-5, rtol=0)
+  assert_close(jnp.concatenate(outs, axis=1), full, SAME_MODEL)
   assert int(cache["index"]) == 9
   assert cache["k"].shape == (config.num_layers, 2, 12, config.num_kv_heads, config.head_dim)
 
@@ -210,7 +211,7 @@ def test_jit_matches_eager_and_bf16_runs():
   ids = _ids((2, 6), config.vocab_size)
   eager = CausalLM(config).apply({"params": params}, ids)
   jitted = _apply(config, params, ids)
-  np.testing.assert_allclose(jitted, eager, atol=1e-5)
+  assert_close(jitted, eager, SAME_MODEL)
   bf16 = config.replace(dtype="bfloat16", param_dtype="bfloat16")
   out = _apply(bf16, jax.tree.map(lambda x: x.astype(jnp.bfloat16), params), ids)
   assert out.dtype == jnp.float32

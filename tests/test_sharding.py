@@ -12,14 +12,19 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from lora_jax import distributed, lora, sharding
+from lora_jax import distributed, lora, optim, sharding, train
 from lora_jax.models import transformer
 
 HERE = pathlib.Path(__file__).parent
 sys.path.insert(0, str(HERE))
 import _distributed_run  # noqa: E402
 
-TOL = 1e-5
+# float32 sharded and one-device runs differ by reduction order (which also differs between CPUs). Measured after 3
+# steps: loss <= 4.8e-7 (1 ulp of ~4.8) and parameters <= 2.2e-6 (full FT, where Adam normalises small gradient
+# differences; ~18 ulp of the unit norm scales), so the old 1e-5 left only 4.6x for parameters. These bounds leave
+# > 20x and stay far below an Adam step (lr 1e-3), which a sharding bug would get wrong.
+LOSS_TOL = 1e-5
+PARAM_TOL = 5e-5
 
 
 def test_make_mesh_fills_and_checks_the_device_count():
@@ -44,6 +49,37 @@ def test_rules_and_indivisible_dimensions_name_the_parameter_and_axis():
   shardings = sharding.param_shardings(transformer.abstract_params(config), transformer.logical_axes(config), mesh)
   assert shardings["model"]["layers_0"]["mlp"]["up_proj"]["kernel"].spec == P("fsdp", "tensor")
   # One device cannot show an indivisible split; the 8-device subprocess test below checks the real error.
+  with pytest.raises(ValueError, match="sharding rule 'vocab' maps to mesh axis 'tensr', which is not one of the "
+                                       "mesh's axes \\['data', 'fsdp', 'tensor'\\]; use one of them or None"):
+    sharding.param_shardings(transformer.abstract_params(config), transformer.logical_axes(config), mesh,
+                             {**sharding.DEFAULT_RULES, "vocab": "tensr"})
+
+
+def test_setup_from_real_or_abstract_params_gives_the_same_state_shapes_and_shardings():
+  config = transformer.ModelConfig.tiny_llama()
+  spec = lora.LoraSpec(rank=4, targets=("all-linear", "unembed"))
+  optim_config = optim.OptimConfig(lr=1e-3)
+  given = []
+
+  def init(shardings):
+    given.append(shardings)
+    return transformer.init_params(config, jax.random.key(0))
+
+  real = train.setup(config, spec, optim_config, init, mesh={"fsdp": -1}, seed=3)
+  abstract = train.setup(config, spec, optim_config, transformer.abstract_params(config), mesh=real.mesh, seed=3)
+  assert given == [real.param_shardings]  # the loader reads straight into the shardings
+  real_leaves, abstract_leaves = jax.tree.leaves(real.state), jax.tree.leaves(abstract.state)
+  assert len(real_leaves) == len(abstract_leaves) and lora.count(real.state.trainable["lora"]) > 0
+  for r, a in zip(real_leaves, abstract_leaves):
+    assert isinstance(a, jax.ShapeDtypeStruct) and (r.shape, r.dtype, r.sharding) == (a.shape, a.dtype, a.sharding)
+  assert int(real.state.step) == 0 and np.array_equal(jax.random.key_data(jax.random.key(3)), real.state.rng)
+  batch = {"inputs": np.zeros((2, 8), np.int32), "targets": np.ones((2, 8), np.int32),
+           "loss_mask": np.ones((2, 8), np.float32)}
+  state, metrics = real.train_step(real.state.frozen, real.state.replace(frozen=None), batch)
+  assert int(state.step) == 1 and np.isfinite(float(metrics["train/loss"]))
+  abstract_batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=abstract.batch_sharding),
+                                batch)
+  abstract.train_step.lower(abstract.state.frozen, abstract.state.replace(frozen=None), abstract_batch).compile()
 
 
 def test_adapters_shard_like_their_kernels():
@@ -68,6 +104,19 @@ def test_unreachable_coordinator_fails_in_bounded_time_with_its_address():
   assert distributed.initialize() is False  # a plain single-process run
 
 
+def test_a_lone_process_0_fails_in_bounded_time_naming_the_coordinator_and_process_count():
+  port = _free_port()
+  code = ("from lora_jax import distributed; "
+          f"distributed.initialize('127.0.0.1:{port}', num_processes=2, process_id=0, timeout_s=2)")
+  t0 = time.monotonic()
+  out = subprocess.run([sys.executable, "-c", code], cwd=HERE.parent, capture_output=True, text=True, timeout=300)
+  assert time.monotonic() - t0 < 60
+  assert out.returncode == 1, out.stderr[-2000:]  # a Python error, not JAX's SIGABRT
+  assert f"ConnectionError: process 0 of 2: waited 2 s at coordinator 127.0.0.1:{port}, but process(es) [1] never " \
+      "connected" in out.stderr
+
+
+@pytest.mark.slow
 def test_every_mesh_equals_one_device_for_lora_and_full_on_llama_and_moe(tmp_path):
   out = tmp_path / "meshes.json"
   run = subprocess.run([sys.executable, str(HERE / "_distributed_run.py"), "meshes", str(out)], capture_output=True,
@@ -83,7 +132,7 @@ def test_every_mesh_equals_one_device_for_lora_and_full_on_llama_and_moe(tmp_pat
   assert report["sharded_load"]["smallest_region_fraction"] <= 1 / 8  # a device reads 1/8 of an fsdp x tensor kernel
   assert {r["mesh"] for r in results} == {"fsdp=8", "tensor=8", "data=2,fsdp=2,tensor=2"}
   for r in results:
-    assert r["loss_diff"] <= TOL and r["param_diff"] <= TOL, r
+    assert r["loss_diff"] <= LOSS_TOL and r["param_diff"] <= PARAM_TOL, r
 
 
 def _free_port():
@@ -102,16 +151,17 @@ def _processes(mode, n, path, out):
     assert p.returncode == 0, log[-3000:]
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_device_and_checkpoints_move_between_process_counts(tmp_path):
   config = _distributed_run.configs()["llama"]
   ref_loss, ref = _distributed_run.run(config, "lora", None, tmp_path / "ref")
 
   _processes("host", 2, tmp_path / "multi", tmp_path / "multi.npz")
   got = np.load(tmp_path / "multi.npz")
-  assert abs(float(got["loss"]) - ref_loss) <= TOL
+  assert abs(float(got["loss"]) - ref_loss) <= LOSS_TOL
   values = [got[f"arr_{i}"] for i in range(len(ref))]
   for a, b in zip(values, ref):
-    assert np.max(np.abs(a - b)) <= TOL
+    assert np.max(np.abs(a - b)) <= PARAM_TOL
 
   # Saved by 2 processes, restored by 1 (with 2 devices): the same values.
   subprocess.run([sys.executable, str(HERE / "_distributed_run.py"), "restore", "0", "1", "0",
@@ -128,6 +178,7 @@ def test_two_processes_equal_one_device_and_checkpoints_move_between_process_cou
     np.testing.assert_array_equal(two[f"arr_{i}"], v)
 
 
+@pytest.mark.slow
 def test_the_cli_runs_on_two_processes_and_only_process_0_writes(tmp_path):
   import os
 

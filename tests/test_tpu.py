@@ -24,243 +24,243 @@ SWEEP = CONFIG + "def get_sweep():\n    return ['method=lora,rank=16,lr=3e-4', '
 
 
 def dry(module, argv, capsys):
-    """Run a command's main with --dry-run and return the printed commands (comment lines dropped), split."""
-    module.main([*argv, "--dry-run"])
-    out = capsys.readouterr().out
-    return [shlex.split(line) for line in out.splitlines() if not line.startswith("#")]
+  """Run a command's main with --dry-run and return the printed commands (comment lines dropped), split."""
+  module.main([*argv, "--dry-run"])
+  out = capsys.readouterr().out
+  return [shlex.split(line) for line in out.splitlines() if not line.startswith("#")]
 
 
 def error(module, argv, capsys) -> str:
-    """Run a command's main expecting an argparse error; return its stderr."""
-    with pytest.raises(SystemExit) as e:
-        module.main([*argv, "--dry-run"])
-    assert e.value.code == 2
-    return capsys.readouterr().err
+  """Run a command's main expecting an argparse error; return its stderr."""
+  with pytest.raises(SystemExit) as e:
+    module.main([*argv, "--dry-run"])
+  assert e.value.code == 2
+  return capsys.readouterr().err
 
 
 def remote(cmd: list[str]) -> str:
-    """The shell string an ssh command runs on the workers, checked to be valid bash."""
-    assert cmd[:7] == [*TPU, "tpu-vm", "ssh", "lora-v5e-16", "--worker=all"] and ZONE in cmd
-    assert cmd[-2] == "--command"
-    subprocess.run(["bash", "-n", "-c", cmd[-1]], check=True)
-    return cmd[-1]
+  """The shell string an ssh command runs on the workers, checked to be valid bash."""
+  assert cmd[:7] == [*TPU, "tpu-vm", "ssh", "lora-v5e-16", "--worker=all"] and ZONE in cmd
+  assert cmd[-2] == "--command"
+  subprocess.run(["bash", "-n", "-c", cmd[-1]], check=True)
+  return cmd[-1]
 
 
 def pinned_jax() -> str:
-    (version,) = re.findall(r"^jax==(\S+)", (ROOT / "requirements.txt").read_text(), flags=re.M)
-    return version
+  (version,) = re.findall(r"^jax==(\S+)", (ROOT / "requirements.txt").read_text(), flags=re.M)
+  return version
 
 
 @pytest.fixture(autouse=True)
 def local_tempdir(tmp_path, monkeypatch):
-    """Keep the files the commands write locally (sweep scripts) inside the test's directory."""
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+  """Keep the files the commands write locally (sweep scripts) inside the test's directory."""
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
 
 @pytest.fixture
 def config_file(tmp_path):
-    path = tmp_path / "lr_sweep.py"
-    path.write_text(SWEEP)
-    return path
+  path = tmp_path / "lr_sweep.py"
+  path.write_text(SWEEP)
+  return path
 
 
 @pytest.fixture
 def fake_gcloud(tmp_path, monkeypatch):
-    """A `gcloud` on PATH that records its argv (one JSON list a line) and reports queued resources ACTIVE."""
-    log = tmp_path / "gcloud_calls.jsonl"
-    script = tmp_path / "bin" / "gcloud"
-    script.parent.mkdir()
-    script.write_text(f"#!{sys.executable}\nimport json, sys\n"
-                      f"open({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
-                      "if 'describe' in sys.argv: print('ACTIVE')\n")
-    script.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{script.parent}{os.pathsep}{os.environ['PATH']}")
-    return lambda: [["gcloud", *json.loads(line)] for line in log.read_text().splitlines()]
+  """A `gcloud` on PATH that records its argv (one JSON list a line) and reports queued resources ACTIVE."""
+  log = tmp_path / "gcloud_calls.jsonl"
+  script = tmp_path / "bin" / "gcloud"
+  script.parent.mkdir()
+  script.write_text(f"#!{sys.executable}\nimport json, sys\n"
+                    f"open({str(log)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
+                    "if 'describe' in sys.argv: print('ACTIVE')\n")
+  script.chmod(0o755)
+  monkeypatch.setenv("PATH", f"{script.parent}{os.pathsep}{os.environ['PATH']}")
+  return lambda: [["gcloud", *json.loads(line)] for line in log.read_text().splitlines()]
 
 
 # ----------------------------------------------------------------------------------------------- create / delete
 def test_create_tpu_vm(capsys):
-    cmds = dry(create, [*NODE, "--accelerator", "v5litepod-16", "--version", "tpu-ubuntu2204-base", "--spot",
-                        "--project", "my-proj"], capsys)
-    assert cmds == [[*TPU, "tpu-vm", "create", "lora-v5e-16", "--accelerator-type=v5litepod-16",
-                     "--version=tpu-ubuntu2204-base", "--spot", ZONE, "--project=my-proj"]]
+  cmds = dry(create, [*NODE, "--accelerator", "v5litepod-16", "--version", "tpu-ubuntu2204-base", "--spot",
+                      "--project", "my-proj"], capsys)
+  assert cmds == [[*TPU, "tpu-vm", "create", "lora-v5e-16", "--accelerator-type=v5litepod-16",
+                   "--version=tpu-ubuntu2204-base", "--spot", ZONE, "--project=my-proj"]]
 
 
 @pytest.mark.parametrize("accelerator, version", [("v5litepod-16", "v2-alpha-tpuv5-lite"), ("v5p-32", "v2-alpha-tpuv5"),
                                                   ("v6e-8", "v2-alpha-tpuv6e"), ("v4-8", "tpu-ubuntu2204-base")])
 def test_create_default_version(accelerator, version, capsys):
-    (cmd,) = dry(create, [*NODE, "--accelerator", accelerator], capsys)
-    assert f"--version={version}" in cmd and "--spot" not in cmd
+  (cmd,) = dry(create, [*NODE, "--accelerator", accelerator], capsys)
+  assert f"--version={version}" in cmd and "--spot" not in cmd
 
 
 def test_create_queued_then_waits(capsys):
-    cmds = dry(create, [*NODE, "--accelerator", "v5litepod-16", "--queued", "--spot"], capsys)
-    assert cmds == [[*TPU, "queued-resources", "create", "lora-v5e-16", "--node-id=lora-v5e-16",
-                     "--accelerator-type=v5litepod-16", "--runtime-version=v2-alpha-tpuv5-lite", "--spot", ZONE],
-                    [*TPU, "queued-resources", "describe", "lora-v5e-16", "--format=value(state.state)", ZONE]]
+  cmds = dry(create, [*NODE, "--accelerator", "v5litepod-16", "--queued", "--spot"], capsys)
+  assert cmds == [[*TPU, "queued-resources", "create", "lora-v5e-16", "--node-id=lora-v5e-16",
+                   "--accelerator-type=v5litepod-16", "--runtime-version=v2-alpha-tpuv5-lite", "--spot", ZONE],
+                  [*TPU, "queued-resources", "describe", "lora-v5e-16", "--format=value(state.state)", ZONE]]
 
 
 def test_create_queued_runs_with_gcloud(fake_gcloud):
-    create.main([*NODE, "--accelerator", "v4-8", "--queued", "--poll-interval", "0"])
-    calls = fake_gcloud()
-    assert [c[4] for c in calls] == ["create", "describe"]
+  create.main([*NODE, "--accelerator", "v4-8", "--queued", "--poll-interval", "0"])
+  calls = fake_gcloud()
+  assert [c[4] for c in calls] == ["create", "describe"]
 
 
 class FakeGcloud:
-    """Stands in for subprocess.run in create: answers describe with the given states, one per call."""
+  """Stands in for subprocess.run in create: answers describe with the given states, one per call."""
 
-    def __init__(self, states):
-        self.states, self.calls = list(states), 0
+  def __init__(self, states):
+    self.states, self.calls = list(states), 0
 
-    def __call__(self, cmd, **kwargs):
-        self.calls += 1
-        assert cmd[3:5] == ["queued-resources", "describe"]
-        return subprocess.CompletedProcess(cmd, 0, stdout=self.states.pop(0) + "\n", stderr="")
+  def __call__(self, cmd, **kwargs):
+    self.calls += 1
+    assert cmd[3:5] == ["queued-resources", "describe"]
+    return subprocess.CompletedProcess(cmd, 0, stdout=self.states.pop(0) + "\n", stderr="")
 
 
 def queued_args():
-    return argparse.Namespace(name="lora-v5e-16", zone="us-west4-a", project=None, dry_run=False)
+  return argparse.Namespace(name="lora-v5e-16", zone="us-west4-a", project=None, dry_run=False)
 
 
 def test_wait_active_polls_until_active(monkeypatch):
-    fake = FakeGcloud(["WAITING_FOR_RESOURCES", "PROVISIONING", "ACTIVE"])
-    monkeypatch.setattr(create.subprocess, "run", fake)
-    sleeps = []
-    create.wait_active(queued_args(), timeout_s=100, interval_s=5, sleep=sleeps.append)
-    assert fake.calls == 3 and sleeps == [5, 5]
+  fake = FakeGcloud(["WAITING_FOR_RESOURCES", "PROVISIONING", "ACTIVE"])
+  monkeypatch.setattr(create.subprocess, "run", fake)
+  sleeps = []
+  create.wait_active(queued_args(), timeout_s=100, interval_s=5, sleep=sleeps.append)
+  assert fake.calls == 3 and sleeps == [5, 5]
 
 
 def test_wait_active_fails_on_failed_state(monkeypatch):
-    monkeypatch.setattr(create.subprocess, "run", FakeGcloud(["WAITING_FOR_RESOURCES", "FAILED"]))
-    with pytest.raises(SystemExit, match="is FAILED; delete it with `python -m tpu.delete .* --queued`"):
-        create.wait_active(queued_args(), timeout_s=100, interval_s=1, sleep=lambda s: None)
+  monkeypatch.setattr(create.subprocess, "run", FakeGcloud(["WAITING_FOR_RESOURCES", "FAILED"]))
+  with pytest.raises(SystemExit, match="is FAILED; delete it with `python -m tpu.delete .* --queued`"):
+    create.wait_active(queued_args(), timeout_s=100, interval_s=1, sleep=lambda s: None)
 
 
 def test_wait_active_times_out(monkeypatch):
-    monkeypatch.setattr(create.subprocess, "run", FakeGcloud(["WAITING_FOR_RESOURCES"] * 10))
-    clock = iter(range(0, 1000, 30)).__next__  # 30 s per tick
-    with pytest.raises(SystemExit, match="still WAITING_FOR_RESOURCES after 100s"):
-        create.wait_active(queued_args(), timeout_s=100, interval_s=30, sleep=lambda s: None, clock=clock)
+  monkeypatch.setattr(create.subprocess, "run", FakeGcloud(["WAITING_FOR_RESOURCES"] * 10))
+  clock = iter(range(0, 1000, 30)).__next__  # 30 s per tick
+  with pytest.raises(SystemExit, match="still WAITING_FOR_RESOURCES after 100s"):
+    create.wait_active(queued_args(), timeout_s=100, interval_s=30, sleep=lambda s: None, clock=clock)
 
 
 def test_delete(capsys):
-    assert dry(delete, NODE, capsys) == [[*TPU, "tpu-vm", "delete", "lora-v5e-16", "--quiet", ZONE]]
-    assert dry(delete, [*NODE, "--queued"], capsys) == [
-        [*TPU, "queued-resources", "delete", "lora-v5e-16", "--force", "--quiet", ZONE]]
+  assert dry(delete, NODE, capsys) == [[*TPU, "tpu-vm", "delete", "lora-v5e-16", "--quiet", ZONE]]
+  assert dry(delete, [*NODE, "--queued"], capsys) == [
+      [*TPU, "queued-resources", "delete", "lora-v5e-16", "--force", "--quiet", ZONE]]
 
 
 # ----------------------------------------------------------------------------------------------- setup
 def test_setup_clone(capsys):
-    cmds = dry(setup, [*NODE, "--repo", "https://github.com/me/lora_jax.git", "--ref", "v1.0"], capsys)
-    steps = [remote(cmd) for cmd in cmds]
-    assert steps[0] == ("rm -rf ~/lora_jax && git clone --quiet https://github.com/me/lora_jax.git ~/lora_jax"
-                        " && git -C ~/lora_jax checkout --quiet v1.0")
-    assert all(s.startswith("cd ~/lora_jax && ") for s in steps[1:])
-    assert "uv venv --seed --python 3.11 .venv" in steps[1]
-    assert steps[2:5] == ["cd ~/lora_jax && .venv/bin/pip install -r requirements.txt -r requirements-cloud.txt",
-                          f"cd ~/lora_jax && .venv/bin/pip install 'jax[tpu]=={pinned_jax()}'",
-                          "cd ~/lora_jax && .venv/bin/pip install --no-deps -e ."]
-    assert "jax.default_backend() == \"tpu\"" in steps[5]
+  cmds = dry(setup, [*NODE, "--repo", "https://github.com/me/lora_jax.git", "--ref", "v1.0"], capsys)
+  steps = [remote(cmd) for cmd in cmds]
+  assert steps[0] == ("rm -rf ~/lora_jax && git clone --quiet https://github.com/me/lora_jax.git ~/lora_jax"
+                      " && git -C ~/lora_jax checkout --quiet v1.0")
+  assert all(s.startswith("cd ~/lora_jax && ") for s in steps[1:])
+  assert "uv venv --seed --python 3.11 .venv" in steps[1]
+  assert steps[2:5] == ["cd ~/lora_jax && .venv/bin/pip install -r requirements.txt -r requirements-cloud.txt",
+                        f"cd ~/lora_jax && .venv/bin/pip install 'jax[tpu]=={pinned_jax()}'",
+                        "cd ~/lora_jax && .venv/bin/pip install --no-deps -e ."]
+  assert "jax.default_backend() == \"tpu\"" in steps[5]
 
 
 def test_setup_upload(capsys):
-    cmds = dry(setup, [*NODE, "--upload"], capsys)
-    archive = cmds[0][cmds[0].index("archive") + 2].removeprefix("--output=")
-    assert cmds[0] == ["git", "-C", str(ROOT), "archive", "--format=tar.gz", f"--output={archive}", "HEAD"]
-    assert cmds[1] == [*TPU, "tpu-vm", "scp", archive, "lora-v5e-16:lora_jax.tar.gz", "--worker=all", ZONE]
-    assert "tar -xzf ~/lora_jax.tar.gz -C ~/lora_jax" in remote(cmds[2])
-    assert cmds[3:] == dry(setup, [*NODE, "--repo", "u"], capsys)[1:]  # same install steps either way
+  cmds = dry(setup, [*NODE, "--upload"], capsys)
+  archive = cmds[0][cmds[0].index("archive") + 2].removeprefix("--output=")
+  assert cmds[0] == ["git", "-C", str(ROOT), "archive", "--format=tar.gz", f"--output={archive}", "HEAD"]
+  assert cmds[1] == [*TPU, "tpu-vm", "scp", archive, "lora-v5e-16:lora_jax.tar.gz", "--worker=all", ZONE]
+  assert "tar -xzf ~/lora_jax.tar.gz -C ~/lora_jax" in remote(cmds[2])
+  assert cmds[3:] == dry(setup, [*NODE, "--repo", "u"], capsys)[1:]  # same install steps either way
 
 
 def test_setup_needs_a_source(capsys):
-    assert "one of the arguments --repo --upload is required" in error(setup, NODE, capsys)
+  assert "one of the arguments --repo --upload is required" in error(setup, NODE, capsys)
 
 
 def test_jax_version_is_read_from_requirements(tmp_path):
-    assert common.jax_version() == pinned_jax()
-    req = tmp_path / "requirements.txt"
-    req.write_text("jaxlib==9.9\njax == 1.2.3  # comment\n")
-    assert common.jax_version(req) == "1.2.3"
-    req.write_text("jaxlib==9.9\n")
-    with pytest.raises(ValueError, match="no 'jax==VERSION' pin"):
-        common.jax_version(req)
+  assert common.jax_version() == pinned_jax()
+  req = tmp_path / "requirements.txt"
+  req.write_text("jaxlib==9.9\njax == 1.2.3  # comment\n")
+  assert common.jax_version(req) == "1.2.3"
+  req.write_text("jaxlib==9.9\n")
+  with pytest.raises(ValueError, match="no 'jax==VERSION' pin"):
+    common.jax_version(req)
 
 
 # ----------------------------------------------------------------------------------------------- run / sweep
 def test_run(config_file, capsys):
-    (cmd,) = dry(run, [*NODE, "--config", f"{config_file}:method=lora,rank=16", "--workdir", "gs://b/runs/r1",
-                       "--config.optim.lr=1e-3"], capsys)
-    assert remote(cmd) == (
-        f"cd ~/lora_jax && nohup .venv/bin/python -m experiments.main --config={config_file}:method=lora,rank=16"
-        " --workdir=gs://b/runs/r1 --config.optim.lr=1e-3 > ~/lora_jax_run.log 2>&1 < /dev/null &")
+  (cmd,) = dry(run, [*NODE, "--config", f"{config_file}:method=lora,rank=16", "--workdir", "gs://b/runs/r1",
+                     "--config.optim.lr=1e-3"], capsys)
+  assert remote(cmd) == (
+      f"cd ~/lora_jax && nohup .venv/bin/python -m experiments.main --config={config_file}:method=lora,rank=16"
+      " --workdir=gs://b/runs/r1 --config.optim.lr=1e-3 > ~/lora_jax_run.log 2>&1 < /dev/null &")
 
 
 def test_run_rejects_unknown_flags(config_file, capsys):
-    err = error(run, [*NODE, "--config", f"{config_file}:x", "--workdir", "gs://b/r", "--config.lr", "1"], capsys)
-    assert "unrecognized arguments: --config.lr 1 (config overrides take the form --config.KEY=VALUE)" in err
+  err = error(run, [*NODE, "--config", f"{config_file}:x", "--workdir", "gs://b/r", "--config.lr", "1"], capsys)
+  assert "unrecognized arguments: --config.lr 1 (config overrides take the form --config.KEY=VALUE)" in err
 
 
 def test_run_executes_with_gcloud(config_file, fake_gcloud, capsys):
-    argv = [*NODE, "--config", f"{config_file}:tiny", "--workdir", "gs://b/r"]
-    expected = dry(run, argv, capsys)
-    run.main(argv)
-    assert fake_gcloud() == expected
+  argv = [*NODE, "--config", f"{config_file}:tiny", "--workdir", "gs://b/r"]
+  expected = dry(run, argv, capsys)
+  run.main(argv)
+  assert fake_gcloud() == expected
 
 
 def test_config_path_made_repo_relative(tmp_path, monkeypatch):
-    monkeypatch.setattr(common, "ROOT", tmp_path)
-    (tmp_path / "experiments").mkdir()
-    (tmp_path / "experiments" / "c.py").write_text(CONFIG)
-    assert common.config_arg(f"{tmp_path}/experiments/c.py:a=1,b=2") == "experiments/c.py:a=1,b=2"
+  monkeypatch.setattr(common, "ROOT", tmp_path)
+  (tmp_path / "experiments").mkdir()
+  (tmp_path / "experiments" / "c.py").write_text(CONFIG)
+  assert common.config_arg(f"{tmp_path}/experiments/c.py:a=1,b=2") == "experiments/c.py:a=1,b=2"
 
 
 def test_sweep(config_file, capsys):
-    sweep.main([*NODE, "--config", str(config_file), "--workdir-root", "gs://b/sweep/", "--config.seed=1",
-                "--dry-run"])
-    out = capsys.readouterr().out.splitlines()
-    points = [shlex.split(line.removeprefix("#   ").split(" || ")[0]) for line in out if "experiments.main" in line]
-    assert [p[3:] for p in points] == [
-        [f"--config={config_file}:method=lora,rank=16,lr=3e-4", "--workdir=gs://b/sweep/method=lora_rank=16_lr=3e-4",
-         "--config.seed=1"],
-        [f"--config={config_file}:method=full,lr=1e-5", "--workdir=gs://b/sweep/method=full_lr=1e-5",
-         "--config.seed=1"],
-        [f"--config={config_file}:tiny", "--workdir=gs://b/sweep/tiny", "--config.seed=1"]]
-    scp, ssh = [shlex.split(line) for line in out if not line.startswith("#")]
-    local = Path(scp[5])
-    assert local.parent == Path(tempfile.gettempdir())
-    assert scp == [*TPU, "tpu-vm", "scp", str(local), "lora-v5e-16:lora_jax_sweep.sh", "--worker=all", ZONE]
-    assert remote(ssh) == "cd ~/lora_jax && nohup bash ~/lora_jax_sweep.sh > ~/lora_jax_run.log 2>&1 < /dev/null &"
-    script = local.read_text()  # the uploaded script is what was printed, and valid bash
-    assert [f"#   {line}" for line in script.splitlines()] == out[1:-2]
-    subprocess.run(["bash", "-n", str(local)], check=True)
+  sweep.main([*NODE, "--config", str(config_file), "--workdir-root", "gs://b/sweep/", "--config.seed=1",
+              "--dry-run"])
+  out = capsys.readouterr().out.splitlines()
+  points = [shlex.split(line.removeprefix("#   ").split(" || ")[0]) for line in out if "experiments.main" in line]
+  assert [p[3:] for p in points] == [
+      [f"--config={config_file}:method=lora,rank=16,lr=3e-4", "--workdir=gs://b/sweep/method=lora_rank=16_lr=3e-4",
+       "--config.seed=1"],
+      [f"--config={config_file}:method=full,lr=1e-5", "--workdir=gs://b/sweep/method=full_lr=1e-5",
+       "--config.seed=1"],
+      [f"--config={config_file}:tiny", "--workdir=gs://b/sweep/tiny", "--config.seed=1"]]
+  scp, ssh = [shlex.split(line) for line in out if not line.startswith("#")]
+  local = Path(scp[5])
+  assert local.parent == Path(tempfile.gettempdir())
+  assert scp == [*TPU, "tpu-vm", "scp", str(local), "lora-v5e-16:lora_jax_sweep.sh", "--worker=all", ZONE]
+  assert remote(ssh) == "cd ~/lora_jax && nohup bash ~/lora_jax_sweep.sh > ~/lora_jax_run.log 2>&1 < /dev/null &"
+  script = local.read_text()  # the uploaded script is what was printed, and valid bash
+  assert [f"#   {line}" for line in script.splitlines()] == out[1:-2]
+  subprocess.run(["bash", "-n", str(local)], check=True)
 
 
 def test_sweep_script_runs_points_in_order_and_counts_failures(tmp_path):
-    script = sweep.sweep_script("c.py", ["a=1", "b=2"], "gs://b/s", [])
-    venv = tmp_path / ".venv" / "bin"
-    venv.mkdir(parents=True)  # a fake python: records its args, fails for point b=2
-    (venv / "python").write_text("#!/bin/sh\necho \"$@\" >> calls.txt\ncase \"$*\" in *b=2*) exit 3;; esac\n")
-    (venv / "python").chmod(0o755)
-    result = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True)
-    assert result.returncode == 1
-    assert "point b=2 FAILED" in result.stdout and "done: 1 of 2 point(s) failed" in result.stdout
-    assert (tmp_path / "calls.txt").read_text().splitlines() == [
-        "-m experiments.main --config=c.py:a=1 --workdir=gs://b/s/a=1",
-        "-m experiments.main --config=c.py:b=2 --workdir=gs://b/s/b=2"]
+  script = sweep.sweep_script("c.py", ["a=1", "b=2"], "gs://b/s", [])
+  venv = tmp_path / ".venv" / "bin"
+  venv.mkdir(parents=True)  # a fake python: records its args, fails for point b=2
+  (venv / "python").write_text("#!/bin/sh\necho \"$@\" >> calls.txt\ncase \"$*\" in *b=2*) exit 3;; esac\n")
+  (venv / "python").chmod(0o755)
+  result = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True)
+  assert result.returncode == 1
+  assert "point b=2 FAILED" in result.stdout and "done: 1 of 2 point(s) failed" in result.stdout
+  assert (tmp_path / "calls.txt").read_text().splitlines() == [
+      "-m experiments.main --config=c.py:a=1 --workdir=gs://b/s/a=1",
+      "-m experiments.main --config=c.py:b=2 --workdir=gs://b/s/b=2"]
 
 
 def test_sweep_only(config_file, capsys):
-    sweep.main([*NODE, "--config", str(config_file), "--workdir-root", "gs://b/s", "--only", "2", "--only", "0",
-                "--dry-run"])
-    workdirs = re.findall(r"--workdir=(\S+)", capsys.readouterr().out)
-    assert workdirs == ["gs://b/s/tiny", "gs://b/s/method=lora_rank=16_lr=3e-4"]
+  sweep.main([*NODE, "--config", str(config_file), "--workdir-root", "gs://b/s", "--only", "2", "--only", "0",
+              "--dry-run"])
+  workdirs = re.findall(r"--workdir=(\S+)", capsys.readouterr().out)
+  assert workdirs == ["gs://b/s/tiny", "gs://b/s/method=lora_rank=16_lr=3e-4"]
 
 
 @pytest.mark.parametrize("arg, name", [("method=lora,rank=16,lr=3e-4", "method=lora_rank=16_lr=3e-4"),
                                        ("model=gpt2 small/x", "model=gpt2-small-x"), ("", "default"),
                                        (",", "default")])
 def test_point_name(arg, name):
-    assert sweep.point_name(arg) == name
+  assert sweep.point_name(arg) == name
 
 
 @pytest.mark.parametrize("body, message", [
@@ -269,51 +269,51 @@ def test_point_name(arg, name):
     (CONFIG + "def get_sweep():\n    return ['a b', 'a/b']\n", "map to the same workdir name(s) ['a-b']"),
 ])
 def test_sweep_errors(body, message, tmp_path, capsys):
-    path = tmp_path / "c.py"
-    path.write_text(body)
-    assert message in error(sweep, [*NODE, "--config", str(path), "--workdir-root", "gs://b/s"], capsys)
+  path = tmp_path / "c.py"
+  path.write_text(body)
+  assert message in error(sweep, [*NODE, "--config", str(path), "--workdir-root", "gs://b/s"], capsys)
 
 
 def test_sweep_argument_errors(config_file, capsys):
-    base = [*NODE, "--workdir-root", "gs://b/s"]
-    assert "give the file only" in error(sweep, [*base, "--config", f"{config_file}:x"], capsys)
-    assert "--only [3] out of range: the sweep has 3 points (0..2)" in error(
-        sweep, [*base, "--config", str(config_file), "--only", "3"], capsys)
+  base = [*NODE, "--workdir-root", "gs://b/s"]
+  assert "give the file only" in error(sweep, [*base, "--config", f"{config_file}:x"], capsys)
+  assert "--only [3] out of range: the sweep has 3 points (0..2)" in error(
+      sweep, [*base, "--config", str(config_file), "--only", "3"], capsys)
 
 
 # ----------------------------------------------------------------------------------------------- logs / copy
 def test_logs(capsys):
-    assert dry(logs, NODE, capsys) == [[*TPU, "tpu-vm", "ssh", "lora-v5e-16", "--worker=0", ZONE, "--command",
-                                        "tail -n 100 ~/lora_jax_run.log"]]
-    (cmd,) = dry(logs, [*NODE, "--worker", "all", "--follow", "--lines", "20"], capsys)
-    assert remote(cmd) == "tail -n 20 -F ~/lora_jax_run.log"
-    assert "invalid worker 'x'" in error(logs, [*NODE, "--worker", "x"], capsys)
+  assert dry(logs, NODE, capsys) == [[*TPU, "tpu-vm", "ssh", "lora-v5e-16", "--worker=0", ZONE, "--command",
+                                      "tail -n 100 ~/lora_jax_run.log"]]
+  (cmd,) = dry(logs, [*NODE, "--worker", "all", "--follow", "--lines", "20"], capsys)
+  assert remote(cmd) == "tail -n 20 -F ~/lora_jax_run.log"
+  assert "invalid worker 'x'" in error(logs, [*NODE, "--worker", "x"], capsys)
 
 
 def test_copy(capsys):
-    assert dry(copy, ["--from", "gs://b/sweep", "--to", "runs/sweep"], capsys) == [
-        ["gcloud", "storage", "rsync", "--recursive", "gs://b/sweep", "runs/sweep"]]
-    assert dry(copy, ["--from", "runs/x", "--to", "gs://b/x", "--gsutil"], capsys) == [
-        ["gsutil", "-m", "rsync", "-r", "runs/x", "gs://b/x"]]
-    assert "neither --from 'a' nor --to 'b' is a gs:// path" in error(copy, ["--from", "a", "--to", "b"], capsys)
+  assert dry(copy, ["--from", "gs://b/sweep", "--to", "runs/sweep"], capsys) == [
+      ["gcloud", "storage", "rsync", "--recursive", "gs://b/sweep", "runs/sweep"]]
+  assert dry(copy, ["--from", "runs/x", "--to", "gs://b/x", "--gsutil"], capsys) == [
+      ["gsutil", "-m", "rsync", "-r", "runs/x", "gs://b/x"]]
+  assert "neither --from 'a' nor --to 'b' is a gs:// path" in error(copy, ["--from", "a", "--to", "b"], capsys)
 
 
 # ----------------------------------------------------------------------------------------------- gpu_launch
 def test_gpu_launch_sets_environment_and_execs():
-    code = ("import os; print(*(os.environ[k] for k in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', "
-            "'JAX_PROCESS_ID', 'CUDA_VISIBLE_DEVICES')))")
-    result = subprocess.run([sys.executable, "-m", "tpu.gpu_launch", "--nodes", "4", "--node-rank", "2",
-                             "--coordinator", "10.0.0.2:1234", "--gpus-per-node", "8", "--",
-                             sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert result.stdout.split() == ["10.0.0.2:1234", "4", "2", "0,1,2,3,4,5,6,7"]
+  code = ("import os; print(*(os.environ[k] for k in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', "
+          "'JAX_PROCESS_ID', 'CUDA_VISIBLE_DEVICES')))")
+  result = subprocess.run([sys.executable, "-m", "tpu.gpu_launch", "--nodes", "4", "--node-rank", "2",
+                           "--coordinator", "10.0.0.2:1234", "--gpus-per-node", "8", "--",
+                           sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+  assert result.stdout.split() == ["10.0.0.2:1234", "4", "2", "0,1,2,3,4,5,6,7"]
 
 
 def test_gpu_launch_dry_run(capsys):
-    gpu_launch.main(["--nodes", "2", "--node-rank", "0", "--coordinator", "node0:1234", "--dry-run", "--",
-                     "python", "-m", "experiments.main", "--config=c.py:x"])
-    assert shlex.split(capsys.readouterr().out) == [
-        "env", "JAX_COORDINATOR_ADDRESS=node0:1234", "JAX_NUM_PROCESSES=2", "JAX_PROCESS_ID=0",
-        "python", "-m", "experiments.main", "--config=c.py:x"]
+  gpu_launch.main(["--nodes", "2", "--node-rank", "0", "--coordinator", "node0:1234", "--dry-run", "--",
+                   "python", "-m", "experiments.main", "--config=c.py:x"])
+  assert shlex.split(capsys.readouterr().out) == [
+      "env", "JAX_COORDINATOR_ADDRESS=node0:1234", "JAX_NUM_PROCESSES=2", "JAX_PROCESS_ID=0",
+      "python", "-m", "experiments.main", "--config=c.py:x"]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -323,65 +323,65 @@ def test_gpu_launch_dry_run(capsys):
     (["--nodes", "0", "--node-rank", "0", "--coordinator", "h:1"], "--nodes must be at least 1"),
 ])
 def test_gpu_launch_errors(argv, message, capsys):
-    assert message in error(gpu_launch, [*argv, "--", "true"], capsys)
+  assert message in error(gpu_launch, [*argv, "--", "true"], capsys)
 
 
 def test_gpu_launch_needs_a_command(capsys):
-    assert "no command: put it after `--`" in error(gpu_launch, ["--nodes", "1", "--node-rank", "0",
-                                                                 "--coordinator", "h:1"], capsys)
+  assert "no command: put it after `--`" in error(gpu_launch, ["--nodes", "1", "--node-rank", "0",
+                                                               "--coordinator", "h:1"], capsys)
 
 
 # ----------------------------------------------------------------------------------------------- validation
 @pytest.mark.parametrize("name", ["Lora", "1lora", "lora-", "lora_v5e", "a" * 64, ""])
 def test_bad_tpu_names(name, capsys):
-    assert f"invalid TPU name {name!r}" in error(delete, ["--name", name, "--zone", "us-west4-a"], capsys)
+  assert f"invalid TPU name {name!r}" in error(delete, ["--name", name, "--zone", "us-west4-a"], capsys)
 
 
 @pytest.mark.parametrize("name", ["a", "lora-v5e-16", "a" * 63])
 def test_good_tpu_names(name):
-    assert common.tpu_name(name) == name
+  assert common.tpu_name(name) == name
 
 
 @pytest.mark.parametrize("accelerator", ["v4-8", "v5litepod-16", "v5p-32", "v6e-8", "v2-512"])
 def test_good_accelerators(accelerator):
-    assert common.accelerator_type(accelerator) == accelerator
+  assert common.accelerator_type(accelerator) == accelerator
 
 
 @pytest.mark.parametrize("accelerator", ["v5litepod", "tpu-8", "v5e_8", "V4-8", "v4-8x"])
 def test_bad_accelerators(accelerator, capsys):
-    err = error(create, [*NODE, "--accelerator", accelerator], capsys)
-    assert f"invalid accelerator type {accelerator!r}" in err and "v5litepod-16" in err
+  err = error(create, [*NODE, "--accelerator", accelerator], capsys)
+  assert f"invalid accelerator type {accelerator!r}" in err and "v5litepod-16" in err
 
 
 def test_bad_zone(capsys):
-    assert "invalid zone 'us-west4'" in error(delete, ["--name", "a", "--zone", "us-west4"], capsys)
+  assert "invalid zone 'us-west4'" in error(delete, ["--name", "a", "--zone", "us-west4"], capsys)
 
 
 @pytest.mark.parametrize("module, flag", [(run, "--workdir"), (sweep, "--workdir-root")])
 def test_workdir_must_be_on_gcs(module, flag, config_file, capsys):
-    config = [str(config_file)] if module is sweep else [f"{config_file}:tiny"]
-    argv = [*NODE, "--config", *config, flag, "/home/me/runs"]
-    assert "workdir '/home/me/runs' is not a gs:// path" in error(module, argv, capsys)
-    module.main([*argv, "--allow-local-workdir", "--dry-run"])
-    assert "--workdir=/home/me/runs" in capsys.readouterr().out
+  config = [str(config_file)] if module is sweep else [f"{config_file}:tiny"]
+  argv = [*NODE, "--config", *config, flag, "/home/me/runs"]
+  assert "workdir '/home/me/runs' is not a gs:// path" in error(module, argv, capsys)
+  module.main([*argv, "--allow-local-workdir", "--dry-run"])
+  assert "--workdir=/home/me/runs" in capsys.readouterr().out
 
 
 def test_config_must_exist_and_define_get_config(tmp_path, capsys):
-    argv = [*NODE, "--workdir", "gs://b/r", "--config"]
-    assert "config file 'nope.py' not found" in error(run, [*argv, "nope.py:x"], capsys)
-    (tmp_path / "c.py").write_text("x = 1\n")
-    assert "does not define get_config()" in error(run, [*argv, f"{tmp_path}/c.py:x"], capsys)
+  argv = [*NODE, "--workdir", "gs://b/r", "--config"]
+  assert "config file 'nope.py' not found" in error(run, [*argv, "nope.py:x"], capsys)
+  (tmp_path / "c.py").write_text("x = 1\n")
+  assert "does not define get_config()" in error(run, [*argv, f"{tmp_path}/c.py:x"], capsys)
 
 
 # ----------------------------------------------------------------------------------------------- execution
 def test_execute_streams_and_stops_at_first_failure(tmp_path, capfd):
-    marker = tmp_path / "ran"
-    with pytest.raises(SystemExit, match=r"command failed with exit code 3: sh -c 'echo hi; exit 3'"):
-        common.execute([["sh", "-c", "echo hi; exit 3"], ["touch", str(marker)]], dry_run=False)
-    assert "hi" in capfd.readouterr().out and not marker.exists()
+  marker = tmp_path / "ran"
+  with pytest.raises(SystemExit, match=r"command failed with exit code 3: sh -c 'echo hi; exit 3'"):
+    common.execute([["sh", "-c", "echo hi; exit 3"], ["touch", str(marker)]], dry_run=False)
+  assert "hi" in capfd.readouterr().out and not marker.exists()
 
 
 def test_missing_gcloud_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(SystemExit, match="command not found: 'gcloud'"):
-        delete.main(NODE)
+  monkeypatch.setenv("PATH", str(tmp_path))
+  with pytest.raises(SystemExit, match="command not found: 'gcloud'"):
+    delete.main(NODE)

@@ -26,14 +26,34 @@ def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(out)
 
 
+# Module names (and the embed/unembed presets) that `rank_pattern` / `alpha_pattern` have a config field for, so
+# `--config.lora.rank_pattern.k_proj=32` works on a locked config. A kernel matches at most one of them, so their
+# order does not matter; regex patterns need `lora.LoraSpec(rank_pattern=...)` itself.
+PATTERN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed", "unembed")
+
+
 def lora_defaults(rank: int = 16) -> ml_collections.ConfigDict:
   """Every ``lora.LoraSpec`` field (see its comments and the README's table), adapting every weight matrix incl.
   the unembedding as the study's main runs did; alpha 32, alpha/r, uniform A and B = 0 are the spec's defaults."""
   fields = lora.LoraSpec(rank=rank, targets=("all-linear", "unembed")).to_dict()
   config = ml_collections.ConfigDict({k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()
-                                      if k != "layers"})
+                                      if k not in ("layers", "rank_pattern", "alpha_pattern")})
   config.layers = ml_collections.config_dict.placeholder(tuple)  # None = every layer.
+  config.rank_pattern = _per_module(int)  # Rank of a module (e.g. rank_pattern.k_proj=32); None = `rank`.
+  config.alpha_pattern = _per_module(float)  # Alpha of a module; None = `alpha`.
   return config
+
+
+def _per_module(kind: type) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({name: ml_collections.config_dict.placeholder(kind) for name in PATTERN_MODULES})
+
+
+def lora_spec(config: ml_collections.ConfigDict) -> lora.LoraSpec:
+  """The ``lora.LoraSpec`` of a config's ``lora`` fields (per-module ranks and alphas left at None dropped)."""
+  fields = config.to_dict()
+  for name in ("rank_pattern", "alpha_pattern"):
+    fields[name] = {k: v for k, v in fields[name].items() if v is not None}
+  return lora.LoraSpec.from_dict(fields)
 
 
 def tiny_base_config() -> ml_collections.ConfigDict:
@@ -49,6 +69,6 @@ def tiny_base_config() -> ml_collections.ConfigDict:
   c.lr = 3e-3  # Pretraining LR.
   c.batch_size = 16  # Pretraining rows per step.
   c.seq_len = 64  # Pretraining row length.
-  c.seed = 0  # Init and corpus seed.
+  c.seed = 0  # Init, corpus, split and data-order seed of the pretraining (its own; the runs' seeds do not touch it).
   c.cache_dir = ".cache/lora_jax/tiny_base"  # Where the pretrained base (an HF directory) is kept.
   return c

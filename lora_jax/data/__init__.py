@@ -12,7 +12,7 @@ sources, disk cache, train/eval split), ``pack`` (mixing, shuffling, packing, ho
 ``validate`` (the data checker, ``python -m lora_jax.data.validate``; not imported here so that ``-m`` runs cleanly).
 """
 
-from lora_jax.data.dataset import TokenizedSource, load, split, tokenize, tokenizer_fingerprint
+from lora_jax.data.dataset import OVERFLOW, TokenizedSource, load, split, tokenize, tokenizer_fingerprint
 from lora_jax.data.formats import (
     FALLBACK_CHAT_TEMPLATE,
     FORMATS,
@@ -25,7 +25,7 @@ from lora_jax.data.formats import (
     resolve_template,
     truncate,
 )
-from lora_jax.data.pack import BATCH_KEYS, BatchIterator, Plan, mixture, pack_rows
+from lora_jax.data.pack import BATCH_KEYS, BatchIterator, Plan, eval_batches, mixture, pack_rows
 from lora_jax.data.sources import (
     Records,
     Source,
@@ -37,8 +37,8 @@ from lora_jax.data.sources import (
 )
 
 __all__ = [
-    "BATCH_KEYS", "FALLBACK_CHAT_TEMPLATE", "FORMATS", "TEMPLATES", "BatchIterator", "DataError", "Encoded", "Plan",
-    "Records", "Source", "TokenizedSource", "check_record", "detect_format", "encode", "load", "load_records",
-    "mixture", "pack_rows", "parse_source", "parse_sources", "resolve_template", "scan_json", "split", "tokenize",
-    "tokenizer_fingerprint", "truncate", "write_jsonl",
+    "BATCH_KEYS", "FALLBACK_CHAT_TEMPLATE", "FORMATS", "OVERFLOW", "TEMPLATES", "BatchIterator", "DataError", "Encoded",
+    "Plan", "Records", "Source", "TokenizedSource", "check_record", "detect_format", "encode", "eval_batches", "load",
+    "load_records", "mixture", "pack_rows", "parse_source", "parse_sources", "resolve_template", "scan_json", "split",
+    "tokenize", "tokenizer_fingerprint", "truncate", "write_jsonl",
 ]

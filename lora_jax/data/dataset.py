@@ -144,7 +144,10 @@ def _encode_batch(batch: Mapping[str, list], indices: list[int], *, tokenizer, f
         problem = (f"{locations[index]}: the prompt is {example.prompt_len} tokens, leaving no room for the "
                    f"completion within {max_len} tokens (seq_len {max_len - 1})")
         if strict and overflow == "error":
-          raise DataError(problem + "; raise seq_len or skip such records with overflow='skip'")
+          raise DataError(problem + "; raise seq_len, or skip such records with overflow='skip' (in an experiment "
+                          "config: data.overflow)")
+        if overflow == "skip":
+          problem = ""  # skipped as asked: counted in the stats, not a problem
         status = _SKIPPED
       elif len(example.ids) < 2:
         status = _EMPTY  # nothing to predict

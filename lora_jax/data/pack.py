@@ -171,3 +171,9 @@ class BatchIterator:
         batch["positions"][r, col:col + n] = np.arange(n)
         col += n
     return batch
+
+
+def eval_batches(sources: Sequence[TokenizedSource], *, batch_size: int, seq_len: int) -> list[dict]:
+  """Every example of ``sources`` once, in order, as batches (the last one padded, without loss on padding)."""
+  return list(BatchIterator(sources, batch_size=batch_size, seq_len=seq_len, seed=0, shuffle=False, num_epochs=1,
+                            drop_remainder=False))

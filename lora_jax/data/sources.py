@@ -150,6 +150,9 @@ def load_records(source: Source, fmt: str = "auto", *, cache_dir: str | None = N
     fingerprint = file_hash(path)
   elif path.endswith(LOCAL_SUFFIXES):
     raise DataError(f"{path}: no such file")
+  elif os.path.isfile(path):  # datasets would only say it found no data file
+    raise DataError(f"{path}: unsupported file extension {os.path.splitext(path)[1] or '(none)'!r}; supported: "
+                    f"{', '.join(LOCAL_SUFFIXES)} files, a dataset directory or a hub dataset name")
   else:  # a local dataset directory or a hub name
     rows = datasets.load_dataset(path, split=source.split, cache_dir=datasets_cache)
     locations = [f"{path}[{source.split}]: row {i}" for i in range(len(rows))]

@@ -25,7 +25,7 @@ _COUNTS = ("records", "examples", "bad", "skipped", "truncated", "empty", "token
 
 def validate(paths: Sequence[str | Source], tokenizer, seq_len: int, batch_size: int, *, steps: int | None = None,
              fmt: str = "auto", template: str = "alpaca", train_on_inputs: bool = False, packing: bool = True,
-             seed: int = 0) -> dict[str, Any]:
+             overflow: str = "error", seed: int = 0) -> dict[str, Any]:
   """Read, check and tokenise every source as training would; report problems and the numbers of a run."""
   errors: list[str] = []
   report: dict[str, Any] = {"errors": errors, "sources": [], "seq_len": seq_len, "batch_size": batch_size}
@@ -40,7 +40,7 @@ def validate(paths: Sequence[str | Source], tokenizer, seq_len: int, batch_size:
   for source in sources:
     try:
       result = tokenize(source, tokenizer, max_len=seq_len + 1, fmt=fmt, template=template,
-                        train_on_inputs=train_on_inputs, problems=errors)
+                        train_on_inputs=train_on_inputs, overflow=overflow, problems=errors)
     except DataError as e:  # the whole source is unusable (missing file, no records)
       errors.append(str(e))
       continue
@@ -104,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--template", default="alpaca", help="Alpaca prompt template name or .json file")
   parser.add_argument("--train-on-inputs", action="store_true", help="loss on prompt tokens too")
   parser.add_argument("--no-packing", action="store_true", help="one example per row")
+  parser.add_argument("--overflow", choices=("error", "skip"),
+                      help="a prompt too long for seq_len: a problem (error, the default) or skipped and counted")
   parser.add_argument("--json", action="store_true", help="print the report as JSON")
   args = parser.parse_args(argv)
   if args.config:
@@ -119,7 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   else:
     tokenizer = args.tokenizer
   report = validate(args.data, tokenizer, args.seq_len, args.batch_size, steps=args.steps, fmt=args.format,
-                    template=args.template, train_on_inputs=args.train_on_inputs, packing=not args.no_packing)
+                    template=args.template, train_on_inputs=args.train_on_inputs, packing=not args.no_packing,
+                    overflow=args.overflow or "error")
   print(json.dumps(report, indent=1) if args.json else format_report(report))
   return 1 if report["errors"] else 0
 
@@ -138,7 +141,7 @@ def _from_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
   module_spec.loader.exec_module(module)
   config = module.get_config(arg) if arg else module.get_config()
   d = config.data
-  args.data = args.data or [synthetic.materialize(s, n=d.synthetic_examples, seed=config.seed,
+  args.data = args.data or [synthetic.materialize(s, n=d.synthetic_examples, seed=d.synthetic_seed,
                                                   cache_dir=d.cache_dir) for s in d.train]
   if args.tokenizer is None:
     args.tokenizer = synthetic.char_tokenizer() if config.model.name == "tiny" else config.model.name
@@ -146,6 +149,7 @@ def _from_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
   args.batch_size = args.batch_size or d.batch_size
   args.steps = args.steps or config.train.steps
   args.template, args.train_on_inputs, args.no_packing = d.template, d.train_on_inputs, not d.packing
+  args.overflow = args.overflow or d.overflow
 
 
 if __name__ == "__main__":

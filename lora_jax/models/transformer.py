@@ -184,6 +184,11 @@ def _dense(config: ModelConfig, features: int, names: tuple[str, str], name: str
                   kernel_init=_kernel_init(config, names), name=name)
 
 
+def _at_least_f32(dtype):
+  """float32 for bf16/fp16/fp32 statistics, float64 kept (x64 exactness tests)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 class RMSNorm(nn.Module):
   """RMSNorm over the last axis, statistics in fp32, then `scale * x` in the input dtype (as HF)."""
 
@@ -194,7 +199,7 @@ class RMSNorm(nn.Module):
   def __call__(self, x):
     scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
                        (x.shape[-1],), self.config.param_dtype)
-    x32 = x.astype(jnp.float32)
+    x32 = x.astype(_at_least_f32(x.dtype))
     x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.config.rms_norm_eps)
     return scale.astype(x.dtype) * x32.astype(x.dtype)
 
@@ -284,8 +289,8 @@ class Attention(nn.Module):
     # Query head h uses key/value head h // R, as HF's repeat_kv.
     q_BTGRK = q_BTHK.reshape(B, T, G, H // G, K)
     scores_BGRTS = jnp.einsum("btgrk,bsgk->bgrts", q_BTGRK, k_BSGK.astype(c.dtype)) * K**-0.5
-    scores_BGRTS = jnp.where(mask_BTS[:, None, None], scores_BGRTS.astype(jnp.float32),
-                             jnp.finfo(jnp.float32).min)
+    wide = _at_least_f32(scores_BGRTS.dtype)
+    scores_BGRTS = jnp.where(mask_BTS[:, None, None], scores_BGRTS.astype(wide), jnp.finfo(wide).min)
     probs_BGRTS = jax.nn.softmax(scores_BGRTS, axis=-1).astype(c.dtype)
     out_BTGRK = jnp.einsum("bgrts,bsgk->btgrk", probs_BGRTS, v_BSGK.astype(c.dtype))
     out_ND = _dense(c, c.hidden_size, ("heads", "embed"), "o_proj")(out_BTGRK.reshape(B * T, H * K))
@@ -341,7 +346,7 @@ class MoE(nn.Module):
     c = self.config
     logits_NE = _dense(c, c.num_experts, ("embed", "experts"), "gate")(x_ND)
     self.sow("intermediates", "router_logits", logits_NE)
-    probs_NE = jax.nn.softmax(logits_NE.astype(jnp.float32), axis=-1)
+    probs_NE = jax.nn.softmax(logits_NE.astype(_at_least_f32(logits_NE.dtype)), axis=-1)
     top_p_NX, top_i_NX = jax.lax.top_k(probs_NE, c.num_experts_per_tok)
     if c.norm_topk_prob:
       top_p_NX = top_p_NX / jnp.sum(top_p_NX, axis=-1, keepdims=True)
@@ -451,7 +456,7 @@ class CausalLM(nn.Module):
       logits_BTV = self.model.embed_tokens.attend(h_BTD)
     else:
       logits_BTV = self.lm_head(h_BTD.reshape(B * T, -1)).reshape(B, T, -1)
-    logits_BTV = logits_BTV.astype(jnp.float32)
+    logits_BTV = logits_BTV.astype(_at_least_f32(logits_BTV.dtype))
     if cache is None:
       return logits_BTV
     return logits_BTV, dict(k=kv[0], v=kv[1], segment_ids=kv_segment_ids, index=index + T)

@@ -1,0 +1,74 @@
+"""The tiny base model of the ``tiny`` configs: a character-level Llama pretrained on a synthetic corpus, cached.
+
+``pretrained(config.tiny_base)`` returns an HF model directory (weights, config, tokenizer) under
+``cache_dir/<hash of the settings>``: built once by full training from random init through the same set-up and loop
+as every run (``train.setup``, ``train.fit``), then reused. An interrupted build resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pathlib
+import shutil
+
+import jax
+import ml_collections
+from jax.experimental import multihost_utils
+
+from lora_jax import data, hf, lora, optim, synthetic, train
+from lora_jax.models import transformer
+
+EVAL_SIZE = 32  # Held-out corpus documents for the pretraining's eval NLL.
+
+
+def model_config(c: ml_collections.ConfigDict, vocab_size: int) -> transformer.ModelConfig:
+  """The tiny base's architecture from its config (``common.tiny_base_config``)."""
+  return transformer.ModelConfig(
+      architecture="llama", vocab_size=vocab_size, hidden_size=c.hidden_size,
+      intermediate_size=c.intermediate_size, num_layers=c.num_layers, num_heads=c.num_heads,
+      num_kv_heads=c.num_kv_heads, head_dim=c.hidden_size // c.num_heads, tie_word_embeddings=False)
+
+
+def pretrained(c: ml_collections.ConfigDict) -> pathlib.Path:
+  """The tiny base model as an HF directory: pretrained on the synthetic corpus once, then reused from the cache.
+
+  Every process takes part (on a 1-D fsdp mesh over all devices); process 0 writes the files.
+  """
+  key = hashlib.sha256(c.to_json(sort_keys=True).encode()).hexdigest()[:12]
+  out = pathlib.Path(c.cache_dir) / key
+  if (out / "config.json").exists():
+    print(f"reusing the tiny base model in {out}")
+    return out
+  lead = jax.process_index() == 0
+  print(f"pretraining the tiny base model ({c.steps} steps on a synthetic corpus) into {out}")
+  tokenizer = synthetic.char_tokenizer()
+  config = model_config(c, len(tokenizer))
+  work = out.with_name(out.name + ".partial")  # its checkpoints let an interrupted build resume
+  corpus_file = work / "corpus.jsonl"
+  if lead and not corpus_file.exists():
+    work.mkdir(parents=True, exist_ok=True)
+    corpus_file.write_text("".join(json.dumps(r) + "\n" for r in synthetic.corpus(c.corpus_documents, seed=c.seed)))
+  multihost_utils.sync_global_devices("tiny_base corpus written")
+  (source,) = data.load([str(corpus_file)], tokenizer, seq_len=c.seq_len)
+  train_part, eval_part = data.split(source, EVAL_SIZE, seed=c.seed)
+  batches = data.BatchIterator([train_part], batch_size=c.batch_size, seq_len=c.seq_len, seed=c.seed,
+                               process_index=jax.process_index(), process_count=jax.process_count())
+  evals = data.eval_batches([eval_part], batch_size=c.batch_size, seq_len=c.seq_len)
+  optim_config = optim.OptimConfig(lr=c.lr)
+  s = train.setup(config, lora.LoraSpec.full(), optim_config,
+                  lambda _: transformer.init_params(config, jax.random.key(c.seed)), mesh={"fsdp": -1}, seed=c.seed)
+  loop = train.LoopConfig(steps=c.steps, log_every=10, eval_every=c.steps, checkpoint_every=c.steps)
+  state, last = train.fit(s.model, s.state, optim_config, loop, batches, lambda: evals, work / "pretrain",
+                          mesh=s.mesh, param_shardings=s.param_shardings)
+  params, _ = lora.combine(state.trainable, state.frozen)
+  params = multihost_utils.process_allgather(params, tiled=True)  # tiny: every process holds it whole
+  if lead:
+    hf.save_params(params, config, work)
+    tokenizer.save_pretrained(work)
+    if "eval/nll" in last:  # absent when a build that had finished training is resumed
+      print(f"tiny base: eval NLL {last['eval/nll']:.4f} after pretraining")
+    shutil.rmtree(out, ignore_errors=True)
+    work.rename(out)
+  multihost_utils.sync_global_devices("tiny_base saved")
+  return out
