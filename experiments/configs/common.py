@@ -26,6 +26,24 @@ def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(out)
 
 
+def point_arg(point: str | dict) -> str:
+  """A sweep point as the arg string ``get_config`` takes: ``{"tiny": True, "rank": 4}`` -> ``"tiny,rank=4"``."""
+  if isinstance(point, str):
+    return point
+  parts = []
+  for key, value in point.items():
+    if not isinstance(value, (str, int, float)):
+      raise ValueError(f"sweep point {point!r}: {key!r} is a {type(value).__name__}; give str, int, float or bool")
+    if isinstance(value, bool):  # a bare word sets a bool in parse_arg
+      text = "" if value else "false"
+    else:
+      text = repr(value) if isinstance(value, float) else str(value)  # repr: the float exactly, e.g. 0.0003
+    if any(c in f"{key}{text}" for c in ",="):
+      raise ValueError(f"sweep point {point!r}: {key}={text!r} holds ',' or '=', which the arg string cannot carry")
+    parts.append(f"{key}={text}" if text else key)
+  return ",".join(parts)
+
+
 # Module names (and the embed/unembed presets) that `rank_pattern` / `alpha_pattern` have a config field for, so
 # `--config.lora.rank_pattern.k_proj=32` works on a locked config. A kernel matches at most one of them, so their
 # order does not matter; regex patterns need `lora.LoraSpec(rank_pattern=...)` itself.
@@ -72,3 +90,19 @@ def tiny_base_config() -> ml_collections.ConfigDict:
   c.seed = 0  # Init, corpus, split and data-order seed of the pretraining (its own; the runs' seeds do not touch it).
   c.cache_dir = ".cache/lora_jax/tiny_base"  # Where the pretrained base (an HF directory) is kept.
   return c
+
+
+# The tinker-cookbook LR rule's exponent of (2000 / hidden_size) per model family (../shared/reference/blog.md).
+COOKBOOK_LR_EXPONENT = {"llama": 0.781, "mistral": 0.781, "qwen3": 0.0775, "qwen3_moe": 0.0775}
+
+
+def cookbook_lr(architecture: str, hidden_size: int, lora: bool) -> float:
+  """The study's LR rule (tinker-cookbook ``get_lr``): 5e-5 · (10 if LoRA) · (2000 / hidden_size)^p."""
+  if architecture not in COOKBOOK_LR_EXPONENT:
+    raise ValueError(f"no cookbook LR exponent for architecture {architecture!r}; known: {sorted(COOKBOOK_LR_EXPONENT)}")
+  return 5e-5 * (10.0 if lora else 1.0) * (2000.0 / hidden_size) ** COOKBOOK_LR_EXPONENT[architecture]
+
+
+def lr_grid(center: float, factor: float, below: int, above: int) -> list[float]:
+  """A log-spaced LR grid ``center · factor^k`` for k in [-below, above], rounded to 3 significant digits."""
+  return [float(f"{center * factor**k:.3g}") for k in range(-below, above + 1)]

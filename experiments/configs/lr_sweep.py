@@ -1,0 +1,97 @@
+"""LoRA ranks vs full fine-tuning over a learning-rate grid: the study's findings 3 and 4.
+
+Finding 3: the LoRA/full-FT optimal-LR ratio (study: ~10, a fit over 14 models gave 9.8). Finding 4: under alpha/r
+the optimal LR barely moves with rank (< 2x between ranks 4 and 512; rank 1 prefers a lower LR). Each sweep point is
+one run (one method, one rank, one LR, one seed); `python -m experiments.report DIR` fits each method's optimum
+(quadratic in log LR around the grid minimum, bootstrap over seeds) and gives the verdicts.
+
+CPU (`tiny`): the built-in character-level base widened to hidden 128 (so rank 64 is half the width, not full rank as
+at hidden 64), pretrained 300 steps; 2-digit additions, 300 steps at batch 16, eval NLL on 500 held-out problems;
+ranks 1, 4, 16, 64 and full FT, each over 8 LRs a factor 2 apart, seeds 0-2 (data order and adapter init change
+with the seed, the held-out set does not). ~45 s a point on 2 cores, 120 points: ~90 min.
+
+    python -m experiments.sweep --config experiments/configs/lr_sweep.py:tiny --workdir runs/lr_sweep
+    python -m experiments.sweep --config experiments/configs/lr_sweep.py:quick --workdir runs/lr_quick   # ~10 min
+
+`quick` is a subset (ranks 4 and 64 and full FT, 5 LRs, seed 0) for a pipeline check: one seed cannot separate
+differences smaller than the seed noise. The grids' centres are the LRs the default tiny runs use (LoRA 3e-3, full FT
+9e-4), not yet a calibration: widen a grid when the report says an optimum sits at its edge.
+
+Real scale (GPU/TPU VMs): `model=meta-llama/Llama-3.2-1B`, `model=meta-llama/Llama-3.1-8B` or
+`model=Qwen/Qwen3-8B-Base` on Tulu3 (the study's SFT data), 780 steps at batch 128, ranks 1-256 and full FT over 7
+LRs a factor 2 apart centred on the cookbook rule (`common.cookbook_lr`: Llama-3.2-1B full 4.91e-5, LoRA 4.91e-4).
+
+Point arguments (comma-separated): `tiny` | `quick` | `model=HUB_ID`, `method=lora|full`, `rank=`, `lr=`, `seed=`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from experiments.configs import common, finetune
+from lora_jax.models import transformer
+
+TINY_RANKS = (1, 4, 16, 64)
+REAL_RANKS = (1, 4, 16, 64, 256)
+TINY_CENTRE = {"lora": 3e-3, "full": 9e-4}  # The default tiny runs' LRs (finetune.py).
+SEEDS = (0, 1, 2)
+SWEEPS = ("tiny", "quick", "model=meta-llama/Llama-3.2-1B", "model=meta-llama/Llama-3.1-8B",
+          "model=Qwen/Qwen3-8B-Base")  # The variants get_sweep knows.
+# The study's base models: hub id -> the preset whose shapes give the cookbook LR (Qwen3-8B-Base has Qwen3-8B's).
+REAL_MODELS = {"meta-llama/Llama-3.2-1B": "meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.1-8B": "meta-llama/Llama-3.1-8B",
+               "Qwen/Qwen3-8B-Base": "Qwen/Qwen3-8B"}
+
+
+def get_config(arg: str = "tiny,method=lora") -> ml_collections.ConfigDict:
+  """One sweep point: one method at one rank, LR and seed (see the module docstring)."""
+  args = common.parse_arg(arg, tiny=False, quick=False, model="", method="lora", rank=16, lr=0.0, seed=0)
+  if args.method not in ("lora", "full"):
+    raise ValueError(f"lr_sweep: method must be lora or full (one run per point), got {args.method!r}")
+  cpu = args.tiny or args.quick
+  lr = args.lr or default_lr(args.model, args.method, cpu)
+  config = finetune.get_config(("tiny," if cpu else f"model={args.model},")
+                               + f"method={args.method},rank={args.rank},lr={lr}")
+  config.seed = args.seed  # Adapter init and dropout.
+  config.data_seed = args.seed  # Training order: a seed is one draw of both.
+  config.eval_seed = 0  # The held-out set is the same for every point.
+  if cpu:
+    config.tiny_base.hidden_size = 128  # Rank 64 is half the width (at 64 it would be full rank).
+    config.tiny_base.intermediate_size = 384
+    config.tiny_base.steps = 300  # The wider base needs longer pretraining to be a useful base.
+    config.data.eval_size = 500  # Held-out problems: the NLL's sampling error well below the seed noise.
+    config.eval.arithmetic_examples = 0  # The study's metric is held-out NLL.
+    config.train.eval_every = 50
+    config.train.checkpoint_every = 300  # One checkpoint at the end: a point is short.
+  return config
+
+
+def default_lr(model: str, method: str, cpu: bool) -> float:
+  """The centre of a method's LR grid: the tiny runs' LRs on CPU, the cookbook rule at real scale."""
+  if cpu:
+    return TINY_CENTRE[method]
+  if model not in REAL_MODELS:
+    raise ValueError(f"lr_sweep: model {model!r} has no cookbook LR here; known: {sorted(REAL_MODELS)} (or give lr=)")
+  preset = transformer.ModelConfig.from_preset(REAL_MODELS[model])
+  return common.cookbook_lr(preset.architecture, preset.hidden_size, lora=method == "lora")
+
+
+def get_sweep(arg: str = "tiny") -> list[str]:
+  """Points of a variant: `tiny`, `quick` or `model=HUB_ID` (every rank and full FT x LR grid x seeds)."""
+  args = common.parse_arg(arg, tiny=False, quick=False, model="")
+  if args.quick:
+    methods, below, above, seeds, prefix = [("lora", 4), ("lora", 64), ("full", 16)], 2, 2, (0,), "quick"
+  elif args.tiny:
+    methods, below, above, seeds, prefix = [("lora", r) for r in TINY_RANKS] + [("full", 16)], 4, 3, SEEDS, "tiny"
+  elif args.model:
+    methods, below, above, seeds = [("lora", r) for r in REAL_RANKS] + [("full", 16)], 3, 3, (0,)
+    prefix = f"model={args.model}"
+  else:
+    raise ValueError(f"lr_sweep: sweep variant {arg!r}; valid: tiny, quick, model=HUB_ID")
+  points = []
+  for method, rank in methods:
+    centre = default_lr(args.model, method, args.tiny or args.quick)
+    for lr in common.lr_grid(centre, 2.0, below, above):
+      for seed in seeds:
+        rank_arg = f",rank={rank}" if method == "lora" else ""
+        points.append(f"{prefix},method={method}{rank_arg},lr={lr:g},seed={seed}")
+  return points
