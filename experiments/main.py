@@ -149,6 +149,9 @@ def make_optim(method: str, config: ml_collections.ConfigDict) -> optim.OptimCon
                            lr_b_ratio=o.lr_b_ratio if method == "lora" else 1.0)
 
 
+EVAL_SPLITS = ("held_out", "train")
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Checks what needs no model or data: methods, LoRA spec, optimizer, loop, data settings, mesh and sharding
   rules; raises ValueError naming the field."""
@@ -168,6 +171,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   d = config.data
   if d.overflow not in data.OVERFLOW:
     raise ValueError(f"config.data.overflow {d.overflow!r}; valid: {list(data.OVERFLOW)}")
+  if d.eval_split not in EVAL_SPLITS:
+    raise ValueError(f"config.data.eval_split {d.eval_split!r}; valid: {list(EVAL_SPLITS)}")
   data.resolve_template(d.template)
   data.parse_sources(list(d.train))
   mesh = sharding.make_mesh(config.mesh.to_dict())
@@ -187,9 +192,13 @@ def load_data(config: ml_collections.ConfigDict, tokenizer) -> tuple[list[data.T
            for s in d.train]
   sources = data.load(specs, tokenizer, seq_len=d.seq_len, template=d.template, train_on_inputs=d.train_on_inputs,
                       overflow=d.overflow, cache_dir=d.cache_dir)
-  splits = [data.split(s, d.eval_size, seed=config.eval_seed) for s in sources]
-  return [t for t, _ in splits], data.eval_batches([e for _, e in splits], batch_size=d.batch_size,
-                                                   seq_len=d.seq_len)
+  if d.eval_split == "train":  # memorisation: score (a sample of) the very examples trained on
+    train = sources
+    evals = [s if d.eval_size >= len(s) else data.split(s, d.eval_size, seed=config.eval_seed)[1] for s in sources]
+  else:
+    splits = [data.split(s, d.eval_size, seed=config.eval_seed) for s in sources]
+    train, evals = [t for t, _ in splits], [e for _, e in splits]
+  return train, data.eval_batches(evals, batch_size=d.batch_size, seq_len=d.seq_len)
 
 
 def train_batches(config: ml_collections.ConfigDict, sources: list[data.TokenizedSource]) -> data.BatchIterator:

@@ -430,14 +430,17 @@ def test_load_peft_refuses_an_adapter_for_another_base(bases, tmp_path):
     peft_io.load_peft(_edit(clean, tmp_path / "dora", {"use_dora": True}), params, config, layouts)
 
 
+@pytest.mark.parametrize("side", ["embed_tokens", "lm_head"])
+def test_peft_adapter_on_one_side_of_a_tied_model_loads_with_peft_logits(bases, tmp_path, side):
+  """PEFT adapts a tied model's lookup (embed_tokens) and output head (lm_head) apart; so do we."""
+  config, params, model, layouts = _flax(bases["qwen3"])
+  peft_model = _peft_adapter(bases["qwen3"], tmp_path / side, r=2, target_modules=[side])
+  adapters, _ = peft_io.load_peft(tmp_path / side, params, config, layouts)
+  assert list(adapters["model"]) == ["embed_tokens" if side == "embed_tokens" else "embed_tokens@attend"]
+  assert_close(_logits(model, params, adapters), _torch_logits(peft_model), TORCH)
+
+
 def test_load_peft_refuses_what_the_flax_model_cannot_represent(bases, tmp_path):
-  config, params, _, layouts = _flax(bases["qwen3"])  # tied embeddings
-  _peft_adapter(bases["qwen3"], tmp_path / "lookup_only", r=2, target_modules=["embed_tokens"])
-  with pytest.raises(ValueError, match="applies it to the input lookup only"):
-    peft_io.load_peft(tmp_path / "lookup_only", params, config, layouts)
-  _peft_adapter(bases["qwen3"], tmp_path / "head_only", r=2, target_modules=["lm_head"])
-  with pytest.raises(ValueError, match="output head can't be adapted apart"):
-    peft_io.load_peft(tmp_path / "head_only", params, config, layouts)
   config, params, _, layouts = _flax(bases["llama"], scan=True)
   _peft_adapter(bases["llama"], tmp_path / "per_layer", r=2, target_modules=["q_proj"],
                 alpha_pattern={"model.layers.1.self_attn.q_proj": 3})

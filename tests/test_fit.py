@@ -29,6 +29,7 @@ def test_plan_on_one_device_counts_the_whole_state(tiny_dir):
   assert lora["total"] > 0 and full["total"] > lora["total"]
 
 
+@pytest.mark.slow
 def test_cli_on_eight_fake_devices_shards_the_arguments(tiny_dir):
   def run(devices, mesh):
     out = subprocess.run([sys.executable, "-m", "benchmarks.fit", "--model", str(tiny_dir), "--method", "full",

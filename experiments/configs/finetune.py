@@ -49,6 +49,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   config.data = ml_collections.ConfigDict()
   config.data.train = ("synthetic:arithmetic",) if args.tiny else ("allenai/tulu-3-sft-mixture",)  # Sources (path[:weight]).
   config.data.eval_size = 64 if args.tiny else 1000  # Held-out examples per source for eval NLL.
+  config.data.eval_split = "held_out"  # Eval on examples never trained on, or "train": a sample of the training
+  # examples themselves (memorisation, e.g. the capacity family); eval_size >= the source's size then takes all.
   config.data.seq_len = 64 if args.tiny else 2048  # Tokens per packed row.
   config.data.batch_size = 16 if args.tiny else 128  # Rows per optimizer step (global, all hosts).
   config.data.template = "alpaca"  # Prompt template for Alpaca-style records.
@@ -97,8 +99,13 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   return config
 
 
-def get_sweep() -> list[str]:
-  """Sweep points: the tiny variant at a few ranks, then the study's rank grid on Llama-3.2-1B."""
-  tiny = [f"tiny,method=lora,rank={r}" for r in (1, 4, 16)] + ["tiny,method=full"]
-  real = [f"model=meta-llama/Llama-3.2-1B,method=lora,rank={r}" for r in (1, 4, 16, 64, 256)]
-  return tiny + real + ["model=meta-llama/Llama-3.2-1B,method=full"]
+def get_sweep(arg: str = "") -> list[str]:
+  """Sweep points: ``tiny`` (CPU, a few ranks), ``real`` (the study's rank grid on Llama-3.2-1B), or both (no arg)."""
+  variants = {
+      "tiny": [f"tiny,method=lora,rank={r}" for r in (1, 4, 16)] + ["tiny,method=full"],
+      "real": [f"model=meta-llama/Llama-3.2-1B,method=lora,rank={r}" for r in (1, 4, 16, 64, 256)]
+              + ["model=meta-llama/Llama-3.2-1B,method=full"],
+  }
+  if arg and arg not in variants:
+    raise ValueError(f"unknown sweep variant {arg!r}; valid: {sorted(variants)} (or none for all)")
+  return variants[arg] if arg else variants["tiny"] + variants["real"]
