@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from experiments import sweep as experiments_sweep
 from tpu import common, copy, create, delete, gpu_launch, logs, run, setup, sweep
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,6 +29,12 @@ def dry(module, argv, capsys):
   module.main([*argv, "--dry-run"])
   out = capsys.readouterr().out
   return [shlex.split(line) for line in out.splitlines() if not line.startswith("#")]
+
+
+def dry_lines(module, argv, capsys) -> list[str]:
+  """Run a command's main with --dry-run and return its printed lines, comments included."""
+  module.main([*argv, "--dry-run"])
+  return capsys.readouterr().out.splitlines()
 
 
 def error(module, argv, capsys) -> str:
@@ -53,7 +60,7 @@ def pinned_jax() -> str:
 
 @pytest.fixture(autouse=True)
 def local_tempdir(tmp_path, monkeypatch):
-  """Keep the files the commands write locally (sweep scripts) inside the test's directory."""
+  """Keep the files the commands write locally (setup archives) inside the test's directory."""
   monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
 
@@ -215,58 +222,49 @@ def test_config_path_made_repo_relative(tmp_path, monkeypatch):
 
 
 def test_sweep(config_file, capsys):
-  sweep.main([*NODE, "--config", str(config_file), "--workdir-root", "gs://b/sweep/", "--config.seed=1",
-              "--dry-run"])
-  out = capsys.readouterr().out.splitlines()
-  points = [shlex.split(line.removeprefix("#   ").split(" || ")[0]) for line in out if "experiments.main" in line]
-  assert [p[3:] for p in points] == [
-      [f"--config={config_file}:method=lora,rank=16,lr=3e-4", "--workdir=gs://b/sweep/method=lora_rank=16_lr=3e-4",
-       "--config.seed=1"],
-      [f"--config={config_file}:method=full,lr=1e-5", "--workdir=gs://b/sweep/method=full_lr=1e-5",
-       "--config.seed=1"],
-      [f"--config={config_file}:tiny", "--workdir=gs://b/sweep/tiny", "--config.seed=1"]]
-  scp, ssh = [shlex.split(line) for line in out if not line.startswith("#")]
-  local = Path(scp[5])
-  assert local.parent == Path(tempfile.gettempdir())
-  assert scp == [*TPU, "tpu-vm", "scp", str(local), "lora-v5e-16:lora_jax_sweep.sh", "--worker=all", ZONE]
-  assert remote(ssh) == "cd ~/lora_jax && nohup bash ~/lora_jax_sweep.sh > ~/lora_jax_run.log 2>&1 < /dev/null &"
-  script = local.read_text()  # the uploaded script is what was printed, and valid bash
-  assert [f"#   {line}" for line in script.splitlines()] == out[1:-2]
-  subprocess.run(["bash", "-n", str(local)], check=True)
+  out = dry_lines(sweep, [*NODE, "--config", str(config_file), "--workdir-root", "gs://b/sweep/", "--config.seed=1"],
+                  capsys)
+  assert out[:4] == ["# 3 point(s), each into gs://b/sweep/NAME:",
+                     "#   [0] method=lora_rank=16_lr=3e-4: method=lora,rank=16,lr=3e-4",
+                     "#   [1] method=full_lr=1e-5: method=full,lr=1e-5", "#   [2] tiny: tiny"]
+  (ssh,) = [shlex.split(line) for line in out if not line.startswith("#")]
+  assert remote(ssh) == (
+      f"cd ~/lora_jax && nohup .venv/bin/python -m experiments.sweep --config={config_file} "
+      "--workdir=gs://b/sweep -- --config.seed=1 > ~/lora_jax_run.log 2>&1 < /dev/null &")
 
 
-def test_sweep_script_runs_points_in_order_and_counts_failures(tmp_path):
-  script = sweep.sweep_script("c.py", ["a=1", "b=2"], "gs://b/s", [])
+def test_sweep_arg_only_and_shard(config_file, tmp_path, capsys):
+  path = tmp_path / "c.py"
+  path.write_text(CONFIG + "def get_sweep(arg=''):\n    return [f'{arg},rank={r}' for r in (1, 4, 16, 64)]\n")
+  out = dry_lines(sweep, [*NODE, "--config", f"{path}:tiny", "--workdir", "gs://b/s", "--only", "rank=(1|4)$",
+                          "--shard", "0/2"], capsys)
+  assert out[:2] == ["# 1 point(s), each into gs://b/s/NAME:", "#   [0] tiny_rank=1: tiny,rank=1"]
+  assert shlex.split(remote(shlex.split(out[-1])))[6:13] == [
+      "experiments.sweep", f"--config={path}:tiny", "--workdir=gs://b/s", "--only=rank=(1|4)$", "--shard=0/2",
+      ">", "~/lora_jax_run.log"]
+  assert "get_sweep('x') raised TypeError" in error(sweep, [*NODE, "--config", f"{config_file}:x", "--workdir",
+                                                             "gs://b/s"], capsys)
+
+
+def test_sweep_command_runs_experiments_sweep(tmp_path):
+  """The remote command, run here with a fake venv python, reaches experiments.sweep with the same arguments."""
+  command = sweep.sweep_command("c.py:a", "gs://b/s", "x y", (1, 3), ["--config.seed=2"])
   venv = tmp_path / ".venv" / "bin"
-  venv.mkdir(parents=True)  # a fake python: records its args, fails for point b=2
-  (venv / "python").write_text("#!/bin/sh\necho \"$@\" >> calls.txt\ncase \"$*\" in *b=2*) exit 3;; esac\n")
+  venv.mkdir(parents=True)
+  (venv / "python").write_text("#!/bin/sh\nfor a in \"$@\"; do echo \"$a\"; done > args.txt\n")
   (venv / "python").chmod(0o755)
-  result = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True)
-  assert result.returncode == 1
-  assert "point b=2 FAILED" in result.stdout and "done: 1 of 2 point(s) failed" in result.stdout
-  assert (tmp_path / "calls.txt").read_text().splitlines() == [
-      "-m experiments.main --config=c.py:a=1 --workdir=gs://b/s/a=1",
-      "-m experiments.main --config=c.py:b=2 --workdir=gs://b/s/b=2"]
-
-
-def test_sweep_only(config_file, capsys):
-  sweep.main([*NODE, "--config", str(config_file), "--workdir-root", "gs://b/s", "--only", "2", "--only", "0",
-              "--dry-run"])
-  workdirs = re.findall(r"--workdir=(\S+)", capsys.readouterr().out)
-  assert workdirs == ["gs://b/s/tiny", "gs://b/s/method=lora_rank=16_lr=3e-4"]
-
-
-@pytest.mark.parametrize("arg, name", [("method=lora,rank=16,lr=3e-4", "method=lora_rank=16_lr=3e-4"),
-                                       ("model=gpt2 small/x", "model=gpt2-small-x"), ("", "default"),
-                                       (",", "default")])
-def test_point_name(arg, name):
-  assert sweep.point_name(arg) == name
+  subprocess.run(["bash", "-c", command], cwd=tmp_path, check=True)
+  args = (tmp_path / "args.txt").read_text().splitlines()
+  assert args == ["-m", "experiments.sweep", "--config=c.py:a", "--workdir=gs://b/s", "--only=x y", "--shard=1/3",
+                  "--", "--config.seed=2"]
+  parsed = experiments_sweep._parser().parse_args(args[2:])
+  assert (parsed.config, parsed.only, parsed.shard, parsed.overrides) == ("c.py:a", "x y", (1, 3), ["--config.seed=2"])
 
 
 @pytest.mark.parametrize("body, message", [
     (CONFIG, "does not define get_sweep()"),
     (CONFIG + "def get_sweep():\n    return []\n", "must return a non-empty list of arg strings"),
-    (CONFIG + "def get_sweep():\n    return ['a b', 'a/b']\n", "map to the same workdir name(s) ['a-b']"),
+    (CONFIG + "def get_sweep():\n    return ['a b', 'a/b']\n", "directory name(s) ['a-b'] more than once"),
 ])
 def test_sweep_errors(body, message, tmp_path, capsys):
   path = tmp_path / "c.py"
@@ -275,10 +273,10 @@ def test_sweep_errors(body, message, tmp_path, capsys):
 
 
 def test_sweep_argument_errors(config_file, capsys):
-  base = [*NODE, "--workdir-root", "gs://b/s"]
-  assert "give the file only" in error(sweep, [*base, "--config", f"{config_file}:x"], capsys)
-  assert "--only [3] out of range: the sweep has 3 points (0..2)" in error(
-      sweep, [*base, "--config", str(config_file), "--only", "3"], capsys)
+  base = [*NODE, "--workdir", "gs://b/s", "--config", str(config_file)]
+  assert "no point selected" in error(sweep, [*base, "--only", "nothing"], capsys)
+  assert "invalid shard '3/3'" in error(sweep, [*base, "--shard", "3/3"], capsys)
+  assert "unterminated" in error(sweep, [*base, "--only", "("], capsys)
 
 
 # ----------------------------------------------------------------------------------------------- logs / copy

@@ -1,0 +1,516 @@
+"""Run every point of a config's sweep, each as its own experiment in its own process, into one directory; resumable.
+
+    python -m experiments.sweep --config experiments/configs/finetune.py:tiny --workdir runs/sweep \\
+        [--parallel N] [--shard I/N] [--only REGEX] [--dry-run] [--overwrite] [-- --config.train.steps=100 ...]
+
+The config file's ``get_sweep(ARG)`` lists the points: arg strings, each complete by itself
+(``tiny,method=lora,rank=4``), or dicts (``{"method": "lora", "rank": 4}`` is ``method=lora,rank=4``). Point k runs
+``python -m experiments.main --config FILE:POINT --workdir DIR/NAME [--config.* overrides given after --]`` as a
+subprocess, so a crash of one point never stops the others. NAME is the point made filesystem-safe: ``,`` -> ``_``,
+any run of characters other than letters, digits and ``._=-`` -> ``-`` (``tiny,method=lora,rank=4`` ->
+``tiny_method=lora_rank=4``); a name over 120 characters is cut and ends in a hash of the point. Two points with one
+name are an error. What the sweep leaves:
+
+    DIR/sweep.json        {"config", "arg", "overrides", "points": [{"index", "point", "name"}, ...], "argv",
+                          "git_commit", "started", ...}: the sweep, every point of get_sweep(ARG) with its name
+    DIR/NAME/             the point's experiments.main workdir (config.json, report.md, <method>/metrics.jsonl, ...)
+    DIR/NAME/status.json  {"state": "running" | "done" | "failed" | "interrupted", "returncode", "seconds", ...},
+                          written by this runner; a failed point also keeps its "last_lines" of output
+    DIR/NAME/log.txt      the point's stdout and stderr, every attempt appended under a "=== sweep attempt" line
+
+Rerunning the same command skips the points whose status is "done" and runs the others again: an interrupted point
+resumes from its checkpoints (experiments.main does that), a failed one starts over where it failed. A failed point
+(non-zero exit) is recorded and the rest go on; the exit status is 1 when a point failed. SIGTERM or SIGINT (Ctrl-C)
+is passed on to the running points as SIGTERM (each saves a checkpoint and stops with status 143); they are marked
+"interrupted", no new point starts, and the runner exits with 143; a second signal kills them. A DIR that holds another
+sweep (other config file, arg or overrides) is refused unless --overwrite, which deletes it; --overwrite is passed on
+to every point too, so a point dir holding a run of an older version of its config is replaced rather than refused.
+Progress (points done, running, failed, to go, and an ETA from the durations of finished points) goes to stderr, one
+line per event, plus a status line refreshed every second on a terminal. ``python -m experiments.report DIR``
+reports on the finished sweep.
+
+Several hosts or VMs split a sweep with ``--shard I/N`` each (point k runs on shard k % N) over a shared DIR. When DIR
+is not local (gs://), each point's log is written under --log-dir and copied to DIR/NAME/log-HOST.txt when the point
+ends. On a multi-host TPU slice every host runs the same command (no --shard, no --overwrite: a point is one
+multi-process experiment); ``python -m tpu.sweep`` does that. ``--parallel N`` runs N points at once: on a CPU
+machine they share its cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import hashlib
+import importlib.util
+import json
+import os
+import pathlib
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Callable, Sequence
+
+import ml_collections
+from etils import epath
+
+from experiments.configs import common
+
+EXIT_FAILED = 1  # a point failed
+EXIT_INTERRUPTED = 143  # signalled (as experiments.main's EXIT_PREEMPTED): the same command resumes
+MAX_NAME = 120  # characters of a point's directory name
+LAST_LINES = 20  # lines of a failed point's output kept in its status
+DEFAULT_LOG_DIR = "~/lora_jax_sweep_logs"  # where point logs go while they run when DIR is not local
+
+PointCommand = Callable[[str, str, str, Sequence[str]], list]  # (config file, point, point workdir, extra flags)
+
+
+def point_command(config_file: str, point: str, workdir: str, extra: Sequence[str]) -> list[str]:
+  """The command that runs one point: experiments.main in this Python, the extra flags (overrides, --overwrite) last."""
+  return [sys.executable, "-m", "experiments.main", f"--config={config_file}:{point}", f"--workdir={workdir}",
+          *extra]
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+  """One sweep point: its index in ``get_sweep(arg)``, its arg string and its directory name."""
+  index: int
+  arg: str
+  name: str
+
+
+def point_name(point: str) -> str:
+  """The directory name of a point: ``tiny,method=lora,rank=4`` -> ``tiny_method=lora_rank=4`` (module docstring)."""
+  name = re.sub(r"[^A-Za-z0-9._=-]+", "-", point.replace(",", "_")).strip("-_.") or "default"
+  if len(name) > MAX_NAME:
+    name = f"{name[:MAX_NAME - 9]}-{hashlib.sha1(point.encode()).hexdigest()[:8]}"
+  return name
+
+
+def load_config_module(path: str):
+  """Imports a config file by path, as experiments.main does."""
+  if not os.path.isfile(path):
+    raise ValueError(f"config file {path!r} not found")
+  spec = importlib.util.spec_from_file_location(f"_sweep_config_{pathlib.Path(path).stem}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  for fn in ("get_config", "get_sweep"):
+    if not callable(getattr(module, fn, None)):
+      raise ValueError(f"config file {path!r} does not define {fn}()")
+  return module
+
+
+def sweep_points(module, arg: str) -> list[Point]:
+  """The points of ``module.get_sweep(arg)`` (``get_sweep()`` when ``arg`` is empty) with their names."""
+  try:
+    raw = module.get_sweep(arg) if arg else module.get_sweep()
+  except Exception as e:  # a wrong variant name, or a get_sweep that takes no arg
+    raise ValueError(f"get_sweep({arg!r}) raised {type(e).__name__}: {e}") from e
+  if not isinstance(raw, (list, tuple)) or not raw or not all(isinstance(p, (str, dict)) for p in raw):
+    raise ValueError(f"get_sweep({arg!r}) must return a non-empty list of arg strings or dicts, got {raw!r}")
+  args = [common.point_arg(p) for p in raw]
+  points = [Point(i, a, point_name(a)) for i, a in enumerate(args)]
+  for what, values in (("point", args), ("directory name", [p.name for p in points])):
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if twice:
+      raise ValueError(f"get_sweep({arg!r}) gives the {what}(s) {twice} more than once; make the points distinct")
+  return points
+
+
+def select(points: Sequence[Point], shard: tuple[int, int] | None = None, only: str | None = None) -> list[Point]:
+  """The points of shard ``(i, n)`` (index % n == i) whose arg string matches the regex ``only``."""
+  return [p for p in points if (shard is None or p.index % shard[1] == shard[0])
+          and (only is None or re.search(only, p.arg))]
+
+
+def check_points(module, points: Sequence[Point], overrides: Sequence[str]) -> None:
+  """Builds every point's config and checks that each override names one of its fields, before anything runs."""
+  for p in points:
+    try:
+      config = module.get_config(p.arg)
+    except Exception as e:  # the point would fail the same way in its run: say so now
+      raise ValueError(f"point [{p.index}] {p.arg!r}: get_config raised {type(e).__name__}: {e}") from e
+    for override in overrides:
+      key = override.removeprefix("--config.").partition("=")[0]
+      if isinstance(config, ml_collections.ConfigDict) and not _has_field(config, key):
+        raise ValueError(f"override {override!r}: point [{p.index}] {p.arg!r} has no config field {key!r}")
+
+
+def _has_field(config: ml_collections.ConfigDict, key: str) -> bool:
+  node = config
+  for part in key.split("."):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      return False
+    node = node[part]
+  return True
+
+
+def _is_local(path: epath.Path) -> bool:
+  return "://" not in str(path)
+
+
+def _write_json(path: epath.Path, record: dict) -> None:
+  """Writes ``record``; locally through a renamed temporary file, so a reader never sees half of it."""
+  text = json.dumps(record, indent=2) + "\n"
+  if not _is_local(path):
+    path.write_text(text)
+    return
+  tmp = pathlib.Path(f"{path}.{os.getpid()}.tmp")
+  tmp.write_text(text)
+  os.replace(tmp, str(path))
+
+
+def read_status(point_dir: epath.Path) -> dict | None:
+  """A point's ``status.json`` (None when it has none or it cannot be read)."""
+  try:
+    return json.loads((point_dir / "status.json").read_text())
+  except (OSError, ValueError):
+    return None
+
+
+def sweep_identity(config_file: str, arg: str, overrides: Sequence[str]) -> dict:
+  """What makes two invocations the same sweep: config file, arg and overrides."""
+  return {"config": os.path.normpath(config_file), "arg": arg, "overrides": list(overrides)}
+
+
+def workdir_conflict(workdir: epath.Path, identity: dict) -> str | None:
+  """Why ``workdir`` cannot take this sweep without --overwrite (another sweep's, or other files), or None."""
+  if not workdir.exists() or not any(workdir.iterdir()):
+    return None
+  saved = workdir / "sweep.json"
+  if not saved.exists():
+    return f"{workdir} is not empty and holds no sweep.json. Use another --workdir, or --overwrite to delete it."
+  try:
+    old = json.loads(saved.read_text())
+  except ValueError:
+    old = {}
+  old = {k: old.get(k) for k in identity}
+  if old == identity:
+    return None
+  return (f"{workdir} holds another sweep ({old}; this one: {identity}). Use another --workdir, or --overwrite to "
+          "delete it.")
+
+
+def git_commit() -> dict:
+  """The checkout's commit and whether it has uncommitted changes (``unknown`` outside git)."""
+  cwd = pathlib.Path(__file__).parent
+  try:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                            cwd=cwd).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
+                                cwd=cwd).stdout.strip())
+  except (OSError, subprocess.CalledProcessError):
+    commit, dirty = "unknown", None
+  return {"git_commit": commit, "git_dirty": dirty}
+
+
+def _now() -> str:
+  return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _duration(seconds: float) -> str:
+  if seconds < 10:
+    return f"{seconds:.1f}s"
+  seconds = int(round(seconds))
+  if seconds < 60:
+    return f"{seconds}s"
+  if seconds < 3600:
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+  return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class Progress:
+  """Sweep progress on a stream: one line per event; on a terminal also a status line refreshed every second."""
+
+  def __init__(self, total: int, parallel: int, earlier: int, earlier_seconds: Sequence[float], stream=None):
+    self.stream = stream or sys.stderr
+    self.tty = self.stream.isatty()
+    self.total, self.parallel, self.earlier = total, parallel, earlier
+    self.earlier_seconds = list(earlier_seconds)  # durations recorded by earlier invocations (ETA fallback)
+    self.seconds = []  # durations of the points done in this invocation
+    self.done, self.failed, self.interrupted = earlier, 0, 0
+    self.running = {}  # name -> start time
+    self._drawn = 0.0
+
+  def eta(self) -> float | None:
+    """Seconds until the selected points are done: the mean duration times the points left, over those at once."""
+    durations = self.seconds or self.earlier_seconds
+    if not durations:
+      return None
+    mean = sum(durations) / len(durations)
+    now = time.monotonic()
+    queued = self.total - self.done - self.failed - self.interrupted - len(self.running)
+    work = queued * mean + sum(max(mean - (now - t), 0.0) for t in self.running.values())
+    return work / max(1, min(self.parallel, queued + len(self.running)))
+
+  def status(self) -> str:
+    """``3/9 done, 2 running, 1 failed, 3 to go, ETA 4m10s``."""
+    queued = self.total - self.done - self.failed - self.interrupted - len(self.running)
+    eta = self.eta()
+    text = f"{self.done}/{self.total} done, {len(self.running)} running, {self.failed} failed, "
+    if self.interrupted:
+      text += f"{self.interrupted} interrupted, "
+    return text + f"{queued} to go, ETA {'?' if eta is None else _duration(eta)}"
+
+  def event(self, text: str) -> None:
+    """Prints one event with the counts after it."""
+    clear = "\r\033[K" if self.tty else ""
+    print(f"{clear}[sweep {datetime.datetime.now():%H:%M:%S}] {text} | {self.status()}", file=self.stream,
+          flush=True)
+    self._drawn = 0.0
+
+  def tick(self) -> None:
+    """Redraws the status line on a terminal (at most once a second)."""
+    if self.tty and time.monotonic() - self._drawn >= 1.0:
+      print(f"\r\033[K[sweep] {self.status()}", end="", file=self.stream, flush=True)
+      self._drawn = time.monotonic()
+
+  def close(self) -> None:
+    """Clears the status line."""
+    if self.tty:
+      print("\r\033[K", end="", file=self.stream, flush=True)
+
+
+@dataclasses.dataclass
+class _Running:
+  point: Point
+  proc: subprocess.Popen
+  log: object  # the log file, open for appending and reading
+  log_path: pathlib.Path
+  offset: int  # where this attempt's output starts in the log
+  status: dict  # the "running" status record
+  started: float
+
+
+class Sweep:
+  """Runs selected points of a sweep into ``workdir``, each as a subprocess; see the module docstring."""
+
+  def __init__(self, config_file: str, points: Sequence[Point], workdir: str | epath.PathLike, *,
+               extra: Sequence[str] = (), parallel: int = 1, command: PointCommand = point_command,
+               log_dir: str | None = None, stream=None):
+    self.config_file, self.points, self.workdir = config_file, list(points), epath.Path(workdir)
+    self.extra, self.parallel, self.command = list(extra), parallel, command
+    if log_dir is None and not _is_local(self.workdir):
+      log_dir = os.path.join(DEFAULT_LOG_DIR, point_name(str(self.workdir)))
+    self.log_dir = pathlib.Path(os.path.expanduser(log_dir)) if log_dir else None
+    self.stream = stream or sys.stderr
+    self.host = socket.gethostname()
+    self.signals = 0
+    self.results = {}  # name -> final status of the points run in this invocation
+
+  def log_path(self, point: Point) -> pathlib.Path:
+    """Where a point's output goes while it runs."""
+    if self.log_dir is None:
+      return pathlib.Path(str(self.workdir / point.name / "log.txt"))
+    return self.log_dir / f"{point.name}.txt"
+
+  def point_argv(self, point: Point) -> list[str]:
+    """The command of one point."""
+    return self.command(self.config_file, point.arg, str(self.workdir / point.name), self.extra)
+
+  def run(self) -> int:
+    """Runs every point without a "done" status; returns the exit status (0, EXIT_FAILED or EXIT_INTERRUPTED)."""
+    statuses = {p.name: read_status(self.workdir / p.name) for p in self.points}
+    finished = [p for p in self.points if (statuses[p.name] or {}).get("state") == "done"]
+    todo = [p for p in self.points if p not in finished]
+    self.progress = Progress(len(self.points), self.parallel, len(finished),
+                             [statuses[p.name].get("seconds", 0.0) for p in finished], self.stream)
+    self.progress.event(f"{len(self.points)} point(s) in {self.workdir}: {len(finished)} done earlier, "
+                        f"{len(todo)} to run, {self.parallel} at a time")
+    running: list[_Running] = []
+    handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    forwarded = 0
+    try:
+      while running or (todo and not self.signals):
+        if self.signals > forwarded:  # the first signal asks each point to save and stop; the next kills them
+          for r in running:
+            if forwarded == 0:
+              r.proc.send_signal(signal.SIGTERM)
+            else:
+              r.proc.kill()
+          if forwarded == 0 and running:
+            self.progress.event(f"signal received: stopping {len(running)} running point(s) (they save a "
+                                "checkpoint); signal again to kill them")
+          forwarded = self.signals
+        while todo and len(running) < self.parallel and not self.signals:
+          running.append(self._start(todo.pop(0)))
+        for r in [r for r in running if r.proc.poll() is not None]:
+          running.remove(r)
+          self._finish(r, interrupted_by_us=forwarded > 0)
+        self.progress.tick()
+        time.sleep(0.1)
+    finally:
+      for s, h in handlers.items():
+        signal.signal(s, h)
+      self.progress.close()
+    self._summary(finished)
+    if self.signals:
+      return EXIT_INTERRUPTED
+    return EXIT_FAILED if any(s["state"] != "done" for s in self.results.values()) else 0
+
+  def _on_signal(self, signum, frame):
+    del signum, frame
+    self.signals += 1
+
+  def _start(self, point: Point) -> _Running:
+    point_dir = self.workdir / point.name
+    point_dir.mkdir(parents=True, exist_ok=True)
+    log_path = self.log_path(point)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    attempt = (read_status(point_dir) or {}).get("attempt", 0) + 1
+    argv = self.point_argv(point)
+    log = open(log_path, "a+b")  # readable too: the lines of a failure, and the log if the point dir was replaced
+    log.write(f"=== sweep attempt {attempt} on {self.host} at {_now()}: {shlex.join(argv)}\n".encode())
+    log.flush()
+    status = {"state": "running", "point": point.arg, "name": point.name, "index": point.index, "attempt": attempt,
+              "host": self.host, "started": _now(), "command": argv}
+    _write_json(point_dir / "status.json", status)
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            start_new_session=True)  # a terminal's Ctrl-C reaches the runner only; it passes it on
+    self.progress.running[point.name] = time.monotonic()
+    self.progress.event(f"start [{point.index}] {point.name} (attempt {attempt})")
+    return _Running(point, proc, log, log_path, log.tell(), status, time.monotonic())
+
+  def _finish(self, r: _Running, interrupted_by_us: bool) -> None:
+    code, seconds = r.proc.returncode, time.monotonic() - r.started
+    point_dir = self.workdir / r.point.name
+    r.log.flush()
+    if not r.log_path.exists():  # experiments.main --overwrite replaced the point dir under the open log
+      r.log_path.parent.mkdir(parents=True, exist_ok=True)
+      r.log.seek(0)
+      r.log_path.write_bytes(r.log.read())
+    r.log.seek(r.offset)
+    lines = r.log.read().decode(errors="replace").splitlines()[-LAST_LINES:]
+    r.log.close()
+    if code == 0:
+      state = "done"
+    elif interrupted_by_us or code in (EXIT_INTERRUPTED, -signal.SIGTERM):  # saved and stopped (or killed by us)
+      state = "interrupted"
+    else:
+      state = "failed"
+    log = str(r.log_path)
+    if self.log_dir is not None:  # keep the log with the point's results
+      copy = point_dir / f"log-{self.host}.txt"
+      copy.write_bytes(r.log_path.read_bytes())
+      log = str(copy)
+    status = {**r.status, "state": state, "returncode": code, "ended": _now(), "seconds": round(seconds, 1),
+              "log": log}
+    if state == "failed":
+      status["last_lines"] = lines
+    _write_json(point_dir / "status.json", status)
+    self.results[r.point.name] = status
+    del self.progress.running[r.point.name]
+    if state == "done":
+      self.progress.done += 1
+      self.progress.seconds.append(seconds)
+      self.progress.event(f"done [{r.point.index}] {r.point.name} in {_duration(seconds)}")
+    elif state == "failed":
+      self.progress.failed += 1
+      self.progress.event(f"FAILED [{r.point.index}] {r.point.name} (exit status {code}) after "
+                          f"{_duration(seconds)}; log: {log}")
+    else:
+      self.progress.interrupted += 1
+      self.progress.event(f"interrupted [{r.point.index}] {r.point.name} (exit status {code})")
+
+  def _summary(self, finished: Sequence[Point]) -> None:
+    by_state = {}
+    for p in self.points:
+      state = "done earlier" if p in finished else self.results.get(p.name, {}).get("state", "not started")
+      by_state.setdefault(state, []).append(p)
+    counts = ", ".join(f"{len(ps)} {state}" for state, ps in by_state.items())
+    lines = [f"sweep: {len(self.points)} point(s) in {self.workdir}: {counts}"]
+    for p in by_state.get("failed", []):
+      s = self.results[p.name]
+      lines.append(f"  FAILED [{p.index}] {p.arg} (exit status {s['returncode']}): {s['log']}")
+    if "interrupted" in by_state or "not started" in by_state:
+      lines.append("  interrupted or not started: rerun the same command to resume")
+    elif "failed" in by_state:
+      lines.append("  rerun the same command to retry the failed point(s)")
+    else:
+      lines.append(f"  report: python -m experiments.report {self.workdir}")
+    print("\n".join(lines), file=self.stream, flush=True)
+
+
+def shard_arg(value: str) -> tuple[int, int]:
+  """Parses ``I/N`` with 0 <= I < N (argparse type)."""
+  m = re.fullmatch(r"(\d+)/(\d+)", value)
+  if not m or not int(m[1]) < int(m[2]):
+    raise argparse.ArgumentTypeError(f"invalid shard {value!r}: expected I/N with 0 <= I < N, e.g. 0/4")
+  return int(m[1]), int(m[2])
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__.splitlines()[0])
+  p.add_argument("--config", required=True, metavar="FILE.py[:ARG]",
+                 help="config file; its get_sweep(ARG) lists the points")
+  p.add_argument("--workdir", required=True, help="sweep directory (local or gs://); point NAME runs in DIR/NAME")
+  p.add_argument("--parallel", type=int, default=1, help="points run at once (default 1)")
+  p.add_argument("--shard", type=shard_arg, metavar="I/N", help="run only the points whose index %% N == I")
+  p.add_argument("--only", metavar="REGEX", help="run only the points whose arg string matches this regex")
+  p.add_argument("--dry-run", action="store_true", help="print the points, their names and commands; run nothing")
+  p.add_argument("--overwrite", action="store_true",
+                 help="delete a DIR that holds another sweep; passed on to every point")
+  p.add_argument("--log-dir", help=f"where point logs are written while they run (default: DIR/NAME/log.txt when "
+                 f"DIR is local, else {DEFAULT_LOG_DIR}/...; copied to DIR/NAME/log-HOST.txt)")
+  p.add_argument("overrides", nargs="*", metavar="-- --config.KEY=VALUE",
+                 help="config overrides for every point, after --")
+  return p
+
+
+def main(argv: Sequence[str] | None = None, command: PointCommand = point_command) -> int:
+  """The command line (module docstring); ``command`` builds each point's command. Returns the exit status."""
+  p = _parser()
+  args = p.parse_args(argv)
+  config_file, _, arg = args.config.partition(":")
+  bad = [o for o in args.overrides if not re.fullmatch(r"--config\.[\w.]+=.*", o, flags=re.S)]
+  if bad:
+    p.error(f"unexpected arguments {bad}: after --, give config overrides --config.KEY=VALUE")
+  if args.parallel < 1:
+    p.error(f"--parallel {args.parallel}: give at least 1")
+  try:
+    if args.only is not None:
+      re.compile(args.only)
+    module = load_config_module(config_file)
+    every = sweep_points(module, arg)
+    points = select(every, args.shard, args.only)
+    if not points:
+      raise ValueError(f"no point selected (--shard {args.shard}, --only {args.only!r})")
+    check_points(module, points, args.overrides)
+  except (ValueError, re.error) as e:
+    p.error(str(e))
+  workdir = epath.Path(args.workdir)
+  identity = sweep_identity(config_file, arg, args.overrides)
+  conflict = workdir_conflict(workdir, identity)
+  extra = [*args.overrides, *(["--overwrite"] if args.overwrite else [])]
+  sweep = Sweep(config_file, points, workdir, extra=extra, parallel=args.parallel, command=command,
+                log_dir=args.log_dir)
+  if args.dry_run:
+    print(f"# {args.config} -> {workdir}: {len(points)} of {len(every)} point(s)"
+          + (f" (shard {args.shard[0]}/{args.shard[1]})" if args.shard else "")
+          + (f" (only {args.only!r})" if args.only else ""))
+    if conflict:
+      print(f"# note: {conflict}")
+    for pt in points:
+      state = (read_status(workdir / pt.name) or {}).get("state", "not started")
+      print(f"[{pt.index}] {pt.arg} -> {pt.name} ({state})\n    {shlex.join(sweep.point_argv(pt))}")
+    return 0
+  if conflict:
+    if not args.overwrite:
+      p.error(conflict)
+    workdir.rmtree()
+  workdir.mkdir(parents=True, exist_ok=True)
+  _write_json(workdir / "sweep.json", {
+      **identity, "points": [{"index": q.index, "point": q.arg, "name": q.name} for q in every],
+      "argv": [sys.executable, "-m", "experiments.sweep", *(sys.argv[1:] if argv is None else argv)],
+      "shard": args.shard, "only": args.only, "parallel": args.parallel, "host": socket.gethostname(),
+      "started": _now(), **git_commit()})
+  return sweep.run()
+
+
+if __name__ == "__main__":
+  sys.exit(main())
