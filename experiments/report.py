@@ -1,20 +1,37 @@
-"""Reports from workdirs alone: a Markdown table and learning curves of every run in an experiment.
+"""Reports from workdirs alone: one experiment's table and learning curves, or a whole sweep's analysis.
 
     python -m experiments.report runs/tiny [runs/other ...]
+    python -m experiments.report runs/lr_sweep          # a directory holding sweep.json: the sweep report
 
-Reads only what runs leave behind (``config.json`` and each ``<method>/metrics.jsonl``) and writes
-``report.md`` and ``report.png`` (train loss and held-out NLL against steps, one line per method) into each workdir.
-``experiments.main`` calls it at the end of an experiment, and when a preemption stops one: a run that has not
-reached the config's steps is marked unfinished, a method with no records yet as not started.
+One experiment (``experiments.main``'s workdir): reads only what runs leave behind (``config.json`` and each
+``<method>/metrics.jsonl``) and writes ``report.md`` and ``report.png`` (train loss and held-out NLL against steps, one
+line per method) into the workdir. ``experiments.main`` calls it at the end of an experiment, and when a preemption
+stops one: a run that has not reached the config's steps is marked unfinished, a method with no records yet as not
+started.
+
+A sweep (``experiments.sweep``'s directory: ``sweep.json`` and one experiment workdir per point): writes
+``results.csv`` (one row per point x eval step), ``report.md`` (NLL tables over method x rank x LR, the optimal LR of
+each condition by a quadratic fit in log LR with a seed-bootstrap interval, the LoRA/full optimal-LR ratio, seed noise,
+figures, and "vs the study": a verdict per finding by the rules in ``experiments.analysis``, printed next to it),
+``figures/*.png|pdf`` and ``tables/*.tex`` (booktabs). Deterministic: the same files give byte-identical outputs.
 """
 
 from __future__ import annotations
 
+import csv
+import dataclasses
+import io
 import json
+import math
+import re
+import shlex
 import sys
+import zlib
 
+import numpy as np
 from etils import epath
 
+from experiments import analysis
 from lora_jax import metrics
 
 
@@ -106,12 +123,799 @@ def write(workdir: str | epath.PathLike) -> tuple[str, dict]:
   return table, runs
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Sweeps: a directory with sweep.json ({"config", "arg", "points": [{"point", "name"}, ...]}) and, per point, an
+# experiments.main workdir (config.json, <method>/metrics.jsonl, maybe status.json and run_info.json).
+
+SWEEP_FILE = "sweep.json"
+CSV_COLUMNS = ("family", "point", "method", "rank", "lr", "seed", "data_seed", "batch_size", "targets", "scaling",
+               "step", "tokens", "train_loss", "eval_nll", "finished", "state")
+REPLICATE_KEYS = ("seed", "data_seed")  # Runs that differ only in these are seeds of one condition.
+NOT_A_SETTING = ("methods", "optim.lr", "optim.full_lr_ratio")  # Fields of the condition and LR (lora.* too).
+
+
+def _not_a_setting(key: str) -> bool:
+  """Fields that never make runs incomparable: seeds, method, LR, the LoRA spec (the condition), cache paths."""
+  return key in REPLICATE_KEYS + NOT_A_SETTING or key.startswith("lora.") or key.endswith("cache_dir")
+
+
+STUDY = {  # The study's numbers (../shared/reference/blog.md), as the report quotes them.
+    1: "high-rank LoRA reaches full FT's test NLL",
+    2: "low ranks fall behind full FT once out of capacity (lower efficiency); high ranks do not",
+    3: "~10 (fit over 14 models: 9.8; runs < ~100 steps: ~15)",
+    4: "optimal LR moves < 2x between ranks 4 and 512 (rank 1 prefers a lower LR)",
+}
+
+
+@dataclasses.dataclass
+class SweepRun:
+  """One method's run at one sweep point, as its files describe it."""
+  point: str  # The sweep point's arg string.
+  name: str  # Its directory under the sweep.
+  state: str  # status.json's state, else "done" / "unfinished" / "not started" from the metrics.
+  method: str = ""  # "lora" | "full"; "" for a point with no config.json (never started).
+  config: dict = dataclasses.field(default_factory=dict)
+  evals: dict = dataclasses.field(default_factory=dict)  # step -> eval/nll
+  train: dict = dataclasses.field(default_factory=dict)  # step -> (train/loss, train/tokens)
+  setting: str = ""  # The sweep's other varying fields (not method, LoRA spec, LR, seeds) as "key=value, ...".
+  condition: str = ""  # "full" or "lora r=R" (+ the LoRA fields besides rank that vary over the sweep).
+  group: str = ""  # A LoRA condition less its rank: one group's conditions differ only in rank.
+
+  @property
+  def lr(self) -> float | None:
+    """The LR this run trained at (``experiments.main.make_optim``'s rule)."""
+    if not self.config:
+      return None
+    o = self.config["optim"]
+    both = self.method == "full" and "lora" in self.config["methods"]
+    return float(f"{o['lr'] * (o.get('full_lr_ratio', 1.0) if both else 1.0):.12g}")  # 3e-3 * 0.3 == 9e-4
+
+  @property
+  def rank(self) -> int | None:
+    """LoRA rank; None for full FT."""
+    return self.config["lora"]["rank"] if self.method == "lora" else None
+
+  @property
+  def finished(self) -> bool:
+    """Evaluated, with a finite NLL, at the config's last step."""
+    return bool(self.config) and math.isfinite(self.evals.get(self.config["train"]["steps"], math.nan))
+
+  @property
+  def failed(self) -> bool:
+    """Stopped for good before the end (status "failed": e.g. a NaN loss at too high an LR)."""
+    return not self.finished and self.state == "failed"
+
+  @property
+  def seed_key(self) -> tuple:
+    """The replicate fields' values: what orders a condition's seeds."""
+    return tuple(self.config[k] for k in REPLICATE_KEYS)
+
+
+def _read_json(path: epath.Path) -> dict | None:
+  return json.loads(path.read_text()) if path.exists() else None
+
+
+def _read_records(path: epath.Path) -> list[dict]:
+  """A metrics.jsonl's records; a torn last line (a run killed mid-write) is dropped."""
+  lines = [l for l in path.read_text().splitlines() if l.strip()]
+  out = []
+  for i, line in enumerate(lines):
+    try:
+      out.append(json.loads(line))
+    except json.JSONDecodeError:
+      if i < len(lines) - 1:
+        raise ValueError(f"{path}: line {i + 1} is not JSON") from None
+  return out
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def _show(value) -> str:
+  return "+".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def load_sweep(sweep_dir: str | epath.PathLike) -> tuple[dict, list[SweepRun]]:
+  """sweep.json and every point's runs (one per method; a placeholder for a point with no config.json), labelled."""
+  sweep_dir = epath.Path(sweep_dir)
+  meta = json.loads((sweep_dir / SWEEP_FILE).read_text())
+  runs = []
+  for p in meta["points"]:
+    d = sweep_dir / p["name"]
+    state = (_read_json(d / "status.json") or {}).get("state")
+    config = _read_json(d / "config.json")
+    if config is None:
+      runs.append(SweepRun(p["point"], p["name"], state or "not started"))
+      continue
+    for method in config["methods"]:
+      path = d / method / "metrics.jsonl"
+      records = _read_records(path) if path.exists() else []
+      run = SweepRun(p["point"], p["name"], state or "", method, config)
+      for r in records:  # by step, later records win (a resumed run rewrote what followed its checkpoint)
+        if "eval/nll" in r:
+          run.evals[r["step"]] = float(r["eval/nll"])
+        if "train/loss" in r:
+          run.train[r["step"]] = (float(r["train/loss"]), float(r.get("train/tokens", math.nan)))
+      run.state = run.state or ("done" if run.finished else "unfinished" if records else "not started")
+      runs.append(run)
+  _label(runs)
+  return meta, runs
+
+
+def _varying(runs: list[SweepRun], flat: dict, keep) -> list[str]:
+  keys = sorted({k for r in runs for k in flat[id(r)] if keep(k)})
+  return [k for k in keys if len({_show(flat[id(r)].get(k)) for r in runs}) > 1]
+
+
+def method_tied_fields(runs: list[SweepRun]) -> dict[str, dict[str, str]]:
+  """Fields (outside the LoRA spec, LR and seeds) constant within each method but different between methods."""
+  started = [r for r in runs if r.config]
+  flat = {id(r): _flatten(r.config) for r in started}
+  out = {}
+  for k in _varying(started, flat, lambda k: not _not_a_setting(k)):
+    methods = sorted({r.method for r in started})
+    per_method = {m: {_show(flat[id(r)].get(k)) for r in started if r.method == m} for m in methods}
+    if all(len(v) == 1 for v in per_method.values()):
+      out[k] = {m: v.pop() for m, v in per_method.items()}
+  return out
+
+
+def _label(runs: list[SweepRun]) -> None:
+  """Sets each run's setting, condition and group from the config fields that vary over the sweep."""
+  started = [r for r in runs if r.config]
+  flat = {id(r): _flatten(r.config) for r in started}
+  tied = method_tied_fields(runs)  # e.g. a field the config sets per method: not a setting, or no pair would meet
+  setting_keys = _varying(started, flat, lambda k: not _not_a_setting(k) and k not in tied)
+  lora_runs = [r for r in started if r.method == "lora"]
+  group_keys = _varying(lora_runs, flat, lambda k: k.startswith("lora.") and k != "lora.rank")
+  for r in started:
+    f = flat[id(r)]
+    r.setting = ", ".join(f"{k}={_show(f.get(k))}" for k in setting_keys)
+    if r.method == "lora":
+      r.group = ", ".join(f"{k[len('lora.'):]}={_show(f.get(k))}" for k in group_keys)
+      r.condition = f"lora r={r.rank}" + (f", {r.group}" if r.group else "")
+    else:
+      r.condition = r.method
+
+
+def _cumulative_tokens(train: dict, step: int) -> float | None:
+  """Loss tokens up to ``step``: each logged train/tokens (one step's count) stands for the steps since the previous
+  log, and the last one for any steps after it; None when nothing was logged yet past step 0."""
+  if step == 0:
+    return 0.0
+  if not train:
+    return None
+  total, prev = 0.0, 0
+  for t in sorted(train):
+    total += train[t][1] * (min(t, step) - prev)
+    prev = min(t, step)
+    if t >= step:
+      return total
+  return total + train[max(train)][1] * (step - prev)
+
+
+def _num(x) -> str:
+  if x is None or (isinstance(x, float) and not math.isfinite(x)):
+    return ""
+  if isinstance(x, float) and x.is_integer() and abs(x) < 1e15:
+    return str(int(x))
+  return repr(x) if isinstance(x, float) else str(x)
+
+
+def results_rows(family: str, runs: list[SweepRun]) -> list[dict]:
+  """The rows of results.csv: one per run x eval step (one with empty step for a run with no evaluation)."""
+  rows = []
+  for r in runs:
+    c = r.config
+    lora_run = r.method == "lora"
+    base = {"family": family, "point": r.point, "method": r.method, "rank": _num(r.rank), "lr": _num(r.lr),
+            "seed": _num(c.get("seed")), "data_seed": _num(c.get("data_seed")),
+            "batch_size": _num(c["data"]["batch_size"]) if c else "",
+            "targets": _show(c["lora"]["targets"]) if lora_run else "",
+            "scaling": c["lora"]["scaling"] if lora_run else "", "finished": str(r.finished), "state": r.state}
+    if not r.evals:
+      rows.append({**base, "step": "", "tokens": "", "train_loss": "", "eval_nll": ""})
+    for step in sorted(r.evals):
+      logged = [t for t in r.train if t <= step]
+      rows.append({**base, "step": str(step), "tokens": _num(_cumulative_tokens(r.train, step)),
+                   "train_loss": _num(r.train[max(logged)][0]) if logged else "", "eval_nll": _num(r.evals[step])})
+  return rows
+
+
+def _csv(rows: list[dict]) -> str:
+  out = io.StringIO()
+  writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, lineterminator="\n")
+  writer.writeheader()
+  writer.writerows(rows)
+  return out.getvalue()
+
+
+@dataclasses.dataclass(eq=False)
+class Condition:
+  """One condition of one setting over the LR grid: its seeds' results, the fitted optimum and its bootstrap."""
+  setting: str
+  name: str
+  method: str
+  rank: int | None
+  group: str
+  lrs: list = dataclasses.field(default_factory=list)  # Every LR the sweep gave it, ascending.
+  final: dict = dataclasses.field(default_factory=dict)  # LR -> final eval NLLs of finished runs (by seed).
+  best: dict = dataclasses.field(default_factory=dict)  # LR -> min eval NLL over steps > 0 of finished runs.
+  failed: dict = dataclasses.field(default_factory=dict)  # LR -> failed runs.
+  missing: dict = dataclasses.field(default_factory=dict)  # LR -> runs neither finished nor failed.
+  curves: dict = dataclasses.field(default_factory=dict)  # LR -> {step: seed-mean eval NLL of finished runs}.
+  usable: list = dataclasses.field(default_factory=list)  # LRs with a finished run and no failed one: the fit's grid.
+  fit: analysis.Fit | None = None  # On the seed means over ``usable``; None when no LR is usable.
+  draws: np.ndarray | None = None  # Bootstrap log10 optima; None with < 2 seeds at some usable LR.
+
+  def means(self) -> list[float]:
+    """Seed-mean final NLL at each usable LR."""
+    return [float(np.mean(self.final[lr])) for lr in self.usable]
+
+  @property
+  def log_interval(self) -> tuple[float, float]:
+    """The bootstrap interval of log10 lr* (nan without a bootstrap)."""
+    return analysis.interval(self.draws) if self.draws is not None else (math.nan, math.nan)
+
+  @property
+  def best_lr(self) -> float | None:
+    """The grid LR with the lowest seed-mean final NLL."""
+    return self.usable[self.fit.grid_index] if self.fit else None
+
+  def edge_note(self) -> str:
+    """Where the fit stands: interior (points used) or which edge, and whether the LRs past it failed."""
+    if self.fit is None:
+      return "no finished run"
+    if self.fit.interior:
+      return f"interior ({len(self.fit.used)}-point fit)"
+    if self.fit.edge == "low":
+      past = [lr for lr in self.lrs if lr < self.usable[0]]
+      note = "edge: lowest LR with a result"
+    else:
+      past = [lr for lr in self.lrs if lr > self.usable[-1]]
+      note = "edge: highest LR with a result"
+    if any(self.failed.get(lr) for lr in past):
+      note += " (the LRs past it failed)"
+    return note
+
+
+def _natural(text: str) -> tuple:
+  """A sort key that orders the numbers inside labels by value ("batch_size=8" before "batch_size=32")."""
+  return tuple((0, float(part), "") if i % 2 else (1, 0.0, part)
+               for i, part in enumerate(re.split(r"(\d+(?:\.\d+)?(?:e-?\d+)?)", text)))
+
+
+def _settings(conds: list[Condition]) -> list[str]:
+  return sorted({c.setting for c in conds}, key=_natural)
+
+
+def _condition_order(c: Condition) -> tuple:
+  return (_natural(c.setting), c.method != "full", _natural(c.group), c.rank or 0, c.name)
+
+
+def conditions(runs: list[SweepRun]) -> list[Condition]:
+  """The sweep's conditions (setting x method x LoRA spec) with their LR grids, results, fits and bootstraps."""
+  by = {}
+  for r in sorted((r for r in runs if r.config), key=lambda r: r.seed_key):
+    c = by.setdefault((r.setting, r.condition), Condition(r.setting, r.condition, r.method, r.rank, r.group))
+    lr = r.lr
+    if lr not in c.lrs:
+      c.lrs.append(lr)
+    if r.finished:
+      evals = {s: v for s, v in r.evals.items() if math.isfinite(v)}
+      c.final.setdefault(lr, []).append(evals[r.config["train"]["steps"]])
+      c.best.setdefault(lr, []).append(min(v for s, v in evals.items() if s > 0))
+      for step, value in evals.items():
+        c.curves.setdefault(lr, {}).setdefault(step, []).append(value)
+    elif r.failed:
+      c.failed[lr] = c.failed.get(lr, 0) + 1
+    else:
+      c.missing[lr] = c.missing.get(lr, 0) + 1
+  out = sorted(by.values(), key=_condition_order)
+  for c in out:
+    c.lrs.sort()
+    c.curves = {lr: {s: float(np.mean(v)) for s, v in sorted(curve.items())} for lr, curve in c.curves.items()}
+    c.usable = [lr for lr in c.lrs if c.final.get(lr) and not c.failed.get(lr)]
+    if c.usable:
+      c.fit = analysis.fit_optimum(c.usable, c.means())
+      if min(len(c.final[lr]) for lr in c.usable) >= 2:
+        stream = zlib.crc32(f"{c.setting}|{c.name}".encode())
+        c.draws = analysis.bootstrap_log_optimum(c.usable, [c.final[lr] for lr in c.usable],
+                                                 seed=[analysis.BOOT_SEED, stream])
+  return out
+
+
+# -- Numbers as text ---------------------------------------------------------------------------------------------------
+
+def _lr(x: float | None) -> str:
+  if x is None or math.isnan(x):
+    return "—"
+  if math.isinf(x):
+    return "∞"
+  if x == 0:
+    return "0"
+  mantissa, exponent = f"{x:.2e}".split("e")
+  return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def _ratio(x: float) -> str:
+  return "—" if math.isnan(x) else "∞" if x == math.inf else f"{x:.3g}"
+
+
+def _interval(lo: float, hi: float, fmt=_lr) -> str:
+  return "—" if math.isnan(lo) or math.isnan(hi) else f"[{fmt(lo)}, {fmt(hi)}]"
+
+
+def _mean_std(values: list[float]) -> str:
+  if len(values) == 1:
+    return f"{values[0]:.4f} (n=1)"
+  return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f} (n={len(values)})"
+
+
+def _cell(c: Condition, lr: float, values: dict) -> str:
+  text = _mean_std(values[lr]) if values.get(lr) else ""
+  notes = [f"{n} failed" for n in [c.failed.get(lr, 0)] if n] + [f"{n} not done" for n in [c.missing.get(lr, 0)] if n]
+  if notes:
+    text = f"{text} [{', '.join(notes)}]" if text else ", ".join(notes)
+  return text or "—"
+
+
+@dataclasses.dataclass
+class Table:
+  """A table rendered both as Markdown (report.md) and as a booktabs tabular (tables/NAME.tex)."""
+  name: str
+  caption: str
+  header: list
+  rows: list
+
+  def markdown(self) -> str:
+    """The table as Markdown."""
+    def row(cells):
+      return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+    return "\n".join([row(self.header), "|" + "---|" * len(self.header), *map(row, self.rows)]) + "\n"
+
+  def latex(self) -> str:
+    """The table as a booktabs tabular, ready to \\input inside a table environment."""
+    def row(cells):  # "{}" first: a line starting with "[" would be read as the previous \\'s optional argument
+      return "{}" * cells[0].startswith("[") + " & ".join(_tex(c) for c in cells) + r" \\"
+    return "\n".join([f"% {_tex(self.caption)} (experiments.report; needs \\usepackage{{booktabs}})",
+                      r"\begin{tabular}{" + "l" * len(self.header) + "}", r"\toprule", row(self.header), r"\midrule",
+                      *(row(r) for r in self.rows), r"\bottomrule", r"\end{tabular}", ""])
+
+
+_TEX = {"\\": r"\textbackslash{}", "_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#", "$": r"\$", "{": r"\{",
+        "}": r"\}", "^": r"\^{}", "~": r"\textasciitilde{}", "±": r"$\pm$", "—": "--", "∞": r"$\infty$",
+        "≥": r"$\geq$", "≤": r"$\leq$", "×": r"$\times$", "<": r"$<$", ">": r"$>$"}
+
+
+def _tex(text: str) -> str:
+  return "".join(_TEX.get(ch, ch) for ch in text)
+
+
+# -- Tables ------------------------------------------------------------------------------------------------------------
+
+def _scoped(conds: list[Condition], header: list, row) -> tuple[list, list]:
+  """Header and rows with a leading setting column when the sweep has several settings."""
+  several = len({c.setting for c in conds}) > 1
+  rows = [([c.setting] if several else []) + row(c) for c in conds]
+  return (["setting"] if several else []) + header, rows
+
+
+def nll_tables(conds: list[Condition]) -> list[Table]:
+  """Final and best-over-steps eval NLL: condition x LR, mean ± std over seeds (n)."""
+  lrs = sorted({lr for c in conds for lr in c.lrs})
+  out = []
+  for name, caption, attr in (
+      ("final_nll", "Final eval NLL (at the last step), mean ± std over seeds (n)", "final"),
+      ("min_nll", "Best eval NLL over steps > 0, mean ± std over seeds (n)", "best")):
+    header, rows = _scoped(conds, ["condition", *map(_lr, lrs)],
+                           lambda c: [c.name] + [_cell(c, lr, getattr(c, attr)) if lr in c.lrs else "" for lr in lrs])
+    out.append(Table(name, caption, header, rows))
+  return out
+
+
+def optimum_table(conds: list[Condition]) -> Table:
+  """Per condition: the grid's best LR, the fitted optimum, its bootstrap interval, where it stands, seeds."""
+  def row(c):
+    lo, hi = c.log_interval
+    fitted = _lr(c.fit.lr) if c.fit and c.fit.interior else "— (edge)" if c.fit else "—"
+    seeds = min((len(c.final[lr]) for lr in c.usable), default=0)
+    return [c.name, _lr(c.best_lr), fitted, _interval(10.0 ** lo, 10.0 ** hi) if c.fit and c.fit.interior else "—",
+            c.edge_note(), str(seeds)]
+  header, rows = _scoped(conds, ["condition", "best grid LR", "fitted optimal LR", f"{analysis.LEVEL:.0%} interval",
+                                 "fit", "seeds (min over LRs)"], row)
+  return Table("optimal_lr", "Optimal LR: quadratic fit of final eval NLL in log10(LR), seed-bootstrap interval",
+               header, rows)
+
+
+def noise_table(conds: list[Condition]) -> Table:
+  """Per condition: final NLL at its best grid LR and the std across seeds there (the seed noise)."""
+  def row(c):
+    values = c.final[c.best_lr] if c.fit else []
+    noise = analysis.seed_noise(values)
+    return [c.name, _lr(c.best_lr), f"{np.mean(values):.4f}" if values else "—",
+            "—" if math.isnan(noise) else f"{noise:.4f}", str(len(values))]
+  header, rows = _scoped(conds, ["condition", "best grid LR", "final NLL (mean)", "seed std", "n"], row)
+  return Table("seed_noise", "Seed noise: std of the final eval NLL across seeds at each condition's best grid LR",
+               header, rows)
+
+
+# -- Findings ----------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class FindingRow:
+  """One verdict line of "vs the study"."""
+  finding: int
+  scope: str  # Setting / LoRA group / rank the line is about.
+  ours: str
+  verdict: str
+  why: str
+
+
+def _scope(*parts: str) -> str:
+  return ", ".join(p for p in parts if p) or "all"
+
+
+def ratio_of(lora_c: Condition, full_c: Condition) -> tuple[float, float, float, bool]:
+  """lr*(LoRA)/lr*(full): point estimate, bootstrap interval (nan without one), whether both optima are interior."""
+  if lora_c.fit is None or full_c.fit is None:
+    return math.nan, math.nan, math.nan, False
+  ratio = 10.0 ** (lora_c.fit.log_lr - full_c.fit.log_lr)
+  lo = hi = math.nan
+  if lora_c.draws is not None and full_c.draws is not None:
+    lo, hi = (10.0 ** v for v in analysis.interval(analysis.log_ratio_draws(lora_c.draws, full_c.draws)))
+  return ratio, lo, hi, lora_c.fit.interior and full_c.fit.interior
+
+
+def _gap(lora_c: Condition, full_c: Condition) -> tuple[float, float, bool]:
+  """Final NLL of LoRA minus full FT at their best grid LRs (seed means), the pooled seed noise, both interior."""
+  if lora_c.fit is None or full_c.fit is None:
+    return math.nan, math.nan, False
+  a, b = lora_c.final[lora_c.best_lr], full_c.final[full_c.best_lr]
+  noise = math.sqrt((analysis.seed_noise(a) ** 2 + analysis.seed_noise(b) ** 2) / 2)
+  return float(np.mean(a) - np.mean(b)), noise, lora_c.fit.interior and full_c.fit.interior
+
+
+def _finding3(setting: str, group: str, loras: list[Condition], full: Condition,
+              several: bool) -> tuple[list[FindingRow], list[list[str]]]:
+  """Finding 3 per LoRA rank and overall, and the ratio table's rows."""
+  rows, table, verdicts = [], [], []
+  for c in loras:
+    ratio, lo, hi, interior = ratio_of(c, full)
+    v = analysis.verdict_ratio(ratio, lo, hi, interior)
+    judged = c.rank >= analysis.RANK_FLOOR
+    shown = v.verdict if judged else f"not judged (rank < {analysis.RANK_FLOOR})"
+    if judged:
+      verdicts.append(v)
+    table.append(([setting] if several else []) + [c.name, _ratio(ratio) if interior else "— (edge)",
+                                                   _interval(lo, hi, _ratio) if interior else "—", shown])
+    ours = f"{_ratio(ratio)} {_interval(lo, hi, _ratio)}" if not math.isnan(lo) else _ratio(ratio)
+    rows.append(FindingRow(3, _scope(setting, c.name), ours if interior else "— (edge)", shown, v.why))
+  rows.append(FindingRow(3, _scope(setting, group, f"overall, ranks ≥ {analysis.RANK_FLOOR}"), "",
+                         analysis.combine(verdicts), f"{len(verdicts)} rank{'s' * (len(verdicts) != 1)} judged"))
+  return rows, table
+
+
+def _findings12(setting: str, group: str, loras: list[Condition], full: Condition) -> list[FindingRow]:
+  """Findings 1 and 2 from each rank's best-LR gap to full FT."""
+  classes, gaps = {}, {}
+  for c in loras:
+    gap, noise, interior = _gap(c, full)
+    classes[c.rank] = analysis.classify_gap(gap, noise, interior)
+    margin = ("no seed noise: < 2 seeds" if math.isnan(noise)
+              else f"{analysis.MATCH_NOISE:g}×noise {analysis.MATCH_NOISE * noise:.4f}")
+    gaps[c.rank] = f"r{c.rank} {gap:+.4f} ({margin})" if not math.isnan(gap) else f"r{c.rank} —"
+  v1, v2 = analysis.verdict_match(classes), analysis.verdict_capacity(classes)
+  return [FindingRow(1, _scope(setting, group), gaps[max(gaps)], v1.verdict, v1.why),
+          FindingRow(2, _scope(setting, group), "; ".join(gaps[r] for r in sorted(gaps)), v2.verdict, v2.why)]
+
+
+def _finding4(setting: str, group: str, loras: list[Condition]) -> FindingRow:
+  """Finding 4 from the optimal-LR ratios between every pair of ranks >= RANK_FLOOR."""
+  judged = [c for c in loras if c.rank >= analysis.RANK_FLOOR]
+  pairs = {}
+  for i, a in enumerate(judged):
+    for b in judged[i + 1:]:
+      if a.fit is None or b.fit is None:
+        continue
+      lo = hi = math.nan
+      if a.draws is not None and b.draws is not None:
+        lo, hi = (10.0 ** v for v in analysis.interval(analysis.log_ratio_draws(b.draws, a.draws)))
+      pairs[f"r{b.rank}/r{a.rank}"] = (10.0 ** (b.fit.log_lr - a.fit.log_lr), lo, hi)
+  interior = all(c.fit is not None and c.fit.interior for c in judged)
+  v = analysis.verdict_rank_invariance(pairs if len(judged) >= 2 else {}, interior)
+  ours = ", ".join(f"r{c.rank} {_lr(c.fit.lr) if c.fit and c.fit.interior else 'edge'}" for c in judged)
+  return FindingRow(4, _scope(setting, group), ours or "—", v.verdict, v.why)
+
+
+def findings(conds: list[Condition]) -> tuple[list[FindingRow], list[Table]]:
+  """Verdicts on findings 1-4 per setting and LoRA group, and the ratio table (finding 3's numbers)."""
+  rows, ratio_rows = [], []
+  several = len({c.setting for c in conds}) > 1
+  for setting in _settings(conds):
+    in_setting = [c for c in conds if c.setting == setting]
+    full = next((c for c in in_setting if c.method == "full"), None)
+    for group in sorted({c.group for c in in_setting if c.method == "lora"}, key=_natural):
+      loras = [c for c in in_setting if c.method == "lora" and c.group == group]
+      if full is not None:
+        more, table = _finding3(setting, group, loras, full, several)
+        rows += more + _findings12(setting, group, loras, full)
+        ratio_rows += table
+      rows.append(_finding4(setting, group, loras))
+  ratio_header = (["setting"] if several else []) + ["LoRA", "lr*(LoRA)/lr*(full)", f"{analysis.LEVEL:.0%} interval",
+                                                     "finding 3"]
+  tables = [Table("lr_ratio", "LoRA/full optimal-LR ratio per rank, seed-bootstrap interval", ratio_header,
+                  ratio_rows)] if ratio_rows else []
+  return sorted(rows, key=lambda r: FINDING_ORDER.index(r.finding)), tables
+
+
+FINDING_ORDER = (3, 4, 1, 2)  # The LR findings first: every LR sweep speaks to them.
+RULES = {1: (analysis.RULE_GAP, analysis.RULE_MATCH), 2: (analysis.RULE_GAP, analysis.RULE_CAPACITY),
+         3: (analysis.RULE_RATIO,), 4: (analysis.RULE_RANK,)}
+TITLES = {1: "LoRA at its best LR matches full FT", 2: "low ranks fall behind when out of capacity",
+          3: "optimal LR ratio LoRA/full", 4: "optimal LR nearly rank-independent under alpha/r"}
+RULE_NAMES = {analysis.RULE_GAP: "RULE_GAP", analysis.RULE_MATCH: "RULE_MATCH",
+              analysis.RULE_CAPACITY: "RULE_CAPACITY", analysis.RULE_RATIO: "RULE_RATIO",
+              analysis.RULE_RANK: "RULE_RANK"}
+
+
+def study_markdown(rows: list[FindingRow]) -> str:
+  """The "vs the study" section: per finding, the study's claim, ours, the verdict and the rule that decided it."""
+  out = ["## vs the study\n",
+         "Each verdict is computed by `experiments.analysis` from the numbers above; the rule printed under each "
+         "finding is the code's own text.\n"]
+  for finding in FINDING_ORDER:
+    mine = [r for r in rows if r.finding == finding]
+    out.append(f"### Finding {finding}: {TITLES[finding]}\n")
+    out.append(f"Study: {STUDY[finding]}.\n")
+    if not mine:
+      out.append("Not tested by this sweep (it needs LoRA and full-FT runs, or two LoRA ranks ≥ "
+                 f"{analysis.RANK_FLOOR}).\n")
+    else:
+      out.append(Table("", "", ["scope", "ours", "verdict", "decided by"],
+                       [[r.scope, r.ours or "—", f"**{r.verdict}**", r.why] for r in mine]).markdown())
+    for rule in RULES[finding]:
+      out.append(f"Rule (`analysis.{RULE_NAMES[rule]}`): {rule}\n")
+  return "\n".join(out)
+
+
+def study_table(rows: list[FindingRow]) -> Table:
+  """Every verdict line as one table (the study's claim on each finding's first line)."""
+  first = {r.finding: i for i, r in reversed(list(enumerate(rows)))}
+  return Table("vs_study", "Findings of the study and this sweep's verdicts", ["finding", "study", "scope", "ours",
+                                                                                "verdict"],
+               [[str(r.finding), STUDY[r.finding] if first[r.finding] == i else "", r.scope, r.ours or "—", r.verdict]
+                for i, r in enumerate(rows)])
+
+
+# -- Figures -----------------------------------------------------------------------------------------------------------
+
+def _pyplot():
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  return plt
+
+
+def _colors(conds: list[Condition]) -> dict:
+  plt = _pyplot()
+  loras = [c.name for c in conds if c.method != "full"]
+  names = sorted(set(loras), key=loras.index)
+  cmap = plt.get_cmap("viridis")
+  colors = {n: cmap(i / max(1, len(names) - 1) * 0.9) for i, n in enumerate(names)}
+  return {c.name: "black" if c.method == "full" else colors[c.name] for c in conds}
+
+
+def _save(fig, stem: epath.Path) -> None:
+  with (stem.parent / f"{stem.name}.png").open("wb") as f:
+    fig.savefig(f, format="png", dpi=120)
+  with (stem.parent / f"{stem.name}.pdf").open("wb") as f:
+    fig.savefig(f, format="pdf", metadata={"CreationDate": None})  # no timestamp: regenerating gives the same bytes
+
+
+def plot_lr_curves(stem: epath.Path, conds: list[Condition]) -> None:
+  """Final eval NLL against LR per condition (seed mean, std error bars), the fitted parabola and optimum."""
+  plt = _pyplot()
+  settings = _settings(conds) or [""]
+  colors = _colors(conds)
+  fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4.2), squeeze=False)
+  for ax, setting in zip(axes[0], settings):
+    for c in (c for c in conds if c.setting == setting and c.usable):
+      std = [analysis.seed_noise(c.final[lr]) for lr in c.usable]
+      ax.errorbar(c.usable, c.means(), yerr=[0.0 if math.isnan(s) else s for s in std], marker="o", markersize=3,
+                  capsize=2, color=colors[c.name], label=c.name)
+      if c.fit.interior and c.fit.coef[0] > 0:
+        a, b, k = c.fit.coef
+        x = np.linspace(math.log10(c.usable[c.fit.used[0]]), math.log10(c.usable[c.fit.used[-1]]), 50)
+        ax.plot(10.0 ** x, a * x * x + b * x + k, linestyle="--", linewidth=1, color=colors[c.name])
+        ax.plot([c.fit.lr], [a * c.fit.log_lr ** 2 + b * c.fit.log_lr + k], marker="v", color=colors[c.name])
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("final held-out NLL per loss token")
+    ax.set_title(setting or "loss vs LR (dashed: quadratic fit, ▼ optimum)", fontsize=9)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=7)
+  fig.tight_layout()
+  _save(fig, stem)
+  plt.close(fig)
+
+
+def plot_learning_curves(stem: epath.Path, conds: list[Condition]) -> None:
+  """Per condition, the pointwise minimum over LRs of the seed-mean eval NLL against log step (the study's plot)."""
+  plt = _pyplot()
+  settings = _settings(conds) or [""]
+  colors = _colors(conds)
+  fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4.2), squeeze=False)
+  for ax, setting in zip(axes[0], settings):
+    for c in (c for c in conds if c.setting == setting and c.curves):
+      curve = [(s, v) for s, v, _ in analysis.pointwise_min(c.curves) if s > 0]
+      if curve:
+        steps, values = zip(*curve)
+        ax.plot(steps, values, marker="o", markersize=3, color=colors[c.name], label=c.name)
+    ax.set_xscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out NLL, min over LRs of the seed mean")
+    ax.set_title(setting or "learning curves (pointwise min over LRs)", fontsize=9)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=7)
+  fig.tight_layout()
+  _save(fig, stem)
+  plt.close(fig)
+
+
+# -- The report --------------------------------------------------------------------------------------------------------
+
+def _provenance(sweep_dir: epath.Path, meta: dict, runs: list[SweepRun]) -> list[str]:
+  """How the report and the sweep were made, and the code the runs ran."""
+  argv = meta.get("argv")  # experiments.sweep records its command line; sys.executable shown as "python"
+  if argv:
+    argv = ["python", *argv[1:]] if epath.Path(argv[0]).name.startswith("python") else argv
+    sweep = f"`{shlex.join(argv)}`"
+  else:
+    sweep = (f"`python -m experiments.sweep --config {meta['config']}:{meta['arg']} --workdir {sweep_dir}` "
+             "(reconstructed from sweep.json)")
+  if meta.get("git_commit"):
+    sweep += f", started at commit `{meta['git_commit']}`" + (" with uncommitted changes" if meta.get("git_dirty")
+                                                              else "")
+  if meta.get("started"):
+    sweep += f" on {meta['started']}"
+  commits, unknown = {}, 0
+  for name in dict.fromkeys(p["name"] for p in meta["points"]):
+    info = _read_json(sweep_dir / name / "run_info.json")
+    if info is None:
+      unknown += 1
+      continue
+    key = f"`{info.get('git_commit', 'unknown')}`" + (" (uncommitted changes)" if info.get("git_dirty") else "")
+    commits[key] = commits.get(key, 0) + 1
+  code = "; ".join(f"{k}: {n} point{'s' * (n != 1)}" for k, n in sorted(commits.items()))
+  if unknown:
+    code += ("; " if code else "") + f"{unknown} point{'s' * (unknown != 1)} without run_info.json"
+  return [f"Made by `python -m experiments.report {sweep_dir}` from the sweep's files alone (rerun it to regenerate: "
+          "the same files give the same bytes).", f"Sweep: {sweep}.", f"Code of the runs: {code}."]
+
+
+def _points_summary(meta: dict, runs: list[SweepRun]) -> list[str]:
+  states = {}
+  for r in runs:
+    kind = "finished" if r.finished else "failed" if r.failed else "not started" if not r.evals else "unfinished"
+    states.setdefault(kind, []).append(r.name + (f"/{r.method}" if r.method else ""))
+  kinds = ("finished", "failed", "unfinished", "not started")
+  counts = ", ".join(f"{len(states[k])} {k}" for k in kinds if k in states)
+  lines = [f"Points: {len(meta['points'])} in the sweep; runs: {counts}."]
+  for kind in ("failed", "unfinished", "not started"):
+    if kind in states:
+      lines.append(f"- {kind}: " + ", ".join(f"`{n}`" for n in states[kind]))
+  seen = {}
+  for r in runs:
+    if r.config:
+      seen.setdefault((r.setting, r.condition, r.lr, r.seed_key), []).append(r.name)
+  repeats = [names for names in seen.values() if len(names) > 1]
+  if repeats:
+    lines.append("- same condition, LR and seeds at several points (each counts as one more seed): "
+                 + "; ".join(", ".join(f"`{n}`" for n in names) for names in repeats))
+  return lines
+
+
+def sweep_markdown(sweep_dir: epath.Path, meta: dict, runs: list[SweepRun], conds: list[Condition],
+                   tables: list[Table], rows: list[FindingRow]) -> str:
+  """report.md of a sweep."""
+  family = epath.Path(meta["config"].split(":")[0]).stem
+  by_name = {t.name: t for t in tables}
+  out = [f"# Sweep report: {family} ({meta.get('arg', '')})\n", "\n".join(_provenance(sweep_dir, meta, runs)) + "\n",
+         "\n".join(_points_summary(meta, runs)) + "\n"]
+  settings = _settings(conds)
+  if len(settings) > 1:
+    out.append("Settings (fields that vary over the sweep besides method, LoRA spec, LR and seeds): "
+               + "; ".join(f"`{s}`" for s in settings) + ". Each is analysed on its own.\n")
+  tied = method_tied_fields(runs)
+  if tied:
+    out.append("Fields that differ between methods (fixed within each): "
+               + "; ".join(f"`{k}` (" + ", ".join(f"{m}: {v}" for m, v in per.items()) + ")"
+                           for k, per in tied.items()) + ".\n")
+  out.append("## Eval NLL over method, rank and LR\n")
+  out.append("Held-out NLL per loss token of finished runs (evaluated at the config's last step), mean ± std over "
+             "seeds (n). Failed runs (e.g. NaN at too high an LR) and runs not done are counted in brackets, not "
+             "averaged; an LR with a failed run is left out of the fits below.\n")
+  for name in ("final_nll", "min_nll"):
+    out += [f"**{by_name[name].caption}** (`tables/{name}.tex`)\n", by_name[name].markdown()]
+  out.append("## Optimal LR\n")
+  out.append(f"The optimum of each condition is the vertex of a quadratic in log10(LR) fitted to the seed-mean final "
+             f"NLL at the grid minimum and its two neighbours (five points, the minimum and two on each side, when the "
+             f"grid has them and that fit is convex with its vertex between the minimum's neighbours). A grid minimum "
+             f"at either end of the LRs with results is an **edge**: no optimum is claimed. Interval: "
+             f"{analysis.LEVEL:.0%} percentile interval over {analysis.N_BOOT} bootstrap resamples (the seeds at "
+             f"each LR resampled with replacement, independently per LR and condition; RNG seed "
+             f"{analysis.BOOT_SEED}), each refitted the same way; an open end (0 or ∞) means more than "
+             f"{(1 - analysis.LEVEL) / 2:.0%} of resamples put the minimum at that end of the grid. It needs >= 2 "
+             f"seeds at every LR. With few seeds a percentile bootstrap is somewhat too narrow: in a simulation with "
+             f"4 seeds per LR (`tests/test_analysis.py`), the nominal 90% interval covered the true optimum in about "
+             f"80-85% of datasets.\n")
+  out += [f"**{by_name['optimal_lr'].caption}** (`tables/optimal_lr.tex`)\n", by_name["optimal_lr"].markdown()]
+  if "lr_ratio" in by_name:
+    out += ["## LoRA/full optimal-LR ratio\n",
+            "The ratio of the fitted optima; its interval is that of the ratio of the b-th bootstrap resample of "
+            "LoRA's optimum to the b-th of full FT's, over all b (the two bootstraps are independent).\n",
+            f"**{by_name['lr_ratio'].caption}** (`tables/lr_ratio.tex`)\n", by_name["lr_ratio"].markdown()]
+  out += ["## Seed noise\n", f"**{by_name['seed_noise'].caption}** (`tables/seed_noise.tex`)\n",
+          by_name["seed_noise"].markdown()]
+  out += ["## Figures\n",
+          "![loss vs LR](figures/lr_curves.png)\n\nLoss vs LR per condition: final eval NLL, seed mean with std error "
+          "bars; dashed, the quadratic fit; ▼, the fitted optimum (`figures/lr_curves.pdf`).\n",
+          "![learning curves](figures/learning_curves.png)\n\nLearning curves vs log step: per condition, the "
+          "pointwise minimum over LRs of the seed-mean eval NLL at each step, the study's plot "
+          "(`figures/learning_curves.pdf`).\n"]
+  out.append(study_markdown(rows))
+  out += ["## Files\n",
+          "- `results.csv`: one row per run x eval step (" + ", ".join(CSV_COLUMNS) + "). `tokens` is cumulative loss "
+          "tokens, estimated from `train/tokens` logged every `log_every` steps (each logged step's count stands for "
+          "the steps since the previous log; exact when `log_every` is 1); `train_loss` is the last one logged at or "
+          "before the step; a run never evaluated has one row with an empty step.",
+          "- `tables/*.tex`: every table above as a booktabs tabular (`\\input` it inside a table environment).",
+          "- `figures/*.png`, `figures/*.pdf`: the figures.", ""]
+  return "\n".join(out)
+
+
+def write_sweep(sweep_dir: str | epath.PathLike) -> str:
+  """Writes a sweep's results.csv, report.md, figures/ and tables/ from its files; returns report.md's text."""
+  sweep_dir = epath.Path(sweep_dir)
+  meta, runs = load_sweep(sweep_dir)
+  family = epath.Path(meta["config"].split(":")[0]).stem
+  (sweep_dir / "results.csv").write_text(_csv(results_rows(family, runs)))
+  conds = conditions(runs)
+  rows, ratio_tables = findings(conds)
+  tables = nll_tables(conds) + [optimum_table(conds), *ratio_tables, noise_table(conds), study_table(rows)]
+  (sweep_dir / "tables").mkdir(exist_ok=True)
+  for t in tables:
+    (sweep_dir / "tables" / f"{t.name}.tex").write_text(t.latex())
+  (sweep_dir / "figures").mkdir(exist_ok=True)
+  plot_lr_curves(sweep_dir / "figures" / "lr_curves", conds)
+  plot_learning_curves(sweep_dir / "figures" / "learning_curves", conds)
+  text = sweep_markdown(sweep_dir, meta, runs, conds, tables, rows)
+  (sweep_dir / "report.md").write_text(text)
+  return text
+
 def main(argv: list[str]) -> None:
   if not argv:
-    raise SystemExit("usage: python -m experiments.report WORKDIR [WORKDIR ...]")
+    raise SystemExit("usage: python -m experiments.report WORKDIR|SWEEPDIR [...]")
   for workdir in argv:
-    print(write(workdir)[0])
-    print(f"wrote {epath.Path(workdir) / 'report.md'} and report.png")
+    if (epath.Path(workdir) / SWEEP_FILE).exists():
+      text = write_sweep(workdir)
+      print(text[text.index("## vs the study"):] if "## vs the study" in text else text)
+      print(f"wrote {epath.Path(workdir) / 'report.md'}, results.csv, figures/ and tables/")
+    else:
+      print(write(workdir)[0])
+      print(f"wrote {epath.Path(workdir) / 'report.md'} and report.png")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,247 @@
+"""Sweep statistics as pure functions: the optimal LR by a quadratic fit in log10(LR), seed bootstraps,
+pointwise-minimum learning curves, and the rules that turn them into verdicts on the study's findings
+(``../shared/reference/blog.md``).
+
+Each verdict rule is a text constant (``RULE_*``) next to the function that applies it, built from the same numeric
+constants; ``experiments.report`` prints the text verbatim next to every verdict, so the rule a reader sees is the
+rule the code applied. Only numpy: no files, no plotting, no randomness beyond a seeded generator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+LEVEL = 0.9  # Confidence level of every bootstrap interval.
+N_BOOT = 2000  # Bootstrap resamples.
+BOOT_SEED = 0  # Seed of every bootstrap generator (with a per-condition stream: see ``bootstrap_log_optimum``).
+
+AGREE, DISAGREE, INCONCLUSIVE = "agree", "disagree", "inconclusive"
+MATCHES, BEHIND, AHEAD, UNKNOWN = "matches", "behind", "ahead", "unknown"
+
+
+@dataclasses.dataclass(frozen=True)
+class Fit:
+  """The optimum of NLL against log10(LR) on a grid (see ``fit_optimum``)."""
+  log_lr: float  # log10 of the optimum: the fitted vertex when interior, the grid minimum's LR at an edge.
+  interior: bool  # False when the grid minimum is the first or last LR: then no optimum is claimed.
+  grid_index: int  # Index of the grid minimum.
+  used: tuple[int, ...]  # Indices of the points the quadratic went through (empty at an edge).
+  coef: tuple[float, float, float]  # (a, b, c) of a*x^2 + b*x + c, x = log10(LR) (nan at an edge).
+
+  @property
+  def lr(self) -> float:
+    """The optimum as an LR."""
+    return 10.0 ** self.log_lr
+
+  @property
+  def edge(self) -> str:
+    """"low" or "high" for a minimum at the grid's first or last LR, "" when interior."""
+    return "" if self.interior else ("low" if self.grid_index == 0 else "high")
+
+
+def _quadratic(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+  """Least-squares (a, b, c) of y = a*x^2 + b*x + c, centred for conditioning."""
+  x0 = float(np.mean(x))
+  a, b, c = np.polyfit(x - x0, y, 2)
+  return float(a), float(b - 2 * a * x0), float(c - b * x0 + a * x0 * x0)
+
+
+def fit_optimum(lrs: Sequence[float], nll: Sequence[float]) -> Fit:
+  """The vertex of a quadratic in log10(LR) through the grid minimum and its neighbours (5 points if it can, else 3)."""
+  x, y = np.log10(np.asarray(lrs, float)), np.asarray(nll, float)
+  if len(x) != len(y) or np.any(np.diff(x) <= 0) or not np.all(np.isfinite(y)):
+    raise ValueError(f"fit_optimum needs increasing LRs and finite NLLs of the same length; got {lrs}, {nll}")
+  k = int(np.argmin(y))
+  if k == 0 or k == len(y) - 1:
+    return Fit(float(x[k]), False, k, (), (math.nan,) * 3)
+  # For a unimodal curve the minimiser lies between the grid minimum's neighbours: a vertex outside that bracket is
+  # not believed, so the 5-point fit falls back to the 3-point one (whose vertex is always inside it).
+  lo, hi = x[k - 1], x[k + 1]
+  windows = ([tuple(range(k - 2, k + 3))] if 2 <= k <= len(y) - 3 else []) + [(k - 1, k, k + 1)]
+  for used in windows:
+    a, b, c = _quadratic(x[list(used)], y[list(used)])
+    if a > 0 and lo <= -b / (2 * a) <= hi:
+      return Fit(float(-b / (2 * a)), True, k, used, (a, b, c))
+  return Fit(float(x[k]), True, k, (k - 1, k, k + 1), (0.0, 0.0, float(y[k])))  # flat: the grid minimum itself
+
+
+def bootstrap_log_optimum(lrs: Sequence[float], samples: Sequence[Sequence[float]], n_boot: int = N_BOOT,
+                          seed: int | Sequence[int] = BOOT_SEED) -> np.ndarray:
+  """log10 of ``fit_optimum`` on seeds resampled independently per LR; -inf/+inf for a resample's low/high edge."""
+  rng = np.random.default_rng(seed)
+  means = np.empty((n_boot, len(lrs)))
+  for i, values in enumerate(samples):
+    values = np.asarray(values, float)
+    means[:, i] = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(axis=1)
+  out = np.empty(n_boot)
+  for b in range(n_boot):
+    fit = fit_optimum(lrs, means[b])
+    out[b] = fit.log_lr if fit.interior else (-math.inf if fit.edge == "low" else math.inf)
+  return out
+
+
+def interval(draws: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
+  """The central ``level`` percentile interval of draws, uninterpolated; ±inf give open ends, nan counts as either."""
+  draws = np.asarray(draws, float)
+  tail = (1 - level) / 2
+  lo = np.quantile(np.where(np.isnan(draws), -np.inf, draws), tail, method="lower")
+  hi = np.quantile(np.where(np.isnan(draws), np.inf, draws), 1 - tail, method="higher")
+  return float(lo), float(hi)
+
+
+def log_ratio_draws(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+  """Draws of log10(lr_a / lr_b) from two independent bootstraps of log10 optima (nan where both are one infinity)."""
+  with np.errstate(invalid="ignore"):
+    return np.asarray(a, float) - np.asarray(b, float)
+
+
+def seed_noise(values: Sequence[float]) -> float:
+  """Standard deviation across seeds (ddof 1); nan with fewer than 2 seeds."""
+  values = np.asarray(values, float)
+  return float(np.std(values, ddof=1)) if len(values) >= 2 else math.nan
+
+
+def pointwise_min(curves: Mapping[float, Mapping[int, float]]) -> list[tuple[int, float, float]]:
+  """At every step any curve has, the minimum over curves (e.g. over LRs): (step, value, key of the curve)."""
+  steps = sorted({s for curve in curves.values() for s in curve})
+  out = []
+  for step in steps:
+    key = min((k for k in sorted(curves) if step in curves[k]), key=lambda k: curves[k][step])
+    out.append((step, curves[key][step], key))
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Verdict rules. Each RULE_* text is printed verbatim in the report next to the verdict the function beside it returns.
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+  """A verdict (agree / disagree / inconclusive) and the numbers that decided it."""
+  verdict: str
+  why: str
+
+
+def _fmt(x: float) -> str:
+  return "inf" if x == math.inf else "-inf" if x == -math.inf else f"{x:.3g}"
+
+
+RATIO_STUDY = 10.0  # The study's LoRA/full optimal-LR ratio (fit over 14 models: 9.8).
+RATIO_CLOSE = 1.5  # Agreement band: within this factor of the study's ratio.
+RATIO_PRECISE = 3.0  # An agreeing interval must lie within this factor (tells 10x from the toy reproduction's ~3x).
+RATIO_FAR = 2.0  # Disagreement: the whole interval further than this factor from the study's ratio.
+RANK_FLOOR = 4  # Findings 3 and 4 are judged on ranks >= this (the study: rank 1 prefers a lower LR).
+RULE_RATIO = (
+    f"Per LoRA rank: inconclusive if the LoRA or the full-FT optimum is at the grid edge or has no bootstrap interval "
+    f"(fewer than 2 seeds at some LR). Otherwise, with [lo, hi] the {LEVEL:.0%} interval of lr*(LoRA)/lr*(full): "
+    f"agree if [lo, hi] overlaps [{RATIO_STUDY:g}/{RATIO_CLOSE:g}, {RATIO_STUDY:g}*{RATIO_CLOSE:g}] and lies within "
+    f"[{RATIO_STUDY:g}/{RATIO_PRECISE:g}, {RATIO_STUDY:g}*{RATIO_PRECISE:g}]; disagree if [lo, hi] lies entirely "
+    f"outside [{RATIO_STUDY:g}/{RATIO_FAR:g}, {RATIO_STUDY:g}*{RATIO_FAR:g}]; else inconclusive. Overall, over ranks "
+    f">= {RANK_FLOOR}: disagree if any rank disagrees, agree if every rank agrees, else inconclusive.")
+
+
+def verdict_ratio(ratio: float, lo: float, hi: float, interior: bool) -> Verdict:
+  """Finding 3 for one LoRA rank: ``RULE_RATIO`` on the ratio's point estimate and interval (nan = no interval)."""
+  s = RATIO_STUDY
+  shown = f"ratio {_fmt(ratio)}, {LEVEL:.0%} interval [{_fmt(lo)}, {_fmt(hi)}]"
+  if not interior:
+    return Verdict(INCONCLUSIVE, "an optimum is at the grid edge")
+  if math.isnan(lo) or math.isnan(hi):
+    return Verdict(INCONCLUSIVE, f"ratio {_fmt(ratio)}, no interval (fewer than 2 seeds at some LR)")
+  if lo <= s * RATIO_CLOSE and hi >= s / RATIO_CLOSE and lo >= s / RATIO_PRECISE and hi <= s * RATIO_PRECISE:
+    return Verdict(AGREE, shown)
+  if hi < s / RATIO_FAR or lo > s * RATIO_FAR:
+    return Verdict(DISAGREE, shown)
+  return Verdict(INCONCLUSIVE, shown)
+
+
+def combine(verdicts: Sequence[Verdict]) -> str:
+  """Several verdicts as one: disagree if any disagrees, agree if all agree (and there is one), else inconclusive."""
+  kinds = [v.verdict for v in verdicts]
+  if DISAGREE in kinds:
+    return DISAGREE
+  return AGREE if kinds and all(k == AGREE for k in kinds) else INCONCLUSIVE
+
+
+RANK_SPREAD = 2.0  # The study: the optimal LR moves < 2x between ranks 4 and 512.
+RANK_PRECISE = 3.0  # An agreeing pair's interval must lie within this factor.
+RULE_RANK = (
+    f"Over the LoRA ranks >= {RANK_FLOOR} with the same targets and scaling: inconclusive if there are fewer than two, "
+    f"or any of their optima is at the grid edge or has no bootstrap interval. Otherwise, for every pair of ranks "
+    f"(r, r') with [lo, hi] the {LEVEL:.0%} interval of lr*(r)/lr*(r'): disagree if some pair's [lo, hi] lies "
+    f"entirely outside [1/{RANK_SPREAD:g}, {RANK_SPREAD:g}]; agree if every pair's point estimate is within "
+    f"[1/{RANK_SPREAD:g}, {RANK_SPREAD:g}] and its [lo, hi] within [1/{RANK_PRECISE:g}, {RANK_PRECISE:g}]; "
+    f"else inconclusive.")
+
+
+def verdict_rank_invariance(pairs: Mapping[str, tuple[float, float, float]], all_interior: bool) -> Verdict:
+  """Finding 4: ``RULE_RANK`` on {pair label: (ratio, lo, hi)} of optimal LRs between ranks >= RANK_FLOOR."""
+  if not pairs:
+    return Verdict(INCONCLUSIVE, f"fewer than two LoRA ranks >= {RANK_FLOOR}")
+  if not all_interior:
+    return Verdict(INCONCLUSIVE, "an optimum is at the grid edge")
+  if any(math.isnan(lo) or math.isnan(hi) for _, lo, hi in pairs.values()):
+    return Verdict(INCONCLUSIVE, "no interval (fewer than 2 seeds at some LR)")
+  shown = "; ".join(f"{k}: {_fmt(r)} [{_fmt(lo)}, {_fmt(hi)}]" for k, (r, lo, hi) in pairs.items())
+  if any(hi < 1 / RANK_SPREAD or lo > RANK_SPREAD for _, lo, hi in pairs.values()):
+    return Verdict(DISAGREE, shown)
+  if all(1 / RANK_SPREAD <= r <= RANK_SPREAD and lo >= 1 / RANK_PRECISE and hi <= RANK_PRECISE
+         for r, lo, hi in pairs.values()):
+    return Verdict(AGREE, shown)
+  return Verdict(INCONCLUSIVE, shown)
+
+
+MATCH_NOISE = 2.0  # A gap within this many seed-noise standard deviations counts as a match.
+RULE_GAP = (
+    f"Per LoRA rank: gap = final eval NLL of LoRA minus that of full FT, each the mean over seeds at its best grid LR; "
+    f"noise = the pooled seed std sqrt((s_lora^2 + s_full^2)/2) at those LRs. The rank matches if |gap| <= "
+    f"{MATCH_NOISE:g} * noise, is behind if gap > {MATCH_NOISE:g} * noise, ahead if gap < -{MATCH_NOISE:g} * noise; "
+    f"unknown if either best LR is at the grid edge (a better LR may lie outside it) or has fewer than 2 seeds.")
+
+
+def classify_gap(gap: float, noise: float, interior: bool) -> str:
+  """One LoRA rank against full FT by ``RULE_GAP``: matches / behind / ahead / unknown."""
+  if not interior or math.isnan(gap) or math.isnan(noise):
+    return UNKNOWN
+  if abs(gap) <= MATCH_NOISE * noise:
+    return MATCHES
+  return BEHIND if gap > 0 else AHEAD
+
+
+RULE_MATCH = (
+    "Judged at the highest LoRA rank (where capacity should suffice), classed by the gap rule: agree if it matches, "
+    "disagree if it is behind or ahead, inconclusive if unknown.")
+
+
+def verdict_match(classes: Mapping[int, str]) -> Verdict:
+  """Finding 1: ``RULE_MATCH`` on {rank: class from ``classify_gap``}."""
+  if not classes:
+    return Verdict(INCONCLUSIVE, "no LoRA rank next to full FT")
+  top = max(classes)
+  c = classes[top]
+  verdict = {MATCHES: AGREE, UNKNOWN: INCONCLUSIVE}.get(c, DISAGREE)
+  return Verdict(verdict, f"rank {top} {c}")
+
+
+RULE_CAPACITY = (
+    "With the ranks classed by the gap rule, low to high: inconclusive if any rank is unknown, if no rank is behind "
+    "(none ran out of capacity here, so the sweep cannot test this) or if every rank is behind; disagree if some rank "
+    "is behind while a lower rank is not (falling behind must start from the low ranks); else agree. Judged on final "
+    "NLL only: the step where low ranks peel off is shown in the learning-curve figure, not judged.")
+
+
+def verdict_capacity(classes: Mapping[int, str]) -> Verdict:
+  """Finding 2: ``RULE_CAPACITY`` on {rank: class from ``classify_gap``}."""
+  ranks = sorted(classes)
+  shown = ", ".join(f"r{r} {classes[r]}" for r in ranks) or "no LoRA rank next to full FT"
+  if not ranks or any(classes[r] == UNKNOWN for r in ranks):
+    return Verdict(INCONCLUSIVE, shown)
+  behind = [classes[r] == BEHIND for r in ranks]
+  if not any(behind) or all(behind):
+    return Verdict(INCONCLUSIVE, shown)
+  if any(behind[j] and not behind[i] for i in range(len(ranks)) for j in range(i + 1, len(ranks))):
+    return Verdict(DISAGREE, shown)
+  return Verdict(AGREE, shown)

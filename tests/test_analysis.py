@@ -1,0 +1,163 @@
+"""experiments.analysis: the log-LR quadratic fit, the seed bootstrap, pointwise-minimum curves and the verdict rules,
+on synthetic numbers with known answers."""
+
+import math
+
+import numpy as np
+import pytest
+
+from experiments import analysis as A
+
+GRID = 10.0 ** np.arange(-4.5, -0.49, 0.5)  # half-decade LR grid, 1e-4.5 .. 1e-0.5
+TRUE_LOG_LR = -2.7  # between grid points
+
+
+def u_curve(log_lrs, seeds=4, noise=0.0, seed=0, curvature=0.3):
+  """NLL = curvature * (log10 lr - log10 lr*)^2 + 1 + seed noise: one array of seeds per LR."""
+  rng = np.random.default_rng(seed)
+  return [curvature * (x - TRUE_LOG_LR) ** 2 + 1.0 + rng.normal(0, noise, size=seeds) for x in log_lrs]
+
+
+def test_fit_recovers_a_known_optimum_exactly_without_noise():
+  fit = A.fit_optimum(GRID, [v.mean() for v in u_curve(np.log10(GRID))])
+  assert fit.interior and fit.edge == "" and len(fit.used) == 5
+  assert fit.log_lr == pytest.approx(TRUE_LOG_LR, abs=1e-9) and fit.lr == pytest.approx(10 ** TRUE_LOG_LR)
+  three = A.fit_optimum(GRID[3:6], [v.mean() for v in u_curve(np.log10(GRID[3:6]))])  # only 3 points around it
+  assert three.used == (0, 1, 2) and three.log_lr == pytest.approx(TRUE_LOG_LR, abs=1e-9)
+
+
+def test_fit_recovers_a_known_optimum_from_noisy_seeds():
+  means = [v.mean() for v in u_curve(np.log10(GRID), seeds=5, noise=0.01, seed=3)]
+  assert A.fit_optimum(GRID, means).log_lr == pytest.approx(TRUE_LOG_LR, abs=0.03)
+
+
+def test_edge_minima_are_flagged_and_claim_no_optimum():
+  falling = [3.0, 2.0, 1.5, 1.2]
+  fit = A.fit_optimum(GRID[:4], falling)
+  assert not fit.interior and fit.edge == "high" and fit.lr == pytest.approx(GRID[3]) and fit.used == ()
+  fit = A.fit_optimum(GRID[:4], falling[::-1])
+  assert not fit.interior and fit.edge == "low" and fit.lr == pytest.approx(GRID[0])
+  assert not A.fit_optimum(GRID[:2], [1.0, 2.0]).interior
+  with pytest.raises(ValueError, match="increasing LRs"):
+    A.fit_optimum(GRID[::-1], range(len(GRID)))
+  with pytest.raises(ValueError, match="finite"):
+    A.fit_optimum(GRID[:3], [1.0, math.nan, 2.0])
+
+
+def test_interior_vertex_always_lies_between_the_minimums_neighbours():
+  rng = np.random.default_rng(0)
+  x = np.log10(GRID)
+  for _ in range(300):
+    y = rng.uniform(0, 1, size=len(GRID))
+    fit = A.fit_optimum(GRID, y)
+    if fit.interior:
+      assert x[fit.grid_index - 1] <= fit.log_lr <= x[fit.grid_index + 1]
+
+
+def test_bootstrap_interval_covers_the_truth():
+  covered, reps = 0, 20
+  for rep in range(reps):
+    samples = u_curve(np.log10(GRID), seeds=4, noise=0.03, seed=100 + rep)
+    lo, hi = A.interval(A.bootstrap_log_optimum(GRID, samples, n_boot=400, seed=rep))
+    assert lo < hi and hi - lo < 0.3  # an informative interval: well under one grid step (0.5 decades)
+    covered += lo <= TRUE_LOG_LR <= hi
+  assert covered >= 0.75 * reps  # nominal 90%; the percentile bootstrap under-covers a little with 4 seeds
+
+
+def test_bootstrap_is_deterministic_and_streams_differ():
+  samples = u_curve(np.log10(GRID), seeds=3, noise=0.05)
+  a = A.bootstrap_log_optimum(GRID, samples, n_boot=200, seed=[0, 7])
+  assert np.array_equal(a, A.bootstrap_log_optimum(GRID, samples, n_boot=200, seed=[0, 7]))
+  assert not np.array_equal(a, A.bootstrap_log_optimum(GRID, samples, n_boot=200, seed=[0, 8]))
+
+
+def test_bootstrap_marks_edge_resamples_and_the_interval_opens():
+  # The minimum sits next to the top of the grid and noise often moves it onto the top: the upper end is open.
+  samples = [np.array([2.0, 2.1]), np.array([1.5, 1.6]), np.array([1.0, 1.3]), np.array([0.9, 1.4])]
+  draws = A.bootstrap_log_optimum(GRID[:4], samples, n_boot=500)
+  assert np.isinf(draws).any() and np.all(draws[np.isinf(draws)] > 0)
+  lo, hi = A.interval(draws)
+  assert math.isfinite(lo) and hi == math.inf
+  assert A.interval(np.array([np.nan] * 10 + [0.0] * 90)) == (-math.inf, math.inf)  # unknown: both ends open
+  assert A.interval(np.array([np.nan] * 2 + [0.0] * 98)) == (0.0, 0.0)  # within the 5% tails: no effect
+  both = A.log_ratio_draws(np.array([math.inf, 1.0]), np.array([math.inf, 0.5]))
+  assert math.isnan(both[0]) and both[1] == 0.5
+
+
+def test_seed_noise_and_pointwise_min():
+  assert A.seed_noise([1.0, 2.0, 3.0]) == pytest.approx(1.0) and math.isnan(A.seed_noise([1.0]))
+  curves = {1e-3: {0: 3.0, 10: 2.0, 20: 1.5}, 1e-2: {0: 3.0, 10: 1.8, 20: 1.6, 30: 1.4}}
+  assert A.pointwise_min(curves) == [(0, 3.0, 1e-3), (10, 1.8, 1e-2), (20, 1.5, 1e-3), (30, 1.4, 1e-2)]
+
+
+@pytest.mark.parametrize("ratio, lo, hi, interior, verdict", [
+    (9.0, 6.0, 13.0, True, A.AGREE),  # overlaps [6.67, 15], within [3.33, 30]
+    (4.0, 3.5, 7.0, True, A.AGREE),  # just reaches the agreement band
+    (10.0, 2.0, 40.0, True, A.INCONCLUSIVE),  # overlaps, but too wide to tell 10x from 3x
+    (5.5, 5.2, 6.0, True, A.INCONCLUSIVE),  # between the bands
+    (2.5, 2.0, 3.5, True, A.DISAGREE),  # entirely below 5
+    (30.0, 25.0, 40.0, True, A.DISAGREE),  # entirely above 20
+    (2.0, 1.5, 2.5, False, A.INCONCLUSIVE),  # an optimum at the grid edge: nothing claimed
+    (10.0, math.nan, math.nan, True, A.INCONCLUSIVE),  # no interval (one seed)
+])
+def test_verdict_ratio(ratio, lo, hi, interior, verdict):
+  assert A.verdict_ratio(ratio, lo, hi, interior).verdict == verdict
+
+
+def test_combine():
+  v = {k: A.Verdict(k, "") for k in (A.AGREE, A.DISAGREE, A.INCONCLUSIVE)}
+  assert A.combine([v["agree"], v["agree"]]) == A.AGREE
+  assert A.combine([v["agree"], v["inconclusive"]]) == A.INCONCLUSIVE
+  assert A.combine([v["agree"], v["disagree"], v["inconclusive"]]) == A.DISAGREE
+  assert A.combine([]) == A.INCONCLUSIVE
+
+
+@pytest.mark.parametrize("pairs, interior, verdict", [
+    ({"r16/r4": (1.2, 0.8, 1.8), "r64/r4": (0.7, 0.5, 1.1), "r64/r16": (0.6, 0.4, 0.9)}, True, A.AGREE),
+    ({"r16/r4": (1.2, 0.8, 1.8), "r64/r4": (3.0, 2.5, 4.0)}, True, A.DISAGREE),  # r64 sits > 2x above r4
+    ({"r16/r4": (0.3, 0.2, 0.45)}, True, A.DISAGREE),  # > 2x below
+    ({"r16/r4": (1.5, 0.4, 5.0)}, True, A.INCONCLUSIVE),  # point fine, interval too wide
+    ({"r16/r4": (2.4, 1.5, 3.0)}, True, A.INCONCLUSIVE),  # point > 2x but not confidently
+    ({"r16/r4": (1.0, 0.9, 1.1)}, False, A.INCONCLUSIVE),  # an edge optimum
+    ({"r16/r4": (1.0, math.nan, math.nan)}, True, A.INCONCLUSIVE),
+    ({}, True, A.INCONCLUSIVE),  # fewer than two ranks >= 4
+])
+def test_verdict_rank_invariance(pairs, interior, verdict):
+  assert A.verdict_rank_invariance(pairs, interior).verdict == verdict
+
+
+def test_classify_gap():
+  assert A.classify_gap(0.01, 0.01, True) == A.MATCHES  # |gap| <= 2 x noise
+  assert A.classify_gap(0.03, 0.01, True) == A.BEHIND
+  assert A.classify_gap(-0.03, 0.01, True) == A.AHEAD
+  assert A.classify_gap(0.0, 0.01, False) == A.UNKNOWN  # a best LR at the grid edge
+  assert A.classify_gap(0.0, math.nan, True) == A.UNKNOWN  # one seed: no noise estimate
+
+
+@pytest.mark.parametrize("classes, verdict", [
+    ({4: A.BEHIND, 16: A.MATCHES}, A.AGREE),
+    ({4: A.MATCHES, 64: A.AHEAD}, A.DISAGREE),  # LoRA beating full FT beyond noise: not "matches"
+    ({64: A.BEHIND}, A.DISAGREE),
+    ({4: A.MATCHES, 64: A.UNKNOWN}, A.INCONCLUSIVE),
+    ({}, A.INCONCLUSIVE),
+])
+def test_verdict_match_is_judged_at_the_highest_rank(classes, verdict):
+  assert A.verdict_match(classes).verdict == verdict
+
+
+@pytest.mark.parametrize("classes, verdict", [
+    ({1: A.BEHIND, 4: A.BEHIND, 16: A.MATCHES, 64: A.MATCHES}, A.AGREE),
+    ({1: A.BEHIND, 4: A.AHEAD}, A.AGREE),  # ahead is "not behind": finding 1 judges it
+    ({1: A.MATCHES, 4: A.BEHIND, 16: A.MATCHES}, A.DISAGREE),  # a higher rank behind a lower one that is not
+    ({1: A.MATCHES, 16: A.MATCHES}, A.INCONCLUSIVE),  # nothing ran out of capacity: untested
+    ({1: A.BEHIND, 16: A.BEHIND}, A.INCONCLUSIVE),
+    ({1: A.BEHIND, 16: A.UNKNOWN}, A.INCONCLUSIVE),
+])
+def test_verdict_capacity(classes, verdict):
+  assert A.verdict_capacity(classes).verdict == verdict
+
+
+def test_rule_texts_state_the_constants_the_code_uses():
+  assert f"[{A.RATIO_STUDY:g}/{A.RATIO_CLOSE:g}, {A.RATIO_STUDY:g}*{A.RATIO_CLOSE:g}]" in A.RULE_RATIO
+  assert f"[1/{A.RANK_SPREAD:g}, {A.RANK_SPREAD:g}]" in A.RULE_RANK and f">= {A.RANK_FLOOR}" in A.RULE_RANK
+  assert f"<= {A.MATCH_NOISE:g} * noise" in A.RULE_GAP and f"{A.LEVEL:.0%}" in A.RULE_RATIO
