@@ -61,7 +61,8 @@ def workdir_conflict(workdir: epath.Path, config: ml_collections.ConfigDict) -> 
   old, new = json.loads(saved.read_text()), json.loads(config_json(config))
   if old == new or not _has_runs(workdir):
     return None
-  diff = sorted(k for k in set(_flat(old)) | set(_flat(new)) if _flat(old).get(k) != _flat(new).get(k))
+  old, new = report.flatten(old), report.flatten(new)
+  diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
   return (f"{workdir} holds a run of a different config (differs in: {', '.join(diff[:10])}). "
           "Use another --workdir, or --overwrite to delete it.")
 
@@ -85,16 +86,6 @@ def start_workdir(workdir: epath.Path, config: ml_collections.ConfigDict, overwr
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "config.json").write_text(config_json(config) + "\n")
   (workdir / "run_info.json").write_text(json.dumps(run_info(), indent=2) + "\n")
-
-
-def _flat(d, prefix=""):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
 
 
 def run_info() -> dict:

@@ -208,11 +208,12 @@ def _read_records(path: epath.Path) -> list[dict]:
   return out
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "") -> dict:
+  """A nested dict's leaves under dotted keys (``{"a": {"b": 1}}`` -> ``{"a.b": 1}``)."""
   out = {}
   for k, v in d.items():
     if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
+      out.update(flatten(v, f"{prefix}{k}."))
     else:
       out[f"{prefix}{k}"] = v
   return out
@@ -257,7 +258,7 @@ def _varying(runs: list[SweepRun], flat: dict, keep) -> list[str]:
 def method_tied_fields(runs: list[SweepRun]) -> dict[str, dict[str, str]]:
   """Fields (outside the LoRA spec, LR and seeds) constant within each method but different between methods."""
   started = [r for r in runs if r.config]
-  flat = {id(r): _flatten(r.config) for r in started}
+  flat = {id(r): flatten(r.config) for r in started}
   out = {}
   for k in _varying(started, flat, lambda k: not _not_a_setting(k)):
     methods = sorted({r.method for r in started})
@@ -270,7 +271,7 @@ def method_tied_fields(runs: list[SweepRun]) -> dict[str, dict[str, str]]:
 def _label(runs: list[SweepRun]) -> None:
   """Sets each run's setting, condition and group from the config fields that vary over the sweep."""
   started = [r for r in runs if r.config]
-  flat = {id(r): _flatten(r.config) for r in started}
+  flat = {id(r): flatten(r.config) for r in started}
   tied = method_tied_fields(runs)  # e.g. a field the config sets per method: not a setting, or no pair would meet
   setting_keys = _varying(started, flat, lambda k: not _not_a_setting(k) and k not in tied)
   lora_runs = [r for r in started if r.method == "lora"]
@@ -722,13 +723,18 @@ def _save(fig, stem: epath.Path) -> None:
     fig.savefig(f, format="pdf", metadata={"CreationDate": None})  # no timestamp: regenerating gives the same bytes
 
 
-def plot_lr_curves(stem: epath.Path, conds: list[Condition]) -> None:
-  """Final eval NLL against LR per condition (seed mean, std error bars), the fitted parabola and optimum."""
+def _panels(conds: list[Condition]):
+  """``(pyplot, figure, [(axes, setting)], colors)``: one panel per setting of the sweep."""
   plt = _pyplot()
   settings = _settings(conds) or [""]
-  colors = _colors(conds)
   fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4.2), squeeze=False)
-  for ax, setting in zip(axes[0], settings):
+  return plt, fig, list(zip(axes[0], settings)), _colors(conds)
+
+
+def plot_lr_curves(stem: epath.Path, conds: list[Condition]) -> None:
+  """Final eval NLL against LR per condition (seed mean, std error bars), the fitted parabola and optimum."""
+  plt, fig, panels, colors = _panels(conds)
+  for ax, setting in panels:
     for c in (c for c in conds if c.setting == setting and c.usable):
       std = [analysis.seed_noise(c.final[lr]) for lr in c.usable]
       ax.errorbar(c.usable, c.means(), yerr=[0.0 if math.isnan(s) else s for s in std], marker="o", markersize=3,
@@ -738,37 +744,35 @@ def plot_lr_curves(stem: epath.Path, conds: list[Condition]) -> None:
         x = np.linspace(math.log10(c.usable[c.fit.used[0]]), math.log10(c.usable[c.fit.used[-1]]), 50)
         ax.plot(10.0 ** x, a * x * x + b * x + k, linestyle="--", linewidth=1, color=colors[c.name])
         ax.plot([c.fit.lr], [a * c.fit.log_lr ** 2 + b * c.fit.log_lr + k], marker="v", color=colors[c.name])
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("final held-out NLL per loss token")
-    ax.set_title(setting or "loss vs LR (dashed: quadratic fit, ▼ optimum)", fontsize=9)
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-      ax.legend(fontsize=7)
+    _finish_axes(ax, "learning rate", "final held-out NLL per loss token",
+                 setting or "loss vs LR (dashed: quadratic fit, ▼ optimum)")
   fig.tight_layout()
   _save(fig, stem)
   plt.close(fig)
 
 
+def _finish_axes(ax, xlabel: str, ylabel: str, title: str) -> None:
+  """Log x axis, labels, title, grid and (when there are lines) a legend."""
+  ax.set_xscale("log")
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title, fontsize=9)
+  ax.grid(alpha=0.3)
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(fontsize=7)
+
+
 def plot_learning_curves(stem: epath.Path, conds: list[Condition]) -> None:
   """Per condition, the pointwise minimum over LRs of the seed-mean eval NLL against log step (the study's plot)."""
-  plt = _pyplot()
-  settings = _settings(conds) or [""]
-  colors = _colors(conds)
-  fig, axes = plt.subplots(1, len(settings), figsize=(5.5 * len(settings), 4.2), squeeze=False)
-  for ax, setting in zip(axes[0], settings):
+  plt, fig, panels, colors = _panels(conds)
+  for ax, setting in panels:
     for c in (c for c in conds if c.setting == setting and c.curves):
       curve = [(s, v) for s, v, _ in analysis.pointwise_min(c.curves) if s > 0]
       if curve:
         steps, values = zip(*curve)
         ax.plot(steps, values, marker="o", markersize=3, color=colors[c.name], label=c.name)
-    ax.set_xscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("held-out NLL, min over LRs of the seed mean")
-    ax.set_title(setting or "learning curves (pointwise min over LRs)", fontsize=9)
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-      ax.legend(fontsize=7)
+    _finish_axes(ax, "step", "held-out NLL, min over LRs of the seed mean",
+                 setting or "learning curves (pointwise min over LRs)")
   fig.tight_layout()
   _save(fig, stem)
   plt.close(fig)
