@@ -239,7 +239,11 @@ def attend_key(module_path: Path) -> Path:
 
 def module_path_of(key: Path, adapter: Adapter) -> Path:
   """Path of the module an adapter belongs to (its tree key without the ``@attend`` suffix)."""
-  if adapter.layout.kind != "attend":
+  return _module_of(key, adapter.layout.kind)
+
+
+def _module_of(key: Path, kind: str) -> Path:
+  if kind != "attend":
     return key
   name = key[-1][: -len(ATTEND_SUFFIX)]
   return key[:-1] + ((name,) if name else ())
@@ -534,7 +538,7 @@ def create(params, spec: LoraSpec, rng: jax.Array, layouts: Mapping[str, Layout]
   dtype = jnp.dtype(spec.dtype)
   out_adapters, new_params = {}, dict(flat)
   for i, t in enumerate(targets):
-    path = module_path_of(t.module_path, _layout_probe(t.layout)) + (t.param,)
+    path = _module_of(t.module_path, t.layout.kind) + (t.param,)
     kernel = flat[path]
     a_shape, b_shape = _adapter_shapes(kernel.shape, t.layout, t.n_stack, t.rank)
     key = jax.random.fold_in(rng, i)
@@ -561,11 +565,6 @@ def create(params, spec: LoraSpec, rng: jax.Array, layouts: Mapping[str, Layout]
     out_adapters[t.module_path] = Adapter(a.astype(dtype), b.astype(dtype), t.param, t.layout, _nested(scale),
                                           spec.dropout)
   return traverse_util.unflatten_dict(new_params), _unflatten(out_adapters)
-
-
-def _layout_probe(layout: Layout) -> Adapter:
-  """An array-free Adapter carrying only a layout (for the key <-> module path helpers)."""
-  return Adapter(None, None, layout=layout)
 
 
 def _unboxed(params):
