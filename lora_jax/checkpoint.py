@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import orbax.checkpoint as ocp
@@ -126,8 +126,16 @@ def _first_line(err: Exception) -> str:
   return text.splitlines()[0][:500]
 
 
-def open_run(run_dir: str | epath.PathLike) -> tuple[Checkpointer, int, dict]:
-  """``(checkpointer, newest step, record)`` of a run directory (``RUN/checkpoints``) or a checkpoints directory;
+class OpenRun(NamedTuple):
+  """A run's checkpoints opened for reading: its newest step and that checkpoint's record."""
+
+  checkpointer: Checkpointer
+  step: int
+  record: dict
+
+
+def open_run(run_dir: str | epath.PathLike) -> OpenRun:
+  """The newest checkpoint of a run directory (``RUN/checkpoints``) or a checkpoints directory, with its record;
   every way it can be unusable is one clear error naming the directory."""
   run_dir = epath.Path(run_dir)
   if not run_dir.exists():
@@ -143,18 +151,18 @@ def open_run(run_dir: str | epath.PathLike) -> tuple[Checkpointer, int, dict]:
     raise CheckpointError(f"checkpoint {directory / str(step)} has a record of format {record.get('format')!r} "
                           f"(this lora_jax reads format {RECORD_FORMAT}: base model, layout and LoRA spec in the "
                           "record); it was written by another version")
-  return checkpointer, step, record
+  return OpenRun(checkpointer, step, record)
 
 
-def restore_trained(run_dir: str | epath.PathLike, params, layouts=None) -> tuple[Any, Any, dict]:
-  """``(params, adapters, record)`` of a run's newest checkpoint, on top of the base ``params`` it was trained from.
+def restore_trained(run: OpenRun, params, layouts=None) -> tuple[Any, Any]:
+  """``(params, adapters)`` of an opened run's newest checkpoint, on top of the base ``params`` it was trained from.
 
   Only the ``trainable`` item is read (never the optimizer state), into a template built from the recorded spec:
   whatever optimizer, clipping or schedule the run used, its trained parameters read the same way.
   """
   from lora_jax import lora
 
-  checkpointer, step, record = open_run(run_dir)
+  checkpointer, step, record = run
   spec = lora.LoraSpec.from_dict(record["lora_spec"])
   base, adapters = lora.create(params, spec, jax.random.key(0), layouts=layouts)
   trainable, frozen = lora.split(base, adapters, spec)
@@ -166,6 +174,4 @@ def restore_trained(run_dir: str | epath.PathLike, params, layouts=None) -> tupl
                           f"shapes than this base gives ({len(diff)} differ, e.g. {diff[0]}: checkpoint "
                           f"{saved.get(diff[0])}, base {got.get(diff[0])}); is it the base the run was trained on?")
   restored, _ = checkpointer.restore(step, {"trainable": trainable})
-  checkpointer.close()
-  params, adapters = lora.combine(restored["trainable"], frozen)
-  return params, adapters, record
+  return lora.combine(restored["trainable"], frozen)

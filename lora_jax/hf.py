@@ -77,6 +77,14 @@ def base_identity(path_or_hub_id: str | os.PathLike) -> dict[str, str]:
   return {"base_model": name, "base_fingerprint": fingerprint(resolve_checkpoint(path_or_hub_id))}
 
 
+_RUNTIME_FIELDS = ("param_dtype", "dtype", "scan_layers", "remat")  # How a model is run, not which model it is.
+
+
+def model_fields(config: ModelConfig) -> dict[str, Any]:
+  """The fields of ``config`` that define the model (not how it is run), as plain JSON values."""
+  return json.loads(json.dumps({k: v for k, v in dataclasses.asdict(config).items() if k not in _RUNTIME_FIELDS}))
+
+
 def fingerprint(root: str | os.PathLike) -> str:
   """A short hash of a checkpoint directory's shapes (config.json) and weights, cheap for any size.
 
@@ -85,10 +93,7 @@ def fingerprint(root: str | os.PathLike) -> str:
   same files always give the same value on any machine.
   """
   root = pathlib.Path(root)
-  config = load_config(root)
-  shape_fields = {k: v for k, v in dataclasses.asdict(config).items()
-                  if k not in ("param_dtype", "dtype", "scan_layers", "remat")}
-  digest = hashlib.sha256(json.dumps(shape_fields, sort_keys=True).encode())
+  digest = hashlib.sha256(json.dumps(model_fields(load_config(root)), sort_keys=True).encode())
   for file in _weight_files(root):
     with open(file, "rb") as f:
       size = os.fstat(f.fileno()).st_size
@@ -468,10 +473,6 @@ class BaseMismatch(ValueError):
   """A run's adapters applied to a base other than the one it was trained from."""
 
 
-_SHAPE_FIELDS = ("architecture", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                 "num_kv_heads", "head_dim", "tie_word_embeddings", "num_experts", "moe_intermediate_size")
-
-
 def load_trained(run_dir: str | os.PathLike, base: str | None = None, *, force: bool = False,
                  dtype=None) -> tuple[ModelConfig, dict[str, Any], Any, dict]:
   """``(config, params, adapters, record)``: a run's trained parameters on the base it was trained from.
@@ -482,26 +483,26 @@ def load_trained(run_dir: str | os.PathLike, base: str | None = None, *, force: 
   """
   from lora_jax import checkpoint
   from lora_jax import lora
-
-  _, _, record = checkpoint.open_run(run_dir)
-  recorded = record["base_model"]
-  name = str(base) if base else recorded
-  root = resolve_checkpoint(name)
-  trained_on = record["model_config"]
-  config = load_config(root, scan_layers=bool(trained_on.get("scan_layers", False)))
-  differ = [f"{k} {trained_on.get(k)} -> {getattr(config, k)}" for k in _SHAPE_FIELDS
-            if trained_on.get(k) != getattr(config, k)]
-  if differ:
-    raise BaseMismatch(f"run {run_dir} was trained on {recorded}, a model of other shapes than {name} "
-                       f"({', '.join(differ)}); its adapters can't be applied to it")
-  found = fingerprint(root)
-  if found != record["base_fingerprint"] and not force:
-    raise BaseMismatch(f"run {run_dir} was trained on {recorded} (fingerprint {record['base_fingerprint']}), but "
-                       f"{name} has fingerprint {found}: other weights, so the adapters would compute garbage. "
-                       "Give the base it was trained on, or force it (--force) if you know better")
-  params = load_params(root, config, dtype)
   from lora_jax.models.transformer import CausalLM
 
-  layouts = lora.trace_layouts(CausalLM(config), jnp.zeros((1, 8), jnp.int32))
-  params, adapters, record = checkpoint.restore_trained(run_dir, params, layouts)
-  return config, params, adapters, record
+  run = checkpoint.open_run(run_dir)
+  try:
+    recorded, trained_on = run.record["base_model"], run.record["model_config"]
+    name = str(base) if base else recorded
+    root = resolve_checkpoint(name)
+    config = load_config(root, scan_layers=bool(trained_on.get("scan_layers", False)))
+    differ = [f"{k} {trained_on.get(k)} -> {v}" for k, v in model_fields(config).items() if trained_on.get(k) != v]
+    if differ:
+      raise BaseMismatch(f"run {run_dir} was trained on {recorded}, a model of other shapes or settings than {name} "
+                         f"({', '.join(differ)}); its adapters can't be applied to it")
+    found = fingerprint(root)
+    if found != run.record["base_fingerprint"] and not force:
+      raise BaseMismatch(f"run {run_dir} was trained on {recorded} (fingerprint {run.record['base_fingerprint']}), "
+                         f"but {name} has fingerprint {found}: other weights, so the adapters would compute garbage. "
+                         "Give the base it was trained on, or force it (--force) if you know better")
+    params = load_params(root, config, dtype)
+    layouts = lora.trace_layouts(CausalLM(config), jnp.zeros((1, 8), jnp.int32))
+    params, adapters = checkpoint.restore_trained(run, params, layouts)
+  finally:
+    run.checkpointer.close()
+  return config, params, adapters, run.record
