@@ -103,6 +103,28 @@ def cookbook_lr(architecture: str, hidden_size: int, lora: bool) -> float:
   return 5e-5 * (10.0 if lora else 1.0) * (2000.0 / hidden_size) ** COOKBOOK_LR_EXPONENT[architecture]
 
 
+def study_point(cpu: bool, model: str, method: str, rank: int, lr: float, seed: int) -> ml_collections.ConfigDict:
+  """One run of a study family: ``finetune``'s config for one method at one rank, LR and seed, with the study's CPU
+  setting when ``cpu`` (the tiny base widened to hidden 128, 500 held-out problems; see ``lr_sweep``'s docstring)."""
+  from experiments.configs import finetune  # finetune imports this module
+
+  if method not in ("lora", "full"):
+    raise ValueError(f"method must be lora or full (one run per sweep point), got {method!r}")
+  config = finetune.get_config(("tiny," if cpu else f"model={model},") + f"method={method},rank={rank},lr={lr}")
+  config.seed = seed  # Adapter init and dropout.
+  config.data_seed = seed  # Training order: a seed is one draw of both.
+  config.eval_seed = 0  # The held-out set is the same for every point.
+  if cpu:
+    config.tiny_base.hidden_size = 128  # Rank 64 is half the width (at 64 it would be full rank).
+    config.tiny_base.intermediate_size = 384
+    config.tiny_base.steps = 300  # The wider base needs longer pretraining to be a useful base.
+    config.data.eval_size = 500  # Held-out problems: the NLL's sampling error well below the seed noise.
+    config.eval.arithmetic_examples = 0  # The study's metric is held-out NLL.
+    config.train.eval_every = 50
+    config.train.checkpoint_every = 1000  # Points are short: a checkpoint at the end (always) and every 1000 steps.
+  return config
+
+
 def lr_grid(center: float, factor: float, below: int, above: int) -> list[float]:
   """A log-spaced LR grid ``center · factor^k`` for k in [-below, above], rounded to 3 significant digits."""
   return [float(f"{center * factor**k:.3g}") for k in range(-below, above + 1)]

@@ -1,0 +1,60 @@
+"""Which layers to adapt: attention-only vs MLP-only vs all layers, parameter-matched, and the unembedding on/off.
+
+The study's finding 6: attention-only LoRA underperforms MLP-only, and MLP-only is about as good as all layers, even
+when attention-only gets as many parameters (Llama-3.1-8B: attention r=256, 0.25B parameters, loses to MLP r=128,
+0.24B). Its main runs adapted every matrix including the unembedding.
+
+CPU (`tiny`): `lr_sweep`'s setting (the hidden-128 tiny base, 2-digit additions, 300 steps at batch 16, 500 held-out
+problems). Groups (`targets`, rank): attention r=8 (14,336 adapter parameters: q, k, v, o over 2 layers; the KV
+projections are 64 wide), MLP r=4 (12,288: gate, up, down), all linear layers r=4 (19,456) and all linear layers plus
+the unembedding r=4 (the study's and `lr_sweep`'s default). So attention-only holds ~1.17x MLP-only's parameters, as in
+the study. Each over LoRA's 3 LRs around `lr_sweep`'s centre (1e-3, 2e-3, 4e-3), seeds 0 and 1: 24 points, ~13 min.
+
+    python -m experiments.sweep --config experiments/configs/layers.py:tiny --workdir runs/layers
+
+`quick`: attention r8 and MLP r4 at the centre LR, seed 0 (2 points). Real scale (`real`): Llama-3.1-8B on Tulu3,
+attention r=256 vs MLP r=128 vs all r=128, at the cookbook LoRA LR and a factor 2 either side.
+
+Point arguments: `tiny` | `quick` | `model=HUB_ID`, `layers=attention|mlp|all|all+unembed`, `rank=`, `lr=`, `seed=`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from experiments.configs import common, lr_sweep
+
+TARGETS = {"attention": ("attention",), "mlp": ("mlp",), "all": ("all-linear",),
+           "all+unembed": ("all-linear", "unembed")}
+TINY_RANKS = {"attention": 8, "mlp": 4, "all": 4, "all+unembed": 4}  # Attention rank 2k vs MLP rank k.
+REAL_RANKS = {"attention": 256, "mlp": 128, "all": 128}  # The study's parameter-matched pair on Llama-3.1-8B.
+REAL_MODEL = "meta-llama/Llama-3.1-8B"
+SWEEPS = ("tiny", "quick", "real")
+
+
+def get_config(arg: str = "tiny,layers=mlp") -> ml_collections.ConfigDict:
+  """One sweep point: LoRA on one group of layers at one rank, LR and seed."""
+  args = common.parse_arg(arg, tiny=False, quick=False, model="", layers="all+unembed", rank=0, lr=0.0, seed=0)
+  if args.layers not in TARGETS:
+    raise ValueError(f"layers: layers={args.layers!r}; valid: {sorted(TARGETS)}")
+  cpu = args.tiny or args.quick
+  rank = args.rank or (TINY_RANKS if cpu else REAL_RANKS)[args.layers]
+  lr = args.lr or lr_sweep.default_lr(args.model, "lora", cpu)
+  config = common.study_point(cpu, args.model, "lora", rank, lr, args.seed)
+  config.lora.targets = TARGETS[args.layers]
+  return config
+
+
+def get_sweep(arg: str = "tiny") -> list[str]:
+  """Points of a variant: `tiny`, `quick` or `real`."""
+  args = common.parse_arg(arg, tiny=False, quick=False, real=False)
+  if args.tiny:
+    prefix, groups, lrs, seeds = "tiny", list(TINY_RANKS), common.lr_grid(lr_sweep.TINY_CENTRE["lora"], 2.0, 1, 1), (0, 1)
+  elif args.quick:
+    prefix, groups, lrs, seeds = "quick", ["attention", "mlp"], [lr_sweep.TINY_CENTRE["lora"]], (0,)
+  elif args.real:
+    prefix, groups, seeds = f"model={REAL_MODEL}", list(REAL_RANKS), (0,)
+    lrs = common.lr_grid(lr_sweep.default_lr(REAL_MODEL, "lora", cpu=False), 2.0, 1, 1)
+  else:
+    raise ValueError(f"layers: sweep variant {arg!r}; valid: {list(SWEEPS)}")
+  return [f"{prefix},layers={g},lr={lr:g},seed={s}" for g in groups for lr in lrs for s in seeds]
