@@ -140,6 +140,15 @@ def make_optim(method: str, config: ml_collections.ConfigDict) -> optim.OptimCon
                            lr_b_ratio=o.lr_b_ratio if method == "lora" else 1.0)
 
 
+def abstract_setups(config: ml_collections.ConfigDict, model_config: transformer.ModelConfig,
+                    mesh) -> dict[str, train.Setup]:
+  """Each method's ``train.setup`` on abstract params: adapters, shardings, state and jitted steps as shapes, nothing
+  allocated (what ``run`` checks before it starts; its ``train_step`` lowers and compiles from shapes alone)."""
+  return {m: train.setup(model_config, make_spec(m, config, model_config), make_optim(m, config),
+                         transformer.abstract_params(model_config), mesh=mesh, rules=config.sharding_rules.to_dict(),
+                         seed=config.seed, grad_accum=config.train.grad_accum) for m in config.methods}
+
+
 EVAL_SPLITS = ("held_out", "train")
 
 
@@ -219,9 +228,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, overwr
     mesh = sharding.make_mesh(config.mesh.to_dict())
     rules = config.sharding_rules.to_dict()
     plans = {m: (make_spec(m, config, model_config), make_optim(m, config)) for m in config.methods}
-    for spec, optim_config in plans.values():  # each run's adapters, shardings and state as shapes: no allocation
-      train.setup(model_config, spec, optim_config, transformer.abstract_params(model_config), mesh=mesh, rules=rules,
-                  seed=config.seed, grad_accum=config.train.grad_accum)
+    abstract_setups(config, model_config, mesh)  # each run's adapters, shardings and state as shapes
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))

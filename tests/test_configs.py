@@ -36,3 +36,46 @@ def test_cookbook_lr_matches_the_studys_numbers():
   assert f"{common.cookbook_lr('llama', 4096, lora=True):.3g}" == "0.000286"
   assert f"{common.cookbook_lr('qwen3', 4096, lora=True):.3g}" == "0.000473"
   assert common.lr_grid(1e-3, 2.0, 1, 1) == [0.0005, 0.001, 0.002]
+
+
+def _real_points() -> dict[tuple, tuple[str, str]]:
+  """Every real-scale point of every family, one per (model, method, LoRA targets and scaling, batch, sequence):
+  other ranks and LRs change no program structure."""
+  out = {}
+  for family in FAMILIES:
+    module = importlib.import_module(f"experiments.configs.{family}")
+    for variant in (v for v in module.SWEEPS if v not in ("tiny", "quick")):
+      for point in module.get_sweep(variant):
+        c = module.get_config(point)
+        method = c.methods[0]
+        lora_kind = (tuple(c.lora.targets), c.lora.scaling) if method == "lora" else ()
+        out.setdefault((c.model.name, method, lora_kind, c.data.batch_size, c.data.seq_len), (family, point))
+  return out
+
+
+def test_real_scale_points_lower_and_compile_from_abstract_shapes():
+  """The GPU/TPU points build the real train step from shapes alone (nothing downloaded or allocated): every
+  distinct program lowers through experiments.main's own set-up, and one per architecture compiles."""
+  import jax
+  import jax.numpy as jnp
+
+  from lora_jax import sharding
+
+  points = _real_points()
+  assert {m for m, *_ in points} == set(common.REAL_MODELS)  # every study model is swept somewhere
+  compiled = set()
+  for (model, method, _, batch, seq), (family, point) in sorted(points.items(), key=str):
+    config = importlib.import_module(f"experiments.configs.{family}").get_config(point)
+    assert config.model.scan_layers and config.model.dtype == "bfloat16", point
+    model_config = common.preset(model, scan_layers=True, remat=config.model.remat,
+                                 param_dtype=config.model.param_dtype).replace(dtype=config.model.dtype)
+    mesh = sharding.make_mesh(config.mesh.to_dict(), jax.devices()[:1])
+    s = exp_main.abstract_setups(config, model_config, mesh)[method]
+    tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=s.batch_sharding)
+    batch_tree = {"inputs": tokens, "targets": tokens,
+                  "loss_mask": jax.ShapeDtypeStruct((batch, seq), jnp.float32, sharding=s.batch_sharding)}
+    lowered = s.train_step.lower(s.state.frozen, s.state.replace(frozen=None), batch_tree)
+    if model_config.architecture not in compiled:  # ~10 s each on 2 cores: one per architecture
+      assert lowered.compile().memory_analysis().argument_size_in_bytes > 0, point
+      compiled.add(model_config.architecture)
+  assert compiled == {"llama", "qwen3"}

@@ -92,6 +92,20 @@ def tiny_base_config() -> ml_collections.ConfigDict:
   return c
 
 
+# The study's base models: hub id -> the preset with its shapes (Qwen3-8B-Base has Qwen3-8B's).
+REAL_MODELS = {"meta-llama/Llama-3.2-1B": "meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.1-8B": "meta-llama/Llama-3.1-8B",
+               "Qwen/Qwen3-8B-Base": "Qwen/Qwen3-8B"}
+
+
+def preset(model: str, **changes):
+  """The ``transformer.ModelConfig`` of one of the study's hub ids, from shapes alone (nothing downloaded)."""
+  from lora_jax.models import transformer
+
+  if model not in REAL_MODELS:
+    raise ValueError(f"model {model!r} is not one of the study's models with a preset: {sorted(REAL_MODELS)}")
+  return transformer.ModelConfig.from_preset(REAL_MODELS[model], **changes)
+
+
 # The tinker-cookbook LR rule's exponent of (2000 / hidden_size) per model family (../shared/reference/blog.md).
 COOKBOOK_LR_EXPONENT = {"llama": 0.781, "mistral": 0.781, "qwen3": 0.0775, "qwen3_moe": 0.0775}
 
@@ -122,6 +136,9 @@ def study_point(cpu: bool, model: str, method: str, rank: int, lr: float, seed: 
     config.eval.arithmetic_examples = 0  # The study's metric is held-out NLL.
     config.train.eval_every = 50
     config.train.checkpoint_every = 1000  # Points are short: a checkpoint at the end (always) and every 1000 steps.
+  else:  # GPU/TPU: bf16 base and compute (trained values and Adam moments stay fp32), scanned and rematerialised
+    config.model.dtype = config.model.param_dtype = "bfloat16"  # layers, as benchmarks/fit.py plans memory for
+    config.model.scan_layers = config.model.remat = True
   return config
 
 

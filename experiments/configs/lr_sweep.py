@@ -32,7 +32,6 @@ from __future__ import annotations
 import ml_collections
 
 from experiments.configs import common
-from lora_jax.models import transformer
 
 TINY_RANKS = (1, 4, 16, 64)
 REAL_RANKS = (1, 4, 16, 64, 256)
@@ -40,9 +39,7 @@ TINY_CENTRE = {"lora": 2e-3, "full": 1e-3}  # Near the optima the quick pilot fo
 SEEDS = (0, 1, 2)
 SWEEPS = ("tiny", "quick", "model=meta-llama/Llama-3.2-1B", "model=meta-llama/Llama-3.1-8B",
           "model=Qwen/Qwen3-8B-Base")  # The variants get_sweep knows.
-# The study's base models: hub id -> the preset whose shapes give the cookbook LR (Qwen3-8B-Base has Qwen3-8B's).
-REAL_MODELS = {"meta-llama/Llama-3.2-1B": "meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.1-8B": "meta-llama/Llama-3.1-8B",
-               "Qwen/Qwen3-8B-Base": "Qwen/Qwen3-8B"}
+REAL_MODELS = common.REAL_MODELS
 
 
 def get_config(arg: str = "tiny,method=lora") -> ml_collections.ConfigDict:
@@ -61,7 +58,7 @@ def default_lr(model: str, method: str, cpu: bool) -> float:
     return TINY_CENTRE[method]
   if model not in REAL_MODELS:
     raise ValueError(f"lr_sweep: model {model!r} has no cookbook LR here; known: {sorted(REAL_MODELS)} (or give lr=)")
-  preset = transformer.ModelConfig.from_preset(REAL_MODELS[model])
+  preset = common.preset(model)
   return common.cookbook_lr(preset.architecture, preset.hidden_size, lora=method == "lora")
 
 
