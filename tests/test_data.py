@@ -67,6 +67,22 @@ def test_chat_mask_by_hand(tok):
   assert example.prompt_len == len(example.ids) - 3
 
 
+def test_sharegpt_records_encode_as_the_same_chat(tok, tmp_path):
+  share = {"conversations": [{"from": "system", "value": "S"}, {"from": "human", "value": "hi"},
+                             {"from": "gpt", "value": "yo", "weight": 0}, {"from": "human", "value": "ok"},
+                             {"from": "gpt", "value": "go"}]}
+  assert data.detect_format(share) == "sharegpt" and data.check_record(share, "sharegpt") is None
+  a, b = data.encode(share, tok, "sharegpt"), data.encode(CHAT, tok, "chat")
+  np.testing.assert_array_equal(a.ids, b.ids)
+  np.testing.assert_array_equal(a.mask, b.mask)
+  assert "conversations[1]: 'from' is 'bot'" in data.check_record(
+      {"conversations": [{"from": "human", "value": "x"}, {"from": "bot", "value": "y"}]}, "sharegpt")
+  assert "conversations[0]: field 'value'" in data.check_record({"conversations": [{"from": "gpt"}]}, "sharegpt")
+  path = write(tmp_path, "ot3.jsonl", [json.dumps(share), json.dumps({"conversations": [{"from": "gpt", "value": 3}]})])
+  with pytest.raises(data.DataError, match=rf"{path}:2: .*conversations\[0\]: field 'value'"):
+    data.tokenize(data.Source(path), tok, max_len=64)
+
+
 def test_chat_mask_train_on_inputs(tok):
   example = data.encode(CHAT, tok, "chat", train_on_inputs=True)
   masked = [t for t, m in zip(tok.convert_ids_to_tokens(example.ids.tolist()), example.mask) if m == 0]
@@ -278,6 +294,9 @@ def test_dataset_directory_source(tok, tmp_path):
 def test_parse_sources():
   assert data.parse_source("data/a.jsonl:0.25") == data.Source("data/a.jsonl", 0.25)
   assert data.parse_source("allenai/tulu-3-sft-mixture") == data.Source("allenai/tulu-3-sft-mixture")
+  assert data.parse_source("open-thoughts/OpenThoughts3-1.2M@train[:10000]:2") == data.Source(
+      "open-thoughts/OpenThoughts3-1.2M", 2.0, "train[:10000]")
+  assert data.parse_source("a/b@test") == data.Source("a/b", None, "test")
   with pytest.raises(data.DataError, match="every source or to none"):
     data.parse_sources(["a.jsonl:1", "b.jsonl"])
   with pytest.raises(data.DataError, match="positive"):

@@ -13,9 +13,10 @@ it is the centre, and the bootstrap is skipped (the LR optimum is not this famil
 
     python -m experiments.sweep --config experiments/configs/batch_size.py:tiny --workdir runs/batch_size
 
-`quick`: batch 4 and 64, LoRA r4 and full FT, the centre LR only (4 points). Real scale (`real`): Llama-3.2-1B on
-Tulu3 (the study used a 10k-example OpenThoughts3 subset: NOT a format this loader reads yet — give it as chat
-`messages` JSONL through `--config.data.train`), batch 32, 128 and 512 sequences at a fixed 64k sequences.
+`quick`: batch 4 and 64, LoRA r4 and full FT, the centre LR only (4 points). Real scale (`real`): Llama-3.2-1B on the
+study's batch-size data, a 10k-example OpenThoughts3 subset (`OPENTHOUGHTS_10K`: ShareGPT records, read as chat), at
+batch 32, 128 and 512 rows of 4096 tokens over a fixed 16,384 rows (about one epoch of the subset; the study's
+budget is NOT STATED), LoRA r16 and full FT, 3 LRs each.
 
 Point arguments: `tiny` | `quick` | `model=HUB_ID`, `batch=`, `method=lora|full`, `rank=`, `lr=`, `seed=`.
 """
@@ -29,11 +30,12 @@ import ml_collections
 from experiments.configs import common, lr_sweep
 
 ROWS = 4800  # Training rows every CPU point sees (batch x steps).
-REAL_ROWS = 65536  # Sequences every real point sees.
+REAL_ROWS = 16384  # Rows every real point sees: ~one epoch of the 10k subset in 4096-token rows (NOT STATED).
 TINY_BATCHES = (4, 16, 64)
 REAL_BATCHES = (32, 128, 512)
 TINY_RANKS = (4, 64)
 SWEEPS = ("tiny", "quick", "real")
+OPENTHOUGHTS_10K = "open-thoughts/OpenThoughts3-1.2M@train[:10000]"  # The study's batch-size subset (its first 10k).
 
 
 def get_config(arg: str = "tiny,method=lora") -> ml_collections.ConfigDict:
@@ -45,6 +47,9 @@ def get_config(arg: str = "tiny,method=lora") -> ml_collections.ConfigDict:
   rows = ROWS if cpu else REAL_ROWS
   if rows % args.batch:
     raise ValueError(f"batch_size: batch {args.batch} does not divide the {rows} rows every point trains on")
+  if not cpu:
+    config.data.train = (OPENTHOUGHTS_10K,)
+    config.data.seq_len = 4096  # Reasoning traces are long: an example longer than a row is truncated to it.
   config.data.batch_size = args.batch
   config.train.steps = rows // args.batch
   config.train.eval_every = max(1, config.train.steps // 6)  # The same 6 evaluations (in examples) at every batch.

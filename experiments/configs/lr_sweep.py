@@ -7,18 +7,20 @@ one run (one method, one rank, one LR, one seed); `python -m experiments.report 
 
 CPU (`tiny`): the built-in character-level base widened to hidden 128 (so rank 64 is half the width, not full rank as
 at hidden 64), pretrained 300 steps; 2-digit additions, 300 steps at batch 16, eval NLL on 500 held-out problems;
-ranks 1, 4, 16, 64 and full FT, each over 8 LRs a factor 2 apart, seeds 0-2 (data order and adapter init change
-with the seed, the held-out set does not). ~30-45 s a point on 2 cores, 120 points: 60-90 min.
+ranks 1, 4, 16, 64 and full FT, each over 5 LRs a factor 2 apart (LoRA 5e-4..8e-3, full FT 2.5e-4..4e-3), seeds 0-2
+(data order and adapter init change with the seed, the held-out set does not). 75 points, ~30 min on 2 cores with
+`--parallel 2` (~40 s a point, two at a time).
 
-    python -m experiments.sweep --config experiments/configs/lr_sweep.py:tiny --workdir runs/lr_sweep
-    python -m experiments.sweep --config experiments/configs/lr_sweep.py:quick --workdir runs/lr_quick   # ~10 min
+    python -m experiments.sweep --config experiments/configs/lr_sweep.py:tiny --workdir runs/lr_sweep --parallel 2
+    python -m experiments.sweep --config experiments/configs/lr_sweep.py:quick --workdir runs/lr_quick   # ~8 min
 
-`quick` is a subset (ranks 4 and 64 and full FT, 5 LRs, seed 0) for a pipeline check: one seed cannot separate
-differences smaller than the seed noise, so its verdicts are inconclusive by rule. The grids' centres are the LRs the
-default tiny runs use (LoRA 3e-3, full FT 9e-4). The `quick` pilot (docs/results/lr_sweep_quick/, 8 min on 2 cores,
-~30 s a point) found interior optima near 1.6e-3 (full FT), 2.0e-3 (r4) and 2.3e-3 (r64): a LoRA/full ratio of
-~1.3-1.5, not the study's ~10, with full FT 0.16 nats ahead of r64 after 300 steps. The `tiny` grids (factor 2, 4
-below and 3 above the centre) hold those optima well inside; the seed noise and the ratio's interval need `tiny`.
+`quick` is a subset (ranks 4 and 64 and full FT, the same 5 LRs, seed 0) for a pipeline check: one seed cannot
+separate differences smaller than the seed noise, so its verdicts are inconclusive by rule. Calibration: a first
+`quick` pilot centred on the default tiny runs' LRs (LoRA 3e-3, full FT 9e-4; docs/results/lr_sweep_quick/, 8 min on
+2 cores, ~30 s a point) found interior optima near 1.6e-3 (full FT), 2.0e-3 (r4) and 2.3e-3 (r64): a LoRA/full ratio
+of ~1.3-1.5, not the study's ~10, with full FT 0.16 nats ahead of r64 after 300 steps. The grids are centred on
+those optima (LoRA 2e-3, full FT 1e-3) with two factor-2 steps either side, so each optimum sits inside; a factor-2
+grid locates it to well within x1.5 through the quadratic fit, whose seed-bootstrap interval the report gives.
 
 Real scale (GPU/TPU VMs): `model=meta-llama/Llama-3.2-1B`, `model=meta-llama/Llama-3.1-8B` or
 `model=Qwen/Qwen3-8B-Base` on Tulu3 (the study's SFT data), 780 steps at batch 128, ranks 1-256 and full FT over 7

@@ -6,6 +6,8 @@ Formats (one per source, detected from the first record's fields unless given):
   Rendered with the tokenizer's chat template (``FALLBACK_CHAT_TEMPLATE`` when it has none). Loss on assistant turns
   (their content and end-of-turn tokens, not the header); a per-message ``"weight": 0`` turns one assistant message's
   loss off (mistral-finetune).
+- ``sharegpt``: ``{"conversations": [{"from": "system"|"human"|"gpt", "value"}, ...]}`` (OpenThoughts3, the study's
+  reasoning data): read as ``chat`` with roles system / user / assistant; ``"weight": 0`` as in chat.
 - ``alpaca``: ``{"instruction", "input"?, "output"}`` with an alpaca-lora prompt template; loss on the output and EOS.
 - ``text``: ``{"text"}`` pretraining documents; loss everywhere.
 
@@ -23,7 +25,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-FORMATS = ("chat", "alpaca", "text")
+FORMATS = ("chat", "sharegpt", "alpaca", "text")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 ROLES = ("system", "user", "assistant", "tool")
 
 # alpaca-lora's templates/*.json (prompt with input, prompt without input), plus a bare `vanilla` one.
@@ -80,11 +83,14 @@ def detect_format(record: Mapping[str, Any]) -> str:
   """The format a record is written in, from its fields."""
   if record.get("messages") is not None:
     return "chat"
+  if record.get("conversations") is not None:
+    return "sharegpt"
   if record.get("instruction") is not None or record.get("output") is not None:
     return "alpaca"
   if record.get("text") is not None:
     return "text"
-  raise DataError(f"record has none of the fields 'messages' (chat), 'instruction'/'output' (alpaca), 'text' "
+  raise DataError(f"record has none of the fields 'messages' (chat), 'conversations' (sharegpt), "
+                  f"'instruction'/'output' (alpaca), 'text' "
                   f"(text); its fields: {sorted(record)}")
 
 
@@ -101,6 +107,8 @@ def check_record(record: Any, fmt: str) -> str | None:
     if record.get("input") is not None and not isinstance(record["input"], str):
       return f"field 'input' must be a string, got {type(record['input']).__name__}"
     return None
+  if fmt == "sharegpt":
+    return _check_sharegpt(record)
   if fmt != "chat":
     raise ValueError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
   messages = record.get("messages")
@@ -124,6 +132,31 @@ def check_record(record: Any, fmt: str) -> str | None:
     if weight is not None and weight not in (0, 1):
       return f"messages[{i}]: weight must be 0 or 1, got {weight!r}"
   return None
+
+
+def _check_sharegpt(record: Mapping[str, Any]) -> str | None:
+  turns = record.get("conversations")
+  if turns is None:
+    return "missing field 'conversations'"
+  if not isinstance(turns, Sequence) or isinstance(turns, str) or not turns:
+    return "field 'conversations' must be a non-empty list"
+  for i, turn in enumerate(turns):
+    if not isinstance(turn, Mapping):
+      return f"conversations[{i}]: expected an object, got {type(turn).__name__}"
+    if turn.get("from") not in SHAREGPT_ROLES:
+      return f"conversations[{i}]: 'from' is {turn.get('from')!r}; valid: {', '.join(SHAREGPT_ROLES)}"
+    if not isinstance(turn.get("value"), str):
+      return f"conversations[{i}]: field 'value' must be a string, got {type(turn.get('value')).__name__}"
+    if turn.get("weight") not in (None, 0, 1):
+      return f"conversations[{i}]: weight must be 0 or 1, got {turn['weight']!r}"
+  return None
+
+
+def sharegpt_to_chat(record: Mapping[str, Any]) -> dict[str, Any]:
+  """A (checked) ShareGPT record as a chat record: ``from`` -> role, ``value`` -> content, weights kept."""
+  messages = [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"],
+               **({"weight": t["weight"]} if t.get("weight") is not None else {})} for t in record["conversations"]]
+  return {"messages": messages}
 
 
 def _check_str(record: Mapping[str, Any], field: str) -> str | None:
@@ -187,8 +220,8 @@ def encode(record: Mapping[str, Any], tokenizer, fmt: str, *, template: tuple[st
     text = prompt + record["output"]
     return _tokenize(tokenizer, special_prefix(tokenizer), text, [(len(prompt), len(text), 1)],
                      int(train_on_inputs), eos=True)
-  if fmt == "chat":
-    text, spans = chat_spans(record, tokenizer)
+  if fmt in ("chat", "sharegpt"):
+    text, spans = chat_spans(sharegpt_to_chat(record) if fmt == "sharegpt" else record, tokenizer)
     return _tokenize(tokenizer, [], text, spans, int(train_on_inputs), eos=False)
   raise ValueError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
 

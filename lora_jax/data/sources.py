@@ -41,19 +41,25 @@ class Records:
 
 
 def parse_source(spec: str | Source) -> Source:
-  """Parse 'path[:weight]' (mistral-finetune's mixing syntax) into a Source."""
+  """Parse 'path[@split][:weight]' (mistral-finetune's mixing syntax; a hub dataset's split may slice it, e.g.
+  ``open-thoughts/OpenThoughts3-1.2M@train[:10000]``) into a Source."""
   if isinstance(spec, Source):
     return spec
-  path, sep, weight = spec.rpartition(":")
-  if sep and path:
+  path, weight = spec, None
+  head, sep, tail = spec.rpartition(":")
+  if sep and head:
     try:
-      value = float(weight)
+      weight = float(tail)
     except ValueError:
-      return Source(spec)  # a colon that is not a weight
-    if not value > 0:
-      raise DataError(f"{spec}: mixing weight must be positive, got {weight}")
-    return Source(path, value)
-  return Source(spec)
+      pass  # a colon that is not a weight
+    else:
+      if not weight > 0:
+        raise DataError(f"{spec}: mixing weight must be positive, got {tail}")
+      path = head
+  name, at, split = path.partition("@")
+  if at and name and split and not os.path.exists(path):
+    return Source(name, weight, split)
+  return Source(path, weight)
 
 
 def parse_sources(specs: Sequence[str | Source]) -> list[Source]:
