@@ -245,3 +245,155 @@ def verdict_capacity(classes: Mapping[int, str]) -> Verdict:
   if any(behind[j] and not behind[i] for i in range(len(ranks)) for j in range(i + 1, len(ranks))):
     return Verdict(DISAGREE, shown)
   return Verdict(AGREE, shown)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Findings judged across settings or LoRA groups: the ratio across widths (3w), the early curves of finding 4 (4c),
+# batch size (5), layers (6) and B outgrowing A (9).
+
+def power_law_slope(x: Sequence[float], y: Sequence[float]) -> float:
+  """Least-squares slope of log y against log x (the exponent of a power law y ∝ x^slope); nan with < 2 points."""
+  x, y = np.asarray(x, float), np.asarray(y, float)
+  if len(x) < 2 or len(set(x.tolist())) < 2:
+    return math.nan
+  return float(np.polyfit(np.log(x), np.log(y), 1)[0])
+
+
+WIDTH_MIN = 2  # Widths with a ratio needed for a verdict.
+WIDTH_AGREE = 2.0  # Agree if the ratio moves by at most this factor over widths.
+WIDTH_FAR = 4.0  # Disagree if it moves by more than this factor.
+RULE_WIDTH = (
+    f"Per LoRA condition, over settings that differ only in the model's width (and the fields it fixes): the ratio "
+    f"lr*(LoRA)/lr*(full) of the fitted optima at each width where both optima are interior (point estimates: their "
+    f"bootstrap intervals are shown when there are seeds but not used, so one seed per LR suffices). Inconclusive if "
+    f"fewer than {WIDTH_MIN} widths have one; agree if max/min of those ratios <= {WIDTH_AGREE:g} (the study's LR rule "
+    f"scales LoRA and full FT by the same (2000/hidden)^p, so their ratio does not depend on width); disagree if "
+    f"max/min > {WIDTH_FAR:g}; else inconclusive.")
+
+
+def verdict_width(ratios: Mapping[float, float]) -> Verdict:
+  """Finding 3 across widths: ``RULE_WIDTH`` on {width: LoRA/full optimal-LR ratio} at widths with interior optima."""
+  shown = ", ".join(f"w{w:g} {_fmt(r)}" for w, r in sorted(ratios.items()))
+  if len(ratios) < WIDTH_MIN:
+    return Verdict(INCONCLUSIVE, f"{len(ratios)} width{'s' * (len(ratios) != 1)} with interior optima for both "
+                                 f"(needs {WIDTH_MIN})" + (f": {shown}" if shown else ""))
+  spread = max(ratios.values()) / min(ratios.values())
+  shown = f"max/min {_fmt(spread)} ({shown})"
+  if spread <= WIDTH_AGREE:
+    return Verdict(AGREE, shown)
+  return Verdict(DISAGREE if spread > WIDTH_FAR else INCONCLUSIVE, shown)
+
+
+GROWS, SHRINKS, FLAT = "grows", "shrinks", "flat"
+BATCH_ABS_MARGIN = 0.05  # Nats: the margin when no best-LR cell has 2 seeds (no noise estimate).
+RULE_BATCH = (
+    f"Per LoRA condition, over settings that differ only in data.batch_size (and the fields it fixes): gap(B) = final "
+    f"eval NLL of LoRA minus that of full FT at batch B, each the seed mean at its best grid LR; growth = gap(largest "
+    f"B) - gap(smallest B); noise = the pooled seed std sqrt(mean s^2) over those of the four best-LR cells (LoRA and "
+    f"full FT at the smallest and the largest B) that have >= 2 seeds; margin = {MATCH_NOISE:g} * noise, or "
+    f"{BATCH_ABS_MARGIN:g} nats when no cell has 2 seeds (then only a change larger than that counts). The condition "
+    f"is unknown if any of the four best LRs is at its grid edge (a better LR may lie outside it); its gap grows if "
+    f"growth > margin, shrinks if growth < -margin, else is flat. Overall: disagree if some condition's gap shrinks, "
+    f"agree if every condition's gap grows (a higher rank does not remove the penalty), else inconclusive.")
+
+
+def batch_margin(noise: float) -> float:
+  """``RULE_BATCH``'s margin: MATCH_NOISE x the pooled seed noise, or BATCH_ABS_MARGIN without a noise estimate."""
+  return BATCH_ABS_MARGIN if math.isnan(noise) else MATCH_NOISE * noise
+
+
+def classify_growth(growth: float, noise: float, interior: bool) -> str:
+  """How one LoRA condition's gap to full FT changes from the smallest to the largest batch, by ``RULE_BATCH``."""
+  if not interior or math.isnan(growth):
+    return UNKNOWN
+  margin = batch_margin(noise)
+  return GROWS if growth > margin else SHRINKS if growth < -margin else FLAT
+
+
+def verdict_batch(classes: Mapping[str, str]) -> Verdict:
+  """Finding 5: ``RULE_BATCH`` on {LoRA condition: class from ``classify_growth``}."""
+  shown = ", ".join(f"{k} {v}" for k, v in classes.items()) or "no LoRA condition next to full FT"
+  kinds = list(classes.values())
+  if SHRINKS in kinds:
+    return Verdict(DISAGREE, shown)
+  return Verdict(AGREE if kinds and all(k == GROWS for k in kinds) else INCONCLUSIVE, shown)
+
+
+RULE_LAYERS = (
+    f"Per LoRA rank, within a setting, LoRA conditions that differ in targets classed as attention-only (attention, "
+    f"or only q/k/v/o_proj), MLP-only (mlp, or only gate/up/down_proj) or all (all-linear), each with or without "
+    f"unembed: their best-LR final eval NLLs (seed means) compared by the gap rule (matches if the difference is "
+    f"within {MATCH_NOISE:g} x the pooled seed noise of the two, else behind or ahead; unknown at a grid-edge best LR "
+    f"or with fewer than 2 seeds), attention-only against MLP-only with the same unembed choice, and MLP-only against "
+    f"all (with the same unembed choice if the sweep has it, else the other). Agree if attention-only is behind "
+    f"MLP-only and MLP-only matches all; disagree if attention-only is ahead of MLP-only or MLP-only is behind all; "
+    f"else inconclusive. Overall: disagree if any rank disagrees, agree if every rank agrees, else inconclusive. "
+    f"Equal rank is not equal parameters (the table lists the trainable parameters).")
+
+
+def verdict_layers(attention_vs_mlp: str, mlp_vs_all: str) -> Verdict:
+  """Finding 6 at one rank: ``RULE_LAYERS`` on the gap classes of attention-only vs MLP-only and MLP-only vs all."""
+  shown = f"attention-only {attention_vs_mlp} MLP-only; MLP-only {mlp_vs_all} all"
+  if attention_vs_mlp == AHEAD or mlp_vs_all == BEHIND:
+    return Verdict(DISAGREE, shown)
+  return Verdict(AGREE if attention_vs_mlp == BEHIND and mlp_vs_all == MATCHES else INCONCLUSIVE, shown)
+
+
+EARLY_STEPS = 20  # d(t) is judged over steps 1..EARLY_STEPS.
+EARLY_FACTOR = 3.0  # Agree if the curves under alpha/r stay this many times closer than under alpha/sqrt(r).
+RULE_EARLY = (
+    f"Per LoRA group and scaling (alpha/r, alpha/sqrt(r)): with the lowest and the highest rank trained at the same "
+    f"LR and data seed, d(t) = train loss(lowest rank) - train loss(highest rank) at step t, and E = mean |d(t)| over "
+    f"steps 1-{EARLY_STEPS}, averaged over the (LR, data seed) pairs the scaling has (finished runs with the train "
+    f"loss logged at each of those steps). Inconclusive if either scaling has no such pair; agree if E(alpha/r) * "
+    f"{EARLY_FACTOR:g} < E(alpha/sqrt(r)) (the curves coincide at first under alpha/r and separate at once under "
+    f"rsLoRA); disagree if E(alpha/r) >= E(alpha/sqrt(r)); else inconclusive.")
+
+
+def early_gap(low: Mapping[int, float], high: Mapping[int, float]) -> dict[int, float]:
+  """d(t) = low(t) - high(t) at every step > 0 both curves have."""
+  return {t: low[t] - high[t] for t in sorted(set(low) & set(high)) if t > 0}
+
+
+def mean_abs(d: Mapping[int, float], steps: Sequence[int]) -> float:
+  """Mean |d(t)| over ``steps``; nan if d lacks any of them."""
+  if not steps or any(t not in d for t in steps):
+    return math.nan
+  return float(np.mean([abs(d[t]) for t in steps]))
+
+
+def verdict_early(e_alpha_r: float, e_sqrt: float) -> Verdict:
+  """Finding 4's curves: ``RULE_EARLY`` on E under alpha/r and under alpha/sqrt(r) (nan: no pair)."""
+  shown = f"E(alpha/r) {_fmt(e_alpha_r)}, E(alpha/sqrt(r)) {_fmt(e_sqrt)}"
+  if math.isnan(e_alpha_r) or math.isnan(e_sqrt):
+    return Verdict(INCONCLUSIVE, shown + " (a scaling has no pair of ranks logged at every early step)")
+  if e_alpha_r * EARLY_FACTOR < e_sqrt:
+    return Verdict(AGREE, shown)
+  return Verdict(DISAGREE if e_alpha_r >= e_sqrt else INCONCLUSIVE, shown)
+
+
+RULE_BA = (
+    "On the longest finished LoRA runs of the sweep (the most steps), each at its condition's best grid LR: per run, "
+    "the median over adapted modules of ||B||_2/||A||_2 (spectral norms) at its last evaluation; per condition, the "
+    "median of that over its seeds. Agree if it is > 1, disagree if < 1, else inconclusive; overall: disagree if any "
+    "condition disagrees, agree if every one agrees, else inconclusive. The first step at which the median over "
+    "modules exceeds 1 is reported, not judged.")
+
+
+def median_ba_ratio(modules: Mapping[str, Mapping[str, float]]) -> float:
+  """Median over modules of norm_b / norm_a (one ``lora_diagnostics.jsonl`` record's ``modules``); nan if none."""
+  ratios = [m["norm_b"] / m["norm_a"] for m in modules.values() if m["norm_a"] > 0]
+  return float(np.median(ratios)) if ratios else math.nan
+
+
+def first_above_one(series: Mapping[int, float]) -> int | None:
+  """The first step whose value exceeds 1 (None if none does)."""
+  return next((t for t in sorted(series) if series[t] > 1), None)
+
+
+def verdict_ba(ratio: float) -> Verdict:
+  """Finding 9 for one condition: ``RULE_BA`` on its median ||B||/||A|| at the end."""
+  shown = f"median ‖B‖/‖A‖ {_fmt(ratio)}"
+  if math.isnan(ratio) or ratio == 1:
+    return Verdict(INCONCLUSIVE, shown)
+  return Verdict(AGREE if ratio > 1 else DISAGREE, shown)

@@ -14,6 +14,13 @@ A sweep (``experiments.sweep``'s directory: ``sweep.json`` and one experiment wo
 each condition by a quadratic fit in log LR with a seed-bootstrap interval, the LoRA/full optimal-LR ratio, seed noise,
 figures, and "vs the study": a verdict per finding by the rules in ``experiments.analysis``, printed next to it),
 ``figures/*.png|pdf`` and ``tables/*.tex`` (booktabs). Deterministic: the same files give byte-identical outputs.
+
+Which findings a sweep speaks to follows from what varies in it, not from its family's name: settings that differ in a
+width field (the LoRA/full ratio across widths) or in the batch size (finding 5), LoRA groups that differ in targets
+(finding 6) or in scaling (finding 4's early curves, from train loss logged every step), and runs that left
+``lora_diagnostics.jsonl`` (finding 9); each gets its section, table and figure only when the sweep has what it needs.
+``analyse_sweep`` computes everything without writing; ``sweep_verdicts`` gives just the verdict rows (for an index
+over several sweeps).
 """
 
 from __future__ import annotations
@@ -27,12 +34,15 @@ import re
 import shlex
 import sys
 import zlib
+from collections.abc import Sequence
 
 import numpy as np
 from etils import epath
 
 from experiments import analysis
+from experiments.configs import common
 from lora_jax import metrics
+from lora_jax import train as train_lib
 
 
 def summarize(workdir: str | epath.PathLike) -> dict:
@@ -139,11 +149,21 @@ def _not_a_setting(key: str) -> bool:
   return key in REPLICATE_KEYS + NOT_A_SETTING or key.startswith("lora.") or key.endswith("cache_dir")
 
 
-STUDY = {  # The study's numbers (../shared/reference/blog.md), as the report quotes them.
-    1: "high-rank LoRA reaches full FT's test NLL",
-    2: "low ranks fall behind full FT once out of capacity (lower efficiency); high ranks do not",
-    3: "~10 (fit over 14 models: 9.8; runs < ~100 steps: ~15)",
-    4: "optimal LR moves < 2x between ranks 4 and 512 (rank 1 prefers a lower LR)",
+# The study's findings (../shared/reference/blog.md) by id: its number, with a letter for a second check of the same
+# finding ("3w": finding 3 across widths; "4c": finding 4's learning curves). STUDY quotes the study's claim.
+STUDY = {
+    "1": "high-rank LoRA reaches full FT's test NLL",
+    "2": "low ranks fall behind full FT once out of capacity (lower efficiency); high ranks do not",
+    "3": "~10 (fit over 14 models: 9.8; runs < ~100 steps: ~15)",
+    "3w": "its LR rule scales LoRA and full FT by the same (2000/hidden)^p (p = 0.781 for Llama, 0.0775 for Qwen), so "
+          "the LoRA/full optimal-LR ratio does not depend on width",
+    "4": "optimal LR moves < 2x between ranks 4 and 512 (rank 1 prefers a lower LR)",
+    "4c": "at the same LR, learning curves of different ranks coincide at the start under alpha/r (loss(r=16) - "
+          "loss(r=256) is tiny at first and grows with steps); under rsLoRA (alpha/sqrt(r)) they separate at once",
+    "5": "LoRA pays a growing loss penalty vs full FT as the batch grows, and a higher rank does not fix it; both do "
+         "best at small batches",
+    "6": "attention-only LoRA < MLP-only ≈ all layers, even parameter-matched",
+    "9": "at the end of long runs ‖B‖₂ > ‖A‖₂",
 }
 
 
@@ -160,6 +180,10 @@ class SweepRun:
   setting: str = ""  # The sweep's other varying fields (not method, LoRA spec, LR, seeds) as "key=value, ...".
   condition: str = ""  # "full" or "lora r=R" (+ the LoRA fields besides rank that vary over the sweep).
   group: str = ""  # A LoRA condition less its rank: one group's conditions differ only in rank.
+  fields: dict = dataclasses.field(default_factory=dict)  # The setting's fields: dotted key -> value.
+  group_fields: dict = dataclasses.field(default_factory=dict)  # The group's LoRA fields: key (no "lora.") -> value.
+  trainable: int | None = None  # params/trainable as the metrics logged it.
+  diagnostics: dict = dataclasses.field(default_factory=dict)  # step -> lora_diagnostics.jsonl's per-module norms.
 
   @property
   def lr(self) -> float | None:
@@ -244,6 +268,11 @@ def load_sweep(sweep_dir: str | epath.PathLike) -> tuple[dict, list[SweepRun]]:
           run.evals[r["step"]] = float(r["eval/nll"])
         if "train/loss" in r:
           run.train[r["step"]] = (float(r["train/loss"]), float(r.get("train/tokens", math.nan)))
+        if "params/trainable" in r:
+          run.trainable = int(r["params/trainable"])
+      path = d / method / train_lib.DIAGNOSTICS_FILE
+      for r in _read_records(path) if path.exists() else []:
+        run.diagnostics[r["step"]] = r["modules"]
       run.state = run.state or ("done" if run.finished else "unfinished" if records else "not started")
       runs.append(run)
   _label(runs)
@@ -279,8 +308,10 @@ def _label(runs: list[SweepRun]) -> None:
   for r in started:
     f = flat[id(r)]
     r.setting = ", ".join(f"{k}={_show(f.get(k))}" for k in setting_keys)
+    r.fields = {k: f.get(k) for k in setting_keys}
     if r.method == "lora":
       r.group = ", ".join(f"{k[len('lora.'):]}={_show(f.get(k))}" for k in group_keys)
+      r.group_fields = {k[len("lora."):]: f.get(k) for k in group_keys}
       r.condition = f"lora r={r.rank}" + (f", {r.group}" if r.group else "")
     else:
       r.condition = r.method
@@ -355,6 +386,9 @@ class Condition:
   usable: list = dataclasses.field(default_factory=list)  # LRs with a finished run and no failed one: the fit's grid.
   fit: analysis.Fit | None = None  # On the seed means over ``usable``; None when no LR is usable.
   draws: np.ndarray | None = None  # Bootstrap log10 optima; None with < 2 seeds at some usable LR.
+  fields: dict = dataclasses.field(default_factory=dict)  # The setting's fields (``SweepRun.fields``).
+  group_fields: dict = dataclasses.field(default_factory=dict)  # The LoRA group's fields (``SweepRun.group_fields``).
+  runs: list = dataclasses.field(default_factory=list)  # Its runs (every LR and seed), by seed.
 
   def means(self) -> list[float]:
     """Seed-mean final NLL at each usable LR."""
@@ -405,7 +439,9 @@ def conditions(runs: list[SweepRun]) -> list[Condition]:
   """The sweep's conditions (setting x method x LoRA spec) with their LR grids, results, fits and bootstraps."""
   by = {}
   for r in sorted((r for r in runs if r.config), key=lambda r: r.seed_key):
-    c = by.setdefault((r.setting, r.condition), Condition(r.setting, r.condition, r.method, r.rank, r.group))
+    c = by.setdefault((r.setting, r.condition), Condition(r.setting, r.condition, r.method, r.rank, r.group,
+                                                          fields=r.fields, group_fields=r.group_fields))
+    c.runs.append(r)
     lr = r.lr
     if lr not in c.lrs:
       c.lrs.append(lr)
@@ -493,7 +529,8 @@ class Table:
 
 _TEX = {"\\": r"\textbackslash{}", "_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#", "$": r"\$", "{": r"\{",
         "}": r"\}", "^": r"\^{}", "~": r"\textasciitilde{}", "±": r"$\pm$", "—": "--", "∞": r"$\infty$",
-        "≥": r"$\geq$", "≤": r"$\leq$", "×": r"$\times$", "<": r"$<$", ">": r"$>$"}
+        "≥": r"$\geq$", "≤": r"$\leq$", "×": r"$\times$", "<": r"$<$", ">": r"$>$", "≈": r"$\approx$",
+        "−": "$-$", "→": r"$\rightarrow$", "‖": r"$\|$", "₂": r"$_2$"}
 
 
 def _tex(text: str) -> str:
@@ -553,15 +590,19 @@ def noise_table(conds: list[Condition]) -> Table:
 @dataclasses.dataclass
 class FindingRow:
   """One verdict line of "vs the study"."""
-  finding: int
+  finding: str  # A key of STUDY.
   scope: str  # Setting / LoRA group / rank the line is about.
   ours: str
   verdict: str
   why: str
 
 
+def _join(*parts: str) -> str:
+  return ", ".join(p for p in parts if p)
+
+
 def _scope(*parts: str) -> str:
-  return ", ".join(p for p in parts if p) or "all"
+  return _join(*parts) or "all"
 
 
 def ratio_of(lora_c: Condition, full_c: Condition) -> tuple[float, float, float, bool]:
@@ -598,8 +639,8 @@ def _finding3(setting: str, group: str, loras: list[Condition], full: Condition,
     table.append(([setting] if several else []) + [c.name, _ratio(ratio) if interior else "— (edge)",
                                                    _interval(lo, hi, _ratio) if interior else "—", shown])
     ours = f"{_ratio(ratio)} {_interval(lo, hi, _ratio)}" if not math.isnan(lo) else _ratio(ratio)
-    rows.append(FindingRow(3, _scope(setting, c.name), ours if interior else "— (edge)", shown, v.why))
-  rows.append(FindingRow(3, _scope(setting, group, f"overall, ranks ≥ {analysis.RANK_FLOOR}"), "",
+    rows.append(FindingRow("3", _scope(setting, c.name), ours if interior else "— (edge)", shown, v.why))
+  rows.append(FindingRow("3", _scope(setting, group, f"overall, ranks ≥ {analysis.RANK_FLOOR}"), "",
                          analysis.combine(verdicts), f"{len(verdicts)} rank{'s' * (len(verdicts) != 1)} judged"))
   return rows, table
 
@@ -614,8 +655,8 @@ def _findings12(setting: str, group: str, loras: list[Condition], full: Conditio
               else f"{analysis.MATCH_NOISE:g}×noise {analysis.MATCH_NOISE * noise:.4f}")
     gaps[c.rank] = f"r{c.rank} {gap:+.4f} ({margin})" if not math.isnan(gap) else f"r{c.rank} —"
   v1, v2 = analysis.verdict_match(classes), analysis.verdict_capacity(classes)
-  return [FindingRow(1, _scope(setting, group), gaps[max(gaps)], v1.verdict, v1.why),
-          FindingRow(2, _scope(setting, group), "; ".join(gaps[r] for r in sorted(gaps)), v2.verdict, v2.why)]
+  return [FindingRow("1", _scope(setting, group), gaps[max(gaps)], v1.verdict, v1.why),
+          FindingRow("2", _scope(setting, group), "; ".join(gaps[r] for r in sorted(gaps)), v2.verdict, v2.why)]
 
 
 def _finding4(setting: str, group: str, loras: list[Condition]) -> FindingRow:
@@ -633,7 +674,7 @@ def _finding4(setting: str, group: str, loras: list[Condition]) -> FindingRow:
   interior = all(c.fit is not None and c.fit.interior for c in judged)
   v = analysis.verdict_rank_invariance(pairs if len(judged) >= 2 else {}, interior)
   ours = ", ".join(f"r{c.rank} {_lr(c.fit.lr) if c.fit and c.fit.interior else 'edge'}" for c in judged)
-  return FindingRow(4, _scope(setting, group), ours or "—", v.verdict, v.why)
+  return FindingRow("4", _scope(setting, group), ours or "—", v.verdict, v.why)
 
 
 def findings(conds: list[Condition]) -> tuple[list[FindingRow], list[Table]]:
@@ -657,18 +698,428 @@ def findings(conds: list[Condition]) -> tuple[list[FindingRow], list[Table]]:
   return sorted(rows, key=lambda r: FINDING_ORDER.index(r.finding)), tables
 
 
-FINDING_ORDER = (3, 4, 1, 2)  # The LR findings first: every LR sweep speaks to them.
-RULES = {1: (analysis.RULE_GAP, analysis.RULE_MATCH), 2: (analysis.RULE_GAP, analysis.RULE_CAPACITY),
-         3: (analysis.RULE_RATIO,), 4: (analysis.RULE_RANK,)}
-TITLES = {1: "LoRA at its best LR matches full FT", 2: "low ranks fall behind when out of capacity",
-          3: "optimal LR ratio LoRA/full", 4: "optimal LR nearly rank-independent under alpha/r"}
-RULE_NAMES = {analysis.RULE_GAP: "RULE_GAP", analysis.RULE_MATCH: "RULE_MATCH",
-              analysis.RULE_CAPACITY: "RULE_CAPACITY", analysis.RULE_RATIO: "RULE_RATIO",
-              analysis.RULE_RANK: "RULE_RANK"}
+# -- Findings across settings and LoRA groups --------------------------------------------------------------------------
+# Each of these is decided by what varies in the sweep, not by its family's name: settings that differ in a width or
+# batch-size field, LoRA groups that differ in targets or scaling, and runs that left lora_diagnostics.jsonl.
+
+@dataclasses.dataclass
+class Part:
+  """One finding's analysis across settings or groups: verdict rows, its table, descriptive notes, its figure's data."""
+  rows: list
+  table: Table
+  notes: list
+  plot: list
 
 
-def study_markdown(rows: list[FindingRow]) -> str:
-  """The "vs the study" section: per finding, the study's claim, ours, the verdict and the rule that decided it."""
+WIDTH_KEYS = ("model.hidden_size", "tiny_base.hidden_size")  # The first that varies between settings is the width.
+BATCH_KEYS = ("data.batch_size",)
+COOKBOOK_EXPONENTS = {arch: -common.COOKBOOK_LR_EXPONENT[arch] for arch in ("llama", "qwen3")}  # lr* ∝ hidden^this
+
+
+def _number(x) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def axis_lines(conds: list[Condition], keys: Sequence[str]) -> tuple[str | None, list[tuple[str, dict]]]:
+  """The first of ``keys`` that takes several numeric values among the settings, and the settings along it: a list of
+  (rest, {value: setting}), one per value of the other varying fields that the axis value does not fix (e.g.
+  ``train.steps`` in a batch sweep at a fixed number of examples is fixed by the batch size), with >= 2 values."""
+  fields = {c.setting: c.fields for c in conds}
+  key = next((k for k in keys if len({_show(f.get(k)) for f in fields.values()}) > 1
+              and all(_number(f.get(k)) for f in fields.values())), None)
+  if key is None:
+    return None, []
+  fixed = {}
+  for k in sorted({k for f in fields.values() for k in f} - {key}):
+    per_value = {}
+    fixed[k] = all(per_value.setdefault(f[key], _show(f.get(k))) == _show(f.get(k)) for f in fields.values())
+  lines = {}
+  for setting in _settings(conds):
+    f = fields[setting]
+    rest = ", ".join(f"{k}={_show(f.get(k))}" for k in sorted(fixed) if not fixed[k])
+    lines.setdefault(rest, {})[f[key]] = setting
+  return key, [(rest, dict(sorted(by.items()))) for rest, by in sorted(lines.items(), key=lambda kv: _natural(kv[0]))
+               if len(by) > 1]
+
+
+def _prefix(scope: str) -> str:
+  return f"{scope}: " if scope else ""
+
+
+def _optimum(c: Condition | None) -> str:
+  if c is None or c.fit is None:
+    return "—"
+  return _lr(c.fit.lr) if c.fit.interior else "— (edge)"
+
+
+def _lora_names(conds: list[Condition]) -> list[str]:
+  return list(dict.fromkeys(c.name for c in sorted(conds, key=_condition_order) if c.method == "lora"))
+
+
+def _pick(conds: list[Condition], setting: str, name: str) -> Condition | None:
+  return next((c for c in conds if c.setting == setting and c.name == name), None)
+
+
+def width_part(conds: list[Condition]) -> Part | None:
+  """Finding 3 across widths: per width the optima and their ratio, the verdict on the ratio's spread over widths,
+  and each method's power-law exponent of lr* against width."""
+  key, lines = axis_lines(conds, WIDTH_KEYS)
+  rows, table, notes, plot = [], [], [], []
+  for rest, settings in lines:
+    in_line = [c for c in conds if c.setting in settings.values()]
+    fulls = {w: _pick(conds, s, "full") for w, s in settings.items()}
+    names = _lora_names(in_line)
+    if not names or not any(fulls.values()):
+      continue
+    optima = {}  # condition -> {width: lr*} at widths with an interior optimum
+    for name in ["full", *names]:
+      optima[name] = {w: c.fit.lr for w, s in settings.items()
+                      if (c := _pick(conds, s, name)) is not None and c.fit is not None and c.fit.interior}
+    ratios = {}
+    for name in names:
+      ratios[name] = {}
+      for w, s in settings.items():
+        lora_c, full_c = _pick(conds, s, name), fulls[w]
+        if lora_c is None or full_c is None:
+          continue
+        ratio, lo, hi, interior = ratio_of(lora_c, full_c)
+        ratios[name][w] = (ratio, lo, hi, interior)
+        table.append(([rest] if len(lines) > 1 else []) + [
+            f"{w:g}", name, _optimum(full_c), _optimum(lora_c), _ratio(ratio) if interior else "— (edge)",
+            _interval(lo, hi, _ratio) if interior else "—"])
+      judged = {w: r for w, (r, _, _, interior) in ratios[name].items() if interior}
+      v = analysis.verdict_width(judged)
+      ours = ", ".join(f"{w:g}: {_ratio(r)}" for w, r in judged.items()) or "—"
+      rows.append(FindingRow("3w", _scope(rest, name), ours, v.verdict, v.why))
+    slopes = {name: analysis.power_law_slope(list(o), list(o.values())) for name, o in optima.items()}
+    cookbook = ", ".join(f"{v:g} ({arch})" for arch, v in COOKBOOK_EXPONENTS.items())
+    notes.append(f"{_prefix(rest)}Power-law exponent of lr* against {key} fitted over the widths with an interior "
+                 f"optimum: " + ", ".join(f"{n} {_slope(slopes[n], len(optima[n]))}" for n in optima)
+                 + f"; the cookbook rule's: {cookbook}"
+                 + (" (the tiny base is Llama-architecture)." if key == "tiny_base.hidden_size" else "."))
+    plot.append((rest, key, ratios, optima, slopes))
+  if not rows:
+    return None
+  several = len(lines) > 1
+  header = (["other fields"] if several else []) + [key, "LoRA", "lr*(full)", "lr*(LoRA)", "lr*(LoRA)/lr*(full)",
+                                              f"{analysis.LEVEL:.0%} interval"]
+  return Part(rows, Table("lr_ratio_width", "LoRA/full optimal-LR ratio across widths (fitted optima)", header, table),
+              notes, plot)
+
+
+def _slope(slope: float, n: int) -> str:
+  return f"{slope:+.3f} ({n} widths)" if not math.isnan(slope) else f"— ({n} width{'s' * (n != 1)})"
+
+
+def batch_part(conds: list[Condition]) -> Part | None:
+  """Finding 5: per LoRA condition the best-LR gap to full FT at each batch size, how it changes from the smallest
+  to the largest batch (the verdict), and which batch size each condition does best at."""
+  key, lines = axis_lines(conds, BATCH_KEYS)
+  rows, table, notes, plot = [], [], [], []
+  for rest, settings in lines:
+    in_line = [c for c in conds if c.setting in settings.values()]
+    fulls = {b: _pick(conds, s, "full") for b, s in settings.items()}
+    names = _lora_names(in_line)
+    if not names or not any(fulls.values()):
+      continue
+    classes, gaps = {}, {}
+    for b, s in settings.items():
+      for name in ["full", *names]:
+        c = _pick(conds, s, name)
+        if c is None:
+          continue
+        gap = _gap(c, fulls[b])[0] if name != "full" and fulls[b] is not None else math.nan
+        values = c.final[c.best_lr] if c.fit else []
+        table.append(([rest] if len(lines) > 1 else []) + [
+            f"{b:g}", name, _lr(c.best_lr), _mean_std(values) if values else "—",
+            "" if name == "full" else "—" if math.isnan(gap) else f"{gap:+.4f}", c.edge_note()])
+    for name in names:
+      pairs = {b: (_pick(conds, s, name), fulls[b]) for b, s in settings.items()}
+      pairs = {b: (lc, fc) for b, (lc, fc) in pairs.items() if lc and fc and lc.fit and fc.fit}
+      gaps[name] = {b: _gap(lc, fc)[0] for b, (lc, fc) in pairs.items()}
+      if len(pairs) < 2:
+        classes[name] = analysis.UNKNOWN
+        rows.append(FindingRow("5", _scope(rest, name), "—", analysis.INCONCLUSIVE,
+                               "fewer than two batch sizes with LoRA and full FT"))
+        continue
+      small, large = min(pairs), max(pairs)
+      cells = [c.final[c.best_lr] for b in (small, large) for c in pairs[b]]
+      seeded = [analysis.seed_noise(v) for v in cells if len(v) >= 2]
+      noise = math.sqrt(float(np.mean(np.square(seeded)))) if seeded else math.nan
+      interior = all(c.fit.interior for b in (small, large) for c in pairs[b])
+      growth = gaps[name][large] - gaps[name][small]
+      classes[name] = analysis.classify_growth(growth, noise, interior)
+      margin = (f"{analysis.MATCH_NOISE:g}×noise {analysis.batch_margin(noise):.4f}" if seeded
+                else f"no seed noise: margin {analysis.BATCH_ABS_MARGIN:g}")
+      ours = f"gap {gaps[name][small]:+.4f} (B={small:g}) → {gaps[name][large]:+.4f} (B={large:g})"
+      why = f"growth {growth:+.4f}, {margin}: {classes[name]}" + ("" if interior else " (a best LR at the grid edge)")
+      verdict = {analysis.GROWS: analysis.AGREE, analysis.SHRINKS: analysis.DISAGREE}.get(classes[name],
+                                                                                         analysis.INCONCLUSIVE)
+      rows.append(FindingRow("5", _scope(rest, name), ours, verdict, why))
+    v = analysis.verdict_batch(classes)
+    rows.append(FindingRow("5", _scope(rest, "overall"), "", v.verdict, v.why))
+    best = {}
+    for name in ["full", *names]:
+      means = {b: float(np.mean(c.final[c.best_lr])) for b, s in settings.items()
+               if (c := _pick(conds, s, name)) is not None and c.fit is not None}
+      if means:
+        best[name] = min(means, key=means.get)
+        plot.append((rest, name, means, gaps.get(name, {})))
+    smallest = min(settings)
+    shown = ", ".join(f"{n} {b:g} ({'the smallest' if b == smallest else 'not the smallest'})" for n, b in best.items())
+    notes.append(f"{_prefix(rest)}Best {key} per condition (by the best-LR final NLL; the study: both do best at "
+                 f"small batches): {shown}.")
+  if not rows:
+    return None
+  header = (["other fields"] if len(lines) > 1 else []) + [key, "condition", "best grid LR", "final NLL there",
+                                                   "gap to full FT", "fit"]
+  return Part(rows, Table("batch_size", "Best-LR final eval NLL and LoRA's gap to full FT per batch size", header,
+                          table), notes, plot)
+
+
+LAYER_ORDER = ("attention", "mlp", "all")  # targets_class's kinds, as tables list them.
+ATTENTION_TARGETS = frozenset({"attention", "q_proj", "k_proj", "v_proj", "o_proj"})
+MLP_TARGETS = frozenset({"mlp", "gate_proj", "up_proj", "down_proj"})
+ALL_MODULES = (ATTENTION_TARGETS | MLP_TARGETS) - {"attention", "mlp"}
+
+
+def targets_class(targets: Sequence[str]) -> tuple[str, bool] | None:
+  """("attention" | "mlp" | "all", adapts the unembedding) for a LoRA targets list; None for other target sets."""
+  names = set(targets) - {"unembed"}
+  unembed = "unembed" in targets
+  if names in ({"all-linear"}, {"attention", "mlp"}, ALL_MODULES):
+    return "all", unembed
+  if names and names <= ATTENTION_TARGETS:
+    return "attention", unembed
+  if names and names <= MLP_TARGETS:
+    return "mlp", unembed
+  return None
+
+
+def _base_targets(c: Condition) -> set:
+  return set(c.runs[0].config["lora"]["targets"]) - {"unembed"}
+
+
+def _groups_differing_in(conds: list[Condition], field: str) -> dict[tuple[str, str], list[Condition]]:
+  """LoRA conditions by (setting, their group's other fields), where ``field`` varies among the LoRA groups."""
+  out = {}
+  for c in conds:
+    if c.method == "lora" and field in c.group_fields:
+      rest = ", ".join(f"{k}={_show(v)}" for k, v in c.group_fields.items() if k != field)
+      out.setdefault((c.setting, rest), []).append(c)
+  return out
+
+
+def _compare(a: Condition | None, b: Condition | None) -> tuple[str, str]:
+  """The gap class of ``a`` against ``b`` (RULE_GAP's) and the gap as text."""
+  if a is None or b is None or a.fit is None or b.fit is None:
+    return analysis.UNKNOWN, "—"
+  gap, noise, interior = _gap(a, b)
+  margin = ("no seed noise" if math.isnan(noise)
+            else f"{analysis.MATCH_NOISE:g}×noise {analysis.MATCH_NOISE * noise:.4f}")
+  return analysis.classify_gap(gap, noise, interior), f"{gap:+.4f} ({margin})"
+
+
+def layers_part(conds: list[Condition]) -> Part | None:
+  """Finding 6: attention-only vs MLP-only vs all at each rank, trainable parameters, and unembedding on vs off."""
+  rows, table, notes, plot = [], [], [], []
+  lines = _groups_differing_in(conds, "targets")
+  for (setting, rest), group in sorted(lines.items(), key=lambda kv: (_natural(kv[0][0]), _natural(kv[0][1]))):
+    by = {}
+    for c in group:
+      kind = targets_class(c.runs[0].config["lora"]["targets"])
+      if kind is not None:
+        by[(*kind, c.rank)] = c
+    if len({k[0] for k in by}) < 2 and not any((k, not u, r) in by for k, u, r in by):
+      continue
+    scope = _join(setting, rest)
+    verdicts = []
+    for rank in sorted({r for _, _, r in by}):
+      unembeds = sorted({u for k, u, r in by if r == rank and k != "all"})
+      for u in unembeds:
+        attention, mlp = by.get(("attention", u, rank)), by.get(("mlp", u, rank))
+        everything = by.get(("all", u, rank)) or by.get(("all", not u, rank))
+        a_vs_m, a_text = _compare(attention, mlp)
+        m_vs_all, m_text = _compare(mlp, everything)
+        v = analysis.verdict_layers(a_vs_m, m_vs_all)
+        verdicts.append(v)
+        label = f"r{rank}" + ((", with unembed" if u else ", no unembed") if len(unembeds) > 1 else "")
+        rows.append(FindingRow("6", _scope(scope, label), f"attention − MLP {a_text}; MLP − all {m_text}",
+                               v.verdict, v.why))
+    if verdicts:
+      rows.append(FindingRow("6", _scope(scope, "overall"), "", analysis.combine(verdicts),
+                             f"{len(verdicts)} rank{'s' * (len(verdicts) != 1)} judged"))
+    for (kind, u, rank), c in sorted(by.items(), key=lambda kv: _condition_order(kv[1])):
+      twin = by.get((kind, True, rank)) if not u else None
+      if twin is not None and _base_targets(twin) == _base_targets(c):  # the two differ only in "unembed"
+        notes.append(f"{_scope(scope, f'r{rank} {kind}')}: with the unembedding − without "
+                     f"{_compare(twin, c)[1]} (descriptive).")
+    for (kind, u, _), c in sorted(by.items(), key=lambda kv: (LAYER_ORDER.index(kv[0][0]), kv[0][1], kv[0][2])):
+      values = c.final[c.best_lr] if c.fit else []
+      trainable = next((r.trainable for r in c.runs if r.trainable is not None), None)
+      table.append(([setting] if len({s for s, _ in lines}) > 1 else []) + [
+          c.name, kind + (" + unembed" if u else ""), str(c.rank), "—" if trainable is None else f"{trainable:,}",
+          _lr(c.best_lr), _mean_std(values) if values else "—", c.edge_note()])
+    plot.append((scope, by))
+  if not plot:
+    return None
+  if not any(r.trainable is not None for c in conds for r in c.runs):
+    notes.append("Trainable parameters: the runs' metrics hold no params/trainable, so the table cannot show them.")
+  header = (["setting"] if len({s for s, _ in lines}) > 1 else []) + [
+      "condition", "targets", "rank", "trainable params", "best grid LR", "final NLL there", "fit"]
+  return Part(rows, Table("layers", "Which layers are adapted: best-LR final eval NLL and trainable parameters",
+                          header, table), notes, plot)
+
+
+EARLY_PLOT_STEPS = 100  # Steps of the loss panel of the early-curves figure.
+SCALINGS = ("alpha/r", "alpha/sqrt(r)")  # The two rules finding 4's curves compare (lora.LoraSpec.scaling values).
+
+
+def _train_curves(c: Condition) -> dict[tuple[float, int], dict[int, float]]:
+  """Finished runs' train loss by (LR, data seed) -> {step: loss}, averaged over runs that share both."""
+  out = {}
+  for r in c.runs:
+    if r.finished:
+      for step, (loss, _) in r.train.items():
+        out.setdefault((r.lr, r.config["data_seed"]), {}).setdefault(step, []).append(loss)
+  return {k: {s: float(np.mean(v)) for s, v in sorted(curve.items())} for k, curve in sorted(out.items())}
+
+
+def _g(x: float, sign: str = "") -> str:
+  return "—" if math.isnan(x) else f"{x:{sign}.3g}"
+
+
+def early_part(conds: list[Condition]) -> Part | None:
+  """Finding 4's curves: d(t) between the lowest and highest rank at the same LR and data seed, per scaling."""
+  rows, table, notes, plot = [], [], [], []
+  early = list(range(1, analysis.EARLY_STEPS + 1))
+  lines = sorted(_groups_differing_in(conds, "scaling").items(), key=lambda kv: (_natural(kv[0][0]),
+                                                                                  _natural(kv[0][1])))
+  for (setting, rest), group in lines:
+    per_scaling = {}
+    for scaling in SCALINGS:
+      ranked = sorted((c for c in group if c.group_fields["scaling"] == scaling), key=lambda c: c.rank)
+      if len(ranked) >= 2:
+        per_scaling[scaling] = (ranked[0], ranked[-1])
+    if len(per_scaling) < 2:
+      continue
+    scope = _join(setting, rest)
+    e = {}
+    for scaling, (low, high) in per_scaling.items():
+      lows, highs = _train_curves(low), _train_curves(high)
+      pairs = {k: analysis.early_gap(lows[k], highs[k]) for k in sorted(set(lows) & set(highs))}
+      judged = []
+      for (lr, seed), d in pairs.items():
+        late = sorted(t for t in d if t > analysis.EARLY_STEPS)[-analysis.EARLY_STEPS:]
+        e_pair, e_late = analysis.mean_abs(d, early), analysis.mean_abs(d, late)
+        signed = math.nan if math.isnan(e_pair) else float(np.mean([d[t] for t in early]))
+        table.append(([_scope(scope)] if len(lines) > 1 else []) + [
+            scaling, _lr(lr), str(seed), f"r{low.rank} − r{high.rank}", _g(e_pair), _g(signed, "+"),
+            f"{_g(e_late)} (steps {late[0]}-{late[-1]})" if late else "—"])
+        if math.isnan(e_pair):
+          continue
+        judged.append(e_pair)
+        if scaling == "alpha/r" and not math.isnan(e_late):
+          notes.append(f"{_scope(scope, f'lr {_lr(lr)}, data seed {seed}')}: under alpha/r, mean |d| {_g(e_pair)} "
+                       f"over steps 1-{analysis.EARLY_STEPS} and {_g(e_late)} over steps {late[0]}-{late[-1]}: |d| "
+                       f"{'grows' if e_late > e_pair else 'does not grow'} with steps (descriptive).")
+      e[scaling] = float(np.mean(judged)) if judged else math.nan
+      plot.append((scope, scaling, low, high, {k: (lows[k], highs[k], d) for k, d in pairs.items()}))
+    v = analysis.verdict_early(e["alpha/r"], e["alpha/sqrt(r)"])
+    ours = "; ".join(f"{s}: r{lo.rank} vs r{hi.rank}, E {_g(e[s])}" for s, (lo, hi) in per_scaling.items())
+    rows.append(FindingRow("4c", _scope(scope), ours, v.verdict, v.why))
+  if not rows:
+    return None
+  header = (["scope"] if len(lines) > 1 else []) + [
+      "scaling", "LR", "data seed", "d = loss of", f"mean |d|, steps 1-{analysis.EARLY_STEPS}",
+      f"mean d, steps 1-{analysis.EARLY_STEPS}", f"mean |d|, last {analysis.EARLY_STEPS} steps"]
+  return Part(rows, Table("early_curves", "Train-loss difference d(t) between the lowest and highest rank at the same "
+                          "LR and data seed", header, table), notes, plot)
+
+
+def _ba_series(run: SweepRun) -> dict[int, tuple[float, float, float]]:
+  """step -> (median over modules of ||B||/||A||, mean ||A||, mean ||B||) from a run's diagnostics."""
+  out = {}
+  for step, modules in sorted(run.diagnostics.items()):
+    if modules:
+      out[step] = (analysis.median_ba_ratio(modules), float(np.mean([m["norm_a"] for m in modules.values()])),
+                   float(np.mean([m["norm_b"] for m in modules.values()])))
+  return out
+
+
+def ba_part(conds: list[Condition]) -> Part | None:
+  """Finding 9: ||B|| against ||A|| at the end of the sweep's longest LoRA runs (at each condition's best grid LR)."""
+  def judged(r):
+    return r.method == "lora" and r.finished and bool(r.diagnostics)
+  steps = [r.config["train"]["steps"] for c in conds for r in c.runs if judged(r)]
+  if not steps:
+    return None
+  longest = max(steps)
+  rows, table, plot, verdicts = [], [], [], []
+  several = len({c.setting for c in conds}) > 1
+  for c in conds:
+    runs = [r for r in c.runs if judged(r) and r.lr == c.best_lr and r.config["train"]["steps"] == longest]
+    if not runs:
+      continue
+    series = [_ba_series(r) for r in runs]
+    ends = [s[max(s)] for s in series]
+    end = float(np.median([e[0] for e in ends]))
+    crossings = [analysis.first_above_one({t: v[0] for t, v in s.items()}) for s in series]
+    crossed = [x for x in crossings if x is not None]
+    when = (f"step {np.median(crossed):g}" + (f" (median of {len(crossed)} runs)" if len(crossed) > 1 else "")
+            if crossed else "never")
+    if crossed and len(crossed) < len(crossings):
+      when += f"; never in {len(crossings) - len(crossed)} of {len(crossings)} runs"
+    v = analysis.verdict_ba(end)
+    verdicts.append(v)
+    rows.append(FindingRow("9", _scope(c.setting, c.name), f"{end:.3g} at step {longest} (first > 1: {when})",
+                           v.verdict, v.why))
+    table.append(([c.setting] if several else []) + [
+        c.name, _lr(c.best_lr), str(longest), str(len(runs)), f"{end:.3g}",
+        f"{np.mean([e[1] for e in ends]):.4g}", f"{np.mean([e[2] for e in ends]):.4g}", when])
+    common_steps = sorted(set.intersection(*(set(s) for s in series)))
+    plot.append((_scope(c.setting, c.name), {t: tuple(np.mean([s[t][i] for s in series]) for i in (1, 2))
+                                             for t in common_steps}))
+  if not rows:
+    return None
+  if len(verdicts) > 1:
+    rows.append(FindingRow("9", "overall", "", analysis.combine(verdicts),
+                           f"{len(verdicts)} conditions judged at step {longest}"))
+  header = (["setting"] if several else []) + [
+      "condition", "best grid LR", "steps", "runs (seeds)", "median ‖B‖/‖A‖ at the end", "mean ‖A‖",
+      "mean ‖B‖", "first step with median ‖B‖/‖A‖ > 1"]
+  return Part(rows, Table("ba_norms", "Spectral norms of B and A at the end of the longest LoRA runs (best grid LR)",
+                          header, table), [], plot)
+
+
+PARTS = {"3w": width_part, "5": batch_part, "6": layers_part, "4c": early_part, "9": ba_part}
+
+
+FINDING_ORDER = ("3", "3w", "4", "4c", "1", "2", "5", "6", "9")  # The LR findings first: every LR sweep speaks to them.
+RULES = {"1": (analysis.RULE_GAP, analysis.RULE_MATCH), "2": (analysis.RULE_GAP, analysis.RULE_CAPACITY),
+         "3": (analysis.RULE_RATIO,), "3w": (analysis.RULE_WIDTH,), "4": (analysis.RULE_RANK,),
+         "4c": (analysis.RULE_EARLY,), "5": (analysis.RULE_BATCH,), "6": (analysis.RULE_LAYERS,),
+         "9": (analysis.RULE_BA,)}
+TITLES = {"1": "LoRA at its best LR matches full FT", "2": "low ranks fall behind when out of capacity",
+          "3": "optimal LR ratio LoRA/full", "3w": "the LoRA/full optimal-LR ratio across model widths",
+          "4": "optimal LR nearly rank-independent under alpha/r",
+          "4c": "early learning curves of two ranks under alpha/r vs alpha/sqrt(r)",
+          "5": "LoRA's penalty vs full FT grows with the batch size", "6": "which layers to adapt",
+          "9": "B outgrows A"}
+NEEDS = {  # What a sweep needs for a finding to be tested (said when it is not).
+    "1": "LoRA and full-FT runs in one setting", "2": "LoRA and full-FT runs in one setting",
+    "3": "LoRA and full-FT runs in one setting",
+    "3w": f"settings that differ in a width field ({' or '.join(WIDTH_KEYS)}), with LoRA and full FT at each",
+    "4": "LoRA runs", "4c": f"LoRA groups that differ in lora.scaling ({' and '.join(SCALINGS)}), each with two ranks",
+    "5": f"settings that differ in {' or '.join(BATCH_KEYS)}, with LoRA and full FT at each",
+    "6": "LoRA groups that differ in lora.targets (attention-only, MLP-only, all layers)",
+    "9": f"finished LoRA runs with {train_lib.DIAGNOSTICS_FILE}"}
+RULE_NAMES = {text: name for name, text in vars(analysis).items() if name.startswith("RULE_")}
+
+
+def study_markdown(rows: list[FindingRow], notes: dict[str, list[str]] | None = None) -> str:
+  """The "vs the study" section: per finding, the study's claim, ours, the verdict and the rule that decided it,
+  and descriptive ``notes`` (finding -> lines, not verdicts)."""
   out = ["## vs the study\n",
          "Each verdict is computed by `experiments.analysis` from the numbers above; the rule printed under each "
          "finding is the code's own text.\n"]
@@ -677,11 +1128,12 @@ def study_markdown(rows: list[FindingRow]) -> str:
     out.append(f"### Finding {finding}: {TITLES[finding]}\n")
     out.append(f"Study: {STUDY[finding]}.\n")
     if not mine:
-      out.append("Not tested by this sweep (it needs LoRA and full-FT runs, or two LoRA ranks ≥ "
-                 f"{analysis.RANK_FLOOR}).\n")
+      out.append(f"Not tested by this sweep (it needs {NEEDS[finding]}).\n")
     else:
       out.append(Table("", "", ["scope", "ours", "verdict", "decided by"],
                        [[r.scope, r.ours or "—", f"**{r.verdict}**", r.why] for r in mine]).markdown())
+    if (notes or {}).get(finding):
+      out.append("\n".join(f"- {line}" for line in notes[finding]) + "\n")
     for rule in RULES[finding]:
       out.append(f"Rule (`analysis.{RULE_NAMES[rule]}`): {rule}\n")
   return "\n".join(out)
@@ -692,7 +1144,7 @@ def study_table(rows: list[FindingRow]) -> Table:
   first = {r.finding: i for i, r in reversed(list(enumerate(rows)))}
   return Table("vs_study", "Findings of the study and this sweep's verdicts", ["finding", "study", "scope", "ours",
                                                                                 "verdict"],
-               [[str(r.finding), STUDY[r.finding] if first[r.finding] == i else "", r.scope, r.ours or "—", r.verdict]
+               [[r.finding, STUDY[r.finding] if first[r.finding] == i else "", r.scope, r.ours or "—", r.verdict]
                 for i, r in enumerate(rows)])
 
 
@@ -778,6 +1230,152 @@ def plot_learning_curves(stem: epath.Path, conds: list[Condition]) -> None:
   plt.close(fig)
 
 
+def _value_ticks(ax, values: list) -> None:
+  """Ticks on a log x axis at exactly the swept values, labelled plainly (8, 32, 128)."""
+  ax.set_xticks(values, [f"{v:g}" for v in values])
+  ax.set_xticks([], minor=True)
+
+
+def plot_width(stem: epath.Path, part: Part) -> None:
+  """The LoRA/full optimal-LR ratio against width (log-log), and each method's lr* against width with its fitted
+  power-law exponent beside the cookbook rule's."""
+  plt = _pyplot()
+  fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+  cmap = plt.get_cmap("viridis")
+  several = len(part.plot) > 1
+  key = part.plot[0][1]
+  for i, (rest, _, ratios, optima, slopes) in enumerate(part.plot):
+    prefix = f"{rest}: " if several else ""
+    for j, (name, by_width) in enumerate(ratios.items()):
+      color = cmap(j / max(1, len(ratios) - 1) * 0.9)
+      shown = [(w, r, lo, hi) for w, (r, lo, hi, interior) in by_width.items() if interior]
+      if not shown:
+        continue
+      w, r, lo, hi = map(np.asarray, zip(*shown))
+      yerr = np.maximum([np.where(np.isfinite(lo), r - lo, 0.0), np.where(np.isfinite(hi), hi - r, 0.0)], 0.0)
+      left.errorbar(w, r, yerr=yerr, marker="o", capsize=2, color=color, label=prefix + name)
+    for j, (name, by_width) in enumerate(optima.items()):
+      if not by_width:
+        continue
+      color = "black" if name == "full" else cmap((j - 1) / max(1, len(optima) - 2) * 0.9)
+      w, lr = np.asarray(list(by_width)), np.asarray(list(by_width.values()))
+      label = f"{prefix}{name} (fitted exponent {_slope(slopes[name], len(w))})"
+      right.plot(w, lr, marker="o", linestyle="none", color=color, label=label)
+      if not math.isnan(slopes[name]):
+        x = np.geomspace(w.min(), w.max(), 20)
+        right.plot(x, np.exp(np.polyval(np.polyfit(np.log(w), np.log(lr), 1), np.log(x))), linewidth=1,
+                   color=color)
+  left.axhline(analysis.RATIO_STUDY, color="gray", linestyle=":", label=f"the study's {analysis.RATIO_STUDY:g}")
+  left.axhline(1.0, color="gray", linewidth=1)
+  shown = [v for _, _, ratios, _, _ in part.plot for by_width in ratios.values()
+           for r, lo, hi, interior in by_width.values() if interior for v in (r, lo, hi) if 0 < v < math.inf]
+  left.set_yscale("log")
+  left.set_ylim(min(shown + [1.0]) / 2, max(shown + [analysis.RATIO_STUDY]) * 2)  # never a degenerate range
+  _finish_axes(left, key, "lr*(LoRA) / lr*(full)", "optimal-LR ratio vs width (interior optima)")
+  right.set_yscale("log")
+  cookbook = ", ".join(f"{v:g} ({arch})" for arch, v in COOKBOOK_EXPONENTS.items())
+  _finish_axes(right, key, "fitted optimal LR", f"optimal LR vs width (cookbook exponent: {cookbook})")
+  widths = sorted({w for _, _, ratios, optima, _ in part.plot for by_width in (*ratios.values(), *optima.values())
+                   for w in by_width})
+  for ax in (left, right):
+    _value_ticks(ax, widths)
+  fig.tight_layout()
+  _save(fig, stem)
+  plt.close(fig)
+
+
+def plot_batch(stem: epath.Path, part: Part) -> None:
+  """Best-LR final NLL against batch size per condition, and LoRA's gap to full FT against batch size."""
+  plt = _pyplot()
+  fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+  cmap = plt.get_cmap("viridis")
+  names = list(dict.fromkeys(name for _, name, _, _ in part.plot if name != "full"))
+  several = len({rest for rest, *_ in part.plot}) > 1
+  for rest, name, means, gaps in part.plot:
+    color = "black" if name == "full" else cmap(names.index(name) / max(1, len(names) - 1) * 0.9)
+    label = f"{rest}: {name}" if several else name
+    left.plot(list(means), list(means.values()), marker="o", color=color, label=label)
+    if gaps:
+      right.plot(list(gaps), list(gaps.values()), marker="o", color=color, label=label)
+  right.axhline(0.0, color="gray", linewidth=1)
+  _finish_axes(left, "batch size", "final held-out NLL at the best grid LR", "loss vs batch size (seed means)")
+  _finish_axes(right, "batch size", "LoRA − full FT", "gap to full FT vs batch size")
+  batches = sorted({b for _, _, means, _ in part.plot for b in means})
+  for ax in (left, right):
+    _value_ticks(ax, batches)
+  fig.tight_layout()
+  _save(fig, stem)
+  plt.close(fig)
+
+
+LAYER_COLORS = {"attention": "tab:orange", "mlp": "tab:blue", "all": "tab:green"}
+
+
+def plot_layers(stem: epath.Path, part: Part) -> None:
+  """Final eval NLL against LR (seed means) per condition, coloured by the adapted layers; one panel per setting."""
+  plt = _pyplot()
+  fig, axes = plt.subplots(1, len(part.plot), figsize=(5.5 * len(part.plot), 4.2), squeeze=False)
+  for ax, (scope, by) in zip(axes[0], part.plot):
+    ranks = sorted({r for _, _, r in by})
+    for (kind, unembed, rank), c in sorted(by.items(), key=lambda kv: _condition_order(kv[1])):
+      if c.usable:
+        ax.plot(c.usable, c.means(), marker="s" if unembed else "o", markersize=3, color=LAYER_COLORS[kind],
+                linestyle=("-", "--", ":", "-.")[ranks.index(rank) % 4], label=c.name)
+    _finish_axes(ax, "learning rate", "final held-out NLL per loss token",
+                 _prefix(scope) + "loss vs LR by adapted layers")
+  fig.tight_layout()
+  _save(fig, stem)
+  plt.close(fig)
+
+
+def plot_early(stem: epath.Path, part: Part) -> None:
+  """Train loss over the first steps per scaling and rank, and d(t) = loss(low rank) − loss(high rank) per scaling."""
+  plt = _pyplot()
+  fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+  colors = {"alpha/r": "tab:blue", "alpha/sqrt(r)": "tab:red"}
+  scopes = len({scope for scope, *_ in part.plot}) > 1
+  for scope, scaling, low, high, pairs in part.plot:
+    for (lr, seed), (lows, highs, d) in pairs.items():
+      tag = (f"{scope}, " if scopes else "") + scaling + (f", lr {_lr(lr)}, seed {seed}" if len(pairs) > 1 else "")
+      for curve, c, style in ((lows, low, "--"), (highs, high, "-")):
+        steps = [t for t in curve if 0 < t <= EARLY_PLOT_STEPS]
+        left.plot(steps, [curve[t] for t in steps], linestyle=style, linewidth=1, color=colors[scaling],
+                  label=f"{tag}, r{c.rank}")
+      steps = sorted(d)
+      right.plot(steps, [d[t] for t in steps], linewidth=1, color=colors[scaling],
+                 label=f"{tag}: r{low.rank} − r{high.rank}")
+  right.axhline(0.0, color="gray", linewidth=1)
+  right.axvline(analysis.EARLY_STEPS, color="gray", linestyle=":", linewidth=1)
+  _finish_axes(left, "step", "train loss", f"first {EARLY_PLOT_STEPS} steps (dashed: lowest rank, solid: highest)")
+  left.set_xscale("linear")
+  _finish_axes(right, "step", "d(t) = train loss(low rank) − train loss(high rank)",
+               f"d(t) per scaling (dotted: step {analysis.EARLY_STEPS}, the end of the judged window)")
+  fig.tight_layout()
+  _save(fig, stem)
+  plt.close(fig)
+
+
+def plot_ba(stem: epath.Path, part: Part) -> None:
+  """Mean spectral norms of A (dashed) and B (solid) over modules against step, for the judged LoRA runs."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  cmap = plt.get_cmap("viridis")
+  for i, (scope, norms) in enumerate(part.plot):
+    color = cmap(i / max(1, len(part.plot) - 1) * 0.9)
+    steps = sorted(norms)
+    ax.plot(steps, [norms[t][0] for t in steps], linestyle="--", color=color, label=f"{scope}: ‖A‖")
+    ax.plot(steps, [norms[t][1] for t in steps], linestyle="-", color=color, label=f"{scope}: ‖B‖")
+  _finish_axes(ax, "step", "spectral norm, mean over adapted modules", "‖A‖ and ‖B‖ of the longest LoRA runs")
+  ax.set_xscale("linear")
+  fig.tight_layout()
+  _save(fig, stem)
+  plt.close(fig)
+
+
+FIGURES = {"3w": ("lr_ratio_vs_width", plot_width), "5": ("batch_size", plot_batch), "6": ("layers", plot_layers),
+           "4c": ("early_curves", plot_early), "9": ("ba_norms", plot_ba)}
+
+
 # -- The report --------------------------------------------------------------------------------------------------------
 
 def _provenance(sweep_dir: epath.Path, meta: dict, runs: list[SweepRun]) -> list[str]:
@@ -831,11 +1429,44 @@ def _points_summary(meta: dict, runs: list[SweepRun]) -> list[str]:
   return lines
 
 
+SECTIONS = {  # Per finding judged across settings or groups: its report.md section's heading and how to read it.
+    "3w": ("LoRA/full optimal-LR ratio across widths",
+           "Settings that differ in the model's width, side by side: each method's fitted optimum (as above) and "
+           "their ratio per width. Finding 3w's verdict compares the ratio's point estimates across widths."),
+    "5": ("Batch size",
+          "Settings that differ in the batch size, side by side: each condition's best grid LR, the final NLL there "
+          "(mean ± std over seeds) and LoRA's gap to full FT (seed means, each at its best grid LR)."),
+    "6": ("Layers",
+          "LoRA conditions that differ in which layers they adapt: the final NLL at each one's best grid LR and its "
+          "trainable parameters (`params/trainable` in the metrics)."),
+    "4c": ("Early learning curves: alpha/r vs alpha/sqrt(r)",
+           "Per scaling, the lowest and highest rank trained at the same LR and data seed: d(t) = train loss of the "
+           "lowest rank minus that of the highest at step t (train loss as logged; every step when `log_every` is "
+           "1)."),
+    "9": ("‖B‖ vs ‖A‖",
+          f"From `<method>/{train_lib.DIAGNOSTICS_FILE}`: the spectral norms of each adapted module's A and B at each "
+          "evaluation, for the sweep's longest finished LoRA runs at each condition's best grid LR."),
+}
+FIGURE_CAPTIONS = {
+    "3w": "Left: lr*(LoRA)/lr*(full) against width (log-log; bars: the bootstrap interval when there are seeds; "
+          "dotted: the study's 10). Right: each method's fitted optimum against width with its fitted power law; the "
+          "legend gives the exponent, the title the cookbook rule's.",
+    "5": "Left: final NLL at the best grid LR against batch size (seed means). Right: LoRA minus full FT against "
+         "batch size.",
+    "6": "Final NLL against LR (seed means) per condition; colour: the layers adapted (orange attention, blue MLP, "
+         "green all); line style: rank; squares: with the unembedding.",
+    "4c": f"Left: train loss over the first {EARLY_PLOT_STEPS} steps (dashed: lowest rank, solid: highest; blue "
+          f"alpha/r, red alpha/sqrt(r)). Right: d(t) over the whole run (log step).",
+    "9": "Mean over adapted modules of ‖A‖₂ (dashed) and ‖B‖₂ (solid) against step (seed means).",
+}
+
+
 def sweep_markdown(sweep_dir: epath.Path, meta: dict, runs: list[SweepRun], conds: list[Condition],
-                   tables: list[Table], rows: list[FindingRow]) -> str:
-  """report.md of a sweep."""
+                   tables: list[Table], rows: list[FindingRow], parts: dict[str, Part] | None = None) -> str:
+  """report.md of a sweep (``parts``: the findings judged across settings or groups that the sweep can test)."""
   family = epath.Path(meta["config"].split(":")[0]).stem
   by_name = {t.name: t for t in tables}
+  parts = parts or {}
   out = [f"# Sweep report: {family} ({meta.get('arg', '')})\n", "\n".join(_provenance(sweep_dir, meta, runs)) + "\n",
          "\n".join(_points_summary(meta, runs)) + "\n"]
   settings = _settings(conds)
@@ -873,13 +1504,19 @@ def sweep_markdown(sweep_dir: epath.Path, meta: dict, runs: list[SweepRun], cond
             f"**{by_name['lr_ratio'].caption}** (`tables/lr_ratio.tex`)\n", by_name["lr_ratio"].markdown()]
   out += ["## Seed noise\n", f"**{by_name['seed_noise'].caption}** (`tables/seed_noise.tex`)\n",
           by_name["seed_noise"].markdown()]
+  for finding in FINDING_ORDER:
+    if finding in parts:
+      heading, intro = SECTIONS[finding]
+      t, stem = parts[finding].table, FIGURES[finding][0]
+      out += [f"## {heading}\n", intro + "\n", f"**{t.caption}** (`tables/{t.name}.tex`)\n", t.markdown(),
+              f"![{heading}](figures/{stem}.png)\n\n{FIGURE_CAPTIONS[finding]} (`figures/{stem}.pdf`)\n"]
   out += ["## Figures\n",
           "![loss vs LR](figures/lr_curves.png)\n\nLoss vs LR per condition: final eval NLL, seed mean with std error "
           "bars; dashed, the quadratic fit; ▼, the fitted optimum (`figures/lr_curves.pdf`).\n",
           "![learning curves](figures/learning_curves.png)\n\nLearning curves vs log step: per condition, the "
           "pointwise minimum over LRs of the seed-mean eval NLL at each step, the study's plot "
           "(`figures/learning_curves.pdf`).\n"]
-  out.append(study_markdown(rows))
+  out.append(study_markdown(rows, {f: p.notes for f, p in parts.items()}))
   out += ["## Files\n",
           "- `results.csv`: one row per run x eval step (" + ", ".join(CSV_COLUMNS) + "). `tokens` is cumulative loss "
           "tokens, estimated from `train/tokens` logged every `log_every` steps (each logged step's count stands for "
@@ -890,24 +1527,58 @@ def sweep_markdown(sweep_dir: epath.Path, meta: dict, runs: list[SweepRun], cond
   return "\n".join(out)
 
 
+@dataclasses.dataclass
+class SweepAnalysis:
+  """A sweep's files turned into what its report shows (``analyse_sweep``)."""
+  meta: dict  # sweep.json
+  runs: list[SweepRun]
+  conds: list[Condition]
+  rows: list[FindingRow]  # Every verdict line of "vs the study", in FINDING_ORDER.
+  tables: list[Table]
+  parts: dict[str, Part]  # The findings judged across settings or groups that this sweep can test.
+
+  @property
+  def family(self) -> str:
+    """The config family's name (its file's stem)."""
+    return epath.Path(self.meta["config"].split(":")[0]).stem
+
+
+def analyse_sweep(sweep_dir: str | epath.PathLike) -> SweepAnalysis:
+  """Reads a sweep's files and computes every table and verdict, writing and plotting nothing."""
+  meta, runs = load_sweep(sweep_dir)
+  conds = conditions(runs)
+  rows, ratio_tables = findings(conds)
+  parts = {f: part for f, make in PARTS.items() if (part := make(conds)) is not None}
+  rows = sorted(rows + [r for p in parts.values() for r in p.rows], key=lambda r: FINDING_ORDER.index(r.finding))
+  tables = nll_tables(conds) + [optimum_table(conds), *ratio_tables, noise_table(conds),
+                                *(parts[f].table for f in FINDING_ORDER if f in parts), study_table(rows)]
+  return SweepAnalysis(meta, runs, conds, rows, tables, parts)
+
+
+def sweep_verdicts(sweep_dir: str | epath.PathLike) -> list[FindingRow]:
+  """Every verdict line of a sweep's "vs the study" (STUDY[row.finding] is the study's claim), from its files."""
+  return analyse_sweep(sweep_dir).rows
+
+
 def write_sweep(sweep_dir: str | epath.PathLike) -> str:
   """Writes a sweep's results.csv, report.md, figures/ and tables/ from its files; returns report.md's text."""
   sweep_dir = epath.Path(sweep_dir)
-  meta, runs = load_sweep(sweep_dir)
-  family = epath.Path(meta["config"].split(":")[0]).stem
-  (sweep_dir / "results.csv").write_text(_csv(results_rows(family, runs)))
-  conds = conditions(runs)
-  rows, ratio_tables = findings(conds)
-  tables = nll_tables(conds) + [optimum_table(conds), *ratio_tables, noise_table(conds), study_table(rows)]
+  a = analyse_sweep(sweep_dir)
+  (sweep_dir / "results.csv").write_text(_csv(results_rows(a.family, a.runs)))
   (sweep_dir / "tables").mkdir(exist_ok=True)
-  for t in tables:
+  for t in a.tables:
     (sweep_dir / "tables" / f"{t.name}.tex").write_text(t.latex())
-  (sweep_dir / "figures").mkdir(exist_ok=True)
-  plot_lr_curves(sweep_dir / "figures" / "lr_curves", conds)
-  plot_learning_curves(sweep_dir / "figures" / "learning_curves", conds)
-  text = sweep_markdown(sweep_dir, meta, runs, conds, tables, rows)
+  figures = sweep_dir / "figures"
+  figures.mkdir(exist_ok=True)
+  plot_lr_curves(figures / "lr_curves", a.conds)
+  plot_learning_curves(figures / "learning_curves", a.conds)
+  for finding, part in a.parts.items():
+    stem, draw = FIGURES[finding]
+    draw(figures / stem, part)
+  text = sweep_markdown(sweep_dir, a.meta, a.runs, a.conds, a.tables, a.rows, a.parts)
   (sweep_dir / "report.md").write_text(text)
   return text
+
 
 def main(argv: list[str]) -> None:
   if not argv:

@@ -161,3 +161,95 @@ def test_rule_texts_state_the_constants_the_code_uses():
   assert f"[{A.RATIO_STUDY:g}/{A.RATIO_CLOSE:g}, {A.RATIO_STUDY:g}*{A.RATIO_CLOSE:g}]" in A.RULE_RATIO
   assert f"[1/{A.RANK_SPREAD:g}, {A.RANK_SPREAD:g}]" in A.RULE_RANK and f">= {A.RANK_FLOOR}" in A.RULE_RANK
   assert f"<= {A.MATCH_NOISE:g} * noise" in A.RULE_GAP and f"{A.LEVEL:.0%}" in A.RULE_RATIO
+
+
+def test_power_law_slope():
+  widths = [64, 128, 256]
+  assert A.power_law_slope(widths, [3e-3 * (128 / w) ** 0.781 for w in widths]) == pytest.approx(-0.781)
+  assert math.isnan(A.power_law_slope([64], [1e-3])) and math.isnan(A.power_law_slope([64, 64], [1e-3, 2e-3]))
+
+
+@pytest.mark.parametrize("ratios, verdict", [
+    ({64: 9.0, 128: 10.0, 256: 12.0}, A.AGREE),  # max/min 1.33
+    ({64: 5.0, 256: 10.0}, A.AGREE),  # exactly 2: still agrees
+    ({64: 3.0, 128: 6.0, 256: 9.0}, A.INCONCLUSIVE),  # 3x: between the bands
+    ({64: 2.0, 256: 10.0}, A.DISAGREE),  # 5x
+    ({128: 10.0}, A.INCONCLUSIVE),  # one width with interior optima: nothing to compare
+    ({}, A.INCONCLUSIVE),
+])
+def test_verdict_width(ratios, verdict):
+  assert A.verdict_width(ratios).verdict == verdict
+
+
+@pytest.mark.parametrize("growth, noise, interior, kind", [
+    (0.05, 0.01, True, A.GROWS),  # > 2 x 0.01
+    (-0.05, 0.01, True, A.SHRINKS),
+    (0.015, 0.01, True, A.FLAT),
+    (0.5, 0.01, False, A.UNKNOWN),  # a best LR at the grid edge
+    (0.04, math.nan, True, A.FLAT),  # no seeds: only a change beyond BATCH_ABS_MARGIN counts
+    (0.08, math.nan, True, A.GROWS),
+    (-0.08, math.nan, True, A.SHRINKS),
+])
+def test_classify_growth(growth, noise, interior, kind):
+  assert A.classify_growth(growth, noise, interior) == kind
+
+
+@pytest.mark.parametrize("classes, verdict", [
+    ({"lora r=4": A.GROWS, "lora r=64": A.GROWS}, A.AGREE),
+    ({"lora r=4": A.GROWS, "lora r=64": A.FLAT}, A.INCONCLUSIVE),  # does a higher rank fix it? not shown either way
+    ({"lora r=4": A.GROWS, "lora r=64": A.SHRINKS}, A.DISAGREE),
+    ({"lora r=4": A.UNKNOWN}, A.INCONCLUSIVE),
+    ({}, A.INCONCLUSIVE),
+])
+def test_verdict_batch(classes, verdict):
+  assert A.verdict_batch(classes).verdict == verdict
+
+
+@pytest.mark.parametrize("attention_vs_mlp, mlp_vs_all, verdict", [
+    (A.BEHIND, A.MATCHES, A.AGREE),
+    (A.AHEAD, A.MATCHES, A.DISAGREE),  # attention-only beats MLP-only
+    (A.BEHIND, A.BEHIND, A.DISAGREE),  # MLP-only falls short of all layers
+    (A.MATCHES, A.MATCHES, A.INCONCLUSIVE),  # attention not behind, but not ahead beyond noise either
+    (A.BEHIND, A.AHEAD, A.INCONCLUSIVE),
+    (A.BEHIND, A.UNKNOWN, A.INCONCLUSIVE),  # no all-layers condition (or too few seeds)
+])
+def test_verdict_layers(attention_vs_mlp, mlp_vs_all, verdict):
+  assert A.verdict_layers(attention_vs_mlp, mlp_vs_all).verdict == verdict
+
+
+def test_early_gap_and_mean_abs():
+  d = A.early_gap({0: 3.0, 1: 2.0, 2: 1.5, 3: 1.2}, {0: 3.0, 1: 2.1, 2: 1.4, 4: 1.0})
+  assert d == pytest.approx({1: -0.1, 2: 0.1})  # step 0 and the steps one curve lacks are left out
+  assert A.mean_abs(d, [1, 2]) == pytest.approx(0.1)
+  assert math.isnan(A.mean_abs(d, [1, 2, 3])) and math.isnan(A.mean_abs(d, []))
+
+
+@pytest.mark.parametrize("e_alpha_r, e_sqrt, verdict", [
+    (0.01, 0.1, A.AGREE),  # curves 10x closer under alpha/r
+    (0.05, 0.1, A.INCONCLUSIVE),  # closer, but not by the factor
+    (0.1, 0.1, A.DISAGREE),
+    (0.2, 0.1, A.DISAGREE),
+    (math.nan, 0.1, A.INCONCLUSIVE),  # no pair logged at every early step
+])
+def test_verdict_early(e_alpha_r, e_sqrt, verdict):
+  assert A.verdict_early(e_alpha_r, e_sqrt).verdict == verdict
+
+
+def test_ba_ratio_crossing_and_verdict():
+  modules = {"q": {"norm_a": 0.5, "norm_b": 1.0}, "k": {"norm_a": 0.5, "norm_b": 0.25},
+             "v": {"norm_a": 1.0, "norm_b": 1.5}, "init": {"norm_a": 0.0, "norm_b": 0.0}}
+  assert A.median_ba_ratio(modules) == pytest.approx(1.5)  # of 2, 0.5, 1.5; a zero A is left out
+  assert math.isnan(A.median_ba_ratio({}))
+  assert A.first_above_one({0: 0.0, 50: 0.8, 100: 1.2, 150: 0.9, 200: 1.5}) == 100
+  assert A.first_above_one({0: 0.0, 50: 1.0}) is None
+  assert A.verdict_ba(1.4).verdict == A.AGREE and A.verdict_ba(0.7).verdict == A.DISAGREE
+  assert A.verdict_ba(1.0).verdict == A.verdict_ba(math.nan).verdict == A.INCONCLUSIVE
+
+
+def test_new_rule_texts_state_their_constants():
+  assert f"<= {A.WIDTH_AGREE:g}" in A.RULE_WIDTH and f"> {A.WIDTH_FAR:g}" in A.RULE_WIDTH
+  assert f"fewer than {A.WIDTH_MIN} widths" in A.RULE_WIDTH
+  assert f"{A.MATCH_NOISE:g} * noise, or {A.BATCH_ABS_MARGIN:g} nats" in A.RULE_BATCH
+  assert f"steps 1-{A.EARLY_STEPS}" in A.RULE_EARLY and f"* {A.EARLY_FACTOR:g} <" in A.RULE_EARLY
+  assert f"{A.MATCH_NOISE:g} x the pooled seed noise" in A.RULE_LAYERS
+  assert "> 1" in A.RULE_BA and "< 1" in A.RULE_BA

@@ -32,30 +32,55 @@ def final_nll(key, lr: float, seed: int) -> float:
   return floor + CURVATURE * (math.log10(lr) - math.log10(best_lr)) ** 2 + (0.0, 0.01, -0.01)[seed] + noise
 
 
-def write_run(point_dir, arg: str, seed: int, lr: float, key, last_step: int = STEPS, state: str | None = None,
-              batch_size: int = 16):
-  """One point's workdir as experiments.main leaves it, with the known curve of ``final_nll``."""
+def make_config(arg: str, seed: int, **fields):
+  """``finetune``'s config for ``arg`` with the fake sweep's seed, steps and logging, and ``fields`` set by dotted
+  keys with "__" for "." (``data__batch_size=8``)."""
   config = finetune.get_config(arg)
   config.seed = config.data_seed = seed
-  config.data.batch_size = batch_size
   config.train.steps, config.train.eval_every, config.train.log_every = STEPS, EVAL_EVERY, LOG_EVERY
+  for key, value in fields.items():
+    *path, name = key.split("__")
+    node = config
+    for part in path:
+      node = node[part]
+    node[name] = value
+  return config
+
+
+def write_config_run(point_dir, config, final: float, last_step: int | None = None, state: str | None = None,
+                     loss_at=None, diagnostics=None, trainable: int = 100):
+  """One point's workdir as experiments.main leaves it: eval NLL falling from BASE_NLL to ``final`` at the config's
+  last step; train loss ``loss_at(step)`` (default: that NLL + 0.05) every ``log_every`` steps; with
+  ``diagnostics(step) -> modules``, a lora_diagnostics.jsonl record at every evaluation."""
+  steps, eval_every, log_every = config.train.steps, config.train.eval_every, config.train.log_every
+  last_step = steps if last_step is None else last_step
   point_dir.mkdir(parents=True)
   (point_dir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
   (point_dir / "run_info.json").write_text(json.dumps({"git_commit": "abc123", "git_dirty": False}))
   if state:
     (point_dir / "status.json").write_text(json.dumps({"state": state}))
-  final = final_nll(key, lr, seed)
-  records = []
+  records, diag = [], []
   for step in range(0, last_step + 1):
-    nll = BASE_NLL + (final - BASE_NLL) * (1 - math.exp(-step / 50)) / (1 - math.exp(-STEPS / 50))
-    if step and step % LOG_EVERY == 0:
-      records.append({"step": step, "train/loss": nll + 0.05, "train/tokens": TOKENS, "train/lr": lr,
-                      "params/trainable": 100})
-    if step % EVAL_EVERY == 0:
+    nll = BASE_NLL + (final - BASE_NLL) * (1 - math.exp(-4 * step / steps)) / (1 - math.exp(-4))
+    if step and (step % log_every == 0 or step == steps):
+      records.append({"step": step, "train/loss": loss_at(step) if loss_at else nll + 0.05, "train/tokens": TOKENS,
+                      "train/lr": config.optim.lr, "params/trainable": trainable})
+    if step % eval_every == 0 or step == steps:
       records.append({"step": step, "eval/nll": nll, "eval/perplexity": math.exp(nll)})
+      if diagnostics:
+        diag.append({"step": step, "modules": diagnostics(step)})
   method = config.methods[0]
   (point_dir / method).mkdir()
   (point_dir / method / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  if diag:
+    (point_dir / method / "lora_diagnostics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in diag))
+
+
+def write_run(point_dir, arg: str, seed: int, lr: float, key, last_step: int = STEPS, state: str | None = None,
+              batch_size: int = 16):
+  """One point's workdir with the known curve of ``final_nll``."""
+  config = make_config(arg, seed, data__batch_size=batch_size)
+  write_config_run(point_dir, config, final_nll(key, lr, seed), last_step=last_step, state=state)
 
 
 def make_sweep(root):
@@ -228,5 +253,208 @@ def test_a_sweep_over_batch_sizes_is_analysed_per_setting(tmp_path):
     finding3 = [l for l in text.splitlines() if l.startswith(f"| data.batch_size={batch_size}, lora r=16 |")]
     assert len(finding3) == 1 and "| **agree** |" in finding3[0]  # finding 3 per setting
   assert r"data.batch\_size=8" in (tmp_path / "tables" / "optimal_lr.tex").read_text()
+  # Finding 5: r16 matches full FT at both batch sizes, so its gap neither grows nor shrinks.
+  rank_row = next(l for l in section(text, "5").splitlines() if l.startswith("| lora r=16 | gap "))
+  assert "| **inconclusive** | growth +0.0000, 2×noise " in rank_row and rank_row.endswith(": flat |")
+  assert "| overall | — | **inconclusive** | lora r=16 flat |" in section(text, "5")
   with open(tmp_path / "results.csv") as f:
     assert {r["batch_size"] for r in csv.DictReader(f)} == {"8", "32"}
+
+
+# -- Findings judged across settings or LoRA groups: fake sweeps whose answer is known ---------------------------------
+
+def u_nll(lr: float, best_lr: float, floor: float, seed: int = 0) -> float:
+  """A U-curve in log10(LR) with its minimum ``floor`` at ``best_lr``, shifted by the seed's offset."""
+  return floor + CURVATURE * (math.log10(lr) - math.log10(best_lr)) ** 2 + (0.0, 0.01, -0.01)[seed]
+
+
+def lr_grid(best: float, half: int) -> list[float]:
+  return [float(f"{best * 2.0 ** k:.3g}") for k in range(-half, half + 1)]
+
+
+def finish_sweep(root, family: str, points: list[dict]) -> str:
+  (root / "sweep.json").write_text(json.dumps({"config": f"experiments/configs/{family}.py", "arg": "tiny",
+                                               "points": points}))
+  return report.write_sweep(root)
+
+
+def section(text: str, finding: str) -> str:
+  """The "vs the study" subsection of a finding."""
+  study = text[text.index("## vs the study"):]
+  return study[study.index(f"### Finding {finding}:"):].split("\n### ")[0]
+
+
+def assert_outputs(root, text: str, figure: str, table: str) -> None:
+  assert (root / "figures" / f"{figure}.png").stat().st_size > 10_000 and f"figures/{figure}.png" in text
+  assert (root / "figures" / f"{figure}.pdf").read_bytes().startswith(b"%PDF")
+  tex = (root / "tables" / f"{table}.tex").read_text()
+  assert r"\toprule" in tex and f"tables/{table}.tex" in text and tex.isascii()
+  assert (root / "tables" / "vs_study.tex").read_text().isascii()
+
+
+def test_a_plain_lr_sweep_does_not_test_the_other_findings(sweep):
+  root, text = sweep
+  for finding in ("3w", "4c", "5", "6", "9"):
+    assert "Not tested by this sweep (it needs " in section(text, finding)
+    figure = f"figures/{report.FIGURES[finding][0]}.png"
+    assert figure not in text and not (root / figure).exists()
+  for heading, _ in report.SECTIONS.values():
+    assert f"## {heading}\n" not in text
+
+
+COOKBOOK = 0.781  # lr* ∝ (1 / width)^this for Llama
+
+
+def test_width_sweep_with_a_constant_ratio_agrees(tmp_path):
+  """Both optima fall as width^-0.781 (the cookbook rule) and LoRA's is 10x full FT's at every width; one seed."""
+  points = []
+  for width in (64, 128, 256):
+    for method, arg, centre in (("full", "tiny,method=full", 1e-3), ("lora", "tiny,method=lora,rank=4", 1e-2)):
+      best = centre * (128 / width) ** COOKBOOK
+      for lr in lr_grid(best, 2):
+        name = f"w{width}_{method}_{lr:g}"
+        config = make_config(f"{arg},lr={lr:g}", 0, tiny_base__hidden_size=width,
+                             tiny_base__intermediate_size=3 * width)
+        write_config_run(tmp_path / name, config, u_nll(lr, best, 1.0))
+        points.append({"point": f"{arg},hidden={width},lr={lr:g}", "name": name})
+  text = finish_sweep(tmp_path, "lr_width", points)
+  rows = _table_rows(text, "**LoRA/full optimal-LR ratio across widths")
+  assert set(rows) == {"64", "128", "256"}
+  for width, row in rows.items():
+    assert row[0] == "lora r=4" and float(row[3]) == pytest.approx(10, rel=1e-3) and row[4] == "—"  # no seeds
+    assert float(row[1]) == pytest.approx(1e-3 * (128 / int(width)) ** COOKBOOK, rel=0.01)
+  finding = section(text, "3w")
+  assert "| lora r=4 | 64: 10, 128: 10, 256: 10 | **agree** | max/min 1 (" in finding
+  assert "full -0.781 (3 widths), lora r=4 -0.781 (3 widths); the cookbook rule's: -0.781 (llama)" in finding
+  assert analysis.RULE_WIDTH in finding
+  assert_outputs(tmp_path, text, "lr_ratio_vs_width", "lr_ratio_width")
+
+
+BATCHES = {4: 400, 16: 200, 64: 100}  # batch size -> steps (the steps follow the batch, as in a fixed-data sweep)
+
+
+def test_batch_sweep_with_a_growing_gap_agrees_and_regenerates(tmp_path):
+  """LoRA r4 and r16 fall further behind full FT as the batch grows; every condition does best at batch 4."""
+  gaps = {4: {4: 0.02, 16: 0.01}, 16: {4: 0.06, 16: 0.05}, 64: {4: 0.12, 16: 0.11}}
+  points = []
+  for batch, steps in BATCHES.items():
+    full_floor = 1.0 + 0.01 * math.log2(batch / 4)
+    for method, arg, best, floor in (("full", "tiny,method=full", 1e-3, full_floor),
+                                     *((f"r{r}", f"tiny,method=lora,rank={r}", 1e-2, full_floor + gaps[batch][r])
+                                       for r in (4, 16))):
+      for lr in lr_grid(best, 1):
+        for seed in (0, 1):
+          name = f"b{batch}_{method}_{lr:g}_s{seed}"
+          config = make_config(f"{arg},lr={lr:g}", seed, data__batch_size=batch, train__steps=steps)
+          write_config_run(tmp_path / name, config, u_nll(lr, best, floor, seed))
+          points.append({"point": f"{arg},batch={batch},lr={lr:g},seed={seed}", "name": name})
+  text = finish_sweep(tmp_path, "batch_size", points)
+  assert "`data.batch_size=4, train.steps=400`" in text
+  finding = section(text, "5")
+  for name, small, large in (("lora r=4", 0.02, 0.12), ("lora r=16", 0.01, 0.11)):
+    row = f"| {name} | gap {small:+.4f} (B=4) → {large:+.4f} (B=64) | **agree** | growth +0.1000, 2×noise "
+    assert row in finding
+  assert "| overall | — | **agree** | lora r=4 grows, lora r=16 grows |" in finding
+  assert "full 4 (the smallest), lora r=4 4 (the smallest), lora r=16 4 (the smallest)" in finding
+  rows = [line for line in text.splitlines() if line.startswith("| 64 | lora r=16 | 1e-2 | ")]
+  assert len(rows) == 1 and "| +0.1100 |" in rows[0]
+  assert_outputs(tmp_path, text, "batch_size", "batch_size")
+  before = {n: (tmp_path / n).read_bytes() for n in ("report.md", "figures/batch_size.pdf", "figures/batch_size.png",
+                                                     "tables/batch_size.tex")}
+  report.write_sweep(tmp_path)
+  assert all((tmp_path / n).read_bytes() == data for n, data in before.items())
+
+
+LAYERS = {  # name -> (targets, final NLL at the best LR, trainable parameters at rank 8)
+    "attention": (("attention",), 1.10, 8192), "mlp": (("mlp",), 1.00, 12288),
+    "all": (("all-linear", "unembed"), 1.004, 22528), "all-linear": (("all-linear",), 1.006, 20480)}
+
+
+def test_layer_sweep_with_attention_behind_agrees(tmp_path):
+  """Attention-only LoRA 0.1 nats behind MLP-only, which matches all layers (with or without the unembedding)."""
+  points = []
+  for name, (targets, floor, trainable) in LAYERS.items():
+    for lr in lr_grid(1e-2, 1):
+      for seed in (0, 1, 2):
+        point = f"{name}_{lr:g}_s{seed}"
+        config = make_config(f"tiny,method=lora,rank=8,lr={lr:g}", seed, lora__targets=targets)
+        write_config_run(tmp_path / point, config, u_nll(lr, 1e-2, floor, seed), trainable=trainable)
+        points.append({"point": f"tiny,targets={name},lr={lr:g},seed={seed}", "name": point})
+  text = finish_sweep(tmp_path, "layers", points)
+  finding = section(text, "6")
+  assert ("| r8 | attention − MLP +0.1000 (2×noise 0.0200); MLP − all -0.0060 (2×noise 0.0200) | **agree** | "
+          "attention-only behind MLP-only; MLP-only matches all |") in finding
+  assert "| overall | — | **agree** | 1 rank judged |" in finding
+  assert "r8 all: with the unembedding − without -0.0020 (2×noise 0.0200) (descriptive)" in finding
+  table = _table_rows(text, "**Which layers are adapted")
+  assert table["lora r=8, targets=attention"][:3] == ["attention", "8", "8,192"]
+  assert table["lora r=8, targets=all-linear+unembed"][:3] == ["all + unembed", "8", "22,528"]
+  assert_outputs(tmp_path, text, "layers", "layers")
+  rows = report.sweep_verdicts(tmp_path)  # what a study-level index collects
+  assert [(r.scope, r.verdict) for r in rows if r.finding == "6"] == [("r8", "agree"), ("overall", "agree")]
+  assert {r.finding for r in rows} == {"4", "6"}  # no full FT: findings 1-3 untested; one rank per group for 4
+
+
+def test_early_curves_coinciding_under_alpha_r_and_separating_under_rslora_agree(tmp_path):
+  """Train loss logged every step: ranks 4 and 64 differ by 5e-5 * t under alpha/r, by 0.1 (1 - e^{-t/3}) under
+  alpha/sqrt(r)."""
+  offsets = {"alpha/r": lambda t: 5e-5 * t, "alpha/sqrt(r)": lambda t: 0.1 * (1 - math.exp(-t / 3))}
+  points = []
+  for scaling, offset in offsets.items():
+    for rank in (4, 64):
+      def loss_at(t, offset=offset, low=rank == 4):
+        return 1.0 + 2.0 * math.exp(-t / 30) + (offset(t) if low else 0.0)
+      name = f"{scaling.replace('/', '_')}_r{rank}"
+      config = make_config(f"tiny,method=lora,rank={rank},lr=0.003", 0, lora__scaling=scaling, train__steps=100,
+                           train__log_every=1)
+      write_config_run(tmp_path / name, config, 1.2, loss_at=loss_at)
+      points.append({"point": f"tiny,scaling={scaling},rank={rank}", "name": name})
+  text = finish_sweep(tmp_path, "early_curves", points)
+  finding = section(text, "4c")
+  e_r = np.mean([5e-5 * t for t in range(1, analysis.EARLY_STEPS + 1)])
+  e_sqrt = np.mean([0.1 * (1 - math.exp(-t / 3)) for t in range(1, analysis.EARLY_STEPS + 1)])
+  assert (f"| all | alpha/r: r4 vs r64, E {e_r:.3g}; alpha/sqrt(r): r4 vs r64, E {e_sqrt:.3g} | **agree** | "
+          f"E(alpha/r) {e_r:.3g}, E(alpha/sqrt(r)) {e_sqrt:.3g} |") in finding
+  late = 5e-5 * np.mean(range(81, 101))
+  assert f"under alpha/r, mean |d| {e_r:.3g} over steps 1-20 and {late:.3g} over steps 81-100: |d| grows" in finding
+  table = _table_rows(text, "**Train-loss difference d(t)")
+  assert table["alpha/sqrt(r)"] == ["3e-3", "0", "r4 − r64", f"{e_sqrt:.3g}", f"+{e_sqrt:.3g}", "0.1 (steps 81-100)"]
+  assert_outputs(tmp_path, text, "early_curves", "early_curves")
+
+
+def test_b_outgrowing_a_in_the_longest_runs_agrees(tmp_path):
+  """At the best LR of the 200-step runs ||B|| grows linearly to 1.5 past ||A|| (0.6 and 0.5 in two modules); the
+  other LRs and the shorter 100-step runs keep B below A and are not judged."""
+  def diagnostics(grows):
+    def modules(step):
+      b = 1.5 * step / 200 if grows else 0.2
+      return {"layers_0/attn/q_proj": {"rel_update": 0.01, "norm_a": 0.6, "norm_b": b},
+              "layers_0/mlp/up_proj": {"rel_update": 0.01, "norm_a": 0.5, "norm_b": b}}
+    return modules
+  points = []
+  for steps in (100, 200):
+    for lr in lr_grid(3e-3, 1):
+      name = f"steps{steps}_{lr:g}"
+      config = make_config(f"tiny,method=lora,rank=8,lr={lr:g}", 0, train__steps=steps)
+      write_config_run(tmp_path / name, config, u_nll(lr, 3e-3, 1.0),
+                       diagnostics=diagnostics(steps == 200 and lr == 3e-3))
+      points.append({"point": f"tiny,steps={steps},lr={lr:g}", "name": name})
+  text = finish_sweep(tmp_path, "long", points)
+  finding = section(text, "9")
+  assert ("| train.steps=200, lora r=8 | 2.75 at step 200 (first > 1: step 100) | **agree** | "
+          "median ‖B‖/‖A‖ 2.75 |") in finding
+  assert "train.steps=100" not in finding
+  row = _table_rows(text, "**Spectral norms of B and A")["train.steps=200"]
+  assert row == ["lora r=8", "3e-3", "200", "1", "2.75", "0.55", "1.5", "step 100"]
+  assert_outputs(tmp_path, text, "ba_norms", "ba_norms")
+
+
+def test_targets_class():
+  assert report.targets_class(["attention"]) == ("attention", False)
+  assert report.targets_class(["q_proj", "v_proj"]) == ("attention", False)
+  assert report.targets_class(["mlp", "unembed"]) == ("mlp", True)
+  assert report.targets_class(["all-linear", "unembed"]) == ("all", True)
+  assert report.targets_class(["attention", "mlp"]) == ("all", False)
+  assert report.targets_class(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]) == (
+      "all", False)
+  assert report.targets_class(["q_proj", "up_proj"]) is None and report.targets_class(["unembed"]) is None
