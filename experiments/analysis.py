@@ -372,8 +372,10 @@ def verdict_early(e_alpha_r: float, e_sqrt: float) -> Verdict:
   return Verdict(DISAGREE if e_alpha_r >= e_sqrt else INCONCLUSIVE, shown)
 
 
+BA_MIN_STEPS = 1000  # The study speaks of long runs: shorter sweeps do not test finding 9.
 RULE_BA = (
-    "On the longest finished LoRA runs of the sweep (the most steps), each at its condition's best grid LR: per run, "
+    f"Only when the sweep's longest finished LoRA runs have >= {BA_MIN_STEPS} steps (the study's claim is about long "
+    f"runs). On those runs, each at its condition's best grid LR: per run, "
     "the median over adapted modules of ||B||_2/||A||_2 (spectral norms) at its last evaluation; per condition, the "
     "median of that over its seeds. Agree if it is > 1, disagree if < 1, else inconclusive; overall: disagree if any "
     "condition disagrees, agree if every one agrees, else inconclusive. The first step at which the median over "

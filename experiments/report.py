@@ -1055,6 +1055,8 @@ def ba_part(conds: list[Condition]) -> Part | None:
   if not steps:
     return None
   longest = max(steps)
+  if longest < analysis.BA_MIN_STEPS:
+    return None
   rows, table, plot, verdicts = [], [], [], []
   several = len({c.setting for c in conds}) > 1
   for c in conds:
@@ -1113,7 +1115,7 @@ NEEDS = {  # What a sweep needs for a finding to be tested (said when it is not)
     "4": "LoRA runs", "4c": f"LoRA groups that differ in lora.scaling ({' and '.join(SCALINGS)}), each with two ranks",
     "5": f"settings that differ in {' or '.join(BATCH_KEYS)}, with LoRA and full FT at each",
     "6": "LoRA groups that differ in lora.targets (attention-only, MLP-only, all layers)",
-    "9": f"finished LoRA runs with {train_lib.DIAGNOSTICS_FILE}"}
+    "9": f"finished LoRA runs of >= {analysis.BA_MIN_STEPS} steps with {train_lib.DIAGNOSTICS_FILE}"}
 RULE_NAMES = {text: name for name, text in vars(analysis).items() if name.startswith("RULE_")}
 
 

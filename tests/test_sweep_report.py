@@ -423,30 +423,37 @@ def test_early_curves_coinciding_under_alpha_r_and_separating_under_rslora_agree
 
 
 def test_b_outgrowing_a_in_the_longest_runs_agrees(tmp_path):
-  """At the best LR of the 200-step runs ||B|| grows linearly to 1.5 past ||A|| (0.6 and 0.5 in two modules); the
-  other LRs and the shorter 100-step runs keep B below A and are not judged."""
+  """At the best LR of the 1000-step runs ||B|| grows linearly to 1.5 past ||A|| (0.6 and 0.5 in two modules); the
+  other LRs and the shorter 500-step runs keep B below A and are not judged; a sweep of < 1000 steps is not tested."""
   def diagnostics(grows):
     def modules(step):
-      b = 1.5 * step / 200 if grows else 0.2
+      b = 1.5 * step / 1000 if grows else 0.2
       return {"layers_0/attn/q_proj": {"rel_update": 0.01, "norm_a": 0.6, "norm_b": b},
               "layers_0/mlp/up_proj": {"rel_update": 0.01, "norm_a": 0.5, "norm_b": b}}
     return modules
   points = []
-  for steps in (100, 200):
+  for steps in (500, 1000):
     for lr in lr_grid(3e-3, 1):
       name = f"steps{steps}_{lr:g}"
       config = make_config(f"tiny,method=lora,rank=8,lr={lr:g}", 0, train__steps=steps)
       write_config_run(tmp_path / name, config, u_nll(lr, 3e-3, 1.0),
-                       diagnostics=diagnostics(steps == 200 and lr == 3e-3))
+                       diagnostics=diagnostics(steps == 1000 and lr == 3e-3))
       points.append({"point": f"tiny,steps={steps},lr={lr:g}", "name": name})
   text = finish_sweep(tmp_path, "long", points)
   finding = section(text, "9")
-  assert ("| train.steps=200, lora r=8 | 2.75 at step 200 (first > 1: step 100) | **agree** | "
+  assert ("| train.steps=1000, lora r=8 | 2.75 at step 1000 (first > 1: step 400) | **agree** | "
           "median ‖B‖/‖A‖ 2.75 |") in finding
-  assert "train.steps=100" not in finding
-  row = _table_rows(text, "**Spectral norms of B and A")["train.steps=200"]
-  assert row == ["lora r=8", "3e-3", "200", "1", "2.75", "0.55", "1.5", "step 100"]
+  assert "train.steps=500" not in finding
+  row = _table_rows(text, "**Spectral norms of B and A")["train.steps=1000"]
+  assert row == ["lora r=8", "3e-3", "1000", "1", "2.75", "0.55", "1.5", "step 400"]
   assert_outputs(tmp_path, text, "ba_norms", "ba_norms")
+  short = tmp_path / "short"
+  points = []
+  for lr in lr_grid(3e-3, 1):
+    config = make_config(f"tiny,method=lora,rank=8,lr={lr:g}", 0, train__steps=500)
+    write_config_run(short / f"p{lr:g}", config, u_nll(lr, 3e-3, 1.0), diagnostics=diagnostics(True))
+    points.append({"point": f"tiny,lr={lr:g}", "name": f"p{lr:g}"})
+  assert "Not tested by this sweep" in section(finish_sweep(short, "short", points), "9")
 
 
 def test_targets_class():

@@ -10,13 +10,14 @@ curve in the report is the pointwise minimum over its LRs at each evaluation (th
 CPU (`tiny`): the hidden-128 tiny base of `lr_sweep`; 300 facts (1,200 bits); LoRA ranks 1, 4, 16 and 64 (every linear
 layer and the unembedding: ~5.1k adapter parameters per unit of rank, so rank 1 holds ~5k parameters ~ 10k bits by the
 heuristic, rank 64 ~330k) and full FT (420k); 600 steps at batch 16 (~4 facts a row: each fact seen ~130 times),
-evaluated every 25 steps; LRs 5e-4, 1e-3, 2e-3 for every method; seeds 0 and 1 (data order and adapter init; the
-facts themselves do not change). 30 points, ~17 min on 2 cores.
+evaluated every 25 steps; LRs 5e-4, 1e-3, 2e-3 and 4e-3 for every method; seeds 0 and 1 (data order and adapter init;
+the facts themselves do not change). 40 points, ~20 min on 2 cores with `--parallel 2`.
 
 Calibration (measured here, 2026-11-30, seed 0): with 1,000 facts full FT at 3e-3 was still at NLL 0.94 after 600
 steps (unmemorised ~1.0), so the tiny model cannot memorise that many in a CPU budget; with 300 facts full FT at 1e-3
 reaches 0.006 at step 450 and 0.002 at 600, LoRA r16 at 3e-3 0.12 at step 550 but 0.39 at 600 (too high an LR: noisy),
-and LoRA r1 at 3e-3 diverges upward (1.9 at step 350): hence the grid 5e-4..2e-3 for all.
+and LoRA r1 at 3e-3 diverges upward (1.9 at step 350): hence a grid from 5e-4. A first tiny run with 5e-4..2e-3
+put the best LR of r16, r64 and full FT at or near the top of it, so 4e-3 was added.
 
     python -m experiments.sweep --config experiments/configs/capacity.py:tiny --workdir runs/capacity
     python -m experiments.sweep --config experiments/configs/capacity.py:quick --workdir runs/capacity_quick
@@ -36,7 +37,7 @@ from experiments.configs import common, lr_sweep
 
 TINY_FACTS = 300  # 1,200 bits.
 TINY_RANKS = (1, 4, 16, 64)
-TINY_LRS = (5e-4, 1e-3, 2e-3)
+TINY_LRS = (5e-4, 1e-3, 2e-3, 4e-3)
 REAL_RANKS = (1, 4, 16, 64, 256)
 REAL_MODEL = "meta-llama/Llama-3.2-1B"
 SWEEPS = ("tiny", "quick", "real")
