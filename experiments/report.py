@@ -1198,7 +1198,7 @@ def plot_lr_curves(stem: epath.Path, conds: list[Condition]) -> None:
         x = np.linspace(math.log10(c.usable[c.fit.used[0]]), math.log10(c.usable[c.fit.used[-1]]), 50)
         ax.plot(10.0 ** x, a * x * x + b * x + k, linestyle="--", linewidth=1, color=colors[c.name])
         ax.plot([c.fit.lr], [a * c.fit.log_lr ** 2 + b * c.fit.log_lr + k], marker="v", color=colors[c.name])
-    _finish_axes(ax, "learning rate", "final held-out NLL per loss token",
+    _finish_axes(ax, "learning rate", "final eval NLL per loss token",
                  setting or "loss vs LR (dashed: quadratic fit, ▼ optimum)")
   fig.tight_layout()
   _save(fig, stem)
@@ -1207,7 +1207,10 @@ def plot_lr_curves(stem: epath.Path, conds: list[Condition]) -> None:
 
 def _finish_axes(ax, xlabel: str, ylabel: str, title: str) -> None:
   """Log x axis, labels, title, grid and (when there are lines) a legend."""
+  from matplotlib import ticker
+
   ax.set_xscale("log")
+  ax.xaxis.set_minor_formatter(ticker.NullFormatter())  # labelled minor ticks overlap on a short log axis
   ax.set_xlabel(xlabel)
   ax.set_ylabel(ylabel)
   ax.set_title(title, fontsize=9)
@@ -1225,7 +1228,7 @@ def plot_learning_curves(stem: epath.Path, conds: list[Condition]) -> None:
       if curve:
         steps, values = zip(*curve)
         ax.plot(steps, values, marker="o", markersize=3, color=colors[c.name], label=c.name)
-    _finish_axes(ax, "step", "held-out NLL, min over LRs of the seed mean",
+    _finish_axes(ax, "step", "eval NLL, min over LRs of the seed mean",
                  setting or "learning curves (pointwise min over LRs)")
   fig.tight_layout()
   _save(fig, stem)
@@ -1300,7 +1303,7 @@ def plot_batch(stem: epath.Path, part: Part) -> None:
     if gaps:
       right.plot(list(gaps), list(gaps.values()), marker="o", color=color, label=label)
   right.axhline(0.0, color="gray", linewidth=1)
-  _finish_axes(left, "batch size", "final held-out NLL at the best grid LR", "loss vs batch size (seed means)")
+  _finish_axes(left, "batch size", "final eval NLL at the best grid LR", "loss vs batch size (seed means)")
   _finish_axes(right, "batch size", "LoRA − full FT", "gap to full FT vs batch size")
   batches = sorted({b for _, _, means, _ in part.plot for b in means})
   for ax in (left, right):
@@ -1323,7 +1326,7 @@ def plot_layers(stem: epath.Path, part: Part) -> None:
       if c.usable:
         ax.plot(c.usable, c.means(), marker="s" if unembed else "o", markersize=3, color=LAYER_COLORS[kind],
                 linestyle=("-", "--", ":", "-.")[ranks.index(rank) % 4], label=c.name)
-    _finish_axes(ax, "learning rate", "final held-out NLL per loss token",
+    _finish_axes(ax, "learning rate", "final eval NLL per loss token",
                  _prefix(scope) + "loss vs LR by adapted layers")
   fig.tight_layout()
   _save(fig, stem)
@@ -1481,7 +1484,10 @@ def sweep_markdown(sweep_dir: epath.Path, meta: dict, runs: list[SweepRun], cond
                + "; ".join(f"`{k}` (" + ", ".join(f"{m}: {v}" for m, v in per.items()) + ")"
                            for k, per in tied.items()) + ".\n")
   out.append("## Eval NLL over method, rank and LR\n")
-  out.append("Held-out NLL per loss token of finished runs (evaluated at the config's last step), mean ± std over "
+  on_train = any(r.config and r.config["data"].get("eval_split") == "train" for r in runs)
+  out.append(("Eval NLL per loss token on the training examples themselves (`data.eval_split = train`: memorisation, "
+              "not generalisation)" if on_train else "Held-out NLL per loss token")
+             + " of finished runs (evaluated at the config's last step), mean ± std over "
              "seeds (n). Failed runs (e.g. NaN at too high an LR) and runs not done are counted in brackets, not "
              "averaged; an LR with a failed run is left out of the fits below.\n")
   for name in ("final_nll", "min_nll"):
