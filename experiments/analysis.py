@@ -320,7 +320,9 @@ def verdict_batch(classes: Mapping[str, str]) -> Verdict:
 
 
 RULE_LAYERS = (
-    f"Per LoRA rank, within a setting, LoRA conditions that differ in targets classed as attention-only (attention, "
+    f"Within a setting, per LoRA rank (or, when no rank has both attention-only and MLP-only, across the ranks as "
+    f"swept: parameter-matched by design, e.g. attention r=2k vs MLP r=k), LoRA conditions that differ in targets "
+    f"classed as attention-only (attention, "
     f"or only q/k/v/o_proj), MLP-only (mlp, or only gate/up/down_proj) or all (all-linear), each with or without "
     f"unembed: their best-LR final eval NLLs (seed means) compared by the gap rule (matches if the difference is "
     f"within {MATCH_NOISE:g} x the pooled seed noise of the two, else behind or ahead; unknown at a grid-edge best LR "
@@ -333,7 +335,10 @@ RULE_LAYERS = (
 
 def verdict_layers(attention_vs_mlp: str, mlp_vs_all: str) -> Verdict:
   """Finding 6 at one rank: ``RULE_LAYERS`` on the gap classes of attention-only vs MLP-only and MLP-only vs all."""
-  shown = f"attention-only {attention_vs_mlp} MLP-only; MLP-only {mlp_vs_all} all"
+  def relation(c: str, other: str) -> str:
+    return {AHEAD: f"ahead of {other}", MATCHES: f"matches {other}", BEHIND: f"behind {other}"}.get(
+        c, f"{c} vs {other}")
+  shown = f"attention-only {relation(attention_vs_mlp, 'MLP-only')}; MLP-only {relation(mlp_vs_all, 'all')}"
   if attention_vs_mlp == AHEAD or mlp_vs_all == BEHIND:
     return Verdict(DISAGREE, shown)
   return Verdict(AGREE if attention_vs_mlp == BEHIND and mlp_vs_all == MATCHES else INCONCLUSIVE, shown)

@@ -920,6 +920,12 @@ def _compare(a: Condition | None, b: Condition | None) -> tuple[str, str]:
   return analysis.classify_gap(gap, noise, interior), f"{gap:+.4f} ({margin})"
 
 
+def targets_label(c: Condition) -> str:
+  """A condition's targets class as text: "attention", "mlp + unembed", ..."""
+  kind, unembed = targets_class(c.runs[0].config["lora"]["targets"])
+  return kind + (" + unembed" if unembed else "")
+
+
 def layers_part(conds: list[Condition]) -> Part | None:
   """Finding 6: attention-only vs MLP-only vs all at each rank, trainable parameters, and unembedding on vs off."""
   rows, table, notes, plot = [], [], [], []
@@ -934,21 +940,29 @@ def layers_part(conds: list[Condition]) -> Part | None:
       continue
     scope = _join(setting, rest)
     verdicts = []
-    for rank in sorted({r for _, _, r in by}):
-      unembeds = sorted({u for k, u, r in by if r == rank and k != "all"})
+    # A sweep that gives each targets class its own rank (attention r=2k vs MLP r=k: parameter-matched, as the
+    # study) is compared across those ranks; otherwise rank by rank.
+    kinds = [(k, u) for k, u, _ in by]
+    matched = len(set(kinds)) == len(kinds) and not any(("mlp", u, r) in by for k, u, r in by if k == "attention")
+    compared = {(k, u, 0): c for (k, u, _), c in by.items()} if matched else by
+    for rank in sorted({r for _, _, r in compared}):
+      unembeds = sorted({u for k, u, r in compared if r == rank and k != "all"})
       for u in unembeds:
-        attention, mlp = by.get(("attention", u, rank)), by.get(("mlp", u, rank))
-        everything = by.get(("all", u, rank)) or by.get(("all", not u, rank))
+        attention, mlp = compared.get(("attention", u, rank)), compared.get(("mlp", u, rank))
+        everything = compared.get(("all", u, rank)) or compared.get(("all", not u, rank))
         a_vs_m, a_text = _compare(attention, mlp)
         m_vs_all, m_text = _compare(mlp, everything)
         v = analysis.verdict_layers(a_vs_m, m_vs_all)
         verdicts.append(v)
-        label = f"r{rank}" + ((", with unembed" if u else ", no unembed") if len(unembeds) > 1 else "")
+        shown = [c for c in (attention, mlp, everything) if c is not None]
+        label = ("; ".join(f"{targets_label(c)} r{c.rank}" for c in shown) + " (ranks as swept)" if matched
+                 else f"r{rank}")
+        label += (", with unembed" if u else ", no unembed") if len(unembeds) > 1 else ""
         rows.append(FindingRow("6", _scope(scope, label), f"attention − MLP {a_text}; MLP − all {m_text}",
                                v.verdict, v.why))
     if verdicts:
       rows.append(FindingRow("6", _scope(scope, "overall"), "", analysis.combine(verdicts),
-                             f"{len(verdicts)} rank{'s' * (len(verdicts) != 1)} judged"))
+                             f"{len(verdicts)} comparison{'s' * (len(verdicts) != 1)} judged"))
     for (kind, u, rank), c in sorted(by.items(), key=lambda kv: _condition_order(kv[1])):
       twin = by.get((kind, True, rank)) if not u else None
       if twin is not None and _base_targets(twin) == _base_targets(c):  # the two differ only in "unembed"

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import shutil
 import sys
 from collections.abc import Sequence
@@ -69,9 +70,13 @@ def publish(workdir: epath.Path, dest: epath.Path, families: Sequence[str]) -> N
       raise FileNotFoundError(f"{src / report.SWEEP_FILE}: no sweep of {family} to publish")
     if out.exists():
       out.rmtree()
+    names = {p["name"] for p in json.loads((src / report.SWEEP_FILE).read_text())["points"]}
     for pattern in PUBLISHED:
       for path in sorted(src.glob(pattern)):
-        target = out / path.relative_to(src)
+        relative = path.relative_to(src)
+        if len(relative.parts) > 1 and relative.parts[0] not in names:
+          continue  # a point dir left from an older version of the sweep: not part of it
+        target = out / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target)
 

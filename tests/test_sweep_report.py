@@ -384,7 +384,7 @@ def test_layer_sweep_with_attention_behind_agrees(tmp_path):
   finding = section(text, "6")
   assert ("| r8 | attention − MLP +0.1000 (2×noise 0.0200); MLP − all -0.0060 (2×noise 0.0200) | **agree** | "
           "attention-only behind MLP-only; MLP-only matches all |") in finding
-  assert "| overall | — | **agree** | 1 rank judged |" in finding
+  assert "| overall | — | **agree** | 1 comparison judged |" in finding
   assert "r8 all: with the unembedding − without -0.0020 (2×noise 0.0200) (descriptive)" in finding
   table = _table_rows(text, "**Which layers are adapted")
   assert table["lora r=8, targets=attention"][:3] == ["attention", "8", "8,192"]
@@ -393,6 +393,24 @@ def test_layer_sweep_with_attention_behind_agrees(tmp_path):
   rows = report.sweep_verdicts(tmp_path)  # what a study-level index collects
   assert [(r.scope, r.verdict) for r in rows if r.finding == "6"] == [("r8", "agree"), ("overall", "agree")]
   assert {r.finding for r in rows} == {"4", "6"}  # no full FT: findings 1-3 untested; one rank per group for 4
+
+
+def test_layer_sweep_parameter_matched_by_rank_is_compared_across_ranks(tmp_path):
+  """Attention at rank 16 vs MLP and all layers at rank 8 (the study's 2k vs k): no rank holds both, so the groups
+  are compared as swept; here attention-only is ahead of MLP-only, which disagrees."""
+  points = []
+  for name, (targets, floor, _) in LAYERS.items():
+    rank = 16 if name == "attention" else 8
+    for lr in lr_grid(1e-2, 1):
+      for seed in (0, 1):
+        point = f"{name}_{lr:g}_s{seed}"
+        config = make_config(f"tiny,method=lora,rank={rank},lr={lr:g}", seed, lora__targets=targets)
+        write_config_run(tmp_path / point, config, u_nll(lr, 1e-2, 0.9 if name == "attention" else floor, seed))
+        points.append({"point": f"tiny,targets={name},lr={lr:g},seed={seed}", "name": point})
+  rows = [r for r in report.sweep_verdicts(finish_sweep(tmp_path, "layers", points) and tmp_path) if r.finding == "6"]
+  assert [r.verdict for r in rows] == ["disagree", "disagree"]
+  assert rows[0].scope == "attention r16; mlp r8; all r8 (ranks as swept)"
+  assert rows[0].why.startswith("attention-only ahead of MLP-only")
 
 
 def test_early_curves_coinciding_under_alpha_r_and_separating_under_rslora_agree(tmp_path):
