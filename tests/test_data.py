@@ -75,9 +75,9 @@ def test_sharegpt_records_encode_as_the_same_chat(tok, tmp_path):
   a, b = data.encode(share, tok, "sharegpt"), data.encode(CHAT, tok, "chat")
   np.testing.assert_array_equal(a.ids, b.ids)
   np.testing.assert_array_equal(a.mask, b.mask)
-  assert "conversations[1]: 'from' is 'bot'" in data.check_record(
+  assert "conversations[1]: unknown from 'bot'" in data.check_record(
       {"conversations": [{"from": "human", "value": "x"}, {"from": "bot", "value": "y"}]}, "sharegpt")
-  assert "conversations[0]: field 'value'" in data.check_record({"conversations": [{"from": "gpt"}]}, "sharegpt")
+  assert "conversations[0]: missing field 'value'" in data.check_record({"conversations": [{"from": "gpt"}]}, "sharegpt")
   path = write(tmp_path, "ot3.jsonl", [json.dumps(share), json.dumps({"conversations": [{"from": "gpt", "value": 3}]})])
   with pytest.raises(data.DataError, match=rf"{path}:2: .*conversations\[0\]: field 'value'"):
     data.tokenize(data.Source(path), tok, max_len=64)

@@ -108,47 +108,33 @@ def check_record(record: Any, fmt: str) -> str | None:
       return f"field 'input' must be a string, got {type(record['input']).__name__}"
     return None
   if fmt == "sharegpt":
-    return _check_sharegpt(record)
+    return _check_turns(record.get("conversations"), "conversations", "from", "value", SHAREGPT_ROLES)
   if fmt != "chat":
     raise ValueError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
-  messages = record.get("messages")
-  if messages is None:
-    return "missing field 'messages'"
-  if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
-    return "field 'messages' must be a non-empty list"
-  for i, message in enumerate(messages):
-    if not isinstance(message, Mapping):
-      return f"messages[{i}]: expected an object, got {type(message).__name__}"
-    if message.get("role") is None:
-      return f"messages[{i}]: missing field 'role'"
-    if message["role"] not in ROLES:
-      return f"messages[{i}]: unknown role {message['role']!r} (valid: {', '.join(ROLES)})"
-    content = message.get("content")
-    if content is None and not (message["role"] == "assistant" and message.get("tool_calls")):
-      return f"messages[{i}]: missing field 'content'"
-    if content is not None and not isinstance(content, str):
-      return f"messages[{i}]: field 'content' must be a string, got {type(content).__name__}"
-    weight = message.get("weight")
-    if weight is not None and weight not in (0, 1):
-      return f"messages[{i}]: weight must be 0 or 1, got {weight!r}"
-  return None
+  return _check_turns(record.get("messages"), "messages", "role", "content", ROLES)
 
 
-def _check_sharegpt(record: Mapping[str, Any]) -> str | None:
-  turns = record.get("conversations")
+def _check_turns(turns: Any, field: str, role_key: str, content_key: str, roles) -> str | None:
+  """What is wrong with a conversation's list of turns (chat ``messages`` or ShareGPT ``conversations``), or None."""
   if turns is None:
-    return "missing field 'conversations'"
+    return f"missing field {field!r}"
   if not isinstance(turns, Sequence) or isinstance(turns, str) or not turns:
-    return "field 'conversations' must be a non-empty list"
+    return f"field {field!r} must be a non-empty list"
   for i, turn in enumerate(turns):
     if not isinstance(turn, Mapping):
-      return f"conversations[{i}]: expected an object, got {type(turn).__name__}"
-    if turn.get("from") not in SHAREGPT_ROLES:
-      return f"conversations[{i}]: 'from' is {turn.get('from')!r}; valid: {', '.join(SHAREGPT_ROLES)}"
-    if not isinstance(turn.get("value"), str):
-      return f"conversations[{i}]: field 'value' must be a string, got {type(turn.get('value')).__name__}"
-    if turn.get("weight") not in (None, 0, 1):
-      return f"conversations[{i}]: weight must be 0 or 1, got {turn['weight']!r}"
+      return f"{field}[{i}]: expected an object, got {type(turn).__name__}"
+    if turn.get(role_key) is None:
+      return f"{field}[{i}]: missing field {role_key!r}"
+    if turn[role_key] not in roles:
+      return f"{field}[{i}]: unknown {role_key} {turn[role_key]!r} (valid: {', '.join(roles)})"
+    content = turn.get(content_key)
+    if content is None and not (turn[role_key] == "assistant" and turn.get("tool_calls")):
+      return f"{field}[{i}]: missing field {content_key!r}"
+    if content is not None and not isinstance(content, str):
+      return f"{field}[{i}]: field {content_key!r} must be a string, got {type(content).__name__}"
+    weight = turn.get("weight")
+    if weight is not None and weight not in (0, 1):
+      return f"{field}[{i}]: weight must be 0 or 1, got {weight!r}"
   return None
 
 
