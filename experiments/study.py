@@ -32,7 +32,7 @@ from collections.abc import Sequence
 
 from etils import epath
 
-from experiments import report, sweep
+from experiments import analysis, report, sweep
 
 FAMILIES = {  # variant -> the families it runs, in order (the LR findings first: the others build on their LRs)
     "quick": ("lr_sweep", "capacity"),
@@ -90,6 +90,19 @@ def _family_line(workdir: epath.Path, family: str) -> str:
           f"{finished} runs finished, {failed} failed, {len(runs) - finished - failed} not finished.")
 
 
+def summary_rows(rows: Sequence[tuple[str, report.FindingRow]]) -> list[list[str]]:
+  """[finding: title, study's claim, family, overall verdict] per finding (in report order) and family."""
+  out = []
+  for finding in report.FINDING_ORDER:
+    for family in dict.fromkeys(f for f, r in rows if r.finding == finding):
+      mine = [r for f, r in rows if f == family and r.finding == finding]
+      overall = [r.verdict for r in mine if "overall" in r.scope]
+      judged = [r.verdict for r in mine if r.verdict in (analysis.AGREE, analysis.DISAGREE, analysis.INCONCLUSIVE)]
+      verdict = overall[-1] if overall else analysis.combine([analysis.Verdict(v, "") for v in judged])
+      out.append([f"{finding}: {report.TITLES[finding]}", report.STUDY[finding], family, f"**{verdict}**"])
+  return out
+
+
 def index(workdir: epath.Path, variant: str, families: Sequence[str]) -> str:
   """Writes every family's report, then workdir/report.md (the index), vs_study.tex and verdicts.csv; returns the text."""
   present = [f for f in families if (workdir / f / report.SWEEP_FILE).exists()]
@@ -105,6 +118,11 @@ def index(workdir: epath.Path, variant: str, families: Sequence[str]) -> str:
   missing = [f for f in families if f not in present]
   if missing:
     out.append("- not run yet: " + ", ".join(missing))
+  summary = summary_rows(rows)
+  if summary:
+    out += ["", "## Summary\n", "One line per finding and family: the family's overall verdict (its `overall` row, "
+            "else all its rows combined: disagree if any disagrees, agree if all agree, else inconclusive).\n",
+            report.Table("", "", ["finding", "study", "family", "verdict"], summary).markdown()]
   out += ["", "## vs the study\n",
           "Every verdict below is decided by the rule its family report prints beside it (`experiments.analysis`), "
           "never by hand; **inconclusive** means the rule found the data unable to tell.\n"]

@@ -143,6 +143,8 @@ def test_the_study_index_collects_the_verdicts_and_publishes_what_regenerates_it
   text = study.index(workdir, "quick", study.FAMILIES["quick"])
   assert "**lr_sweep** ([report](lr_sweep/report.md))" in text and "not run yet: capacity" in text
   assert "### Finding 3" in text and "| lr_sweep |" in text
+  summary = text.split("## Summary")[1].split("## vs the study")[0]
+  assert "| 3: optimal LR ratio LoRA/full | ~10" in summary and "| lr_sweep | **" in summary
   verdicts = list(csv.DictReader((workdir / "verdicts.csv").open()))
   assert verdicts and {v["family"] for v in verdicts} == {"lr_sweep"}
   assert {v["verdict"] for v in verdicts} <= {"agree", "disagree", "inconclusive"}

@@ -22,6 +22,12 @@ of ~1.3-1.5, not the study's ~10, with full FT 0.16 nats ahead of r64 after 300 
 those optima (LoRA 2e-3, full FT 1e-3) with two factor-2 steps either side, so each optimum sits inside; a factor-2
 grid locates it to well within x1.5 through the quadratic fit, whose seed-bootstrap interval the report gives.
 
+Measured (`tiny`, docs/results/tiny/lr_sweep/, 2026-11-30): fitted optima full FT 1.12e-3 (90% interval
+9.1e-4..1.6e-3), LoRA r1 1.44e-3, r4 1.22e-3, r16 1.23e-3, r64 1.40e-3; LoRA/full ratios 1.1-1.3 (intervals within
+0.6-2.8). Seed noise (std of the final NLL over 3 seeds at each best LR): 0.020-0.038 for r4 and full FT, 0.05-0.10 for
+r16, r64 and r1 — as large as the rank differences (r4-r64 span 0.045 nats), which is why the verdicts need the seeds;
+LRs at and above 4e-3 are unstable (std 0.1-0.4).
+
 Real scale (GPU/TPU VMs): `model=meta-llama/Llama-3.2-1B`, `model=meta-llama/Llama-3.1-8B` or
 `model=Qwen/Qwen3-8B-Base` on Tulu3 (the study's SFT data), 780 steps at batch 128, ranks 1-256 and full FT over 7
 LRs a factor 2 apart centred on the cookbook rule (`common.cookbook_lr`: Llama-3.2-1B full 4.91e-5, LoRA 4.91e-4).
