@@ -6,10 +6,12 @@ remove it; both do best at small batches. Every point sees the same number of tr
 the only thing that changes between settings.
 
 CPU (`tiny`): `lr_sweep`'s setting (the hidden-128 tiny base, 2-digit additions, 500 held-out problems) at batch 4,
-16 and 64 rows (1200, 300 and 75 steps; 4800 rows each), LoRA ranks 4 and 64 and full FT. LRs: 3 a factor 2 apart
-centred on `lr_sweep`'s centres scaled by sqrt(B/16) (Adam's usual batch rule, so the grid follows the optimum),
-seed 0 at all three and seed 1 at the centre: the report's gap rule gets a seed-noise estimate at the best LR when
-it is the centre, and the bootstrap is skipped (the LR optimum is not this family's question). 36 points, ~20 min.
+16 and 64 rows (1200, 300 and 75 steps; 4800 rows each), LoRA ranks 4 and 64 and full FT. LRs a factor 2 apart
+around `lr_sweep`'s centres scaled by sqrt(B/16) (Adam's usual batch rule): 3 at batch 16, and at batch 4 and 64 one
+more step towards batch 16's LRs (a first run put full FT's and r4's best LR at batch 4 at the grid's top and r4's at
+batch 64 at its bottom: the optimum moves less than sqrt(B) here). Seed 0 at every LR and seed 1 at the centre: the
+report's gap rule gets a seed-noise estimate at the best LR when it is the centre, and the bootstrap is skipped (the
+LR optimum is not this family's question). 42 points, ~25 min with `--parallel 2`.
 
     python -m experiments.sweep --config experiments/configs/batch_size.py:tiny --workdir runs/batch_size
 
@@ -80,7 +82,9 @@ def get_sweep(arg: str = "tiny") -> list[str]:
     for method, rank in methods:
       centre = centre_lr(prefix.removeprefix("model=") if not cpu else "", method, batch, cpu)
       rank_arg = f",rank={rank}" if method == "lora" else ""
-      lrs = [centre] if args.quick else common.lr_grid(centre, 2.0, 1, 1)
+      # The optimum moved less than sqrt(B) in the first tiny run: the grids reach one step further towards batch 16's.
+      below, above = (1, 2) if batch < 16 else (2, 1) if batch > 16 else (1, 1)
+      lrs = [centre] if args.quick else common.lr_grid(centre, 2.0, below, above if cpu else 1)
       for lr in lrs:
         for seed in ((0, 1) if lr == centre and args.tiny else (0,)):
           points.append(f"{prefix},batch={batch},method={method}{rank_arg},lr={lr:g},seed={seed}")
