@@ -11,6 +11,11 @@ and full FT, each over 5 LRs a factor 2 apart centred on `lr_sweep`'s centres mo
 ((128/hidden)^0.781), seed 0 only: the seed noise is measured at hidden 128 by `lr_sweep:tiny` (3 seeds), so this family
 spends its budget on widths, and its verdict uses point estimates (the report says so). 30 points, ~25 min on 2 cores.
 
+Measured (`tiny`, docs/results/tiny/lr_width/, 2026-11-30, one seed): LoRA/full optimal-LR ratio 0.61 (hidden 64),
+1.9 (128) and 1.0 (256): no trend towards the study's ~10 with width over this range, and a spread (x3) that one
+seed cannot separate from noise (at hidden 128 `lr_sweep`'s 3 seeds give 1.1-1.3); full FT's optimum falls as
+hidden^-0.9, LoRA r4's as hidden^-0.55 (the cookbook's exponent: -0.78 for both).
+
     python -m experiments.sweep --config experiments/configs/lr_width.py:tiny --workdir runs/lr_width
     python -m experiments.sweep --config experiments/configs/lr_width.py:quick --workdir runs/lr_width_quick
 
