@@ -16,6 +16,11 @@ behind all layers with it (2.29-2.32 vs 1.28 final NLL): on this task the output
 (the tiny base was pretrained on prose, not digits), which would hide the attention/MLP difference; the MLP group's
 best LR was also the grid's top (4e-3), hence 8e-3.
 
+Measured (`tiny`, docs/results/tiny/layers/, 2026-11-30, 2 seeds): final NLL at each group's best LR — attention r8
+1.301 ± 0.071, MLP r4 1.368 ± 0.010, all r4 1.284 ± 0.009 (each + unembedding), all r4 without it 2.288: attention-only
+is not behind MLP-only (0.07 ahead, within the noise) and MLP-only is 0.08 behind all layers, so the rule disagrees
+with the study here, where the output head dominates what LoRA must change.
+
     python -m experiments.sweep --config experiments/configs/layers.py:tiny --workdir runs/layers
 
 `quick`: attention r8 and MLP r4 (each + unembedding) at the centre LR, seed 0 (2 points). Real scale (`real`):
