@@ -12,6 +12,11 @@ rank 64 stays stable), the same seed (so the same batches and,
 per rank, the same A init), 100 steps, train loss logged every step: 4 points. One long run (rank 16, alpha/r, LoRA
 centre LR, 2000 steps, evaluated and its A/B norms logged every 100 steps) for finding 9. 5 points, ~4 min.
 
+Measured (`tiny`, docs/results/tiny/parametrization/, 2026-11-30, one seed): mean |loss(r4) - loss(r64)| over steps
+1-20 is 0.26 under alpha/r and 0.88 under alpha/sqrt(r) (rule: agree), but under alpha/r r4 runs ahead of r64 early
+(d < 0, as the study's "negative for the first few steps") and |d| shrinks later (0.04 over steps 81-100) rather than
+growing. Over 2,000 steps at r16 the median ||B||/||A|| reaches 0.76, never above 1 (A's norm grows too under Adam).
+
     python -m experiments.sweep --config experiments/configs/parametrization.py:tiny --workdir runs/parametrization
 
 `quick`: the two alpha/r early runs and a 600-step long run (3 points). Real scale (`real`): Llama-3.2-1B on Tulu3,
