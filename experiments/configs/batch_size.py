@@ -14,8 +14,8 @@ report's gap rule gets a seed-noise estimate at the best LR when it is the centr
 LR optimum is not this family's question). 42 points, ~25 min with `--parallel 2`.
 
 Measured (`tiny`, docs/results/tiny/batch_size/, 2026-11-30): LoRA's gap to full FT at each one's best LR shrinks as
-the batch grows — r4 +0.17 nats at batch 4 to -0.05 at batch 64, r64 +0.08 to -0.02 (seed noise at the centre LRs
-0.005-0.03) — the opposite of the study's finding; all three methods do best at the smallest batch, as in the study.
+the batch grows — r4 +0.17 nats at batch 4 to -0.05 at batch 64, r64 +0.08 to -0.02 (seed std where two seeds
+exist: 0.005-0.066) — the opposite of the study's finding; all three methods do best at the smallest batch, as in the study.
 Caveat: at a fixed 4,800 rows, batch 64 trains only 75 steps.
 
     python -m experiments.sweep --config experiments/configs/batch_size.py:tiny --workdir runs/batch_size
