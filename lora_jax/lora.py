@@ -694,23 +694,30 @@ def _check_fit(params, adapters):
     raise ValueError("adapters do not fit the parameters:\n  " + "\n  ".join(problems))
 
 
-def inject(params, adapters):
-  """Parameter tree with each adapter's lora_a, lora_b and lora_scale placed beside the kernel it adapts."""
+def inject(params, adapters, scales: Mapping[Path, Any] | None = None):
+  """Parameter tree with each adapter's lora_a, lora_b and lora_scale placed beside the kernel it adapts.
+
+  ``scales`` (adapter key -> array shaped like ``scale_array()``, may be traced) replaces the adapters' static scales,
+  e.g. one run's scale alpha/r inside a ``jax.vmap`` over stacked runs of different ranks (``lora_jax.stack``).
+  """
   _check_fit(params, adapters)
   flat = dict(traverse_util.flatten_dict(params))
+  scales = scales or {}
   for key, ad in adapter_items(adapters):
     module_path = module_path_of(key, ad)
-    for name, value in zip(_variable_names(ad), (ad.a, ad.b, jnp.asarray(ad.scale_array()))):
+    scale = scales[key] if key in scales else jnp.asarray(ad.scale_array())
+    for name, value in zip(_variable_names(ad), (ad.a, ad.b, scale)):
       flat[module_path + (name,)] = value
   return traverse_util.unflatten_dict(flat)
 
 
 def apply(model: nn.Module, params, adapters, *args, train: bool = False, collections: Mapping | None = None,
-          check_unused: bool = True, **kwargs):
+          check_unused: bool = True, scales: Mapping[Path, Any] | None = None, **kwargs):
   """``model.apply`` with adapters: each adapted layer computes x·W + s·(dropout(x)·A)·B.
 
   ``train=True`` turns on adapter dropout (needs ``rngs={"dropout": key}``). ``collections`` holds variable
-  collections other than ``params`` (e.g. batch_stats). Other keyword arguments go to ``model.apply``.
+  collections other than ``params`` (e.g. batch_stats). ``scales`` overrides the adapters' scales s (``inject``).
+  Other keyword arguments go to ``model.apply``.
   """
   params = _unboxed(params)
   items = adapter_items(adapters)
@@ -740,7 +747,7 @@ def apply(model: nn.Module, params, adapters, *args, train: bool = False, collec
 
   try:
     with nn.intercept_methods(interceptor):
-      out = model.apply({"params": inject(params, adapters), **(collections or {})}, *args, **kwargs)
+      out = model.apply({"params": inject(params, adapters, scales), **(collections or {})}, *args, **kwargs)
   except flax.errors.InvalidRngError as err:
     if "dropout" not in str(err):
       raise

@@ -36,9 +36,9 @@ class OptimConfig:
       raise ValueError(f"optim.lr must be > 0, got {self.lr}")
 
 
-def schedule(cfg: OptimConfig, scale: float = 1.0) -> optax.Schedule:
-  """The learning-rate schedule of ``cfg`` (times ``scale``)."""
-  peak = cfg.lr * scale
+def schedule(cfg: OptimConfig, scale: float = 1.0, lr=None) -> optax.Schedule:
+  """The learning-rate schedule of ``cfg`` (times ``scale``); ``lr`` (may be traced) replaces ``cfg.lr``."""
+  peak = (cfg.lr if lr is None else lr) * scale
   if cfg.schedule == "constant":
     return optax.constant_schedule(peak)
   warmup = optax.linear_schedule(0.0, peak, max(cfg.warmup_steps, 1)) if cfg.warmup_steps else None
@@ -51,13 +51,27 @@ def schedule(cfg: OptimConfig, scale: float = 1.0) -> optax.Schedule:
   return optax.join_schedules([warmup, main], [cfg.warmup_steps]) if warmup else main
 
 
-def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-  """Global-norm clipping (optional) then Adam(W) over the trainable tree, B with its own LR under LoRA+."""
+HYPERPARAMETERS = ("lr", "lr_b_ratio", "weight_decay")  # the fields a run of a stack may set per run (lora_jax.stack)
+
+
+def make_optimizer(cfg: OptimConfig, hyper: dict | None = None) -> optax.GradientTransformation:
+  """Global-norm clipping (optional) then Adam(W) over the trainable tree, B with its own LR under LoRA+.
+
+  ``hyper`` maps some of ``HYPERPARAMETERS`` to values (traced scalars inside a ``jax.vmap`` over stacked runs) that
+  replace ``cfg``'s; the optimizer state's structure does not depend on them.
+  """
+  hyper = dict(hyper or {})
+  unknown = sorted(set(hyper) - set(HYPERPARAMETERS))
+  if unknown:
+    raise ValueError(f"make_optimizer: unknown hyperparameter(s) {unknown}; valid: {list(HYPERPARAMETERS)}")
+  lr, ratio = hyper.get("lr"), hyper.get("lr_b_ratio", cfg.lr_b_ratio)
+  weight_decay = hyper.get("weight_decay", cfg.weight_decay)
 
   def adam(scale):
-    return optax.adamw(schedule(cfg, scale), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return optax.adamw(schedule(cfg, scale, lr), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=weight_decay)
 
-  tx = lora.optimizer(adam(1.0), tx_b=adam(cfg.lr_b_ratio) if cfg.lr_b_ratio != 1.0 else None)
+  separate_b = "lr_b_ratio" in hyper or cfg.lr_b_ratio != 1.0
+  tx = lora.optimizer(adam(1.0), tx_b=adam(ratio) if separate_b else None)
   if cfg.grad_clip_norm is not None:
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)
   return tx

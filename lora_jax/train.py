@@ -68,10 +68,10 @@ def _model_kwargs(batch) -> dict:
   return {k: batch[k] for k in ("segment_ids", "positions") if k in batch}
 
 
-def nll_sum(model: nn.Module, trainable, frozen, batch, rng, train: bool):
-  """(sum of masked token NLL, number of loss tokens) for one batch."""
+def nll_sum(model: nn.Module, trainable, frozen, batch, rng, train: bool, scales=None):
+  """(sum of masked token NLL, number of loss tokens) for one batch (``scales``: see ``lora.apply``)."""
   params, adapters = lora.combine(trainable, frozen)
-  logits = lora.apply(model, params, adapters, batch["inputs"], train=train, rngs={"dropout": rng},
+  logits = lora.apply(model, params, adapters, batch["inputs"], train=train, rngs={"dropout": rng}, scales=scales,
                       **_model_kwargs(batch))
   # The loss is at least float32 (bf16 logits are upcast); a float64 model keeps float64 for exactness tests.
   loss_dtype = jnp.promote_types(logits.dtype, jnp.float32)
@@ -81,34 +81,44 @@ def nll_sum(model: nn.Module, trainable, frozen, batch, rng, train: bool):
   return jnp.sum(nll * mask), jnp.sum(mask)
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, grad_accum: int = 1) -> Callable:
-  """``train_step(state, batch) -> (state, metrics)``; the batch's leading axis is split into ``grad_accum`` parts."""
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation | Callable[[dict], optax.GradientTransformation],
+                    grad_accum: int = 1) -> Callable:
+  """``train_step(state, batch, hyper=None) -> (state, metrics)``; the batch's leading axis is split into
+  ``grad_accum`` parts.
 
-  def loss_and_grads(trainable, frozen, batch, rng):
+  ``tx`` is an optimizer, or a function of ``hyper`` (e.g. ``functools.partial(optim.make_optimizer, cfg)``) when
+  the step is vmapped over stacked runs with per-run hyperparameters: ``hyper`` then holds those (``lr``, ...) and
+  ``scales``, each adapter's scale (``lora.apply``).
+  """
+
+  def loss_and_grads(trainable, frozen, batch, rng, scales):
     def f(tr):
-      total, count = nll_sum(model, tr, frozen, batch, rng, train=True)
+      total, count = nll_sum(model, tr, frozen, batch, rng, train=True, scales=scales)
       return total, count
 
     (total, count), grads = jax.value_and_grad(f, has_aux=True)(trainable)
     return total, count, grads
 
-  def train_step(state: TrainState, batch):
+  def train_step(state: TrainState, batch, hyper: dict | None = None):
+    hyper = dict(hyper or {})
+    scales = hyper.pop("scales", None)
+    opt = tx(hyper) if callable(tx) and not isinstance(tx, optax.GradientTransformation) else tx
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     if grad_accum == 1:
-      total, count, grads = loss_and_grads(state.trainable, state.frozen, batch, rng)
+      total, count, grads = loss_and_grads(state.trainable, state.frozen, batch, rng, scales)
     else:
       micro = jax.tree.map(lambda x: x.reshape((grad_accum, x.shape[0] // grad_accum) + x.shape[1:]), batch)
 
       def body(carry, xs):
         mb, i = xs
-        t, c, g = loss_and_grads(state.trainable, state.frozen, mb, jax.random.fold_in(rng, i))
+        t, c, g = loss_and_grads(state.trainable, state.frozen, mb, jax.random.fold_in(rng, i), scales)
         return jax.tree.map(jnp.add, carry, (t, c, g)), None
 
       zero = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.trainable))
       (total, count, grads), _ = jax.lax.scan(body, zero, (micro, jnp.arange(grad_accum)))
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+    updates, opt_state = opt.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     metrics = {"train/loss": total / count, "train/grad_norm": optax.tree.norm(grads),
                "train/update_norm": optax.tree.norm(updates), "train/tokens": count}
@@ -118,10 +128,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, grad_acc
 
 
 def make_eval_step(model: nn.Module) -> Callable:
-  """``eval_step(state, batch) -> (sum NLL, token count)``, deterministic (no dropout)."""
+  """``eval_step(state, batch, scales=None) -> (sum NLL, token count)``, deterministic (no dropout)."""
 
-  def eval_step(state: TrainState, batch):
-    return nll_sum(model, state.trainable, state.frozen, batch, jax.random.key(0), train=False)
+  def eval_step(state: TrainState, batch, scales=None):
+    return nll_sum(model, state.trainable, state.frozen, batch, jax.random.key(0), train=False, scales=scales)
 
   return eval_step
 
