@@ -69,16 +69,20 @@ def _model_kwargs(batch) -> dict:
 
 
 def nll_sum(model: nn.Module, trainable, frozen, batch, rng, train: bool, scales=None):
-  """(sum of masked token NLL, number of loss tokens) for one batch (``scales``: see ``lora.apply``)."""
+  """(sum of masked token NLL, number of loss tokens) for one batch (``scales``: see ``lora.apply``).
+
+  A model with an ``nll_sum`` method (``CausalLM``) computes the loss itself: in sequence chunks, never holding the
+  full [B, T, V] logits, when its config's ``loss_chunk_size`` > 0 (``lora_jax.losses``); other models return logits.
+  """
+  from lora_jax import losses  # Imported here: this function is the trainer's only use of it.
+
   params, adapters = lora.combine(trainable, frozen)
-  logits = lora.apply(model, params, adapters, batch["inputs"], train=train, rngs={"dropout": rng}, scales=scales,
-                      **_model_kwargs(batch))
-  # The loss is at least float32 (bf16 logits are upcast); a float64 model keeps float64 for exactness tests.
-  loss_dtype = jnp.promote_types(logits.dtype, jnp.float32)
-  logp = jax.nn.log_softmax(logits.astype(loss_dtype))
-  nll = -jnp.take_along_axis(logp, batch["targets"][..., None].astype(jnp.int32), axis=-1)[..., 0]
-  mask = batch["loss_mask"].astype(loss_dtype)
-  return jnp.sum(nll * mask), jnp.sum(mask)
+  kwargs = dict(train=train, rngs={"dropout": rng}, scales=scales, **_model_kwargs(batch))
+  if hasattr(model, "nll_sum"):
+    return lora.apply(model, params, adapters, batch["inputs"], batch["targets"], batch["loss_mask"],
+                      method="nll_sum", **kwargs)
+  logits = lora.apply(model, params, adapters, batch["inputs"], **kwargs)
+  return losses.masked_nll_sum(logits, batch["targets"], batch["loss_mask"])
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation | Callable[[dict], optax.GradientTransformation],

@@ -23,14 +23,22 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax import losses
+
 ARCHITECTURES = ("llama", "mistral", "qwen3", "qwen3_moe")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+# remat -> what a rematerialised layer saves for the backward pass (None: nn.remat's default, only its inputs).
+# 'save_matmuls': the outputs of matmuls without batch dimensions, i.e. every projection (activations are 2-D
+# [N, D] around them) but not the batched attention einsums.
+REMAT_POLICIES = {"none": None, "full": None,
+                  "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 _ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -63,13 +71,26 @@ class ModelConfig:
   param_dtype: str = "float32"  # Storage dtype of parameters.
   dtype: str = "float32"  # Compute dtype of activations; softmax and RMSNorm statistics are always fp32.
   scan_layers: bool = False  # Stack layers into one nn.scan module `layers` (leading layer axis) instead of layers_{i}.
-  remat: bool = False  # Rematerialize each decoder layer in the backward pass (nn.remat).
+  # What each decoder layer keeps for the backward pass: 'none' (everything), 'full' (only its input; recompute the
+  # layer, nn.remat) or 'save_matmuls' (keep the outputs of the 2-D projection matmuls, recompute the rest). A bool
+  # is read as False -> 'none', True -> 'full'.
+  remat: str = "none"
+  # Attention kernel: 'xla' (exact [B, G, R, T, S] scores; the reference, any platform), 'cudnn' (cuDNN flash
+  # attention through jax.nn.dot_product_attention; NVIDIA GPUs, bf16/fp16), 'splash' (the TPU splash-attention
+  # Pallas kernel; sequence length a multiple of 128) or 'auto' (splash on TPU, cudnn on GPU, else xla). The KV-cache
+  # decode path always runs 'xla' (its scores are [B, G, R, T, S] with T the few new tokens).
+  attention: str = "auto"
+  # Loss without full logits: 0 computes the [B, T, V] logits at once; N > 0 computes the loss over N sequence
+  # positions at a time ([B, N, V] logits, recomputed in the backward pass), see CausalLM.nll_sum.
+  loss_chunk_size: int = 0
 
   def __post_init__(self):
     set_ = functools.partial(object.__setattr__, self)
     set_("param_dtype", jnp.dtype(self.param_dtype).name)
     set_("dtype", jnp.dtype(self.dtype).name)
     set_("mlp_only_layers", tuple(int(i) for i in self.mlp_only_layers))
+    if isinstance(self.remat, (bool, np.bool_)):
+      set_("remat", "full" if self.remat else "none")
     if self.rope_scaling is not None:
       set_("rope_scaling", dict(self.rope_scaling))
     self._validate()
@@ -85,6 +106,12 @@ class ModelConfig:
       if missing or extra:
         raise ValueError(f"rope_scaling must have exactly the llama3 keys {_ROPE_SCALING_KEYS}; "
                          f"missing {missing}, unexpected {extra}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat {self.remat!r} is not one of {tuple(REMAT_POLICIES)} (or a bool)")
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"attention {self.attention!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
+    if not isinstance(self.loss_chunk_size, (int, np.integer)) or self.loss_chunk_size < 0:
+      raise ValueError(f"loss_chunk_size must be an int >= 0 (0 = full logits), got {self.loss_chunk_size!r}")
     if self.sliding_window is not None and self.sliding_window < 1:
       raise ValueError(f"sliding_window must be None or >= 1, got {self.sliding_window}")
     if self.num_experts:
@@ -254,16 +281,168 @@ def attention_mask(q_index_T, kv_index_S, q_segment_BT, kv_segment_BS, sliding_w
   return causal_TS[None] & (q_segment_BT[:, :, None] == kv_segment_BS[:, None, :])
 
 
+class MaskInfo(NamedTuple):
+  """What the attention mask is made of, without the [B, T, S] mask itself (kernels build it blockwise).
+
+  A query at sequence index q_index[t] sees keys at kv_index[s] <= q_index[t] (within the sliding window) of its own
+  segment. segment ids are None when the batch is not packed (one document per row, no padding).
+  """
+
+  q_index_T: jax.Array
+  kv_index_S: jax.Array
+  q_segment_BT: jax.Array | None
+  kv_segment_BS: jax.Array | None
+
+  def dense(self, sliding_window: int | None) -> jax.Array:
+    """The boolean [B, T, S] mask (B is 1 without segment ids)."""
+    ones = jnp.ones((1, self.q_index_T.shape[0]), jnp.int32)
+    q_seg = ones if self.q_segment_BT is None else self.q_segment_BT
+    kv_seg = jnp.ones((1, self.kv_index_S.shape[0]), jnp.int32) if self.kv_segment_BS is None else self.kv_segment_BS
+    return attention_mask(self.q_index_T, self.kv_index_S, q_seg, kv_seg, sliding_window)
+
+
+def resolve_attention(config: ModelConfig, seq_len: int, decoding: bool, platform: str | None = None) -> str:
+  """The attention implementation `config.attention` means for this call: 'auto' picks by platform and shapes."""
+  if decoding:
+    return "xla"  # The KV-cache path: a few queries against the cache; its scores are small.
+  if config.attention != "auto":
+    return config.attention
+  platform = platform or jax.default_backend()
+  if platform == "tpu" and seq_len % 128 == 0:
+    return "splash"
+  if platform in ("gpu", "cuda", "rocm") and config.dtype in ("bfloat16", "float16"):
+    return "cudnn"
+  return "xla"
+
+
+def attention_xla(q_BTHK, k_BSGK, v_BSGK, mask: MaskInfo, sliding_window: int | None) -> jax.Array:
+  """Exact attention with materialised [B, G, R, T, S] scores (softmax in at least fp32): the reference."""
+  B, T, H, K = q_BTHK.shape
+  G = k_BSGK.shape[2]
+  dtype = q_BTHK.dtype
+  # Query head h uses key/value head h // R, as HF's repeat_kv.
+  q_BTGRK = q_BTHK.reshape(B, T, G, H // G, K)
+  scores_BGRTS = jnp.einsum("btgrk,bsgk->bgrts", q_BTGRK, k_BSGK.astype(dtype)) * K**-0.5
+  wide = _at_least_f32(scores_BGRTS.dtype)
+  mask_BTS = mask.dense(sliding_window)
+  scores_BGRTS = jnp.where(mask_BTS[:, None, None], scores_BGRTS.astype(wide), jnp.finfo(wide).min)
+  probs_BGRTS = jax.nn.softmax(scores_BGRTS, axis=-1).astype(dtype)
+  out_BTGRK = jnp.einsum("bgrts,bsgk->btgrk", probs_BGRTS, v_BSGK.astype(dtype))
+  return out_BTGRK.reshape(B, T, H, K)
+
+
+def attention_cudnn(q_BTHK, k_BSGK, v_BSGK, mask: MaskInfo, sliding_window: int | None,
+                    implementation: str = "cudnn") -> jax.Array:
+  """Causal attention through jax.nn.dot_product_attention (cuDNN flash attention: no scores in memory).
+
+  GQA, the causal mask and the sliding window go to the kernel as such; packed segments become a boolean
+  [B, 1, T, S] mask (one per example, not per head). `implementation='xla'` runs the same call with XLA's
+  reference kernel (how the CPU tests check this wrapper).
+  """
+  B, T, H, K = q_BTHK.shape
+  if k_BSGK.shape[1] != T:
+    raise ValueError(f"model.attention='cudnn' needs as many keys as queries (no KV cache), got T={T}, "
+                     f"S={k_BSGK.shape[1]}")
+  seg_mask = None
+  if mask.q_segment_BT is not None:
+    seg_mask = (mask.q_segment_BT[:, :, None] == mask.kv_segment_BS[:, None, :])[:, None]
+  window = None if sliding_window is None else (sliding_window - 1, 0)  # HF: kv_idx > q_idx - sliding_window.
+  dtype = q_BTHK.dtype
+  return jax.nn.dot_product_attention(q_BTHK, k_BSGK.astype(dtype), v_BSGK.astype(dtype), mask=seg_mask,
+                                      scale=K**-0.5, is_causal=True, local_window_size=window,
+                                      implementation=implementation)
+
+
+# The mesh axes a batch and the attention heads are split over (lora_jax.sharding's default rules): the splash
+# kernel, a Pallas custom call, runs per device inside shard_map over them.
+_BATCH_MESH_AXES = ("data", "fsdp")
+_HEAD_MESH_AXIS = "tensor"
+
+
+@functools.lru_cache(maxsize=64)
+def _splash_kernel(heads: int, seq_len: int, sliding_window: int | None, interpret: bool):
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+
+  if sliding_window is None:
+    one = splash_mask.CausalMask((seq_len, seq_len))
+  else:  # window (left, right) = (sliding_window - 1, 0): HF's kv_idx > q_idx - sliding_window, and causal.
+    one = splash_mask.LocalMask((seq_len, seq_len), (sliding_window - 1, 0), offset=0)
+  block = next(b for b in (512, 256, 128) if seq_len % b == 0)
+  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                            block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+  return splash.make_splash_mha(splash_mask.MultiHeadMask([one] * heads), block_sizes=sizes, head_shards=1,
+                                q_seq_shards=1, interpret=interpret)
+
+
+def attention_splash(q_BTHK, k_BSGK, v_BSGK, mask: MaskInfo, sliding_window: int | None,
+                     interpret: bool = False) -> jax.Array:
+  """Causal attention with the TPU splash-attention Pallas kernel (blockwise, no scores in memory).
+
+  GQA is native to the kernel (query heads grouped per key/value head), packed segments are its SegmentIds, the
+  sliding window a LocalMask. Under a mesh (jax.set_mesh) it runs per device in shard_map over the batch axes
+  (data, fsdp) and the head axis (tensor). `interpret=True` runs the kernel in the Pallas interpreter (CPU tests).
+  """
+  from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+
+  B, T, H, K = q_BTHK.shape
+  G = k_BSGK.shape[2]
+  if k_BSGK.shape[1] != T or T % 128:
+    raise ValueError(f"model.attention='splash' needs a sequence length that is a multiple of 128 and as many keys "
+                     f"as queries (no KV cache), got T={T}, S={k_BSGK.shape[1]}; use 'xla' or 'auto'")
+  dtype = q_BTHK.dtype
+  # The kernel does not scale: scale the queries (HF scales the scores; equal up to rounding).
+  q_BHTK = (q_BTHK * jnp.asarray(K**-0.5, dtype)).transpose(0, 2, 1, 3)
+  k_BGSK = k_BSGK.astype(dtype).transpose(0, 2, 1, 3)
+  v_BGSK = v_BSGK.astype(dtype).transpose(0, 2, 1, 3)
+  packed = mask.q_segment_BT is not None
+  segments = (mask.q_segment_BT.astype(jnp.int32), mask.kv_segment_BS.astype(jnp.int32)) if packed else ()
+
+  def local(q_BHTK, k_BGSK, v_BGSK, *segments):
+    kernel = _splash_kernel(q_BHTK.shape[1], T, sliding_window, interpret)
+    if packed:
+      return jax.vmap(lambda q, k, v, qs, ks: kernel(q, k, v, segment_ids=splash.SegmentIds(qs, ks)))(
+          q_BHTK, k_BGSK, v_BGSK, *segments)
+    return jax.vmap(kernel)(q_BHTK, k_BGSK, v_BGSK)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    out_BHTK = local(q_BHTK, k_BGSK, v_BGSK, *segments)
+  else:
+    P = jax.sharding.PartitionSpec
+    batch = tuple(a for a in _BATCH_MESH_AXES if a in mesh.axis_names and mesh.shape[a] > 1) or None
+    heads = _HEAD_MESH_AXIS if _HEAD_MESH_AXIS in mesh.axis_names and mesh.shape[_HEAD_MESH_AXIS] > 1 else None
+    if heads is not None and G % mesh.shape[heads]:
+      raise ValueError(f"model.attention='splash': {G} key/value heads do not split over mesh axis {heads!r} "
+                       f"of size {mesh.shape[heads]}")
+    qkv = P(batch, heads, None, None)
+    seg = (P(batch, None),) * len(segments)
+    out_BHTK = jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, *seg), out_specs=qkv,
+                             check_vma=False)(q_BHTK, k_BGSK, v_BGSK, *segments)
+  return out_BHTK.transpose(0, 2, 1, 3).astype(dtype)
+
+
+def dot_product_attention(q_BTHK, k_BSGK, v_BSGK, mask: MaskInfo, config: ModelConfig, decoding: bool = False):
+  """Grouped-query attention [B, T, H, K] by the implementation `config.attention` resolves to."""
+  implementation = resolve_attention(config, q_BTHK.shape[1], decoding)
+  if implementation == "splash":
+    return attention_splash(q_BTHK, k_BSGK, v_BSGK, mask, config.sliding_window)
+  if implementation == "cudnn":
+    return attention_cudnn(q_BTHK, k_BSGK, v_BSGK, mask, config.sliding_window)
+  return attention_xla(q_BTHK, k_BSGK, v_BSGK, mask, config.sliding_window)
+
+
 class Attention(nn.Module):
   """Grouped-query self-attention with RoPE, optional q/k norm and an optional explicit KV cache.
 
-  The scores are materialized ([B, G, R, T, S]): exact and simple, O(T * S) memory per head.
+  The attention itself is `dot_product_attention`: exact materialised scores ('xla', O(T * S) memory per head) or
+  a kernel that never stores them ('cudnn', 'splash'), by `config.attention`.
   """
 
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD, cos_BTK, sin_BTK, mask_BTS, kv=None, cache_index=0):
+  def __call__(self, x_BTD, cos_BTK, sin_BTK, mask: MaskInfo, kv=None, cache_index=0):
     c = self.config
     B, T, _ = x_BTD.shape
     H, G, K = c.num_heads, c.num_kv_heads, c.head_dim
@@ -286,14 +465,8 @@ class Attention(nn.Module):
     else:
       k_BSGK, v_BSGK = k_BTGK, v_BTGK
 
-    # Query head h uses key/value head h // R, as HF's repeat_kv.
-    q_BTGRK = q_BTHK.reshape(B, T, G, H // G, K)
-    scores_BGRTS = jnp.einsum("btgrk,bsgk->bgrts", q_BTGRK, k_BSGK.astype(c.dtype)) * K**-0.5
-    wide = _at_least_f32(scores_BGRTS.dtype)
-    scores_BGRTS = jnp.where(mask_BTS[:, None, None], scores_BGRTS.astype(wide), jnp.finfo(wide).min)
-    probs_BGRTS = jax.nn.softmax(scores_BGRTS, axis=-1).astype(c.dtype)
-    out_BTGRK = jnp.einsum("bgrts,bsgk->btgrk", probs_BGRTS, v_BSGK.astype(c.dtype))
-    out_ND = _dense(c, c.hidden_size, ("heads", "embed"), "o_proj")(out_BTGRK.reshape(B * T, H * K))
+    out_BTHK = dot_product_attention(q_BTHK.astype(c.dtype), k_BSGK, v_BSGK, mask, c, decoding=kv is not None)
+    out_ND = _dense(c, c.hidden_size, ("heads", "embed"), "o_proj")(out_BTHK.reshape(B * T, H * K))
     return out_ND.reshape(B, T, -1), kv
 
 
@@ -364,11 +537,11 @@ class DecoderLayer(nn.Module):
   moe: bool = False
 
   @nn.compact
-  def __call__(self, x_BTD, kv, cos_BTK, sin_BTK, mask_BTS, cache_index):
+  def __call__(self, x_BTD, kv, cos_BTK, sin_BTK, mask: MaskInfo, cache_index):
     c = self.config
     B, T, D = x_BTD.shape
     h_BTD = RMSNorm(c, name="input_layernorm")(x_BTD)
-    attn_BTD, kv = Attention(c, name="self_attn")(h_BTD, cos_BTK, sin_BTK, mask_BTS, kv, cache_index)
+    attn_BTD, kv = Attention(c, name="self_attn")(h_BTD, cos_BTK, sin_BTK, mask, kv, cache_index)
     x_BTD = x_BTD + attn_BTD
     h_ND = RMSNorm(c, name="post_attention_layernorm")(x_BTD).reshape(B * T, D)
     mlp = MoE(c, name="mlp") if self.moe else MLP(c, name="mlp")
@@ -384,7 +557,9 @@ class Decoder(nn.Module):
     c = self.config
     self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
                                  embedding_init=_kernel_init(c, ("vocab", "embed")))
-    layer_cls = nn.remat(DecoderLayer, prevent_cse=not c.scan_layers) if c.remat else DecoderLayer
+    layer_cls = DecoderLayer
+    if c.remat != "none":
+      layer_cls = nn.remat(DecoderLayer, prevent_cse=not c.scan_layers, policy=REMAT_POLICIES[c.remat])
     if c.scan_layers:
       scanned = nn.scan(layer_cls, variable_axes={"params": 0, "intermediates": 0},
                         split_rngs={"params": True, "dropout": True},
@@ -396,18 +571,18 @@ class Decoder(nn.Module):
       self.layers = [layer_cls(c, moe=c.is_moe_layer(i)) for i in range(c.num_layers)]
     self.norm = RMSNorm(c)
 
-  def __call__(self, input_ids_BT, positions_BT, mask_BTS, kv=None, cache_index=0):
+  def __call__(self, input_ids_BT, positions_BT, mask: MaskInfo, kv=None, cache_index=0):
     """Final-normed hidden states [B, T, D] and the updated (k, v) cache stacks (None without a cache)."""
     c = self.config
     x_BTD = self.embed_tokens(input_ids_BT)
     cos_BTK, sin_BTK = rope_cos_sin(c, positions_BT)
     if c.scan_layers:
-      x_BTD, kv = self.layers(x_BTD, kv, cos_BTK, sin_BTK, mask_BTS, cache_index)
+      x_BTD, kv = self.layers(x_BTD, kv, cos_BTK, sin_BTK, mask, cache_index)
     else:
       new_kv = []
       for i, layer in enumerate(self.layers):
         layer_kv = None if kv is None else (kv[0][i], kv[1][i])
-        x_BTD, layer_kv = layer(x_BTD, layer_kv, cos_BTK, sin_BTK, mask_BTS, cache_index)
+        x_BTD, layer_kv = layer(x_BTD, layer_kv, cos_BTK, sin_BTK, mask, cache_index)
         new_kv.append(layer_kv)
       if kv is not None:
         kv = (jnp.stack([k for k, _ in new_kv]), jnp.stack([v for _, v in new_kv]))
@@ -431,35 +606,54 @@ class CausalLM(nn.Module):
 
   def __call__(self, input_ids, positions=None, segment_ids=None, cache=None):
     """Float32 logits [B, T, V]; `(logits, new_cache)` when a cache is passed."""
+    h_BTD, new_cache = self.hidden_states(input_ids, positions, segment_ids, cache)
+    logits_BTV = self.unembed(h_BTD)
+    return logits_BTV if cache is None else (logits_BTV, new_cache)
+
+  def hidden_states(self, input_ids, positions=None, segment_ids=None, cache=None):
+    """Final-normed hidden states [B, T, D] and the new cache (None without one); see the class docstring."""
     c = self.config
     B, T = input_ids.shape
     index = jnp.zeros((), jnp.int32) if cache is None else cache["index"]
-    if segment_ids is None:
-      segment_ids = jnp.ones((B, T), jnp.int32)
     if positions is None:
-      if cache is None:
+      if cache is not None:
+        positions = jnp.broadcast_to(index + jnp.arange(T, dtype=jnp.int32), (B, T))
+      elif segment_ids is not None:
         positions = segment_positions(segment_ids)
       else:
-        positions = jnp.broadcast_to(index + jnp.arange(T, dtype=jnp.int32), (B, T))
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     q_index_T = index + jnp.arange(T, dtype=jnp.int32)
     if cache is None:
-      kv, kv_segment_ids, kv_index_S = None, segment_ids, q_index_T
+      kv = None
+      mask = MaskInfo(q_index_T, q_index_T, segment_ids, segment_ids)
     else:
       kv = (cache["k"], cache["v"])
+      if segment_ids is None:
+        segment_ids = jnp.ones((B, T), jnp.int32)
       kv_segment_ids = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32),
                                                     (0, index))
-      kv_index_S = jnp.arange(cache["segment_ids"].shape[1], dtype=jnp.int32)
-    mask_BTS = attention_mask(q_index_T, kv_index_S, segment_ids, kv_segment_ids, c.sliding_window)
+      mask = MaskInfo(q_index_T, jnp.arange(cache["segment_ids"].shape[1], dtype=jnp.int32), segment_ids,
+                      kv_segment_ids)
+    h_BTD, kv = self.model(input_ids, positions, mask, kv, index)
+    if cache is None:
+      return h_BTD, None
+    return h_BTD, dict(k=kv[0], v=kv[1], segment_ids=mask.kv_segment_BS, index=index + T)
 
-    h_BTD, kv = self.model(input_ids, positions, mask_BTS, kv, index)
-    if c.tie_word_embeddings:
+  def unembed(self, h_BTD):
+    """Float32 (at least) logits [B, T, V] of hidden states: the tied embedding's `attend` or `lm_head`."""
+    B, T, _ = h_BTD.shape
+    if self.config.tie_word_embeddings:
       logits_BTV = self.model.embed_tokens.attend(h_BTD)
     else:
       logits_BTV = self.lm_head(h_BTD.reshape(B * T, -1)).reshape(B, T, -1)
-    logits_BTV = logits_BTV.astype(_at_least_f32(logits_BTV.dtype))
-    if cache is None:
-      return logits_BTV
-    return logits_BTV, dict(k=kv[0], v=kv[1], segment_ids=kv_segment_ids, index=index + T)
+    return logits_BTV.astype(_at_least_f32(logits_BTV.dtype))
+
+  def nll_sum(self, input_ids, targets, loss_mask, positions=None, segment_ids=None):
+    """(sum of masked token NLL, number of loss tokens), without full logits when `config.loss_chunk_size` > 0."""
+    h_BTD, _ = self.hidden_states(input_ids, positions, segment_ids)
+    if not self.config.loss_chunk_size:
+      return losses.masked_nll_sum(self.unembed(h_BTD), targets, loss_mask)
+    return losses.chunked_nll_sum(self, type(self).unembed, h_BTD, targets, loss_mask, self.config.loss_chunk_size)
 
 
 # ----------------------------------------------------------------------------------------------------------------
