@@ -154,7 +154,11 @@ EVAL_SPLITS = ("held_out", "train")
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Checks what needs no model or data: methods, LoRA spec, optimizer, loop, data settings, mesh and sharding
-  rules; raises ValueError naming the field."""
+  rules; raises ValueError naming the field. An RL config (an ``rl`` section) is checked by ``rl_run``."""
+  if "rl" in config:
+    from experiments import rl_run
+
+    return rl_run.check_config(config, sys.modules[__name__])
   unknown = [m for m in config.methods if m not in METHODS]
   if not config.methods or unknown:
     raise ValueError(f"config.methods {tuple(config.methods)}: give one or both of {list(METHODS)}")
@@ -216,6 +220,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, overwr
   the model, shardings, data); ``config.json`` is written only when training starts. SIGTERM ends the current run
   with a checkpoint and raises ``train.Preempted`` without starting the next one (the report marks it unfinished).
   """
+  if "rl" in config:  # policy-gradient RL (experiments/configs/rl.py): same workdir layout, its own loop
+    from experiments import rl_run
+
+    return rl_run.run(config, workdir, overwrite, sys.modules[__name__])
   workdir = epath.Path(workdir)
   conflict = workdir_conflict(workdir, config)
   if conflict and not overwrite:

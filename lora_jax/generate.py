@@ -96,11 +96,18 @@ def _generate(model, params, adapters, tokens_BP, segment_BP, rng, eos_id, pad_i
 
 def generate(model: nn.Module, params, adapters, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              eos_id: int | None, init_cache, pad_id: int = 0, sampling: SamplingConfig = SamplingConfig(),
-             rng: jax.Array | None = None) -> Generation:
-  """Continues each token-id prompt; ``init_cache(batch, max_len)`` makes the model's empty KV cache."""
+             rng: jax.Array | None = None, prompt_width: int | None = None) -> Generation:
+  """Continues each token-id prompt; ``init_cache(batch, max_len)`` makes the model's empty KV cache.
+
+  Prompts are left-padded to the longest, or to ``prompt_width`` (one compiled program for batches of any prompts).
+  """
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError("every prompt needs at least one token")
   width = max(len(p) for p in prompts)
+  if prompt_width is not None:
+    if prompt_width < width:
+      raise ValueError(f"prompt_width {prompt_width} is shorter than the longest prompt ({width} tokens)")
+    width = prompt_width
   tokens = np.full((len(prompts), width), pad_id, np.int32)
   segments = np.zeros((len(prompts), width), np.int32)
   for i, p in enumerate(prompts):
