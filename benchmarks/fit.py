@@ -54,19 +54,35 @@ def devices_for(platform: str, count: int, topology: str | None):
   return devices[:count]
 
 
-def plan(model: str, method: str, rank: int, batch: int, seq: int, mesh_shape: dict[str, int], devices) -> dict:
-  """Compiles the train step for ``devices`` and returns XLA's per-device memory figures (bytes)."""
+# How the model runs: before (exact attention scores, full logits) and after issue 10 (kernels, chunked loss).
+BEFORE = dict(attention="xla", loss_chunk_size=0, remat="full", scan_layers=True)
+AFTER = dict(attention="auto", loss_chunk_size=256, remat="full", scan_layers=True)
+
+
+def plan(model: str, method: str, rank: int, batch: int, seq: int, mesh_shape: dict[str, int], devices,
+         attention: str = "xla", loss_chunk_size: int = 0, remat: str = "full", scan_layers: bool = True) -> dict:
+  """Compiles the train step for ``devices`` and returns XLA's per-device memory figures (bytes).
+
+  ``attention``, ``loss_chunk_size``, ``remat`` and ``scan_layers`` are the ModelConfig fields of that name;
+  ``attention="auto"`` resolves for the target devices' platform (splash on TPU), not this host's.
+  """
   import jax
   import jax.numpy as jnp
 
   from lora_jax import hf, lora, optim, sharding, train
   from lora_jax.models import transformer
 
-  changes = dict(param_dtype="bfloat16", dtype="bfloat16", scan_layers=True, remat=True)
+  platform = devices[0].platform
+  if attention == "splash" and platform != "tpu" or attention == "cudnn" and platform not in ("gpu", "cuda"):
+    raise SystemExit(f"--attention {attention} does not compile for {platform} devices; use xla or auto")
+  changes = dict(param_dtype="bfloat16", dtype="bfloat16", scan_layers=scan_layers, remat=remat,
+                 loss_chunk_size=loss_chunk_size, attention=attention)
   if pathlib.Path(model).is_dir():
     config = hf.load_config(model, **changes)
   else:
     config = transformer.ModelConfig.from_preset(model, **changes)
+  if attention == "auto":
+    config = config.replace(attention=transformer.resolve_attention(config, seq, False, platform=platform))
   # Every matrix incl. the unembedding, with the MoE expert-rank rule: what experiments.main trains.
   spec = transformer.model_spec(lora.LoraSpec(rank=rank, targets=("all-linear", "unembed")), config) \
       if method == "lora" else lora.LoraSpec.full()
@@ -80,8 +96,9 @@ def plan(model: str, method: str, rank: int, batch: int, seq: int, mesh_shape: d
   tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=s.batch_sharding)
   batch_tree = {"inputs": tokens, "targets": tokens,
                 "loss_mask": jax.ShapeDtypeStruct((batch, seq), jnp.float32, sharding=s.batch_sharding)}
-  lowered = s.train_step.lower(s.state.frozen, s.state.replace(frozen=None), batch_tree)
-  out = {"trainable": sum(x.size for x in jax.tree.leaves(s.state.trainable))}
+  with jax.set_mesh(mesh):  # the splash kernel runs in shard_map over this mesh
+    lowered = s.train_step.lower(s.state.frozen, s.state.replace(frozen=None), batch_tree)
+  out = {"trainable": sum(x.size for x in jax.tree.leaves(s.state.trainable)), "attention": config.attention}
   try:
     m = lowered.compile().memory_analysis()
   except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a step that cannot fit its HBM

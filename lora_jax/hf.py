@@ -77,7 +77,8 @@ def base_identity(path_or_hub_id: str | os.PathLike) -> dict[str, str]:
   return {"base_model": name, "base_fingerprint": fingerprint(resolve_checkpoint(path_or_hub_id))}
 
 
-_RUNTIME_FIELDS = ("param_dtype", "dtype", "scan_layers", "remat")  # How a model is run, not which model it is.
+# How a model is run, not which model it is.
+_RUNTIME_FIELDS = ("param_dtype", "dtype", "scan_layers", "remat", "attention", "loss_chunk_size")
 
 
 def model_fields(config: ModelConfig) -> dict[str, Any]:

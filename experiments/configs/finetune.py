@@ -45,6 +45,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   config.model.param_dtype = "float32"  # Dtype the frozen base is stored in.
   config.model.scan_layers = False  # Stack layers with nn.scan (faster compiles for deep models).
   config.model.remat = False  # Rematerialise layers in the backward pass (saves activation memory).
+  # Attention kernel: "auto" (TPU splash / GPU cuDNN flash attention / else exact), "xla", "cudnn" or "splash".
+  config.model.attention = "auto"
+  # Loss over this many sequence positions at a time, never the full [batch, seq, vocab] logits; 0 = full logits.
+  config.model.loss_chunk_size = 0 if args.tiny else 256
 
   config.data = ml_collections.ConfigDict()
   config.data.train = ("synthetic:arithmetic",) if args.tiny else ("allenai/tulu-3-sft-mixture",)  # Sources (path[:weight]).

@@ -371,8 +371,10 @@ def _splash_kernel(heads: int, seq_len: int, sliding_window: int | None, interpr
   block = next(b for b in (512, 256, 128) if seq_len % b == 0)
   sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                             block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
-  return splash.make_splash_mha(splash_mask.MultiHeadMask([one] * heads), block_sizes=sizes, head_shards=1,
-                                q_seq_shards=1, interpret=interpret)
+  # Built once per shape, outside any trace: the kernel holds constant mask-block tables reused across traces.
+  with jax.ensure_compile_time_eval():
+    return splash.make_splash_mha(splash_mask.MultiHeadMask([one] * heads), block_sizes=sizes, head_shards=1,
+                                  q_seq_shards=1, interpret=interpret)
 
 
 def attention_splash(q_BTHK, k_BSGK, v_BSGK, mask: MaskInfo, sliding_window: int | None,
