@@ -1,7 +1,7 @@
 """Run every point of a config's sweep, each as its own experiment in its own process, into one directory; resumable.
 
     python -m experiments.sweep --config experiments/configs/finetune.py:tiny --workdir runs/sweep \\
-        [--parallel N] [--shard I/N] [--only REGEX] [--dry-run] [--overwrite] [-- --config.train.steps=100 ...]
+        [--parallel N] [--stack K|auto] [--shard I/N] [--only REGEX] [--dry-run] [--overwrite] [-- --config.x=1 ...]
 
 The config file's ``get_sweep(ARG)`` lists the points: arg strings, each complete by itself
 (``tiny,method=lora,rank=4``), or dicts (``{"method": "lora", "rank": 4}`` is ``method=lora,rank=4``). Point k runs
@@ -28,6 +28,13 @@ to every point too, so a point dir holding a run of an older version of its conf
 Progress (points done, running, failed, to go, and an ETA from the durations of finished points) goes to stderr, one
 line per event, plus a status line refreshed every second on a terminal. ``python -m experiments.report DIR``
 reports on the finished sweep.
+
+``--stack K`` trains up to K points together as one stacked run (``experiments.stacked``, ``lora_jax.stack``): points
+of one method that differ only in LR, LoRA+ ratio, weight decay, rank, alpha, scaling or seeds share one process,
+one base, one compiled step (vmapped over the runs) and, when their data seeds agree, one batch. Each point's
+directory ends up the same as when it runs alone (plus ``stack.json``), so reports need not know. ``--stack auto``
+(the default) stacks 8 points at a time on the tiny CPU base, where they fit in memory many times over, and runs
+real-model points one by one; ``--stack 1`` never stacks.
 
 Several hosts or VMs split a sweep with ``--shard I/N`` each (point k runs on shard k % N) over a shared DIR. When DIR
 is not local (gs://), each point's log is written under --log-dir and copied to DIR/NAME/log-HOST.txt when the point
@@ -73,6 +80,18 @@ def point_command(config_file: str, point: str, workdir: str, extra: Sequence[st
   """The command that runs one point: experiments.main in this Python, the extra flags (overrides, --overwrite) last."""
   return [sys.executable, "-m", "experiments.main", f"--config={config_file}:{point}", f"--workdir={workdir}",
           *extra]
+
+
+def stacked_command(config_file: str, points: Sequence[str], workdirs: Sequence[str], extra: Sequence[str]) -> list:
+  """The command that runs several points as one stack: experiments.stacked, the extra flags last."""
+  pairs = [arg for point, workdir in zip(points, workdirs) for arg in (f"--point={point}", f"--workdir={workdir}")]
+  flags = [e for e in extra if e == "--overwrite"]
+  overrides = [e for e in extra if e != "--overwrite"]
+  return [sys.executable, "-m", "experiments.stacked", f"--config={config_file}", *pairs, *flags,
+          *(["--", *overrides] if overrides else [])]
+
+
+AUTO_STACK = 8  # points per stack under --stack auto (tiny base only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +157,31 @@ def check_points(module, points: Sequence[Point], overrides: Sequence[str]) -> N
       key = override.removeprefix("--config.").partition("=")[0]
       if isinstance(config, ml_collections.ConfigDict) and not _has_field(config, key):
         raise ValueError(f"override {override!r}: point [{p.index}] {p.arg!r} has no config field {key!r}")
+
+
+def stack_groups(module, points: Sequence[Point], overrides: Sequence[str], size: int | str) -> list[list[Point]]:
+  """The points in groups that run as one stack (``experiments.stacked.stack_key`` equal, at most ``size`` each, in
+  sweep order); ``size`` "auto" is ``AUTO_STACK`` when every point trains the tiny base, else 1."""
+  from experiments import stacked
+
+  configs = [stacked.apply_overrides(module.get_config(p.arg), overrides) for p in points]
+  if size == "auto":
+    size = AUTO_STACK if all(c.get("model", {}).get("name") == "tiny" for c in configs) else 1
+  if size <= 1:
+    return [[p] for p in points]
+  by_key: dict[str, list[list[Point]]] = {}
+  order: list[list[Point]] = []
+  for p, c in zip(points, configs):
+    key = stacked.stack_key(c)
+    if key is None:
+      order.append([p])
+      continue
+    groups = by_key.setdefault(key, [])
+    if not groups or len(groups[-1]) >= size:
+      groups.append([])
+      order.append(groups[-1])
+    groups[-1].append(p)
+  return order
 
 
 def _has_field(config: ml_collections.ConfigDict, key: str) -> bool:
@@ -277,7 +321,7 @@ class Progress:
 
 @dataclasses.dataclass
 class _Running:
-  point: Point
+  points: list[Point]  # one point, or the points of one stack
   proc: subprocess.Popen
   log: object  # the log file, open for appending and reading
   log_path: pathlib.Path
@@ -291,8 +335,11 @@ class Sweep:
 
   def __init__(self, config_file: str, points: Sequence[Point], workdir: str | epath.PathLike, *,
                extra: Sequence[str] = (), parallel: int = 1, command: PointCommand = point_command,
-               log_dir: str | None = None, stream=None):
+               log_dir: str | None = None, stream=None, groups: Sequence[Sequence[Point]] | None = None,
+               group_command=stacked_command):
     self.config_file, self.points, self.workdir = config_file, list(points), epath.Path(workdir)
+    self.groups = [list(g) for g in groups] if groups is not None else [[p] for p in self.points]
+    self.group_command = group_command
     self.extra, self.parallel, self.command = list(extra), parallel, command
     if log_dir is None and not _is_local(self.workdir):
       log_dir = os.path.join(DEFAULT_LOG_DIR, point_name(str(self.workdir)))
@@ -312,15 +359,25 @@ class Sweep:
     """The command of one point."""
     return self.command(self.config_file, point.arg, str(self.workdir / point.name), self.extra)
 
+  def argv(self, points: Sequence[Point]) -> list[str]:
+    """The command of one point, or of several as one stack."""
+    if len(points) == 1:
+      return self.point_argv(points[0])
+    return self.group_command(self.config_file, [p.arg for p in points],
+                              [str(self.workdir / p.name) for p in points], self.extra)
+
   def run(self) -> int:
     """Runs every point without a "done" status; returns the exit status (0, EXIT_FAILED or EXIT_INTERRUPTED)."""
     statuses = {p.name: read_status(self.workdir / p.name) for p in self.points}
     finished = [p for p in self.points if (statuses[p.name] or {}).get("state") == "done"]
-    todo = [p for p in self.points if p not in finished]
+    todo = [[p for p in g if p not in finished] for g in self.groups]
+    todo = [g for g in todo if g]  # a stack whose other points are done reruns only the rest
     self.progress = Progress(len(self.points), self.parallel, len(finished),
                              [statuses[p.name].get("seconds", 0.0) for p in finished], self.stream)
+    stacks = [g for g in todo if len(g) > 1]
     self.progress.event(f"{len(self.points)} point(s) in {self.workdir}: {len(finished)} done earlier, "
-                        f"{len(todo)} to run, {self.parallel} at a time")
+                        f"{sum(map(len, todo))} to run, {self.parallel} at a time"
+                        + (f", {sum(map(len, stacks))} of them in {len(stacks)} stack(s)" if stacks else ""))
     running: list[_Running] = []
     handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     forwarded = 0
@@ -356,36 +413,42 @@ class Sweep:
     del signum, frame
     self.signals += 1
 
-  def _start(self, point: Point) -> _Running:
-    point_dir = self.workdir / point.name
-    point_dir.mkdir(parents=True, exist_ok=True)
-    log_path = self.log_path(point)
+  def _start(self, points: list[Point]) -> _Running:
+    """Starts one point, or several as one stack (their output goes to the first one's log)."""
+    for p in points:
+      (self.workdir / p.name).mkdir(parents=True, exist_ok=True)
+    log_path = self.log_path(points[0])
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    attempt = (read_status(point_dir) or {}).get("attempt", 0) + 1
-    argv = self.point_argv(point)
+    attempt = max((read_status(self.workdir / p.name) or {}).get("attempt", 0) for p in points) + 1
+    argv = self.argv(points)
     log = open(log_path, "a+b")  # readable too: the lines of a failure, and the log if the point dir was replaced
     log.write(f"=== sweep attempt {attempt} on {self.host} at {_now()}: {shlex.join(argv)}\n".encode())
     log.flush()
-    status = {"state": "running", "point": point.arg, "name": point.name, "index": point.index, "attempt": attempt,
-              "host": self.host, "started": _now(), "command": argv}
-    _write_json(point_dir / "status.json", status)
+    status = {"state": "running", "attempt": attempt, "host": self.host, "started": _now(), "command": argv}
+    if len(points) > 1:
+      status["stacked_with"] = [p.name for p in points]
+    for p in points:
+      _write_json(self.workdir / p.name / "status.json",
+                  {"point": p.arg, "name": p.name, "index": p.index, **status})
+      self.progress.running[p.name] = time.monotonic()
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"},
                             start_new_session=True)  # a terminal's Ctrl-C reaches the runner only; it passes it on
-    self.progress.running[point.name] = time.monotonic()
-    self.progress.event(f"start [{point.index}] {point.name} (attempt {attempt})")
-    return _Running(point, proc, log, log_path, log.tell(), status, time.monotonic())
+    what = f"[{points[0].index}] {points[0].name}" if len(points) == 1 else (
+        f"a stack of {len(points)}: " + ", ".join(f"[{p.index}] {p.name}" for p in points))
+    self.progress.event(f"start {what} (attempt {attempt})")
+    return _Running(points, proc, log, log_path, log.tell(), status, time.monotonic())
 
   def _finish(self, r: _Running, interrupted_by_us: bool) -> None:
     code, seconds = r.proc.returncode, time.monotonic() - r.started
-    point_dir = self.workdir / r.point.name
     r.log.flush()
     if not r.log_path.exists():  # experiments.main --overwrite replaced the point dir under the open log
       r.log_path.parent.mkdir(parents=True, exist_ok=True)
       r.log.seek(0)
       r.log_path.write_bytes(r.log.read())
     r.log.seek(r.offset)
-    lines = r.log.read().decode(errors="replace").splitlines()[-LAST_LINES:]
+    attempt_output = r.log.read()
+    lines = attempt_output.decode(errors="replace").splitlines()[-LAST_LINES:]
     r.log.close()
     if code == 0:
       state = "done"
@@ -393,29 +456,43 @@ class Sweep:
       state = "interrupted"
     else:
       state = "failed"
-    log = str(r.log_path)
-    if self.log_dir is not None:  # keep the log with the point's results
-      copy = point_dir / f"log-{self.host}.txt"
-      copy.write_bytes(r.log_path.read_bytes())
-      log = str(copy)
-    status = {**r.status, "state": state, "returncode": code, "ended": _now(), "seconds": round(seconds, 1),
-              "log": log}
-    if state == "failed":
-      status["last_lines"] = lines
-    _write_json(point_dir / "status.json", status)
-    self.results[r.point.name] = status
-    del self.progress.running[r.point.name]
+    for i, point in enumerate(r.points):
+      point_dir = self.workdir / point.name
+      point_log = self.log_path(point)
+      if i:  # the other points of a stack keep a copy of its output
+        with open(point_log, "ab") as f:
+          f.write(attempt_output)
+      log = str(point_log)
+      if self.log_dir is not None:  # keep the log with the point's results
+        copy = point_dir / f"log-{self.host}.txt"
+        copy.write_bytes(point_log.read_bytes())
+        log = str(copy)
+      point_state, point_lines = state, lines
+      outcome = _read_stack_outcome(point_dir) if len(r.points) > 1 and code in (0, EXIT_FAILED) else None
+      if outcome is not None:  # a stack that ran to its end says how each of its points ended
+        point_state = outcome["state"]
+        point_lines = [outcome.get("error") or ""]
+      status = {"point": point.arg, "name": point.name, "index": point.index, **r.status, "state": point_state,
+                "returncode": code, "ended": _now(), "seconds": round(seconds, 1), "log": log}
+      if point_state == "failed":
+        status["last_lines"] = point_lines
+      _write_json(point_dir / "status.json", status)
+      self.results[point.name] = status
+      self._report(point, point_state, code, seconds / len(r.points), log)
+
+  def _report(self, point: Point, state: str, code: int, seconds: float, log: str) -> None:
+    del self.progress.running[point.name]
     if state == "done":
       self.progress.done += 1
       self.progress.seconds.append(seconds)
-      self.progress.event(f"done [{r.point.index}] {r.point.name} in {_duration(seconds)}")
+      self.progress.event(f"done [{point.index}] {point.name} in {_duration(seconds)}")
     elif state == "failed":
       self.progress.failed += 1
-      self.progress.event(f"FAILED [{r.point.index}] {r.point.name} (exit status {code}) after "
+      self.progress.event(f"FAILED [{point.index}] {point.name} (exit status {code}) after "
                           f"{_duration(seconds)}; log: {log}")
     else:
       self.progress.interrupted += 1
-      self.progress.event(f"interrupted [{r.point.index}] {r.point.name} (exit status {code})")
+      self.progress.event(f"interrupted [{point.index}] {point.name} (exit status {code})")
 
   def _summary(self, finished: Sequence[Point]) -> None:
     by_state = {}
@@ -436,6 +513,24 @@ class Sweep:
     print("\n".join(lines), file=self.stream, flush=True)
 
 
+def _read_stack_outcome(point_dir: epath.Path) -> dict | None:
+  """How experiments.stacked says a point of a stack ended (``stack.json``), or None when it did not say."""
+  try:
+    outcome = json.loads((point_dir / "stack.json").read_text())
+  except (OSError, ValueError):
+    return None
+  return outcome if outcome.get("state") in ("done", "failed") else None
+
+
+def stack_arg(value: str) -> int | str:
+  """Parses ``--stack``: a number of points >= 1, or ``auto`` (argparse type)."""
+  if value == "auto":
+    return value
+  if not value.isdigit() or int(value) < 1:
+    raise argparse.ArgumentTypeError(f"invalid --stack {value!r}: give a number of points >= 1, or auto")
+  return int(value)
+
+
 def shard_arg(value: str) -> tuple[int, int]:
   """Parses ``I/N`` with 0 <= I < N (argparse type)."""
   m = re.fullmatch(r"(\d+)/(\d+)", value)
@@ -450,6 +545,9 @@ def _parser() -> argparse.ArgumentParser:
                  help="config file; its get_sweep(ARG) lists the points")
   p.add_argument("--workdir", required=True, help="sweep directory (local or gs://); point NAME runs in DIR/NAME")
   p.add_argument("--parallel", type=int, default=1, help="points run at once (default 1)")
+  p.add_argument("--stack", type=stack_arg, default="auto", metavar="K|auto",
+                 help="train up to K points that differ only in LR/rank/seed-like fields as one stacked run "
+                 f"(default auto: {AUTO_STACK} on the tiny base, else 1)")
   p.add_argument("--shard", type=shard_arg, metavar="I/N", help="run only the points whose index %% N == I")
   p.add_argument("--only", metavar="REGEX", help="run only the points whose arg string matches this regex")
   p.add_argument("--dry-run", action="store_true", help="print the points, their names and commands; run nothing")
@@ -463,7 +561,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None, command: PointCommand = point_command) -> int:
-  """The command line (module docstring); ``command`` builds each point's command. Returns the exit status."""
+  """The command line (module docstring); ``command`` builds each point's command (a custom one, as tests give,
+  never stacks under ``--stack auto``). Returns the exit status."""
   p = _parser()
   args = p.parse_args(argv)
   config_file, _, arg = args.config.partition(":")
@@ -481,6 +580,8 @@ def main(argv: Sequence[str] | None = None, command: PointCommand = point_comman
     if not points:
       raise ValueError(f"no point selected (--shard {args.shard}, --only {args.only!r})")
     check_points(module, points, args.overrides)
+    size = 1 if args.stack == "auto" and command is not point_command else args.stack
+    groups = stack_groups(module, points, args.overrides, size)
   except (ValueError, re.error) as e:
     p.error(str(e))
   workdir = epath.Path(args.workdir)
@@ -488,16 +589,18 @@ def main(argv: Sequence[str] | None = None, command: PointCommand = point_comman
   conflict = workdir_conflict(workdir, identity)
   extra = [*args.overrides, *(["--overwrite"] if args.overwrite else [])]
   sweep = Sweep(config_file, points, workdir, extra=extra, parallel=args.parallel, command=command,
-                log_dir=args.log_dir)
+                log_dir=args.log_dir, groups=groups)
   if args.dry_run:
     print(f"# {args.config} -> {workdir}: {len(points)} of {len(every)} point(s)"
           + (f" (shard {args.shard[0]}/{args.shard[1]})" if args.shard else "")
           + (f" (only {args.only!r})" if args.only else ""))
     if conflict:
       print(f"# note: {conflict}")
-    for pt in points:
-      state = (read_status(workdir / pt.name) or {}).get("state", "not started")
-      print(f"[{pt.index}] {pt.arg} -> {pt.name} ({state})\n    {shlex.join(sweep.point_argv(pt))}")
+    for group in groups:
+      for pt in group:
+        state = (read_status(workdir / pt.name) or {}).get("state", "not started")
+        print(f"[{pt.index}] {pt.arg} -> {pt.name} ({state})")
+      print(f"    {shlex.join(sweep.argv(group))}")
     return 0
   if conflict:
     if not args.overwrite:
@@ -507,7 +610,8 @@ def main(argv: Sequence[str] | None = None, command: PointCommand = point_comman
   _write_json(workdir / "sweep.json", {
       **identity, "points": [{"index": q.index, "point": q.arg, "name": q.name} for q in every],
       "argv": [sys.executable, "-m", "experiments.sweep", *(sys.argv[1:] if argv is None else argv)],
-      "shard": args.shard, "only": args.only, "parallel": args.parallel, "host": socket.gethostname(),
+      "shard": args.shard, "only": args.only, "parallel": args.parallel, "stack": args.stack,
+      "host": socket.gethostname(),
       "started": _now(), **git_commit()})
   return sweep.run()
 

@@ -1,0 +1,419 @@
+"""Stacked runs: K runs over one frozen base trained in one jitted step, ``jax.vmap`` over a leading run axis.
+
+    plans = [stack.RunPlan(spec_r, optim_lr, seed) for ...]        # K runs that differ in rank, alpha, LR, seed, ...
+    s = stack.init(model, params, plans, layouts)                   # the stacked state and per-run hyperparameters
+    results = stack.fit(model, s, loop, batches, eval_batches, workdirs)   # each run writes its own run directory
+
+What a run of a stack may set for itself (``STACKABLE_SPEC``, ``optim.HYPERPARAMETERS``, the seed and its data
+order); everything else (targets, layers, dropout, schedule, Adam's betas, clipping) is the stack's. Adapters,
+fully-trained parameters, Adam states, step RNGs, the per-run learning rate, LoRA+ ratio, weight decay and each
+adapter's scale alpha/r carry the run axis; the frozen base is shared, and so is the batch unless the runs draw
+different data orders (then each run gets its own, ``[K, B, T]``).
+
+Different ranks share one stack by zero-padding: A's extra columns and B's extra rows start at zero, and since
+∂L/∂A[:, j] = xᵀ(g·B[j, :]ᵀ) and ∂L/∂B[j, :] = (x·A[:, j])ᵀg, both stay exactly zero (zero gradient, zero Adam
+moments, zero update, zero weight decay), so each run is its unpadded self with the scale of its true rank.
+
+``fit`` writes every run's directory exactly as ``train.fit`` would for that run alone (metrics.jsonl,
+lora_diagnostics.jsonl, adapter-only checkpoints at its true rank, TensorBoard), so reports, export and generation
+need not know it was stacked. A run whose loss turns non-finite or collapses stops being logged and saved (its
+result says why); the others go on. Resume restores every run from the newest step all of them have checkpointed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec
+
+from lora_jax import checkpoint as ckpt_lib
+from lora_jax import lora
+from lora_jax import metrics as metrics_lib
+from lora_jax import optim
+from lora_jax import sharding as sharding_lib
+from lora_jax import train
+
+RUN_AXIS = "runs"  # logical name of the run axis; sharding rules map it (e.g. {"runs": "data"}) to spread runs
+STACKABLE_SPEC = ("rank", "alpha", "scaling", "init_a", "rank_pattern", "alpha_pattern", "rank_policy")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+  """One run of a stack: its LoRA spec (``LoraSpec.full()`` for full FT), optimizer and seed (init and dropout)."""
+
+  spec: lora.LoraSpec
+  optim: optim.OptimConfig
+  seed: int = 0
+
+
+def check_stackable(plans: Sequence[RunPlan]) -> None:
+  """Raises ValueError naming the fields in which a run differs from run 0 beyond what a stack allows."""
+  if not plans:
+    raise ValueError("a stack needs at least one run")
+  ref = plans[0]
+  for i, p in enumerate(plans):
+    if p.spec.init_a == "pissa":
+      raise ValueError(f"run {i}: init_a='pissa' changes the base weights per run, so they cannot share one frozen "
+                       "base; stack runs with uniform or gaussian init")
+    spec_diff = [f"spec.{f.name}" for f in dataclasses.fields(lora.LoraSpec)
+                 if f.name not in STACKABLE_SPEC and getattr(p.spec, f.name) != getattr(ref.spec, f.name)]
+    optim_diff = [f"optim.{f.name}" for f in dataclasses.fields(optim.OptimConfig)
+                  if f.name not in optim.HYPERPARAMETERS and getattr(p.optim, f.name) != getattr(ref.optim, f.name)]
+    if spec_diff or optim_diff:
+      raise ValueError(f"run {i} cannot be stacked with run 0: they differ in {spec_diff + optim_diff}; runs of a "
+                       f"stack may differ only in spec {list(STACKABLE_SPEC)}, optim {list(optim.HYPERPARAMETERS)} "
+                       "and seed")
+
+
+def _unit_scales(tree):
+  """``tree`` with every Adapter's static scale replaced by its 0/1 layer mask, so runs of any rank share a treedef."""
+
+  def one(x):
+    if isinstance(x, lora.Adapter):
+      return x.replace(scale=lora._nested((x.scale_array() != 0).astype(np.float32)))  # noqa: SLF001
+    return x
+
+  return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, lora.Adapter))
+
+
+def stack_trees(trees: Sequence[Any]) -> Any:
+  """Stacks K trees of one structure on a new leading axis, zero-padding each leaf to the largest shape among them."""
+  normal = [_unit_scales(t) for t in trees]
+  treedef = jax.tree.structure(normal[0])
+  for i, t in enumerate(normal[1:], 1):
+    if jax.tree.structure(t) != treedef:
+      raise ValueError(f"run {i}'s state has another structure than run 0's (different targets, layers or "
+                       "trainable parameters): they cannot be stacked")
+  columns = zip(*(jax.tree.leaves(t) for t in normal))
+
+  def pad_stack(leaves):
+    if not np.ndim(leaves[0]):
+      return jnp.stack(leaves)
+    shape = tuple(int(n) for n in np.max([np.shape(x) for x in leaves], axis=0))
+    return jnp.stack([jnp.pad(x, [(0, n - m) for n, m in zip(shape, np.shape(x))]) for x in leaves])
+
+  return jax.tree.unflatten(treedef, [pad_stack(c) for c in columns])
+
+
+def unstack_tree(stacked: Any, k: int, like: Any) -> Any:
+  """Run ``k`` of a stacked tree, cut back to the shapes (true ranks) and structure (true scales) of ``like``."""
+  leaves, treedef = jax.tree.flatten(like)
+  return jax.tree.unflatten(treedef, [x[k][tuple(slice(0, n) for n in np.shape(y))]
+                                      for x, y in zip(jax.tree.leaves(stacked), leaves)])
+
+
+@dataclasses.dataclass
+class Stack:
+  """K runs as one: the stacked state (every leaf but ``frozen`` has the run axis) and per-run hyperparameters."""
+
+  state: train.TrainState
+  hyper: dict  # {"lr", "lr_b_ratio", "weight_decay": [K], "scales": {adapter key: [K, *stack axes]}}
+  plans: list[RunPlan]
+  like: list[train.TrainState]  # each run's own state as shapes (true ranks and scales), for unstacking
+
+  @property
+  def size(self) -> int:
+    """Number of runs K."""
+    return len(self.plans)
+
+  def run_state(self, k: int) -> train.TrainState:
+    """Run ``k`` alone, as ``train.fit`` would hold it (true rank and scale, the shared frozen base)."""
+    rest = unstack_tree(self.state.replace(frozen=None), k, self.like[k].replace(frozen=None))
+    return rest.replace(frozen=self.state.frozen)
+
+
+def _hyper(plan: RunPlan, adapters) -> dict:
+  return {"lr": plan.optim.lr, "lr_b_ratio": plan.optim.lr_b_ratio, "weight_decay": plan.optim.weight_decay,
+          "scales": {key: ad.scale_array() for key, ad in lora.adapter_items(adapters)}}
+
+
+def init(params, plans: Sequence[RunPlan], layouts=None) -> Stack:
+  """Creates each run's adapters and state (``lora.create``, ``train.init_state`` with its seed) and stacks them."""
+  plans = list(plans)
+  check_stackable(plans)
+  states, hypers = [], []
+  for p in plans:
+    base, adapters = lora.create(params, p.spec, jax.random.key(p.seed), layouts=layouts)
+    states.append(train.init_state(base, adapters, p.spec, p.optim, p.seed))
+    hypers.append(_hyper(p, adapters))
+  frozen = states[0].frozen
+  rest = stack_trees([s.replace(frozen=None) for s in states])
+  # Python floats become float32 (float64 under x64), as a separate run's constants do; scales stay float32.
+  hyper = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *hypers)
+  like = [jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), s.replace(frozen=None)) for s in states]
+  return Stack(state=rest.replace(frozen=frozen), hyper=hyper, plans=plans, like=like)
+
+
+def with_states(s: Stack, states: Sequence[train.TrainState]) -> Stack:
+  """``s`` holding these per-run states (e.g. restored from each run's checkpoint) instead of its own."""
+  rest = stack_trees([st.replace(frozen=None) for st in states])
+  return dataclasses.replace(s, state=rest.replace(frozen=s.state.frozen))
+
+
+def make_steps(model: nn.Module, plans: Sequence[RunPlan], grad_accum: int = 1, per_run_batches: bool = False,
+               shardings: dict | None = None) -> tuple[Callable, Callable]:
+  """The jitted stacked ``(train_step, eval_step)``.
+
+  ``train_step(frozen, state_without_frozen, batch, hyper) -> (state_without_frozen, metrics [K])`` donates the
+  state; ``eval_step(frozen, state_without_frozen, batch, hyper) -> (sum NLL [K], token count [K])`` on one shared
+  batch. ``shardings`` (from ``stack_shardings``) compiles them with explicit placements.
+  """
+  ref = plans[0].optim
+  step_fn = train.make_train_step(model, lambda h: optim.make_optimizer(ref, h), grad_accum)
+  eval_fn = train.make_eval_step(model)
+
+  def train_step(frozen, state, batch, hyper):
+    def one(st, b, h):
+      new, m = step_fn(st.replace(frozen=frozen), b, h)
+      return new.replace(frozen=None), m
+
+    return jax.vmap(one, in_axes=(0, 0 if per_run_batches else None, 0))(state, batch, hyper)
+
+  def eval_step(frozen, state, batch, hyper):
+    return jax.vmap(lambda st, h: eval_fn(st.replace(frozen=frozen), batch, h["scales"]))(state, hyper)
+
+  if shardings is None:
+    return jax.jit(train_step, donate_argnums=(1,)), jax.jit(eval_step)
+  sh = shardings
+  batch_sh = sh["run_batch"] if per_run_batches else sh["batch"]
+  return (jax.jit(train_step, donate_argnums=(1,), in_shardings=(sh["frozen"], sh["state"], batch_sh, sh["hyper"]),
+                  out_shardings=(sh["state"], sh["runs"])),
+          jax.jit(eval_step, in_shardings=(sh["frozen"], sh["state"], sh["batch"], sh["hyper"]),
+                  out_shardings=sh["runs"]))
+
+
+def stack_shardings(s: Stack, param_shardings, mesh, rules: dict | None = None) -> dict:
+  """Placements of a stack on ``mesh``: each run's parts as ``train.state_shardings`` places one run's, with the run
+  axis (logical ``RUN_AXIS``, mapped by ``rules``) in front; the frozen base by ``param_shardings``; the shared batch
+  over the batch axes the run axis does not use."""
+  rules = dict(sharding_lib.DEFAULT_RULES if rules is None else rules)
+  run_axis = rules.get(RUN_AXIS)
+  one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), s.state.replace(frozen=None))
+  per_run = train.state_shardings(one.replace(frozen=s.state.frozen), None, param_shardings, mesh)
+  used = {a for a in ([run_axis] if isinstance(run_axis, str) else run_axis or [])}
+
+  def with_run_axis(sh):
+    taken = {a for part in sh.spec for a in ([part] if isinstance(part, str) else part or [])}
+    if used & taken:
+      raise ValueError(f"sharding rule {RUN_AXIS!r} -> {run_axis!r} puts the run axis on mesh axes that also split a "
+                       f"parameter ({sh.spec}); map {RUN_AXIS!r} to a mesh axis the parameters do not use")
+    return NamedSharding(mesh, PartitionSpec(run_axis, *sh.spec))
+
+  state = jax.tree.map(with_run_axis, per_run.replace(frozen=None))
+  runs = NamedSharding(mesh, PartitionSpec(run_axis))
+  batch_axes = tuple(a for a in sharding_lib.BATCH_AXES if a not in used)
+  return {"frozen": per_run.frozen, "state": state, "runs": runs,
+          "hyper": jax.tree.map(lambda x: NamedSharding(mesh, PartitionSpec(run_axis)), s.hyper),
+          "batch": NamedSharding(mesh, PartitionSpec(batch_axes or None)),
+          "run_batch": NamedSharding(mesh, PartitionSpec(run_axis, batch_axes or None))}
+
+
+@dataclasses.dataclass
+class RunResult:
+  """How one run of a stack ended: "done" or "failed" (with the error a separate run would have raised)."""
+
+  state: str
+  error: str | None = None
+  metrics: dict = dataclasses.field(default_factory=dict)  # the last train and eval metrics
+
+
+class _Run:
+  """One run's files and bookkeeping inside ``fit``."""
+
+  def __init__(self, workdir, keep, record, writer):
+    self.workdir = epath.Path(workdir)
+    self.checkpointer = ckpt_lib.Checkpointer(self.workdir / "checkpoints", keep=keep)
+    self.record = record or {}
+    self.writer = writer or metrics_lib.MetricWriter(self.workdir)
+    self.error = None
+    self.last = {}
+    self.zero_grad_since = None
+
+  def last_good(self, upto: int) -> str:
+    """A sentence naming the newest checkpoint on disk at or before step ``upto``."""
+    steps = [s for s in self.checkpointer.all_steps() if s <= upto]
+    if not steps:
+      return f"No good checkpoint in {self.checkpointer.directory}."
+    return f"Last good checkpoint: step {steps[-1]} in {self.checkpointer.directory}."
+
+
+def _next_batch(batches):
+  if isinstance(batches, (list, tuple)):
+    return {k: np.stack([b[k] for b in parts]) for parts in [[next(it) for it in batches]] for k in parts[0]}
+  return next(batches)
+
+
+def _data_states(batches, k: int) -> dict:
+  return (batches[k] if isinstance(batches, (list, tuple)) else batches).state()
+
+
+def fit(model: nn.Module, s: Stack, loop: train.LoopConfig, batches, eval_batches: Callable[[], Iterable[dict]],
+        workdirs: Sequence[str | epath.PathLike], *, records: Sequence[dict] | None = None,
+        eval_hook: Callable[[train.TrainState], dict] | None = None,
+        writers: Sequence[metrics_lib.MetricWriter] | None = None, progress: bool = True, mesh=None,
+        param_shardings=None, rules: dict | None = None) -> tuple[Stack, list[RunResult]]:
+  """Trains the K runs of ``s`` for ``loop.steps`` steps, each into its own ``workdirs[k]`` as ``train.fit`` would.
+
+  ``batches`` is one ``train.BatchIterator`` shared by every run, or a list of K (each run's own data order).
+  Resumes every run from the newest step that all of them have checkpointed. SIGTERM saves every live run and
+  raises ``train.Preempted``. Returns the final stack and each run's ``RunResult``. With a ``mesh``, the runs are
+  spread over the mesh axis that ``rules`` maps ``RUN_AXIS`` to (``stack_shardings``).
+  """
+  k_runs = s.size
+  if len(workdirs) != k_runs:
+    raise ValueError(f"{k_runs} runs but {len(workdirs)} workdirs")
+  per_run_batches = isinstance(batches, (list, tuple))
+  if per_run_batches and len(batches) != k_runs:
+    raise ValueError(f"{k_runs} runs but {len(batches)} batch iterators")
+  runs = [_Run(w, loop.keep_checkpoints, (records or [None] * k_runs)[k], (writers or [None] * k_runs)[k])
+          for k, w in enumerate(workdirs)]
+  shardings = None
+  to_device = lambda b: b  # noqa: E731
+  if mesh is not None:
+    shardings = stack_shardings(s, param_shardings, mesh, rules)
+    s = dataclasses.replace(s, state=jax.device_put(s.state, dataclasses.replace(
+        shardings["state"], frozen=shardings["frozen"])), hyper=jax.device_put(s.hyper, shardings["hyper"]))
+    to_device = lambda b, key="batch": jax.device_put(b, shardings[key])  # noqa: E731
+  train_step, eval_step = make_steps(model, s.plans, loop.grad_accum, per_run_batches, shardings)
+  run_batch = (lambda b: to_device(b, "run_batch")) if (per_run_batches and mesh is not None) else to_device
+
+  # Resume: the newest step every run has a checkpoint of.
+  common = set.intersection(*(set(r.checkpointer.all_steps()) for r in runs))
+  start = max(common) if common else 0
+  if start:
+    states = []
+    for k, r in enumerate(runs):
+      own = s.run_state(k)
+      items, saved = r.checkpointer.restore(start, own.checkpoint_tree())
+      states.append(own.replace(**items))
+      if per_run_batches or k == 0:
+        (batches[k] if per_run_batches else batches).restore(saved["data"])
+    s = with_states(s, states)
+    if mesh is not None:
+      s = dataclasses.replace(s, state=jax.device_put(s.state, dataclasses.replace(
+          shardings["state"], frozen=shardings["frozen"])))
+  keep_until = start if start else -1
+  for r in runs:
+    r.writer.truncate_after(keep_until)
+    if r.writer.active:
+      metrics_lib.truncate_jsonl(r.workdir / train.DIAGNOSTICS_FILE, keep_until)
+  diagnostics = jax.jit(lambda st: metrics_lib.lora_diagnostics(*lora.combine(st.trainable, st.frozen)))
+  trainable_finite = jax.jit(train.all_finite)
+  n_trainable = [sum(math.prod(x.shape) for x in jax.tree.leaves(like.trainable)) for like in s.like]
+  n_frozen = sum(x.size for x in jax.tree.leaves(s.state.frozen))
+  lr_at = [optim.schedule(p.optim) for p in s.plans]
+  frozen, state = s.state.frozen, s.state.replace(frozen=None)
+
+  stop = {"signal": None}
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+  bar = metrics_lib.Progress(loop.steps, start, active=None if progress else False)
+  pending = None
+
+  def current() -> Stack:
+    return dataclasses.replace(s, state=state.replace(frozen=frozen))
+
+  def alive():
+    return [(k, r) for k, r in enumerate(runs) if r.error is None]
+
+  def finish_pending():
+    nonlocal pending
+    if pending is None:
+      return
+    step, m, t0, tokens = pending
+    pending = None
+    m = {key: np.asarray(v, np.float64) for key, v in jax.device_get(m).items()}
+    dt = time.time() - t0
+    for k, r in alive():
+      mk = {key: float(v[k]) for key, v in m.items()}
+      if not math.isfinite(mk["train/loss"]) or not math.isfinite(mk["train/grad_norm"]):
+        r.error = (f"NonFiniteLoss: train/loss is {mk['train/loss']} (grad norm {mk['train/grad_norm']}) at step "
+                   f"{step}; stopping. {r.last_good(step - 2)}")
+        continue
+      r.zero_grad_since = (r.zero_grad_since or step) if mk["train/grad_norm"] == 0.0 else None
+      if loop.collapse_steps and r.zero_grad_since is not None and step - r.zero_grad_since + 1 >= loop.collapse_steps:
+        r.error = (f"Collapsed: train/grad_norm has been exactly 0 for {loop.collapse_steps} steps (steps "
+                   f"{r.zero_grad_since}-{step}, train/loss {mk['train/loss']:.6g}): the run has collapsed (learning "
+                   f"rate too high?); stopping at step {step}. {r.last_good(r.zero_grad_since - 2)}")
+        continue
+      mk.update({"train/lr": float(lr_at[k](step - 1)), "train/step_time_s": dt,
+                 "train/loss_tokens_per_s": mk["train/tokens"] / max(dt, 1e-9),
+                 "train/tokens_per_s": tokens / max(dt, 1e-9)})
+      r.last = mk
+      if step % loop.log_every == 0 or step == loop.steps:
+        r.writer.write(step, {**mk, "train/peak_memory_bytes": train.peak_memory_bytes(),
+                              "params/trainable": n_trainable[k], "params/total": n_trainable[k] + n_frozen})
+    live = [r.last["train/loss"] for _, r in alive() if r.last]
+    bar.update(step, loss=float(np.mean(live)) if live else float("nan"), runs=len(alive()))
+
+  def run_eval(step):
+    totals, counts = 0.0, 0.0
+    for batch in eval_batches():
+      t, c = eval_step(frozen, state, to_device(batch), s.hyper)
+      totals, counts = totals + np.asarray(t, np.float64), counts + np.asarray(c, np.float64)
+    if np.any(np.asarray(counts) == 0):
+      raise ValueError("the eval set has no loss tokens")
+    nll = np.asarray(totals / counts)
+    stacked = current()
+    for k, r in alive():
+      m = {"eval/nll": float(nll[k]), "eval/perplexity": math.exp(min(float(nll[k]), 700.0))}
+      run_state = stacked.run_state(k)
+      if eval_hook is not None:
+        m.update(eval_hook(run_state))
+      diag = {key: {n: float(v) for n, v in d.items()} for key, d in jax.device_get(diagnostics(run_state)).items()}
+      if diag:
+        for key in ("rel_update", "norm_a", "norm_b"):
+          m[f"lora/{key}_mean"] = float(np.mean([d[key] for d in diag.values()]))
+        if r.writer.active:
+          metrics_lib.append_line(r.workdir / train.DIAGNOSTICS_FILE, json.dumps({"step": step, "modules": diag}))
+      r.writer.write(step, m)
+      r.last.update(m)
+
+  def save(step):
+    stacked = current()
+    for k, r in alive():
+      run_state = stacked.run_state(k)
+      if not bool(trainable_finite(run_state.trainable)):
+        r.error = (f"NonFiniteLoss: the trained parameters are not finite after step {step} (train/loss at step "
+                   f"{step} was {r.last.get('train/loss')}); stopping without saving. {r.last_good(step - 1)}")
+        continue
+      r.checkpointer.save(step, run_state.checkpoint_tree(), {"data": _data_states(batches, k), **r.record})
+
+  try:
+    if start == 0:
+      run_eval(0)
+    for step in range(start + 1, loop.steps + 1):
+      batch = run_batch(_next_batch(batches)) if per_run_batches else to_device(_next_batch(batches))
+      t0 = time.time()
+      state, m = train_step(frozen, state, batch, s.hyper)
+      finish_pending()
+      pending = (step, m, t0, np.asarray(batch["inputs"]).size // (k_runs if per_run_batches else 1))
+      if not alive():
+        break
+      if step % loop.eval_every == 0 or step == loop.steps:
+        finish_pending()
+        run_eval(step)
+      if step % loop.checkpoint_every == 0 or step == loop.steps or stop["signal"] is not None:
+        finish_pending()
+        save(step)
+      if stop["signal"] is not None:
+        raise train.Preempted(f"preempted by signal {stop['signal']} at step {step}; checkpoints saved in "
+                              + ", ".join(str(r.checkpointer.directory) for _, r in alive()))
+    finish_pending()
+  finally:
+    bar.close()
+    signal.signal(signal.SIGTERM, previous)
+    for r in runs:
+      r.checkpointer.close()
+  results = [RunResult("done" if r.error is None else "failed", r.error, r.last) for r in runs]
+  return current(), results

@@ -1,0 +1,218 @@
+"""Tests for lora_jax.stack: K runs in one vmapped step equal K separate runs; zero-padded ranks are their unpadded
+selves; each run writes its own run directory; a killed stack resumes bitwise; runs spread over devices."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lora_jax import lora, optim, stack, train
+from lora_jax.models import transformer
+from tests import _tolerance
+from tests.test_train import CONFIG, MODEL, CountingBatches, eval_batches
+
+from tests.test_train import x64  # noqa: F401  (a fixture)
+
+LOOP = dict(steps=12, log_every=1, eval_every=6, checkpoint_every=6)
+
+
+def lora_spec(rank, alpha=32.0, dtype="float32"):
+  return lora.LoraSpec(rank=rank, alpha=alpha, targets=("all-linear", "unembed"), dtype=dtype)
+
+
+def lora_plans(dtype="float32"):
+  """Two ranks, three LRs, three seeds, a LoRA+ ratio, weight decay and another alpha in one stack."""
+  return [stack.RunPlan(lora_spec(2, dtype=dtype), optim.OptimConfig(lr=1e-2), seed=0),
+          stack.RunPlan(lora_spec(4, dtype=dtype), optim.OptimConfig(lr=3e-3, weight_decay=0.1), seed=1),
+          stack.RunPlan(lora_spec(4, alpha=8.0, dtype=dtype), optim.OptimConfig(lr=2e-2, lr_b_ratio=4.0), seed=2)]
+
+
+PLANS = lora_plans()
+FULL = [stack.RunPlan(lora.LoraSpec.full(), optim.OptimConfig(lr=lr), seed=s) for lr, s in ((1e-3, 0), (3e-3, 1))]
+
+
+MODEL64 = transformer.CausalLM(CONFIG.replace(dtype="float64", param_dtype="float64"))
+
+
+def base_params():
+  params = transformer.init_params(CONFIG, jax.random.key(0))
+  return jax.tree.map(lambda x: x.astype(jnp.float64), params) if jax.config.jax_enable_x64 else params
+
+
+def model():
+  """The test model, computing in float64 under x64 (where equality with separate runs is checked)."""
+  return MODEL64 if jax.config.jax_enable_x64 else MODEL
+
+
+def separate(tmp_path, plan, name, batches=None):
+  params, adapters = lora.create(base_params(), plan.spec, jax.random.key(plan.seed))
+  state = train.init_state(params, adapters, plan.spec, plan.optim, plan.seed)
+  loop = train.LoopConfig(**LOOP)
+  return train.fit(model(), state, plan.optim, loop, batches or CountingBatches(), eval_batches, tmp_path / name,
+                   record={"base": "test"}, progress=False)
+
+
+def stacked(tmp_path, plans, names, batches=None, steps=None, **kw):
+  s = stack.init(base_params(), plans)
+  loop = train.LoopConfig(**{**LOOP, **({"steps": steps} if steps else {})})
+  return stack.fit(model(), s, loop, batches or CountingBatches(), eval_batches, [tmp_path / n for n in names],
+                   records=[{"base": "test"}] * len(plans), progress=False, **kw)
+
+
+def read(path):
+  return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# Stacked and separate runs differ only in rounding (batched vs single matmuls). In float32 those differences grow
+# chaotically over Adam steps at these LRs (measured: 3e-9 after one step, 3e-2 after 24), so equality is checked in
+# float64, where after 12 steps they stay near 1e-12.
+EQUAL = 1e-8
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_stacked_runs_equal_separate_runs_and_write_the_same_files(tmp_path, x64, method):  # noqa: F811
+  plans = lora_plans("float64") if method == "lora" else FULL
+  names = [f"run{k}" for k in range(len(plans))]
+  final, results = stacked(tmp_path / "stack", plans, names)
+  assert [r.state for r in results] == ["done"] * len(plans)
+  for k, plan in enumerate(plans):
+    state, _ = separate(tmp_path / "alone", plan, names[k])
+    own = final.run_state(k)
+    for a, b in zip(jax.tree.leaves(own.trainable), jax.tree.leaves(state.trainable)):
+      assert a.shape == b.shape and a.dtype == b.dtype  # the true rank, not the padded one
+      _tolerance.assert_close(a, b, EQUAL)
+    got, want = read(tmp_path / "stack" / names[k] / "metrics.jsonl"), read(tmp_path / "alone" / names[k] /
+                                                                              "metrics.jsonl")
+    assert [sorted(r) for r in got] == [sorted(r) for r in want]  # the same records, the same metric names
+    for g, w in zip(got, want):
+      for key in ("train/loss", "train/grad_norm", "eval/nll", "train/lr", "lora/norm_b_mean", "params/trainable"):
+        if key in w:
+          np.testing.assert_allclose(g[key], w[key], rtol=EQUAL, err_msg=f"run {k} {key} at step {w['step']}")
+    assert sorted(p.name for p in (tmp_path / "stack" / names[k] / "checkpoints").iterdir()) == ["12", "6"]
+    if plan.spec.targets:
+      assert len(read(tmp_path / "stack" / names[k] / train.DIAGNOSTICS_FILE)) == 3  # steps 0, 6 and 12
+  # The runs really differ (rank, LR, seed): a stack is not K copies of one run.
+  losses = [[r for r in read(tmp_path / "stack" / n / "metrics.jsonl") if "train/loss" in r][-1]["train/loss"]
+            for n in names]
+  assert len(set(losses)) == len(plans)
+
+
+def test_a_padded_rank_is_its_unpadded_self_in_float64(x64):  # noqa: F811
+  if True:
+    params = base_params()
+    spec2 = lora.LoraSpec(rank=2, targets=("all-linear",), dtype="float64")
+    spec8 = lora.LoraSpec(rank=8, targets=("all-linear",), dtype="float64")
+    plans = [stack.RunPlan(spec2, optim.OptimConfig(lr=1e-2), seed=0),
+             stack.RunPlan(spec8, optim.OptimConfig(lr=1e-2), seed=0)]
+    s = stack.init(params, plans)
+    step, _ = stack.make_steps(MODEL64, plans)
+    alone = train.jit_train_step(train.make_train_step(MODEL64, optim.make_optimizer(plans[0].optim)))
+    single = s.run_state(0)
+    frozen, state = s.state.frozen, s.state.replace(frozen=None)
+    batches = CountingBatches()
+    for _ in range(5):
+      batch = next(batches)
+      state, m = step(frozen, state, batch, s.hyper)
+      rest, m0 = alone(single.frozen, single.replace(frozen=None), batch)
+      single = rest.replace(frozen=single.frozen)
+    s = stack.Stack(state.replace(frozen=frozen), s.hyper, s.plans, s.like)
+    got = s.run_state(0)
+    for a, b in zip(jax.tree.leaves(got.checkpoint_tree()), jax.tree.leaves(single.checkpoint_tree())):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(float(m["train/loss"][0]), float(m0["train/loss"]), rtol=1e-12)
+    # The padding itself never moved: A's extra columns and B's extra rows, and their Adam moments, are exactly 0.
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state.trainable["lora"])[0]:
+      which = jax.tree_util.keystr(path)
+      run0 = np.asarray(leaf[0])
+      extra = run0[..., 2:] if which.endswith(".a") else run0[..., 2:, :]
+      assert np.all(extra == 0), which
+    mu = [x for x in jax.tree.leaves(state.opt_state) if x.ndim >= 3]
+    assert mu and all(np.all(np.asarray(x[0])[..., 2:, :] == 0) or np.all(np.asarray(x[0])[..., 2:] == 0)
+                      for x in mu)
+
+
+def test_runs_that_differ_beyond_the_stackable_fields_are_refused():
+  with pytest.raises(ValueError, match=r"spec.targets"):
+    stack.check_stackable([PLANS[0], stack.RunPlan(lora.LoraSpec(rank=2, targets=("attention",)), PLANS[0].optim)])
+  with pytest.raises(ValueError, match=r"optim.schedule"):
+    stack.check_stackable([PLANS[0], stack.RunPlan(PLANS[0].spec, optim.OptimConfig(lr=1e-2, schedule="linear",
+                                                                                    total_steps=10))])
+  with pytest.raises(ValueError, match="pissa"):
+    stack.check_stackable([stack.RunPlan(lora.LoraSpec(rank=2, init_a="pissa"), PLANS[0].optim)])
+  with pytest.raises(ValueError, match="spec.extra_trainable"):
+    stack.init(base_params(), [PLANS[0], FULL[0]])
+  with pytest.raises(ValueError, match="another structure"):
+    stack.stack_trees([{"a": jnp.zeros(2)}, {"b": jnp.zeros(2)}])
+
+
+def test_per_run_data_orders(tmp_path, x64):  # noqa: F811
+  """Runs with their own data order (a different data seed each) equal separate runs on those orders."""
+  plans = lora_plans("float64")[:2]
+  orders = [CountingBatches(), CountingBatches()]
+  orders[1].index = 500
+  final, results = stacked(tmp_path / "stack", plans, ["a", "b"], batches=orders)
+  assert [r.state for r in results] == ["done", "done"]
+  other = CountingBatches()
+  other.index = 500
+  state, _ = separate(tmp_path / "alone", plans[1], "b", batches=other)
+  for a, b in zip(jax.tree.leaves(final.run_state(1).trainable), jax.tree.leaves(state.trainable)):
+    _tolerance.assert_close(a, b, EQUAL)
+
+
+def test_a_killed_stack_resumes_bitwise(tmp_path):
+  names = ["a", "b", "c"]
+  full, _ = stacked(tmp_path / "straight", PLANS, names)
+  with pytest.raises(RuntimeError, match="simulated crash"):
+    stacked(tmp_path / "killed", PLANS, names, batches=CountingBatches(fail_at=9))
+  resumed, results = stacked(tmp_path / "killed", PLANS, names)
+  assert [r.state for r in results] == ["done"] * 3
+  for k in range(3):
+    for a, b in zip(jax.tree.leaves(resumed.run_state(k).checkpoint_tree()),
+                    jax.tree.leaves(full.run_state(k).checkpoint_tree())):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    steps = [r["step"] for r in read(tmp_path / "killed" / names[k] / "metrics.jsonl") if "train/loss" in r]
+    assert steps == list(range(1, 13))  # steps 7-9 were redone, and logged once
+
+
+def test_a_diverging_run_fails_alone_and_the_others_finish(tmp_path):
+  plans = [PLANS[0], stack.RunPlan(lora_spec(4), optim.OptimConfig(lr=1e9), seed=1)]
+  final, results = stacked(tmp_path, plans, ["ok", "nan"])
+  assert results[0].state == "done" and results[0].error is None
+  assert results[1].state == "failed" and "NonFiniteLoss" in results[1].error
+  assert (tmp_path / "ok" / "checkpoints" / "12").exists()
+  assert not (tmp_path / "nan" / "checkpoints" / "12").exists()
+  assert np.isfinite([r for r in read(tmp_path / "ok" / "metrics.jsonl") if "train/loss" in r][-1]["train/loss"])
+
+
+def spread_over_eight_devices(tmp_path):
+  """With the rule runs -> data on an 8-device mesh, each of 8 runs lives on its own device and equals the stack on
+  one device. Run in a process with 8 fake CPU devices (``test_runs_spread_over_eight_devices``)."""
+  from lora_jax import sharding
+
+  assert jax.device_count() == 8
+  plans = [stack.RunPlan(lora_spec(2 + 2 * (k % 2)), optim.OptimConfig(lr=1e-3 * (k + 1)), seed=k) for k in range(8)]
+  mesh = sharding.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
+  param_sh = sharding.param_shardings(transformer.abstract_params(CONFIG), transformer.logical_axes(CONFIG), mesh,
+                                      sharding.DEFAULT_RULES)
+  rules = {**sharding.DEFAULT_RULES, stack.RUN_AXIS: "data"}
+  names = [f"r{k}" for k in range(8)]
+  spread, _ = stacked(tmp_path / "mesh", plans, names, steps=6, mesh=mesh, param_shardings=param_sh, rules=rules)
+  a_leaf = jax.tree.leaves(spread.state.trainable)[0]
+  assert a_leaf.sharding.spec[0] == "data" and len(a_leaf.addressable_shards) == 8
+  assert all(shard.data.shape[0] == 1 for shard in a_leaf.addressable_shards)  # one run per device
+  one, _ = stacked(tmp_path / "one", plans, names, steps=6)
+  for a, b in zip(jax.tree.leaves(spread.state.trainable), jax.tree.leaves(one.state.trainable)):
+    _tolerance.assert_close(a, b, 1e-4)
+
+
+def test_runs_spread_over_eight_devices(tmp_path):
+  import os
+  import subprocess
+  import sys
+
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+  code = f"import pathlib; from tests.test_stack import spread_over_eight_devices as f; f(pathlib.Path({str(tmp_path)!r}))"
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
