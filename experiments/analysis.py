@@ -404,3 +404,99 @@ def verdict_ba(ratio: float) -> Verdict:
   if math.isnan(ratio) or ratio == 1:
     return Verdict(INCONCLUSIVE, shown)
   return Verdict(AGREE if ratio > 1 else DISAGREE, shown)
+
+
+# -- RL (finding 7) ----------------------------------------------------------------------------------------------------
+# A run's score is its mean sampled reward over the last quarter of its steps (``final_reward``); its start is the
+# reward of its first round (sampled from the initial policy). Higher is better.
+
+FINAL_FRACTION = 0.25  # The score averages the train reward over this last fraction of the steps.
+REWARD_MARGIN = 0.03  # Reward: the match margin when a best LR has < 2 seeds (no seed-noise estimate).
+BAND_FRACTION = 0.5  # An LR is good when its gain over the start is at least this fraction of the setting's best gain.
+RULE_RL_PEAK = (
+    f"Score of a run = its mean sampled reward over the last {FINAL_FRACTION:.0%} of its steps; a condition's peak = "
+    f"the highest seed-mean score over its LRs. Judged at the lowest LoRA rank against full FT, gap = peak(LoRA) - "
+    f"peak(full); margin = {MATCH_NOISE:g} x the pooled seed std at the two best LRs when both have >= 2 seeds, else "
+    f"{REWARD_MARGIN:g} (a fixed margin, not a noise estimate). Inconclusive if no condition gained more than the "
+    f"margin over its start reward (nothing was learned), or if the condition behind has its peak at the first or "
+    f"last LR of its grid (a better LR may lie outside it). Otherwise agree if gap >= -margin (rank 1 matches or beats "
+    f"full FT), disagree if gap < -margin.")
+
+
+def final_reward(rewards: Mapping[int, float], steps: int) -> float:
+  """A run's score: the mean train reward over steps > (1 - FINAL_FRACTION) * steps (nan if none was logged)."""
+  tail = [v for t, v in rewards.items() if t > (1 - FINAL_FRACTION) * steps]
+  return float(np.mean(tail)) if tail else math.nan
+
+
+def verdict_rl_peak(gap: float, margin: float, best_gain: float, behind_at_edge: bool) -> Verdict:
+  """Finding 7 (peak reward): ``RULE_RL_PEAK`` on the low-rank LoRA minus full-FT peak gap."""
+  shown = f"gap {gap:+.3f} (margin {margin:.3f}; best gain over the start {best_gain:+.3f})"
+  if math.isnan(gap) or not best_gain > margin:
+    return Verdict(INCONCLUSIVE, shown + ": nothing learned beyond the margin" if not math.isnan(gap) else
+                   "no finished runs")
+  if gap >= -margin:
+    return Verdict(AGREE, shown)
+  if behind_at_edge:
+    return Verdict(INCONCLUSIVE, shown + "; the condition behind peaks at the grid's edge")
+  return Verdict(DISAGREE, shown)
+
+
+RULE_RL_BAND = (
+    f"An LR is good for a condition when its seed-mean score minus the start reward is at least {BAND_FRACTION:g} x "
+    f"the best such gain of any condition in the setting; a condition's band = the run of consecutive good LRs "
+    f"around its best LR, its width = highest / lowest LR of the band (1 for a single LR). A band that reaches the "
+    f"first or last LR of the grid is open (the true band may be wider). Per LoRA rank against full FT: agree if the "
+    f"LoRA band is wider and full FT's band is closed; disagree if the LoRA band is not wider and is closed; else "
+    f"inconclusive. Overall: disagree if any rank disagrees, agree if every rank agrees, else inconclusive.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Band:
+  """The good-LR band of a condition (``RULE_RL_BAND``)."""
+  lo: float
+  hi: float
+  open_low: bool
+  open_high: bool
+
+  @property
+  def width(self) -> float:
+    """highest / lowest good LR."""
+    return self.hi / self.lo
+
+  @property
+  def closed(self) -> bool:
+    """Neither end at the grid's edge."""
+    return not (self.open_low or self.open_high)
+
+
+def good_band(lrs: Sequence[float], gains: Sequence[float], threshold: float) -> Band | None:
+  """The consecutive LRs with gain >= threshold around the best one (None when even the best is below it)."""
+  gains = np.asarray(gains, float)
+  k = int(np.argmax(gains))
+  if not gains[k] >= threshold:
+    return None
+  lo = hi = k
+  while lo > 0 and gains[lo - 1] >= threshold:
+    lo -= 1
+  while hi < len(gains) - 1 and gains[hi + 1] >= threshold:
+    hi += 1
+  return Band(float(lrs[lo]), float(lrs[hi]), lo == 0, hi == len(gains) - 1)
+
+
+def verdict_rl_band(lora_band: Band | None, full_band: Band | None) -> Verdict:
+  """Finding 7 (band of good LRs) for one LoRA rank: ``RULE_RL_BAND``."""
+  def show(b):
+    if b is None:
+      return "none"
+    return (f"{_fmt(b.lo)}..{_fmt(b.hi)} (x{_fmt(b.width)}"
+            + (", open" if not b.closed else "") + ")")
+  shown = f"LoRA {show(lora_band)} vs full {show(full_band)}"
+  if lora_band is None or full_band is None:
+    return Verdict(INCONCLUSIVE, shown)
+  wider = lora_band.width > full_band.width
+  if wider and full_band.closed:
+    return Verdict(AGREE, shown)
+  if not wider and lora_band.closed:
+    return Verdict(DISAGREE, shown)
+  return Verdict(INCONCLUSIVE, shown)

@@ -72,9 +72,9 @@ def check_config(config: ml_collections.ConfigDict, exp_main=None) -> None:
   for method in config.methods:
     exp_main.make_optim(method, config)
   loop = train.LoopConfig(**config.train.to_dict(), seed=config.seed)
-  if loop.grad_accum != 1:
-    raise ValueError(f"config.train.grad_accum must be 1 for RL (a step is one minibatch of groups), got "
-                     f"{loop.grad_accum}")
+  if learner_rows(config) % loop.grad_accum:
+    raise ValueError(f"config.train.grad_accum {loop.grad_accum} must divide the completions per step "
+                     f"{learner_rows(config)} (rl.prompts_per_step * rl.group_size / rl.steps_per_sample)")
   for name in ("steps", "checkpoint_every"):
     if getattr(loop, name) % cfg.steps_per_sample:
       raise ValueError(f"config.train.{name} {getattr(loop, name)} must be a multiple of config.rl.steps_per_sample "

@@ -162,23 +162,37 @@ def pg_loss(logp, sampler_logp, advantages, mask, *, clip_eps: float = 0.0, kl_c
   return loss, aux
 
 
-def make_rl_step(model: nn.Module, tx: optax.GradientTransformation, cfg: RLConfig) -> Callable:
+def make_rl_step(model: nn.Module, tx: optax.GradientTransformation, cfg: RLConfig,
+                 grad_accum: int = 1) -> Callable:
   """``rl_step(state, batch) -> (state, metrics)``: one optimizer step on a minibatch of scored completions.
 
   ``batch``: ``completion_batch``'s arrays plus ``sampler_logp`` [N, T], ``advantages`` [N] and, when the base KL
-  is tracked or penalised, ``base_logp`` [N, T].
+  is tracked or penalised, ``base_logp`` [N, T]. With ``grad_accum`` > 1 the rows are split into that many
+  micro-batches whose gradients are averaged (the same gradient, less activation memory); the per-token
+  diagnostics are then means of the micro-batches' means.
   """
 
-  def rl_step(state: train.TrainState, batch):
-    def loss_fn(trainable):
-      params, adapters = lora.combine(trainable, state.frozen)
-      logp, entropy = token_logprobs(model, params, adapters, batch)
-      loss, aux = pg_loss(logp, batch["sampler_logp"], batch["advantages"], batch["mask"], clip_eps=cfg.clip_eps,
-                          kl_coef=cfg.kl_coef, base_logp=batch.get("base_logp"))
-      aux["entropy"] = jnp.sum(entropy * batch["mask"]) / jnp.maximum(jnp.sum(batch["mask"]), 1.0)
+  def loss_and_grads(trainable, frozen, mb):
+    def loss_fn(tr):
+      params, adapters = lora.combine(tr, frozen)
+      logp, entropy = token_logprobs(model, params, adapters, mb)
+      loss, aux = pg_loss(logp, mb["sampler_logp"], mb["advantages"], mb["mask"], clip_eps=cfg.clip_eps,
+                          kl_coef=cfg.kl_coef, base_logp=mb.get("base_logp"))
+      aux["entropy"] = jnp.sum(entropy * mb["mask"]) / jnp.maximum(jnp.sum(mb["mask"]), 1.0)
       return loss, aux
 
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
+    return jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+
+  def rl_step(state: train.TrainState, batch):
+    if grad_accum == 1:
+      (loss, aux), grads = loss_and_grads(state.trainable, state.frozen, batch)
+    else:
+      micro = jax.tree.map(lambda x: x.reshape((grad_accum, x.shape[0] // grad_accum) + x.shape[1:]), batch)
+      (losses, auxes), grads = jax.lax.map(lambda mb: loss_and_grads(state.trainable, state.frozen, mb), micro)
+      grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
+      loss = jnp.mean(losses)
+      aux = {k: (jnp.max(v) if k == "ratio_max" else jnp.min(v) if k == "ratio_min" else jnp.mean(v))
+             for k, v in auxes.items()}
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     metrics = {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads), "train/update_norm":
@@ -286,7 +300,11 @@ def fit(policy: Policy, state: train.TrainState, optim_config: optim.OptimConfig
   workdir = epath.Path(workdir)
   checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=loop.keep_checkpoints)
   writer = writer or metrics_lib.MetricWriter(workdir)
-  step_fn = train.jit_train_step(make_rl_step(policy.model, optim.make_optimizer(optim_config), cfg))
+  rows = cfg.prompts_per_step * cfg.group_size // m
+  if rows % loop.grad_accum:
+    raise ValueError(f"train.grad_accum {loop.grad_accum} must divide the completions per step ({rows})")
+  step_fn = train.jit_train_step(make_rl_step(policy.model, optim.make_optimizer(optim_config), cfg,
+                                              loop.grad_accum))
   reference = jax.tree.map(jnp.copy, state.trainable) if (cfg.track_base_kl or cfg.kl_coef > 0) else None
   base_logprobs = None
   if reference is not None:
