@@ -175,6 +175,20 @@ class LoopConfig:
   keep_checkpoints: int = 2  # Newest checkpoints kept on disk.
   collapse_steps: int = 20  # Stop when the gradient is exactly 0 this many steps in a row (0 = never).
   seed: int = 0  # Seed of the per-step RNG (adapter dropout).
+  # Steps per jitted call (a lax.scan over that many batches): at small shapes the host's per-step work (dispatch,
+  # transfers, metric fetches) costs as much as the step; see ``chunk_steps``. SIGTERM waits for the call in flight.
+  steps_per_call: int = 1
+
+  def __post_init__(self):
+    if self.steps_per_call < 1:
+      raise ValueError(f"LoopConfig.steps_per_call must be >= 1, got {self.steps_per_call}")
+
+  @property
+  def chunk_steps(self) -> int:
+    """Steps per jitted call: the largest divisor of both ``eval_every`` and ``checkpoint_every`` that is at most
+    ``steps_per_call``, so that evaluations and checkpoints fall at the end of a call."""
+    every = math.gcd(self.eval_every, self.checkpoint_every)
+    return max(d for d in range(1, min(self.steps_per_call, every) + 1) if every % d == 0)
 
 
 def jit_train_step(train_step: Callable, shardings: TrainState | None = None, batch_sharding=None) -> Callable:
@@ -198,6 +212,42 @@ def jit_train_step(train_step: Callable, shardings: TrainState | None = None, ba
   return step
 
 
+def stacked_batch_sharding(batch_sharding):
+  """The sharding of ``k`` stacked batches ``[k, B, T]``: the batch's, behind an unsharded leading axis."""
+  return jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec(None, *batch_sharding.spec))
+
+
+def jit_train_steps(train_step: Callable, shardings: TrainState | None = None, batch_sharding=None) -> Callable:
+  """``train_step`` scanned over stacked batches in one jitted call, donating all but the frozen base:
+  ``steps(frozen, state_without_frozen, batches, active) -> (state_without_frozen, metrics)``.
+
+  ``batches`` and the returned metrics have a leading axis of ``k`` steps; a step whose ``active`` entry is False
+  leaves the state untouched, so a short call (at the end of a run, or when SIGTERM cuts it) pads ``batches`` and
+  runs the same compiled program: how a run is cut into calls never changes its bits, so resume stays exact.
+  ``batch_sharding`` is that of one ``[B, T]`` batch.
+  """
+  if shardings is None:
+    jit = functools.partial(jax.jit, donate_argnums=(1,))
+  else:
+    rest, rep = shardings.replace(frozen=None), sharding_lib.replicated(batch_sharding.mesh)
+    jit = functools.partial(jax.jit, donate_argnums=(1,),
+                            in_shardings=(shardings.frozen, rest, stacked_batch_sharding(batch_sharding), rep),
+                            out_shardings=(rest, rep))
+
+  @jit
+  def steps(frozen, state, batches, active):
+    def body(state, xs):
+      batch, on = xs
+      new, metrics = train_step(state.replace(frozen=frozen), batch)
+      # A select, not a cond: it fuses into the optimizer's elementwise update (no copy of the state).
+      new = jax.tree.map(lambda n, o: jnp.where(on, n, o), new.replace(frozen=None), state)
+      return new, metrics
+
+    return jax.lax.scan(body, state, (batches, active))
+
+  return steps
+
+
 def make_steps(model: nn.Module, optim_config: optim.OptimConfig, grad_accum: int = 1,
                shardings: TrainState | None = None, batch_sharding=None) -> tuple[Callable, Callable]:
   """The jitted ``(train_step, eval_step)`` of a model (``jit_train_step``; explicit shardings under a mesh)."""
@@ -205,16 +255,6 @@ def make_steps(model: nn.Module, optim_config: optim.OptimConfig, grad_accum: in
                               batch_sharding)
   in_shardings = {} if shardings is None else {"in_shardings": (shardings, batch_sharding)}
   return train_step, jax.jit(make_eval_step(model), **in_shardings)
-
-
-def _keeping_frozen(step: Callable) -> Callable:
-  """``step(state, batch)`` over a ``jit_train_step`` step: the caller keeps the frozen base (never donated)."""
-
-  def run(state: TrainState, batch):
-    new, metrics = step(state.frozen, state.replace(frozen=None), batch)
-    return new.replace(frozen=state.frozen), metrics
-
-  return run
 
 
 def state_shardings(state: TrainState, optim_config: optim.OptimConfig, param_shardings, mesh) -> TrainState:
@@ -288,6 +328,10 @@ def fit(model: nn.Module, state: TrainState, optim_config: optim.OptimConfig, lo
   step, so no step is logged twice. Returns the final state and metrics. With a ``mesh``, the state is placed by
   ``param_shardings`` (see ``state_shardings``), each host's batches become one global batch split over the data
   axes, and the steps are compiled with explicit shardings.
+
+  Each jitted call runs ``loop.chunk_steps`` steps (``jit_train_steps``); the host stacks the next call's batches
+  and fetches the previous call's metrics (all its steps at once) while the device works, so nothing waits on the
+  device once per step. Every step's metrics are still checked (NaN, collapse) before any checkpoint is saved.
   """
   if (mesh is None) != (param_shardings is None):
     raise ValueError("fit needs both mesh and param_shardings, or neither")
@@ -301,8 +345,16 @@ def fit(model: nn.Module, state: TrainState, optim_config: optim.OptimConfig, lo
     state = jax.device_put(state, shardings)
     batch_sharding = sharding_lib.batch_sharding(mesh)
     to_device = functools.partial(sharding_lib.global_batch, mesh=mesh)
-  step, eval_step = make_steps(model, optim_config, loop.grad_accum, shardings, batch_sharding)
-  train_step = _keeping_frozen(step)
+  chunk = loop.chunk_steps
+  train_steps = jit_train_steps(make_train_step(model, optim.make_optimizer(optim_config), loop.grad_accum),
+                                shardings, batch_sharding)
+  _, eval_step = make_steps(model, optim_config, loop.grad_accum, shardings, batch_sharding)
+  if mesh is None:
+    stacked_to_device = lambda batches: batches  # noqa: E731
+  else:
+    stacked_sh = stacked_batch_sharding(batch_sharding)
+    stacked_to_device = lambda batches: {k: jax.make_array_from_process_local_data(stacked_sh, v)  # noqa: E731
+                                         for k, v in batches.items()}
   found = checkpointer.restore_latest(state.checkpoint_tree())  # an unreadable newest one falls back, saying so
   if found is not None:
     _, restored, saved = found
@@ -327,7 +379,10 @@ def fit(model: nn.Module, state: TrainState, optim_config: optim.OptimConfig, lo
   previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
   bar = metrics_lib.Progress(loop.steps, start, active=None if progress else False)
   last = {}
-  pending = None  # (step, metrics, t0, tokens): a step's metrics are fetched after the next step is dispatched
+  # (first step, last step, stacked metrics, t0, tokens per step): a call's metrics are fetched after the next call
+  # is dispatched.
+  pending = None
+  done_at = 0.0  # when the previous call's metrics arrived (a call's device time starts after it, or at dispatch)
   zero_grad_since = None  # first step of the current streak of exactly-zero gradients
 
   def last_good(upto):
@@ -345,31 +400,37 @@ def fit(model: nn.Module, state: TrainState, optim_config: optim.OptimConfig, lo
     checkpointer.save(step, state.checkpoint_tree(), {"data": data_state, **(record or {})})
 
   def finish_pending():
-    nonlocal pending, last, zero_grad_since
+    nonlocal pending, last, zero_grad_since, done_at
     if pending is None:
       return
-    step, m, t0, tokens = pending
+    first, final, stacked, t0, tokens = pending
     pending = None
-    m = {k: float(v) for k, v in jax.device_get(m).items()}
-    # Step s's loss and gradient are those of the state saved as step s - 1, so when they are bad, the newest
-    # checkpoint that can be trusted is at step s - 2 or before.
-    if not math.isfinite(m["train/loss"]) or not math.isfinite(m["train/grad_norm"]):
-      raise NonFiniteLoss(f"train/loss is {m['train/loss']} (grad norm {m['train/grad_norm']}) at step {step}; "
-                          f"stopping. {last_good(step - 2)}")
-    zero_grad_since = (zero_grad_since or step) if m["train/grad_norm"] == 0.0 else None
-    if loop.collapse_steps and zero_grad_since is not None and step - zero_grad_since + 1 >= loop.collapse_steps:
-      raise Collapsed(f"train/grad_norm has been exactly 0 for {loop.collapse_steps} steps (steps "
-                      f"{zero_grad_since}-{step}, train/loss {m['train/loss']:.6g}): the run has collapsed (learning "
-                      f"rate too high?); stopping at step {step}. {last_good(zero_grad_since - 2)}")
-    dt = time.time() - t0
-    m.update({"train/lr": float(lr_at(step - 1)), "train/step_time_s": dt,
-              "train/loss_tokens_per_s": m["train/tokens"] / max(dt, 1e-9),
-              "train/tokens_per_s": tokens / max(dt, 1e-9)})
-    last = m
-    bar.update(step, loss=m["train/loss"])
-    if step % loop.log_every == 0 or step == loop.steps:
-      writer.write(step, {**m, "train/peak_memory_bytes": peak_memory_bytes(), "params/trainable": n_trainable,
-                          "params/total": n_total})
+    stacked = jax.device_get(stacked)
+    now = time.time()
+    dt = (now - max(t0, done_at)) / (final - first + 1)  # seconds per step of this call
+    done_at = now
+    for i, step in enumerate(range(first, final + 1)):
+      m = {k: float(v[i]) for k, v in stacked.items()}
+      # Step s's loss and gradient are those of the state saved as step s - 1, so when they are bad, the newest
+      # checkpoint that can be trusted is at step s - 2 or before.
+      if not math.isfinite(m["train/loss"]) or not math.isfinite(m["train/grad_norm"]):
+        raise NonFiniteLoss(f"train/loss is {m['train/loss']} (grad norm {m['train/grad_norm']}) at step {step}; "
+                            f"stopping. {last_good(step - 2)}")
+      zero_grad_since = (zero_grad_since or step) if m["train/grad_norm"] == 0.0 else None
+      if loop.collapse_steps and zero_grad_since is not None and step - zero_grad_since + 1 >= loop.collapse_steps:
+        raise Collapsed(f"train/grad_norm has been exactly 0 for {loop.collapse_steps} steps (steps "
+                        f"{zero_grad_since}-{step}, train/loss {m['train/loss']:.6g}): the run has collapsed "
+                        f"(learning rate too high?); stopping at step {step}. {last_good(zero_grad_since - 2)}")
+      m.update({"train/step_time_s": dt, "train/loss_tokens_per_s": m["train/tokens"] / max(dt, 1e-9),
+                "train/tokens_per_s": tokens / max(dt, 1e-9)})
+      logged = step % loop.log_every == 0 or step == loop.steps
+      if logged or step == final:  # the schedule is evaluated on the host only where it is recorded
+        m["train/lr"] = float(lr_at(step - 1))
+      last = m
+      bar.update(step, loss=m["train/loss"])
+      if logged:
+        writer.write(step, {**m, "train/peak_memory_bytes": peak_memory_bytes(), "params/trainable": n_trainable,
+                            "params/total": n_total})
 
   def run_eval(step):
     m = evaluate(eval_step, state, map(to_device, eval_batches()))
@@ -387,12 +448,25 @@ def fit(model: nn.Module, state: TrainState, optim_config: optim.OptimConfig, lo
   try:
     if start == 0:  # the curve starts at the base model (B = 0 for LoRA)
       last.update(run_eval(0))
-    for step in range(start + 1, loop.steps + 1):
-      batch = to_device(next(train_batches))
+    step = start
+    while step < loop.steps:
+      # Calls end at multiples of ``chunk`` (hence at every evaluation and checkpoint) and at the last step, so a
+      # resumed run is cut into the same calls; SIGTERM while a batch is fetched ends the call at that step.
+      first, rows = step + 1, []
+      for _ in range(min(loop.steps, (step // chunk + 1) * chunk) - step):
+        rows.append({k: np.asarray(v) for k, v in next(train_batches).items()})
+        if stop["signal"] is not None:
+          break
+      step = first + len(rows) - 1
+      pad = [{k: np.zeros_like(v) for k, v in rows[0].items()}] * (chunk - len(rows))
+      batches = stacked_to_device({k: np.stack([r[k] for r in rows + pad]) for k in rows[0]})
+      active = np.arange(chunk) < len(rows)
       t0 = time.time()
-      state, m = train_step(state, batch)
+      rest, m = train_steps(state.frozen, state.replace(frozen=None), batches, active)
+      state = rest.replace(frozen=state.frozen)
       finish_pending()
-      pending = (step, m, t0, batch["inputs"].size)  # every token slot processed: prompt and padding included
+      # Every token slot processed counts: prompt and padding included (all hosts' rows).
+      pending = (first, step, m, t0, batches["inputs"].size // chunk)
       if step % loop.eval_every == 0 or step == loop.steps:
         finish_pending()
         last.update(run_eval(step))

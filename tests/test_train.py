@@ -353,3 +353,59 @@ def test_one_train_step_matches_golden_values(x64, method):
   assert set(trained) == set(golden) - {"train/loss", "train/grad_norm"}
   for name, x in trained.items():
     np.testing.assert_allclose(x, golden[name], rtol=1e-10, err_msg=name)
+
+
+def test_chunk_steps_end_calls_at_every_evaluation_and_checkpoint():
+  chunk = lambda k, e, c: train.LoopConfig(steps=100, steps_per_call=k, eval_every=e, checkpoint_every=c).chunk_steps
+  assert chunk(10, 50, 100) == 10
+  assert chunk(8, 12, 12) == 6  # the largest divisor of 12 up to 8
+  assert chunk(10, 3, 3) == 3 and chunk(4, 7, 100) == 1 and chunk(1, 50, 100) == 1
+  with pytest.raises(ValueError, match=r"LoopConfig.steps_per_call must be >= 1, got 0"):
+    train.LoopConfig(steps=10, steps_per_call=0)
+
+
+CHUNKED = dict(steps=10, eval_every=4, checkpoint_every=4, steps_per_call=4)
+
+
+def test_several_steps_per_call_train_as_one_step_per_call(tmp_path):
+  from _tolerance import SAME_MODEL, assert_close
+
+  chunked, last = run(tmp_path, "chunked", **CHUNKED)
+  single, _ = run(tmp_path, "single", **{**CHUNKED, "steps_per_call": 1})
+  a, b = read(tmp_path / "chunked"), read(tmp_path / "single")
+  assert [(r["step"], sorted(r)) for r in a] == [(r["step"], sorted(r)) for r in b]  # the same records
+  # The scanned step is compiled apart from the single one: the same arithmetic, up to float32 rounding. (Compared
+  # through the losses and eval NLLs: Adam divides by sqrt(v), so a rounding difference in a near-zero gradient moves
+  # a parameter by up to lr times its relative size, 1e-5 of the parameters' scale here.)
+  for key in ("train/loss", "eval/nll"):
+    assert_close([r[key] for r in a if key in r], [r[key] for r in b if key in r], SAME_MODEL)
+  assert int(chunked.step) == 10 and last["train/lr"] == OPTIM.lr  # the last call is short (steps 9-10)
+
+
+def test_resume_inside_a_call_of_several_steps_is_exact(tmp_path):
+  straight, _ = run(tmp_path, "straight", **CHUNKED)
+  with pytest.raises(RuntimeError, match="simulated crash"):  # dies fetching step 6's batch, inside call 5-8
+    run(tmp_path, "crashed", batches=CountingBatches(fail_at=5), **CHUNKED)
+  assert checkpoint.Checkpointer(tmp_path / "crashed" / "checkpoints").latest_step() == 4
+  resumed, _ = run(tmp_path, "crashed", **CHUNKED)
+
+  def term(index):
+    if index == 5:  # while fetching step 6's batch: the call ends at step 6 (steps 7-8 masked), saved there
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  with pytest.raises(train.Preempted, match="at step 6"):
+    run(tmp_path, "preempted", batches=CountingBatches(on_batch=term), **CHUNKED)
+  assert checkpoint.Checkpointer(tmp_path / "preempted" / "checkpoints").all_steps() == [4, 6]
+  after_preemption, _ = run(tmp_path, "preempted", **CHUNKED)
+  for name, state in (("crashed", resumed), ("preempted", after_preemption)):
+    for a, b in zip(leaves(straight), leaves(state)):
+      np.testing.assert_array_equal(a, b, err_msg=name)  # bitwise: a short call runs the same program, masked
+    steps = [(r["step"], "train/loss" in r) for r in read(tmp_path / name)]
+    assert steps == [(r["step"], "train/loss" in r) for r in read(tmp_path / "straight")], name
+
+
+def test_nan_inside_a_call_of_several_steps_stops_at_its_step(tmp_path):
+  with pytest.raises(train.NonFiniteLoss, match="at step 2; stopping. No good checkpoint in "):
+    run(tmp_path, "nan", optim_config=optim.OptimConfig(lr=1e30), **CHUNKED)
+  assert not (tmp_path / "nan" / "checkpoints").exists() or \
+      checkpoint.Checkpointer(tmp_path / "nan" / "checkpoints").all_steps() == []
