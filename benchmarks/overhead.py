@@ -110,6 +110,30 @@ def measure(method: str, steps: int, steps_per_call: int, experiment) -> dict:
           "loop_cpu_s": (c_hi - c_lo) / (hi - lo)}
 
 
+def markdown(results_dir: pathlib.Path) -> list[str]:
+  """The RESULTS.md section of the overhead figures (``overhead_before.json``: the old loop; ``overhead.json``)."""
+  found = [(n, results_dir / f) for n, f in (("before", "overhead_before.json"), ("now", "overhead.json"))
+           if (results_dir / f).exists()]
+  if not found:
+    return []
+  lines = ["## Trainer overhead at the tiny experiment's shape", "",
+           "Loop time per step of `train.fit` minus the compiled step's own time (the real jitted step called back "
+           "to back), as a fraction of the step; medians of interleaved repeats. CPU time (the process's) is "
+           "less disturbed by other jobs than wall-clock time.", "",
+           "| code | method | steps per call | compiled step ms | loop ms/step | overhead | CPU: compiled ms | CPU: loop "
+           "ms | CPU overhead | load average | date |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for name, path in found:
+    r = json.loads(path.read_text())
+    load = ", ".join("%.1f" % x[0] for x in r["loadavg"])
+    for row in r["rows"]:
+      lines.append(f"| {name}: {r['label'] or r['command']} | {row['method']} | {row['steps_per_call']} | "
+                   f"{1e3 * row['compiled_step_s']:.2f} | {1e3 * row['loop_step_s']:.2f} | "
+                   f"{100 * row['overhead_fraction']:.1f}% | {1e3 * row['compiled_step_cpu_s']:.2f} | "
+                   f"{1e3 * row['loop_step_cpu_s']:.2f} | {100 * row['overhead_cpu_fraction']:.1f}% | {load} | "
+                   f"{r['date']} |")
+  return lines + [""]
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=200, help="steps of each fit (>= 60)")

@@ -1,0 +1,132 @@
+"""bf16 compute against fp32 on the same run: the mixed-precision path's loss curves must stay close.
+
+    python -m benchmarks.bf16_check [--steps 40] [--methods lora,full] [--tolerance 0.03]
+
+Trains the tiny experiment (``finetune.py:tiny``: the tiny pretrained base, synthetic additions, batch 16 x 64, its
+LRs) twice per method through ``train.fit`` from the same base, adapters and batches:
+
+- fp32: float32 weights, activations and matmuls;
+- bf16: the frozen base stored in bfloat16, activations and matmuls in bfloat16 (softmax, RMSNorm statistics,
+  logits and the loss in float32), trained values (adapters, or every weight for full FT) and Adam moments float32.
+
+It compares the per-step training loss: the check passes when every step's |loss_bf16 - loss_fp32| is at most
+``--tolerance`` times the fp32 loss (the default 3% is about 8 bf16 ulps (2^-8 relative each) on the loss: rounding
+noise, far below a real divergence such as a wrongly-cast update, which shows as a curve that stops falling); the
+held-out NLL at the end is reported beside it. Writes ``benchmarks/results/bf16_check.json`` and regenerates
+``benchmarks/RESULTS.md``; the last line is ``bf16 vs fp32: max relative loss gap X (tolerance T): PASS|FAIL``, and
+the exit status is 1 on FAIL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import tempfile
+import time
+
+RESULTS = pathlib.Path(__file__).parent / "results" / "bf16_check.json"
+
+
+def run(method: str, dtype: str, steps: int) -> dict:
+  """One tiny-experiment run of ``method`` with compute dtype ``dtype``: per-step train loss and the final eval NLL."""
+  import jax
+
+  from benchmarks import overhead
+  from experiments import main
+  from lora_jax import hf, train
+
+  config, model_dir, fp32_config, sources, evals, mesh = overhead.tiny_experiment()
+  model_config = fp32_config.replace(dtype=dtype, param_dtype=dtype)
+  spec, optim_config = main.make_spec(method, config, model_config), main.make_optim(method, config)
+  s = train.setup(model_config, spec, optim_config,
+                  lambda sh: hf.load_params(model_dir, model_config, shardings=sh), mesh=mesh, seed=config.seed)
+  loop = train.LoopConfig(steps=steps, log_every=1, eval_every=steps, checkpoint_every=steps,
+                          steps_per_call=config.train.steps_per_call, seed=config.seed)
+  with tempfile.TemporaryDirectory() as workdir:
+    _, last = train.fit(s.model, s.state, optim_config, loop, main.train_batches(config, sources), lambda: evals,
+                        workdir, mesh=s.mesh, param_shardings=s.param_shardings, progress=False)
+    records = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+  dtypes = sorted({str(x.dtype) for x in jax.tree.leaves(s.state.frozen)})
+  return {"losses": [r["train/loss"] for r in records if "train/loss" in r], "eval_nll": last["eval/nll"],
+          "frozen_dtypes": dtypes}
+
+
+def compare(fp32: dict, bf16: dict) -> dict:
+  """Per-step relative loss gaps of a bf16 run against its fp32 twin."""
+  gaps = [abs(b - a) / a for a, b in zip(fp32["losses"], bf16["losses"])]
+  return {"max_relative_gap": max(gaps), "max_gap_step": gaps.index(max(gaps)) + 1,
+          "mean_relative_gap": sum(gaps) / len(gaps),
+          "eval_nll_relative_gap": abs(bf16["eval_nll"] - fp32["eval_nll"]) / fp32["eval_nll"]}
+
+
+def markdown(results_dir: pathlib.Path) -> list[str]:
+  """The RESULTS.md section of the bf16 check (``bf16_check.json``), or nothing when it has not run."""
+  path = results_dir / "bf16_check.json"
+  if not path.exists():
+    return []
+  r = json.loads(path.read_text())
+  lines = ["## bf16 compute vs fp32 (same run)", "",
+           f"`{r['command']}` on {r['device']}, {r['date']} (load average {r['loadavg'][0]:.1f}). The tiny experiment "
+           f"for {r['steps']} steps, from the same base, adapters and batches; bf16: bf16 frozen base, activations "
+           "and matmuls, fp32 trainables and Adam. Tolerance: every step's |loss_bf16 - loss_fp32| <= "
+           f"{r['tolerance']:.0%} of the fp32 loss.", "",
+           "| method | fp32 loss: first -> last | bf16 loss: first -> last | max relative gap (step) | mean gap | "
+           "eval NLL fp32 / bf16 | result |", "|---|---|---|---|---|---|---|"]
+  for method, m in r["methods"].items():
+    a, b, c = m["fp32"], m["bf16"], m["comparison"]
+    lines.append(f"| {method} | {a['losses'][0]:.4f} -> {a['losses'][-1]:.4f} | {b['losses'][0]:.4f} -> "
+                 f"{b['losses'][-1]:.4f} | {c['max_relative_gap']:.2%} ({c['max_gap_step']}) | "
+                 f"{c['mean_relative_gap']:.2%} | {a['eval_nll']:.4f} / {b['eval_nll']:.4f} | "
+                 f"{'PASS' if c['max_relative_gap'] <= r['tolerance'] else 'FAIL'} |")
+  return lines + [""]
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--steps", type=int, default=40)
+  parser.add_argument("--methods", default="lora,full")
+  parser.add_argument("--tolerance", type=float, default=0.03, help="largest allowed |gap| / fp32 loss at a step")
+  parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+  parser.add_argument("--md", type=pathlib.Path, default=pathlib.Path(__file__).parent / "RESULTS.md",
+                      help="RESULTS.md to regenerate ('' = none)")
+  args = parser.parse_args(argv)
+  methods = args.methods.split(",")
+  if any(m not in ("lora", "full") for m in methods):
+    raise SystemExit(f"--methods {args.methods!r}: give lora and/or full")
+  if args.steps < 2:
+    raise SystemExit(f"--steps must be >= 2, got {args.steps}")
+  import jax
+
+  result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": jax.devices()[0].device_kind,
+            "command": "python -m benchmarks.bf16_check " + " ".join(sys.argv[1:] if argv is None else argv),
+            "steps": args.steps, "tolerance": args.tolerance, "loadavg": list(os.getloadavg()), "methods": {}}
+  ok = True
+  for method in methods:
+    fp32, bf16 = run(method, "float32", args.steps), run(method, "bfloat16", args.steps)
+    c = compare(fp32, bf16)
+    ok &= c["max_relative_gap"] <= args.tolerance
+    result["methods"][method] = {"fp32": fp32, "bf16": bf16, "comparison": c}
+    print(f"{method}: fp32 loss {fp32['losses'][0]:.4f} -> {fp32['losses'][-1]:.4f}, bf16 {bf16['losses'][0]:.4f} "
+          f"-> {bf16['losses'][-1]:.4f}; max relative gap {c['max_relative_gap']:.2%} at step {c['max_gap_step']}; "
+          f"eval NLL {fp32['eval_nll']:.4f} vs {bf16['eval_nll']:.4f}", flush=True)
+  worst = max(m["comparison"]["max_relative_gap"] for m in result["methods"].values())
+  result["passed"] = bool(ok)
+  if args.out:
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"recorded in {args.out}")
+    if args.md and str(args.md):
+      from benchmarks import speed
+
+      speed.write_markdown(args.out.parent, args.md)
+  print(f"bf16 vs fp32: max relative loss gap {worst:.2%} (tolerance {args.tolerance:.0%}): "
+        f"{'PASS' if ok else 'FAIL'}")
+  if not ok:
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  main()
