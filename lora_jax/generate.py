@@ -67,15 +67,15 @@ def _choose(logits_BV, rng, sampling: SamplingConfig):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "sampling", "init_cache"))
-def _generate(model, params, adapters, tokens_BP, segment_BP, rng, eos_id, pad_id, *, max_new_tokens, sampling,
-              init_cache):
+def _generate(model, params, adapters, tokens_BP, segment_BP, rng, eos_id, pad_id, rows_B, *, max_new_tokens,
+              sampling, init_cache):
   B, P = tokens_BP.shape
   positions_BP = jnp.maximum(jnp.cumsum(segment_BP, axis=1) - 1, 0).astype(jnp.int32)
   cache = init_cache(B, P + max_new_tokens)
 
   def forward(tokens, positions, segments, cache):
     return lora.apply(model, params, adapters, tokens, positions=positions, segment_ids=segments, cache=cache,
-                      check_unused=False)
+                      check_unused=False, rows=rows_B)
 
   logits_BPV, cache = forward(tokens_BP, positions_BP, segment_BP, cache)
   first = (logits_BPV[:, -1], positions_BP[:, -1] + 1, jnp.zeros((B,), bool), cache)
@@ -96,10 +96,11 @@ def _generate(model, params, adapters, tokens_BP, segment_BP, rng, eos_id, pad_i
 
 def generate(model: nn.Module, params, adapters, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
              eos_id: int | None, init_cache, pad_id: int = 0, sampling: SamplingConfig = SamplingConfig(),
-             rng: jax.Array | None = None, prompt_width: int | None = None) -> Generation:
+             rng: jax.Array | None = None, prompt_width: int | None = None, rows=None) -> Generation:
   """Continues each token-id prompt; ``init_cache(batch, max_len)`` makes the model's empty KV cache.
 
   Prompts are left-padded to the longest, or to ``prompt_width`` (one compiled program for batches of any prompts).
+  With several runs' adapters (``lora.stack_adapters``), ``rows`` names the run each prompt is answered by.
   """
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError("every prompt needs at least one token")
@@ -114,9 +115,11 @@ def generate(model: nn.Module, params, adapters, prompts: Sequence[Sequence[int]
     tokens[i, width - len(p):] = p
     segments[i, width - len(p):] = 1
   rng = jax.random.key(0) if rng is None else rng
+  if rows is not None and len(rows) != len(prompts):
+    raise ValueError(f"rows has {len(rows)} entries for {len(prompts)} prompts: give one run index per prompt")
   out = _generate(model, params, adapters, jnp.asarray(tokens), jnp.asarray(segments), rng,
-                  -1 if eos_id is None else eos_id, pad_id, max_new_tokens=max_new_tokens, sampling=sampling,
-                  init_cache=init_cache)
+                  -1 if eos_id is None else eos_id, pad_id, None if rows is None else jnp.asarray(rows, jnp.int32),
+                  max_new_tokens=max_new_tokens, sampling=sampling, init_cache=init_cache)
   if jax.process_count() > 1:  # outputs may span other hosts' devices: every process gets the whole result
     from jax.experimental import multihost_utils
 
@@ -127,8 +130,9 @@ def generate(model: nn.Module, params, adapters, prompts: Sequence[Sequence[int]
 
 def generate_text(model, params, adapters, tokenizer, texts: Sequence[str], *, max_new_tokens: int,
                   init_cache, chat: bool = False, sampling: SamplingConfig = SamplingConfig(),
-                  rng: jax.Array | None = None) -> list[str]:
-  """Generates from text prompts (through the chat template when ``chat``) and decodes up to EOS."""
+                  rng: jax.Array | None = None, rows=None) -> list[str]:
+  """Generates from text prompts (through the chat template when ``chat``) and decodes up to EOS (``rows``: see
+  ``generate``)."""
   if chat:
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
                                              tokenize=True) for t in texts]
@@ -136,7 +140,7 @@ def generate_text(model, params, adapters, tokenizer, texts: Sequence[str], *, m
   else:
     prompts = [tokenizer(t)["input_ids"] for t in texts]
   out = generate(model, params, adapters, prompts, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id,
-                 init_cache=init_cache, pad_id=tokenizer.pad_token_id or 0, sampling=sampling, rng=rng)
+                 init_cache=init_cache, pad_id=tokenizer.pad_token_id or 0, sampling=sampling, rng=rng, rows=rows)
   return [tokenizer.decode(t[: n - int(n > 0 and t[n - 1] == tokenizer.eos_token_id)], skip_special_tokens=True)
           for t, n in zip(out.tokens, out.lengths)]
 
@@ -145,14 +149,15 @@ def main(argv=None):
   """CLI: generate from a base model (an HF directory or hub id) with optional LoRA adapters."""
   from transformers import AutoTokenizer
 
-  from lora_jax import checkpoint, hf, peft_io
+  from lora_jax import checkpoint, hf
   from lora_jax.models import transformer
 
   p = argparse.ArgumentParser(description="Generate text with a base model and optional LoRA adapters.")
   p.add_argument("--model", help="Hugging Face directory or hub id of the base model (default with a run "
                  "directory: the base it recorded)")
-  p.add_argument("--adapter", help="a PEFT adapter directory, or a LoRA run directory (WORKDIR/lora) whose newest "
-                 "checkpoint to use")
+  p.add_argument("--adapter", action="append", default=[],
+                 help="a PEFT adapter directory, or a LoRA run directory (WORKDIR/lora) whose newest checkpoint to "
+                 "use; repeat it to answer every prompt under each adapter, all in one batch")
   p.add_argument("--force", action="store_true", help="apply a run's adapters to a --model whose weights differ "
                  "from the base the run recorded")
   p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for a batch)")
@@ -164,31 +169,67 @@ def main(argv=None):
   p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                  help="apply the tokenizer's chat template (default: when it has one)")
   args = p.parse_args(argv)
-  is_peft = bool(args.adapter) and (pathlib.Path(args.adapter) / peft_io.PEFT_CONFIG_FILE).exists()
-  if args.adapter and not is_peft:  # a run directory of experiments.main: its checkpoint names its base
-    try:
-      config, params, adapters, record = hf.load_trained(args.adapter, args.model, force=args.force)
-    except (hf.BaseMismatch, checkpoint.CheckpointError, FileNotFoundError) as err:
-      raise SystemExit(f"error: {err}") from None
-    model_name = args.model or record["base_model"]
-  else:
-    if not args.model:
-      p.error("--model is required (unless --adapter is a run directory, which records its base)")
-    model_name = args.model
-    config, params = hf.load(args.model)
-    adapters = {}
-    if is_peft:
-      layouts = lora.trace_layouts(transformer.CausalLM(config), jnp.zeros((1, 8), jnp.int32))
-      adapters, _ = peft_io.load_peft(args.adapter, params, config, layouts)
+  try:
+    model_name, config, params, adapters = _load_adapters(args.adapter, args.model, args.force)
+  except (hf.BaseMismatch, checkpoint.CheckpointError, FileNotFoundError, ValueError) as err:
+    raise SystemExit(f"error: {err}") from None
+  if model_name is None:
+    p.error("--model is required (unless --adapter is a run directory, which records its base)")
   model = transformer.CausalLM(config)
   tokenizer = AutoTokenizer.from_pretrained(str(hf.resolve_checkpoint(model_name)))
   chat = bool(tokenizer.chat_template) if args.chat is None else args.chat
-  texts = generate_text(model, params, adapters, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+  n = max(1, len(args.adapter))
+  if n > 1:  # every prompt under every adapter, in one batch: row i uses adapter rows[i]
+    adapters = lora.stack_adapters(adapters)
+  prompts = [prompt for _ in range(n) for prompt in args.prompt]
+  texts = generate_text(model, params, adapters, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
                         init_cache=functools.partial(transformer.init_cache, config), chat=chat,
                         sampling=SamplingConfig(args.temperature, args.top_k, args.top_p),
-                        rng=jax.random.key(args.seed))
-  for prompt, text in zip(args.prompt, texts):
-    print(f"### {prompt}\n{text}")
+                        rng=jax.random.key(args.seed),
+                        rows=[k for k in range(n) for _ in args.prompt] if n > 1 else None)
+  for i, (prompt, text) in enumerate(zip(prompts, texts)):
+    where = f" [{args.adapter[i // len(args.prompt)]}]" if n > 1 else ""
+    print(f"###{where} {prompt}\n{text}")
+
+
+def _load_adapters(adapter_dirs: Sequence[str], model: str | None, force: bool):
+  """``(base name, config, params, adapters)`` for the CLI: the base once, then each adapter on it (one tree, or a
+  list of trees for several). A run directory records its base; every further run must record the same weights
+  (fingerprint) unless ``force``."""
+  from lora_jax import checkpoint, hf, peft_io
+  from lora_jax.models import transformer
+
+  peft = [bool(d) and (pathlib.Path(d) / peft_io.PEFT_CONFIG_FILE).exists() for d in adapter_dirs]
+  first_run = next((i for i, is_peft in enumerate(peft) if not is_peft), None)
+  trees, record = {}, None
+  if first_run is not None:  # a run directory of experiments.main: its checkpoint names its base
+    config, params, trees[first_run], record = hf.load_trained(adapter_dirs[first_run], model, force=force)
+    model = model or record["base_model"]
+  elif model is None:
+    return None, None, None, None
+  else:
+    config, params = hf.load(model)
+  layouts = lora.trace_layouts(transformer.CausalLM(config), jnp.zeros((1, 8), jnp.int32))
+  for i, d in enumerate(adapter_dirs):
+    if i in trees:
+      continue
+    if peft[i]:
+      trees[i], _ = peft_io.load_peft(d, params, config, layouts)
+      continue
+    run = checkpoint.open_run(d)
+    try:
+      if run.record.get("base_fingerprint") != record["base_fingerprint"] and not force:
+        raise hf.BaseMismatch(f"run {d} was trained on {run.record.get('base_model')} (fingerprint "
+                              f"{run.record.get('base_fingerprint')}), not on the base of {adapter_dirs[first_run]} "
+                              f"({record['base_fingerprint']}); answer them in separate calls, or --force")
+      _, trees[i] = checkpoint.restore_trained(run, params, layouts)
+    finally:
+      run.checkpointer.close()
+  for i, d in enumerate(adapter_dirs if len(adapter_dirs) > 1 else ()):
+    if not lora.adapter_items(trees[i]):
+      raise ValueError(f"{d} holds no LoRA adapters (a full fine-tuning run?): give its merged model as --model")
+  adapters = [trees[i] for i in range(len(adapter_dirs))]
+  return model, config, params, adapters[0] if len(adapters) == 1 else adapters if adapters else {}
 
 
 if __name__ == "__main__":

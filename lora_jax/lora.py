@@ -212,6 +212,8 @@ class Adapter:
   layout: Layout = flax.struct.field(pytree_node=False, default=Layout("dense", ("in", "out")))
   scale: Any = flax.struct.field(pytree_node=False, default=1.0)  # float, or nested tuples over the stack axes.
   dropout: float = flax.struct.field(pytree_node=False, default=0.0)
+  runs: int = flax.struct.field(pytree_node=False, default=0)  # >0: K runs' adapters for per-row inference
+  # (``stack_adapters``): A [*stack, K, *shared, *in, r], B [*stack, K, *shared, r, *out], scale over [*stack, K].
 
   @property
   def rank(self) -> int:
@@ -221,7 +223,7 @@ class Adapter:
   @property
   def n_stack(self) -> int:
     """Number of leading stack axes (nn.scan / nn.vmap over layers)."""
-    return self.a.ndim - 1 - sum(r != "out" for r in self.layout.roles)
+    return self.a.ndim - 1 - sum(r != "out" for r in self.layout.roles) - (1 if self.runs else 0)
 
   def scale_array(self) -> np.ndarray:
     """The scale as a float32 array over the stack axes (zero on layers that are not selected)."""
@@ -314,6 +316,8 @@ def _delta_einsum(layout: Layout, n_stack: int) -> str:
 
 def delta(adapter: Adapter) -> jax.Array:
   """s·A·B in float32, shaped like the adapted kernel (for merging and checks; never used in the forward pass)."""
+  if adapter.runs:
+    raise ValueError(f"a stack of {adapter.runs} runs' adapters (stack_adapters) has no single ΔW; merge one run's")
   wide = jnp.promote_types(adapter.a.dtype, jnp.float32)  # float32, or float64 under x64
   a = adapter.a.astype(wide)
   b = adapter.b.astype(wide)
@@ -686,6 +690,8 @@ def _check_fit(params, adapters):
     kernel = flat[path]
     n_stack = kernel.ndim - len(ad.layout.roles)
     expected = _adapter_shapes(kernel.shape, ad.layout, n_stack, ad.rank) if n_stack >= 0 else None
+    if expected is not None and ad.runs:  # the run axis sits right after the stack axes
+      expected = tuple(e[:n_stack] + (ad.runs,) + e[n_stack:] for e in expected)
     if expected != (tuple(ad.a.shape), tuple(ad.b.shape)):
       problems.append(f"'{_path_str(path)}' has shape {tuple(kernel.shape)} but the adapter has A "
                       f"{tuple(ad.a.shape)}, B {tuple(ad.b.shape)}"
@@ -712,11 +718,13 @@ def inject(params, adapters, scales: Mapping[Path, Any] | None = None):
 
 
 def apply(model: nn.Module, params, adapters, *args, train: bool = False, collections: Mapping | None = None,
-          check_unused: bool = True, scales: Mapping[Path, Any] | None = None, **kwargs):
+          check_unused: bool = True, scales: Mapping[Path, Any] | None = None, rows=None, **kwargs):
   """``model.apply`` with adapters: each adapted layer computes x·W + s·(dropout(x)·A)·B.
 
   ``train=True`` turns on adapter dropout (needs ``rngs={"dropout": key}``). ``collections`` holds variable
   collections other than ``params`` (e.g. batch_stats). ``scales`` overrides the adapters' scales s (``inject``).
+  With adapters of K runs (``stack_adapters``), ``rows`` [B] says which run each batch row uses: row i computes
+  x_i·W + s_r·(x_i·A_r)·B_r for r = rows[i], gathering A_r and B_r per row (never a per-row W + ΔW).
   Other keyword arguments go to ``model.apply``.
   """
   params = _unboxed(params)
@@ -724,6 +732,13 @@ def apply(model: nn.Module, params, adapters, *args, train: bool = False, collec
   if not items:
     return model.apply({"params": params, **(collections or {})}, *args, **kwargs)
   info = {path: ad for path, ad in items}
+  stacked = [p for p, ad in items if ad.runs]
+  if stacked and rows is None:
+    raise ValueError(f"adapters of {info[stacked[0]].runs} runs (stack_adapters): pass rows=[run of each batch row]")
+  if rows is not None and len(stacked) != len(items):
+    raise ValueError("rows= is for adapters of several runs (stack_adapters); these adapters are one run's")
+  if rows is not None:
+    rows = jnp.asarray(rows, jnp.int32)
   if train and any(ad.dropout > 0 for ad in info.values()) and "dropout" not in (kwargs.get("rngs") or {}):
     raise ValueError("LoRA dropout is on (train=True, dropout > 0): pass rngs={'dropout': key} to lora.apply")
   used: set[Path] = set()
@@ -743,6 +758,8 @@ def apply(model: nn.Module, params, adapters, *args, train: bool = False, collec
     used.add(path)
     y = next_fun(*a, **kw)
     lora_a, lora_b, scale = (module.get_variable("params", n) for n in names)
+    if rows is not None:
+      return y + _delta_output_per_row(module, ad.layout.kind, a, kw, lora_a, lora_b, scale, rows, y.dtype)
     return y + _delta_output(module, ad.layout.kind, a, kw, lora_a, lora_b, scale, ad.dropout, train, y.dtype)
 
   try:
@@ -792,6 +809,59 @@ def _delta_output(module, kind, args, kwargs, a, b, scale, dropout, train, dtype
     axes = tuple(ax % x.ndim for ax in axis)
   xa = jax.lax.dot_general(x, a, ((axes, tuple(range(len(axes)))), ((), ())), precision=precision)
   return scale * jax.lax.dot_general(xa, b, (((xa.ndim - 1,), (0,)), ((), ())), precision=precision)
+
+
+def _delta_output_per_row(module, kind, args, kwargs, a, b, scale, rows, dtype):
+  """s_r·(x_i·A_r)·B_r with r = rows[i] for each batch row i (Punica-style: A and B gathered per row)."""
+  if isinstance(module, (nn.Einsum, nn.DenseGeneral)) or a.ndim != 3:
+    raise ValueError(f"per-row adapters (rows=) support nn.Dense and nn.Embed layers with 2-D weights; "
+                     f"'{'/'.join(module.path)}' is a {type(module).__name__} (A {tuple(a.shape)})")
+  precision = getattr(module, "precision", None)
+  a, b, scale = a.astype(dtype), b.astype(dtype), scale.astype(dtype)
+  x = args[0] if args else kwargs.get("inputs", kwargs.get("query"))
+  if x.shape[0] != rows.shape[0]:  # a model that folds [B, T, D] into [B·T, D] around its matmuls (row-major)
+    if x.shape[0] % rows.shape[0]:
+      raise ValueError(f"'{'/'.join(module.path)}' got {x.shape[0]} input rows for {rows.shape[0]} batch rows: "
+                       "per-row adapters need the batch (or batch x tokens, row-major) on the leading axis")
+    rows = jnp.repeat(rows, x.shape[0] // rows.shape[0])
+  b_rows = jnp.take(b, rows, axis=0)  # [N, r, out]
+  s_rows = jnp.take(scale, rows, axis=0).reshape((-1,) + (1,) * (x.ndim if kind == "embed" else x.ndim - 1))
+  if kind == "embed":  # lookup: row x of A_r, per batch row
+    xa = a[rows.reshape((-1,) + (1,) * (x.ndim - 1)), x]  # [B, ..., r]
+  else:
+    xa = jnp.einsum("b...i,bir->b...r", x.astype(dtype), jnp.take(a, rows, axis=0), precision=precision)
+  return s_rows * jnp.einsum("b...r,bro->b...o", xa, b_rows, precision=precision)
+
+
+def stack_adapters(trees: Sequence[Any]) -> Any:
+  """K adapter trees of one structure (e.g. a sweep's runs) as one, for per-row inference (``apply(rows=)``).
+
+  Each A and B gets a run axis right after its stack axes (so ``nn.scan`` still slices layers), ranks are
+  zero-padded to the largest (A's extra columns and B's extra rows are zero, so they add nothing) and each run
+  keeps its own scale.
+  """
+  if not trees:
+    raise ValueError("stack_adapters needs at least one adapter tree")
+  items = [dict(adapter_items(t)) for t in trees]
+  for k, it in enumerate(items[1:], 1):
+    if set(it) != set(items[0]):
+      raise ValueError(f"adapter tree {k} adapts other modules than tree 0: "
+                       f"{sorted(_path_str(p) for p in set(it) ^ set(items[0]))}")
+  out = {}
+  for key, ref in items[0].items():
+    ads = [it[key] for it in items]
+    if any(ad.runs for ad in ads):
+      raise ValueError(f"'{_path_str(key)}' already holds several runs' adapters")
+    if any((ad.param, ad.layout, ad.a.shape[:-1]) != (ref.param, ref.layout, ref.a.shape[:-1]) for ad in ads):
+      raise ValueError(f"'{_path_str(key)}': the adapters of the runs differ in parameter, layout or shape")
+    rank, n = max(ad.rank for ad in ads), ref.n_stack
+    a = jnp.stack([jnp.pad(ad.a, [(0, 0)] * (ad.a.ndim - 1) + [(0, rank - ad.rank)]) for ad in ads], axis=n)
+    r_axis = ref.b.ndim - 1 - sum(r == "out" for r in ref.layout.roles)  # B is [*stack, *shared, r, *out]
+    b = jnp.stack([jnp.pad(ad.b, [(0, rank - ad.rank) if i == r_axis else (0, 0) for i in range(ad.b.ndim)])
+                   for ad in ads], axis=n)
+    scale = np.stack([ad.scale_array() for ad in ads], axis=-1)  # [*stack, K]
+    out[key] = Adapter(a, b, ref.param, ref.layout, _nested(scale), ref.dropout, runs=len(ads))
+  return _unflatten(out)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

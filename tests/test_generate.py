@@ -9,6 +9,7 @@ import pytest
 
 from lora_jax import generate, lora
 from lora_jax.models import transformer
+from tests import _tolerance
 
 CONFIG = transformer.ModelConfig(architecture="llama", vocab_size=50, hidden_size=32, intermediate_size=64,
                                  num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
@@ -57,6 +58,45 @@ def test_adapters_generate_like_merged_weights():
   np.testing.assert_array_equal(a.tokens, b.tokens)
   base = generate.generate(MODEL, PARAMS, {}, prompts, max_new_tokens=10, eos_id=None, init_cache=CACHE)
   assert not np.array_equal(a.tokens, base.tokens)  # the adapters change the output
+
+
+def run_adapters(rank, seed, params=PARAMS, model=MODEL):
+  """Adapters of one 'run': its own rank, alpha and random non-zero B (as after training)."""
+  spec = lora.LoraSpec(rank=rank, alpha=8.0 * rank ** 0.5, targets=("all-linear", "unembed", "embed"))
+  layouts = lora.trace_layouts(model, jnp.zeros((1, 4), jnp.int32))
+  _, adapters = lora.create(params, spec, jax.random.key(seed), layouts=layouts)
+  leaves, treedef = jax.tree.flatten(adapters)
+  keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
+  return jax.tree.unflatten(treedef, [l + 0.3 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)])
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["layers", "scanned"])
+def test_per_row_adapters_equal_one_adapter_at_a_time(scan):
+  """Row i under run rows[i] of stacked adapters (ranks 2, 4, 8; embed, attention, MLP and unembedding adapters)
+  gives the logits and the generation of that run's adapters alone."""
+  config = CONFIG.replace(scan_layers=scan)
+  model = transformer.CausalLM(config)
+  params = transformer.init_params(config, jax.random.key(0))
+  runs = [run_adapters(r, s, params, model) for r, s in ((2, 0), (8, 1), (4, 2))]
+  stacked = lora.stack_adapters(runs)
+  tokens = jax.random.randint(jax.random.key(5), (5, 7), 0, CONFIG.vocab_size)
+  rows = np.array([2, 0, 1, 1, 0])
+  got = lora.apply(model, params, stacked, tokens, rows=rows)
+  for i, r in enumerate(rows):
+    want = lora.apply(model, params, runs[r], tokens[i:i + 1])[0]
+    _tolerance.assert_close(got[i], want, _tolerance.SAME_MODEL)
+  prompts = [[1, 2, 3], [7, 8], [4, 4, 4, 4], [9], [3, 1]]
+  cache = functools.partial(transformer.init_cache, config)
+  out = generate.generate(model, params, stacked, prompts, max_new_tokens=6, eos_id=None, init_cache=cache, rows=rows)
+  for i, r in enumerate(rows):
+    alone = generate.generate(model, params, runs[r], [prompts[i]], max_new_tokens=6, eos_id=None, init_cache=cache)
+    assert out.tokens[i].tolist() == alone.tokens[0].tolist()
+  with pytest.raises(ValueError, match="pass rows="):
+    lora.apply(model, params, stacked, tokens)
+  with pytest.raises(ValueError, match="rows= is for adapters of several runs"):
+    lora.apply(model, params, runs[0], tokens, rows=rows)
+  with pytest.raises(ValueError, match="no single"):
+    lora.merge(params, stacked)
 
 
 def test_batched_left_padded_prompts_match_single_prompts_and_stop_at_eos():
@@ -149,5 +189,19 @@ def test_cli_generates_from_a_scanned_run_and_refuses_another_base(tmp_path, cap
   want = generate.generate_text(model, params, adapters, tokenizer, ["2+3="], max_new_tokens=4,
                                 init_cache=functools.partial(transformer.init_cache, config))
   assert capsys.readouterr().out == f"### 2+3=\n{want[0]}\n"
+  # Two runs on one base: every prompt under each run's adapters, in one batch, as each alone.
+  other = jax.tree.map(lambda x: x + 0.5 * jax.random.normal(jax.random.key(4), x.shape), adapters)
+  ck = checkpoint.Checkpointer(tmp_path / "run2" / "checkpoints")
+  ck.save(5, state.replace(trainable={**state.trainable, "lora": other}).checkpoint_tree(),
+          {**checkpoint.describe_run(bases[0], config, spec), "data": {}})
+  ck.close()
+  generate.main(["--adapter", str(tmp_path / "run"), "--adapter", str(tmp_path / "run2"), "--prompt", "2+3=",
+                 "--prompt", "1+1=", "--max-new-tokens", "4", "--no-chat"])
+  expected = ""
+  for run, trees in (("run", adapters), ("run2", other)):
+    texts = generate.generate_text(model, params, trees, tokenizer, ["2+3=", "1+1="], max_new_tokens=4,
+                                   init_cache=functools.partial(transformer.init_cache, config))
+    expected += "".join(f"### [{tmp_path / run}] {p}\n{t}\n" for p, t in zip(["2+3=", "1+1="], texts))
+  assert capsys.readouterr().out == expected
   with pytest.raises(SystemExit, match="fingerprint"):
     generate.main(["--model", str(bases[1]), "--adapter", str(tmp_path / "run"), "--prompt", "1+1="])
