@@ -54,6 +54,7 @@ from lora_jax import sharding
 TINY_RANKS = (1, 8)
 REAL_RANKS = (1, 8, 32)
 TINY_LRS = (6.25e-5, 1.25e-4, 2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3)  # The same grid for every method on CPU.
+TINY_FULL_BELOW = (1.56e-5, 3.13e-5)  # Full FT's grid reaches two steps lower: at 6.25e-5 its band was still open.
 QUICK_LRS = (2.5e-4, 1e-3, 4e-3)
 SWEEPS = ("tiny", "quick", "model=Qwen/Qwen3-8B-Base,task=math", "model=meta-llama/Llama-3.1-8B,task=gsm8k")
 REAL_TASKS = {  # task -> (default train source, train split, eval split, group size, max new tokens, max prompt tokens)
@@ -177,7 +178,8 @@ def get_sweep(arg: str = "tiny") -> list[str]:
   if args.tiny or args.quick:
     prefix = "tiny" if args.tiny else "quick"
     ranks, grid = (TINY_RANKS, TINY_LRS) if args.tiny else ((1,), QUICK_LRS)
-    methods = [("lora", r, grid) for r in ranks] + [("full", 0, grid)]
+    full_grid = (TINY_FULL_BELOW + grid) if args.tiny else grid
+    methods = [("lora", r, grid) for r in ranks] + [("full", 0, full_grid)]
   elif args.model:
     prefix = f"model={args.model}" + (f",task={args.task}" if args.task else "")
     methods = [(m, r, common.lr_grid(default_lr(args.model, m, False), 2.0, 3, 3))
