@@ -48,7 +48,9 @@ def _stackable(key: str) -> bool:
 
 def stack_key(config: ml_collections.ConfigDict) -> str | None:
   """What the points of one stack must share: the config without ``STACKABLE_FIELDS`` (as JSON), or None when the
-  config cannot be stacked at all (more than one method, pissa init, or several processes)."""
+  config cannot be stacked at all (more than one method, pissa init, several processes, or an RL run)."""
+  if "rl" in config:  # policy-gradient runs (configs/rl.py) have their own loop (experiments.rl_run)
+    return None
   if "methods" not in config or "lora" not in config or len(config.methods) != 1 or config.lora.init_a == "pissa":
     return None
   flat = report.flatten(json.loads(main_lib.config_json(config)))
