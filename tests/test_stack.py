@@ -216,3 +216,41 @@ def test_runs_spread_over_eight_devices(tmp_path):
   code = f"import pathlib; from tests.test_stack import spread_over_eight_devices as f; f(pathlib.Path({str(tmp_path)!r}))"
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+
+def test_a_sweep_with_and_without_stacking_gives_the_same_results(tmp_path):
+  """experiments.sweep --stack (three real tiny points, two ranks and two LRs, in one experiments.stacked process)
+  and --stack 1 (three experiments.main processes) leave the same results.csv within float32 tolerance, and the
+  same files in every point directory."""
+  import csv
+  import subprocess
+  import sys
+
+  from experiments import report
+
+  common = ["--config", "experiments/configs/lr_sweep.py:quick", "--only", "rank=4,lr=0.002|rank=64,lr=0.00[24]"]
+  overrides = ["--", "--config.train.steps=6", "--config.train.eval_every=3", "--config.data.eval_size=20"]
+  for name, stack_arg in (("stacked", "auto"), ("separate", "1")):
+    out = subprocess.run([sys.executable, "-m", "experiments.sweep", *common, "--workdir", str(tmp_path / name),
+                          "--stack", stack_arg, *overrides], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report.write_sweep(tmp_path / name)
+  status = json.loads((tmp_path / "stacked" / "quick_method=lora_rank=4_lr=0.002_seed=0" / "status.json").read_text())
+  assert len(status["stacked_with"]) == 3 and "experiments.stacked" in status["command"]
+  rows = {name: list(csv.DictReader(open(tmp_path / name / "results.csv"))) for name in ("stacked", "separate")}
+  assert len(rows["stacked"]) == len(rows["separate"]) > 3
+  for a, b in zip(rows["stacked"], rows["separate"]):
+    assert {k: v for k, v in a.items() if k not in ("eval_nll", "train_loss")} == \
+        {k: v for k, v in b.items() if k not in ("eval_nll", "train_loss")}
+    for key in ("eval_nll", "train_loss"):
+      if b[key]:
+        np.testing.assert_allclose(float(a[key]), float(b[key]), rtol=1e-4, err_msg=f"{a['point']} {key}")
+  for point in (tmp_path / "separate").iterdir():
+    if (point / "status.json").exists():
+      alone = {p.relative_to(point).as_posix() for p in point.rglob("*") if "checkpoints/" not in p.as_posix()
+               and "tensorboard" not in p.as_posix()}
+      stacked_files = {p.relative_to(tmp_path / "stacked" / point.name).as_posix()
+                       for p in (tmp_path / "stacked" / point.name).rglob("*")
+                       if "checkpoints/" not in p.as_posix() and "tensorboard" not in p.as_posix()}
+      assert stacked_files - {"stack.json"} == alone, point.name
+      assert json.loads((tmp_path / "stacked" / point.name / "stack.json").read_text())["state"] == "done"

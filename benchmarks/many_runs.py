@@ -1,0 +1,168 @@
+"""Many runs in one step: K sweep points trained as K separate runs vs one stacked run (``lora_jax.stack``).
+
+    python -m benchmarks.many_runs [--ks 1,8] [--step-ks 1,4,8,16] [--points N] [--skip-end-to-end]
+
+(a) End to end: the first K points of ``experiments/configs/lr_sweep.py:tiny`` (the CPU study's LoRA points: same
+steps, evaluations and checkpoints as the study; different LRs and seeds, so each run draws its own data order) run
+through the sweep runner as K separate ``experiments.main`` processes one after another, and as one
+``experiments.stacked`` process. Wall time of each, and the speedup.
+(b) The compiled step alone: K separate jitted LoRA r4 train steps (one per run, called one after another) vs one
+stacked step over K runs, on the study's tiny shape and on a ~3M-parameter shape; median seconds per step for all K
+runs after warm-up. One shared batch here (as a sweep of LRs over one data order).
+
+Writes ``benchmarks/results/many_runs.json`` (with the machine's load average: on a shared machine the times move)
+and prints a table; the last line is ``stacked/sequential speedup at K=8: X`` for (a) (or for the largest K run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import sweep
+from lora_jax import lora, optim, stack, train
+from lora_jax.models import transformer
+
+RESULTS = pathlib.Path(__file__).parent / "results" / "many_runs.json"
+CONFIG_FILE = "experiments/configs/lr_sweep.py"
+SHAPES = {  # name -> (ModelConfig fields, batch, seq)
+    "tiny (study point, hidden 128)": (dict(vocab_size=64, hidden_size=128, intermediate_size=384, num_layers=2,
+                                            num_heads=4, num_kv_heads=2, head_dim=32), 16, 64),
+    "~3M params (hidden 256, 4 layers)": (dict(vocab_size=2048, hidden_size=256, intermediate_size=768, num_layers=4,
+                                               num_heads=8, num_kv_heads=4, head_dim=32), 8, 64),
+}
+
+
+def end_to_end(k: int, workdir: pathlib.Path) -> dict:
+  """Wall seconds of the first ``k`` tiny study points run separately (one process each) and stacked (one)."""
+  module = sweep.load_config_module(CONFIG_FILE)
+  points = [p for p in sweep.sweep_points(module, "tiny") if "method=lora" in p.arg][:k]
+  out = {"k": k, "points": [p.arg for p in points]}
+  for mode, groups in (("separate", [[p] for p in points]), ("stacked", [points])):
+    d = workdir / f"k{k}_{mode}"
+    runner = sweep.Sweep(CONFIG_FILE, points, d, groups=groups, stream=open(os.devnull, "w"))
+    t0 = time.perf_counter()
+    code = runner.run()
+    out[f"{mode}_s"] = time.perf_counter() - t0
+    if code != 0:
+      raise RuntimeError(f"{mode} run of {k} points failed: see {d}/*/log.txt")
+    print(f"  end to end, K={k}, {mode}: {out[f'{mode}_s']:.1f} s", flush=True)
+  out["speedup"] = out["separate_s"] / out["stacked_s"]
+  return out
+
+
+def _median_time(fn, repeats: int) -> float:
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def step_alone(shape: str, k: int, repeats: int) -> dict:
+  """Seconds per step of all ``k`` runs: ``k`` separate jitted steps vs one stacked step (median after warm-up)."""
+  fields, batch_size, seq = SHAPES[shape]
+  config = transformer.ModelConfig(architecture="llama", **fields)
+  model = transformer.CausalLM(config)
+  params = transformer.init_params(config, jax.random.key(0))
+  spec = lora.LoraSpec(rank=4, targets=("all-linear", "unembed"))
+  plans = [stack.RunPlan(spec, optim.OptimConfig(lr=1e-3 * 2 ** (i % 5 - 2)), seed=i) for i in range(k)]
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, config.vocab_size, (batch_size, seq + 1))
+  batch = {"inputs": jnp.asarray(tokens[:, :-1], jnp.int32), "targets": jnp.asarray(tokens[:, 1:], jnp.int32),
+           "loss_mask": jnp.ones((batch_size, seq), jnp.float32)}
+
+  s = stack.init(params, plans)
+  stacked_step, _ = stack.make_steps(model, plans)
+  box = {"state": s.state.replace(frozen=None)}
+
+  def stacked():
+    box["state"], m = stacked_step(s.state.frozen, box["state"], batch, s.hyper)
+    return m["train/loss"]
+
+  singles = [s.run_state(i) for i in range(k)]
+  steps = [train.jit_train_step(train.make_train_step(model, optim.make_optimizer(p.optim))) for p in plans]
+  frozen = singles[0].frozen
+  rests = [st.replace(frozen=None) for st in singles]
+
+  def separate():
+    losses = []
+    for i in range(k):
+      rests[i], m = steps[i](frozen, rests[i], batch)
+      losses.append(m["train/loss"])
+    return losses
+
+  for fn in (stacked, separate):  # compile and warm up
+    fn(), fn()
+  out = {"shape": shape, "k": k, "params": sum(x.size for x in jax.tree.leaves(params))}
+  # Interleaved repeats, so that a change in the machine's load hits both alike.
+  sep, stk = [], []
+  for _ in range(repeats):
+    sep.append(_median_time(separate, 1))
+    stk.append(_median_time(stacked, 1))
+  out["separate_s"], out["stacked_s"] = statistics.median(sep), statistics.median(stk)
+  out["speedup"] = out["separate_s"] / out["stacked_s"]
+  print(f"  step alone, {shape}, K={k}: separate {out['separate_s'] * 1e3:.1f} ms, stacked "
+        f"{out['stacked_s'] * 1e3:.1f} ms, speedup {out['speedup']:.2f}", flush=True)
+  return out
+
+
+def _ints(text: str) -> list[int]:
+  return [int(x) for x in text.split(",") if x]
+
+
+def main(argv=None) -> dict:
+  """Runs the benchmark (module docstring), writes the JSON, prints the table and the speedup line."""
+  p = argparse.ArgumentParser(prog="python -m benchmarks.many_runs", description=__doc__.splitlines()[0])
+  p.add_argument("--ks", type=_ints, default=[1, 8], help="K of the end-to-end comparison (default 1,8)")
+  p.add_argument("--step-ks", type=_ints, default=[1, 4, 8, 16], help="K of the compiled-step comparison")
+  p.add_argument("--repeats", type=int, default=15, help="timed steps per variant in (b)")
+  p.add_argument("--skip-end-to-end", action="store_true", help="only (b)")
+  p.add_argument("--out", default=str(RESULTS), help="where the JSON goes")
+  args = p.parse_args(argv)
+  record = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "command": " ".join(["python -m benchmarks.many_runs", *(argv if argv is not None else sys.argv[1:])]),
+            "device": str(jax.devices()[0]), "cpu_count": os.cpu_count(), "machine": platform.processor(),
+            "jax": jax.__version__, "load_average_start": os.getloadavg(), "end_to_end": [], "step_alone": []}
+  print("(b) the compiled step alone", flush=True)
+  for shape in SHAPES:
+    for k in args.step_ks:
+      record["step_alone"].append(step_alone(shape, k, args.repeats))
+  if not args.skip_end_to_end:
+    print("(a) end to end through the sweep runner", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+      for k in args.ks:
+        record["end_to_end"].append(end_to_end(k, pathlib.Path(tmp)))
+  record["load_average_end"] = os.getloadavg()
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(record, indent=2) + "\n")
+  print("\n| measure | shape | K | separate (s) | stacked (s) | speedup |\n|---|---|---|---|---|---|")
+  for r in record["end_to_end"]:
+    print(f"| end to end ({r['k']} sweep points) | tiny study point | {r['k']} | {r['separate_s']:.1f} | "
+          f"{r['stacked_s']:.1f} | {r['speedup']:.2f} |")
+  for r in record["step_alone"]:
+    print(f"| compiled step (all K runs) | {r['shape']} | {r['k']} | {r['separate_s']:.4f} | {r['stacked_s']:.4f} | "
+          f"{r['speedup']:.2f} |")
+  print(f"load average: {record['load_average_start']} at the start, {record['load_average_end']} at the end")
+  if record["end_to_end"]:
+    best = next((r for r in record["end_to_end"] if r["k"] == 8), record["end_to_end"][-1])
+    print(f"stacked/sequential speedup at K={best['k']}: {best['speedup']:.2f}")
+  return record
+
+
+if __name__ == "__main__":
+  main()
