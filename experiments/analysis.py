@@ -413,6 +413,7 @@ def verdict_ba(ratio: float) -> Verdict:
 FINAL_FRACTION = 0.25  # The score averages the train reward over this last fraction of the steps.
 REWARD_MARGIN = 0.03  # Reward: the match margin when a best LR has < 2 seeds (no seed-noise estimate).
 BAND_FRACTION = 0.5  # An LR is good when its gain over the start is at least this fraction of the setting's best gain.
+BAND_WIDER = 1.5  # "Wider" means a band width larger by more than this factor (a factor-2 grid: at least one step).
 RULE_RL_PEAK = (
     f"Score of a run = its mean sampled reward over the last {FINAL_FRACTION:.0%} of its steps; a condition's peak = "
     f"the highest seed-mean score over its LRs. Judged at the lowest LoRA rank against full FT, gap = peak(LoRA) - "
@@ -446,9 +447,10 @@ RULE_RL_BAND = (
     f"An LR is good for a condition when its seed-mean score minus the start reward is at least {BAND_FRACTION:g} x "
     f"the best such gain of any condition in the setting; a condition's band = the run of consecutive good LRs "
     f"around its best LR, its width = highest / lowest LR of the band (1 for a single LR). A band that reaches the "
-    f"first or last LR of the grid is open (the true band may be wider). Per LoRA rank against full FT: agree if the "
-    f"LoRA band is wider and full FT's band is closed; disagree if the LoRA band is not wider and is closed; else "
-    f"inconclusive. Overall: disagree if any rank disagrees, agree if every rank agrees, else inconclusive.")
+    f"first or last LR of the grid is open (the true band may be wider). Per LoRA rank against full FT, the LoRA band "
+    f"is wider when its width exceeds {BAND_WIDER:g} x full FT's (one step of a factor-2 grid): agree if it is wider "
+    f"and full FT's band is closed; disagree if it is not wider and is closed; else inconclusive. Overall: disagree if "
+    f"any rank disagrees, agree if every rank agrees, else inconclusive.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -494,7 +496,7 @@ def verdict_rl_band(lora_band: Band | None, full_band: Band | None) -> Verdict:
   shown = f"LoRA {show(lora_band)} vs full {show(full_band)}"
   if lora_band is None or full_band is None:
     return Verdict(INCONCLUSIVE, shown)
-  wider = lora_band.width > full_band.width
+  wider = lora_band.width > BAND_WIDER * full_band.width
   if wider and full_band.closed:
     return Verdict(AGREE, shown)
   if not wider and lora_band.closed:

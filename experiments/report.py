@@ -1816,8 +1816,8 @@ def plot_rl_curves(stem: epath.Path, conds: list[RLCondition]) -> None:
       ev = c.eval_curves[c.best_lr]
       ax.plot(sorted(ev), [ev[s] for s in sorted(ev)], linestyle="none", marker="o", markersize=3,
               color=colors[c.name])
-    _finish_axes(ax, "step", "reward", setting or f"reward at each condition's best LR (line: train reward, "
-                 f"{RL_CURVE_WINDOW}-step mean; dots: greedy held-out accuracy)")
+    _finish_axes(ax, "step", "reward", (f"{setting}: " if setting else "") + f"at the best LR (line: train reward, "
+                 f"{RL_CURVE_WINDOW}-step mean; dots: greedy held-out)")
     ax.set_xscale("linear")
   fig.tight_layout()
   _save(fig, stem)
@@ -1899,6 +1899,19 @@ def write_rl_sweep(sweep_dir: str | epath.PathLike) -> str:
           "## vs the study\n",
           "Each verdict is computed by `experiments.analysis` from the numbers above; the rule printed under each "
           "finding is the code's own text.\n"]
+  notes = []  # descriptive, not verdicts
+  for setting in sorted({c.setting for c in conds}, key=_natural):
+    here = [c for c in conds if c.setting == setting and c.usable]
+    full = next((c for c in here if c.method == "full"), None)
+    prefix = f"{setting}: " if setting else ""
+    if full is not None:
+      ratios = ", ".join(f"{c.name} {c.best_lr / full.best_lr:.3g}" for c in here if c.method == "lora")
+      if ratios:
+        notes.append(f"{prefix}best grid LR of LoRA / full FT: {ratios} (the study: ~10 in SFT and RL).")
+    accs = ", ".join(f"{c.name} {max(np.mean(c.accuracy[lr]) for lr in c.usable):.3f} (at "
+                     f"{_lr(max(c.usable, key=lambda lr: np.mean(c.accuracy[lr])))})" for c in here)
+    if accs:
+      notes.append(f"{prefix}greedy held-out accuracy at the last step, best over LRs (not the judged score): {accs}.")
   for finding in ("7", "7b"):
     mine = [r for r in rows if r.finding == finding]
     out.append(f"### Finding {finding}: {TITLES_RL[finding]}\n")
@@ -1906,6 +1919,8 @@ def write_rl_sweep(sweep_dir: str | epath.PathLike) -> str:
     out.append(Table("", "", ["scope", "ours", "verdict", "decided by"],
                      [[r.scope, r.ours or "—", f"**{r.verdict}**", r.why] for r in mine]).markdown()
                if mine else "Not tested by this sweep (it needs LoRA and full-FT runs in one setting).\n")
+    if finding == "7" and notes:
+      out.append("\n".join(f"- {line}" for line in notes) + "\n")
     out.append(f"Rule (`analysis.{RULE_NAMES[RULES_RL[finding]]}`): {RULES_RL[finding]}\n")
   out += ["## Files\n",
           "- `results.csv`: one row per run x logged step (" + ", ".join(RL_CSV_COLUMNS) + ").",

@@ -117,6 +117,9 @@ def test_every_rl_point_passes_experiments_mains_checks_and_bad_fields_are_named
     exp_main.check_config(config)
   with pytest.raises(ValueError, match="tiny and quick variants train on task=arithmetic"):
     rl_configs.get_config("tiny,task=math")
+  from experiments import stacked
+
+  assert stacked.stack_key(rl_configs.get_config("tiny,method=full")) is None  # each RL point runs on its own
 
 
 def test_micro_batches_give_the_same_step():
