@@ -11,9 +11,9 @@ CPU (`tiny`): the built-in tiny base (hidden 64, 2 layers, character tokenizer, 
 given a short supervised warm-up (full FT on the training problems, `warmup.*`, cached) so that RL starts neither at
 reward 0 nor at 1; task: every addition a+b= with operands 0-19 (400 problems, 100 held out for the greedy accuracy),
 reward 1 when the completion starts with the right sum. 16 prompts x 8 completions per step, 4 new tokens, 150 steps
-(~0.15 s a step; a point takes ~35-45 s on 2 free cores, mostly start-up and compilation). Sweep: LoRA ranks 1 and 8
-and full FT, each over 8 LRs a factor 2 apart (6.25e-5..8e-3), one seed: 24 points, ~20 min with other jobs sharing
-the 2 cores (measured 2026-12-01).
+(~0.15 s a step; a point takes ~30-45 s on 2 free cores, mostly start-up and compilation). Sweep: LoRA ranks 1 and 8
+and full FT, each over 8 LRs a factor 2 apart (6.25e-5..8e-3; full FT also 1.56e-5 and 3.13e-5), one seed: 26
+points, measured 37 min on the 2 cores with other jobs sharing them (load ~10; 1-2 min a point).
 
     python -m experiments.sweep --config experiments/configs/rl.py:tiny --workdir runs/rl_tiny
     python -m experiments.report runs/rl_tiny      # reward vs LR per rank, reward curves, the finding-7 verdicts
@@ -25,6 +25,13 @@ reward of the first round): 60 steps 0.01 / 0.05 (8 prompts a round), 150 steps 
 are all-zero and give no gradient; Adam's momentum then drifts the policy, which collapsed a 60-step pilot to 0).
 Pilot runs at 100 steps (mean reward over the last quarter): LoRA r1 0.49 at lr 1e-3 and 0.47 at 3e-3, r8 0.52 at
 1e-3; full FT 0.48 at 1e-4, 0.50 at 3e-4 and 0.30 at 1e-3 (the grid spans both sides of every optimum).
+
+Measured (`tiny`, docs/results/tiny/rl/, 2026-12-01): start reward 0.40 (every run: same base, first round); peak
+final reward (mean over the last quarter of steps) LoRA r1 0.518 at lr 1e-3, r8 0.530 at 1e-3, full FT 0.511 at
+2.5e-4 -> finding 7's peak half agrees (rank 1 within 0.03 of full FT). Good-LR bands (gain >= half the best gain):
+LoRA 1.25e-4..2e-3 (x16) for both ranks, full FT 3.13e-5..5e-4 (x16) -> not wider: disagree. The best LR of LoRA is
+4x full FT's (the study: ~10). LRs >= 4e-3 (LoRA) and >= 1e-3 (full FT) collapse the policy. Greedy held-out
+accuracy at the end is best for full FT (0.58 at 1.25e-4; LoRA 0.53-0.55). One seed: seed noise is not measured.
 
 `quick` is a pipeline check (rank 1 and full FT at 3 LRs, 50 steps). Real scale (GPU/TPU VMs; data read from the hub
 at run time with `datasets`): `model=Qwen/Qwen3-8B-Base,task=math` (the study's setting; by default the algebra
