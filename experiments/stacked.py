@@ -30,7 +30,6 @@ from etils import epath
 
 from experiments import main as main_lib
 from experiments import report, tiny_base
-from experiments.configs import common
 from lora_jax import checkpoint, hf, lora, metrics, stack, train
 from lora_jax.models import transformer
 

@@ -23,7 +23,6 @@ result says why); the others go on. Resume restores every run from the newest st
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import signal
 import time
@@ -367,15 +366,7 @@ def fit(model: nn.Module, s: Stack, loop: train.LoopConfig, batches, eval_batche
     stacked = current()
     for k, r in alive():
       m = {"eval/nll": float(nll[k]), "eval/perplexity": math.exp(min(float(nll[k]), 700.0))}
-      run_state = stacked.run_state(k)
-      if eval_hook is not None:
-        m.update(eval_hook(run_state))
-      diag = {key: {n: float(v) for n, v in d.items()} for key, d in jax.device_get(diagnostics(run_state)).items()}
-      if diag:
-        for key in ("rel_update", "norm_a", "norm_b"):
-          m[f"lora/{key}_mean"] = float(np.mean([d[key] for d in diag.values()]))
-        if r.writer.active:
-          metrics_lib.append_line(r.workdir / train.DIAGNOSTICS_FILE, json.dumps({"step": step, "modules": diag}))
+      m.update(train.eval_extras(stacked.run_state(k), step, eval_hook, diagnostics, r.writer, r.workdir))
       r.writer.write(step, m)
       r.last.update(m)
 

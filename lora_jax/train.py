@@ -285,6 +285,20 @@ def state_shardings(state: TrainState, optim_config: optim.OptimConfig, param_sh
   return TrainState(step=rep, trainable=trainable, frozen=like_params(state.frozen), opt_state=opt_state, rng=rep)
 
 
+def eval_extras(state: TrainState, step: int, eval_hook: Callable | None, diagnostics: Callable,
+                writer: metrics_lib.MetricWriter, workdir: epath.Path) -> dict:
+  """An evaluation's metrics beyond the NLL: the eval hook's and the means of the per-module LoRA diagnostics, which
+  go whole to ``workdir/lora_diagnostics.jsonl``."""
+  m = dict(eval_hook(state)) if eval_hook is not None else {}
+  diag = {k: {n: float(v) for n, v in d.items()} for k, d in jax.device_get(diagnostics(state)).items()}
+  if diag:
+    for key in ("rel_update", "norm_a", "norm_b"):
+      m[f"lora/{key}_mean"] = float(np.mean([d[key] for d in diag.values()]))
+    if writer.active:
+      metrics_lib.append_line(workdir / DIAGNOSTICS_FILE, json.dumps({"step": step, "modules": diag}))
+  return m
+
+
 class NonFiniteLoss(FloatingPointError):
   """Raised when the loss or the trained parameters become NaN or Inf; nothing non-finite is ever saved."""
 
@@ -349,12 +363,12 @@ def fit(model: nn.Module, state: TrainState, optim_config: optim.OptimConfig, lo
   train_steps = jit_train_steps(make_train_step(model, optim.make_optimizer(optim_config), loop.grad_accum),
                                 shardings, batch_sharding)
   _, eval_step = make_steps(model, optim_config, loop.grad_accum, shardings, batch_sharding)
-  if mesh is None:
-    stacked_to_device = lambda batches: batches  # noqa: E731
-  else:
-    stacked_sh = stacked_batch_sharding(batch_sharding)
+  stacked_to_device = mask_to_device = lambda x: x  # noqa: E731
+  if mesh is not None:  # global arrays, the (replicated) mask too: a multi-process jit takes no host arrays
+    stacked_sh, rep = stacked_batch_sharding(batch_sharding), sharding_lib.replicated(mesh)
     stacked_to_device = lambda batches: {k: jax.make_array_from_process_local_data(stacked_sh, v)  # noqa: E731
                                          for k, v in batches.items()}
+    mask_to_device = functools.partial(jax.make_array_from_process_local_data, rep)
   found = checkpointer.restore_latest(state.checkpoint_tree())  # an unreadable newest one falls back, saying so
   if found is not None:
     _, restored, saved = found
@@ -434,14 +448,7 @@ def fit(model: nn.Module, state: TrainState, optim_config: optim.OptimConfig, lo
 
   def run_eval(step):
     m = evaluate(eval_step, state, map(to_device, eval_batches()))
-    if eval_hook is not None:
-      m.update(eval_hook(state))
-    diag = {k: {n: float(v) for n, v in d.items()} for k, d in jax.device_get(diagnostics(state)).items()}
-    if diag:
-      for key in ("rel_update", "norm_a", "norm_b"):
-        m[f"lora/{key}_mean"] = float(np.mean([d[key] for d in diag.values()]))
-      if writer.active:
-        metrics_lib.append_line(workdir / DIAGNOSTICS_FILE, json.dumps({"step": step, "modules": diag}))
+    m.update(eval_extras(state, step, eval_hook, diagnostics, writer, workdir))
     writer.write(step, m)
     return m
 
@@ -460,7 +467,7 @@ def fit(model: nn.Module, state: TrainState, optim_config: optim.OptimConfig, lo
       step = first + len(rows) - 1
       pad = [{k: np.zeros_like(v) for k, v in rows[0].items()}] * (chunk - len(rows))
       batches = stacked_to_device({k: np.stack([r[k] for r in rows + pad]) for k in rows[0]})
-      active = np.arange(chunk) < len(rows)
+      active = mask_to_device(np.arange(chunk) < len(rows))
       t0 = time.time()
       rest, m = train_steps(state.frozen, state.replace(frozen=None), batches, active)
       state = rest.replace(frozen=state.frozen)
