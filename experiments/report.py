@@ -120,8 +120,11 @@ def plot(path: epath.Path, runs: dict, title: str) -> None:
 
 
 def write(workdir: str | epath.PathLike) -> tuple[str, dict]:
-  """Writes report.md and report.png into the workdir; returns the Markdown table and the summary it came from."""
+  """Writes report.md and report.png into the workdir; returns the Markdown table and the summary it came from
+  (an RL experiment: ``write_rl``)."""
   workdir = epath.Path(workdir)
+  if "rl" in json.loads((workdir / "config.json").read_text()):
+    return write_rl(workdir)
   runs = summarize(workdir)
   table = markdown(workdir, runs)
   plot(workdir / "report.png", runs, str(workdir))
@@ -130,6 +133,40 @@ def write(workdir: str | epath.PathLike) -> tuple[str, dict]:
              "not comparable yet. Rerun the same command to resume.\n\n") if unfinished else ""
   (workdir / "report.md").write_text(f"# Results: {workdir}\n\n{warning}{table}\n![learning curves](report.png)\n\n"
                                      + "\n".join(f"- {m}: `{workdir / m}`" for m in runs) + "\n")
+  return table, runs
+
+
+def write_rl(workdir: str | epath.PathLike) -> tuple[str, dict]:
+  """report.md of an RL experiment (configs/rl.py): per method, greedy held-out accuracy at step 0 and at the end,
+  the first round's sampled reward and the mean over the last quarter of steps; returns the table and, per method,
+  those numbers."""
+  workdir = epath.Path(workdir)
+  config = json.loads((workdir / "config.json").read_text())
+  lines = ["| method | LR | trainable params | greedy accuracy (step 0 → last) | sampled reward (first step → "
+           "mean of the last quarter) | steps |", "|---|---|---|---|---|---|"]
+  runs = {}
+  for method in config["methods"]:
+    path = workdir / method / "metrics.jsonl"
+    records = _read_records(path) if path.exists() else []
+    evals = [r for r in records if "eval/accuracy" in r]
+    trains = {r["step"]: r for r in records if "train/reward" in r}
+    if not evals or not trains:
+      lines.append(f"| {method} | - | - | - | - | not started |")
+      continue
+    last = trains[max(trains)]
+    score = analysis.final_reward({t: r["train/reward"] for t, r in trains.items()}, max(trains))
+    runs[method] = {"lr": last["train/lr"], "start_accuracy": evals[0]["eval/accuracy"],
+                    "accuracy": evals[-1]["eval/accuracy"], "start_reward": trains[min(trains)]["train/reward"],
+                    "final_reward": score, "steps": max(trains)}
+    done = "" if max(trains) >= config["train"]["steps"] else f" of {config['train']['steps']} (unfinished)"
+    lines.append(f"| {method} | {last['train/lr']:g} | {last['params/trainable']:,} | "
+                 f"{evals[0]['eval/accuracy']:.3f} → {evals[-1]['eval/accuracy']:.3f} | "
+                 f"{runs[method]['start_reward']:.3f} → {score:.3f} | {max(trains)}{done} |")
+  table = "\n".join(lines) + "\n"
+  (workdir / "report.md").write_text(f"# RL results: {workdir}\n\nTask `{config['data']['task']}`, group size "
+                                     f"{config['rl']['group_size']}, {config['rl']['prompts_per_step']} prompts per "
+                                     f"round.\n\n{table}\n"
+                                     + "\n".join(f"- {m}: `{workdir / m}`" for m in config["methods"]) + "\n")
   return table, runs
 
 

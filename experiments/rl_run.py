@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from experiments import tiny_base
+from experiments import report, tiny_base
 from lora_jax import checkpoint, data, hf, lora, metrics, optim, rewards, rl, sharding, synthetic, train
 from lora_jax.models import transformer
 
@@ -99,6 +99,9 @@ def check_config(config: ml_collections.ConfigDict, exp_main=None) -> None:
     raise ValueError(f"config.data.train is empty: task {d.task!r} needs a JSON/JSONL file or a hub dataset id")
   mesh = sharding.make_mesh(config.mesh.to_dict())
   sharding.check_rules(config.sharding_rules.to_dict(), mesh.axis_names)
+  if jax.process_count() > 1:
+    raise ValueError("RL runs are single-process (one host, any number of its devices); this is process "
+                     f"{jax.process_index()} of {jax.process_count()}")
   if config.warmup.steps and config.model.name != "tiny":
     raise ValueError("config.warmup.steps > 0 is the tiny base's supervised warm-up; set it to 0 for other models")
 
@@ -219,33 +222,6 @@ def warmed_base(config: ml_collections.ConfigDict) -> pathlib.Path:
 
 # -- The run -----------------------------------------------------------------------------------------------------------
 
-def write_report(workdir: epath.Path, config: ml_collections.ConfigDict) -> str:
-  """report.md of an RL experiment: per method, start and final greedy accuracy, mean sampled reward at the start
-  and over the last quarter of steps, from the metrics files."""
-  lines = ["| method | LR | trainable params | greedy accuracy (step 0 → last) | sampled reward (first step → "
-           "mean of the last quarter) | steps |", "|---|---|---|---|---|---|"]
-  for method in config.methods:
-    path = workdir / method / "metrics.jsonl"
-    records = metrics.read_metrics(workdir / method) if path.exists() else []
-    evals = [r for r in records if "eval/accuracy" in r]
-    trains = [r for r in records if "train/reward" in r]
-    if not evals or not trains:
-      lines.append(f"| {method} | - | - | - | - | not started |")
-      continue
-    quarter = [r["train/reward"] for r in trains if r["step"] > 0.75 * trains[-1]["step"]]
-    steps = trains[-1]["step"]
-    done = "" if steps >= config.train.steps else f" of {config.train.steps} (unfinished)"
-    lines.append(f"| {method} | {trains[-1]['train/lr']:g} | {trains[-1]['params/trainable']:,} | "
-                 f"{evals[0]['eval/accuracy']:.3f} → {evals[-1]['eval/accuracy']:.3f} | "
-                 f"{trains[0]['train/reward']:.3f} → {np.mean(quarter):.3f} | {steps}{done} |")
-  table = "\n".join(lines) + "\n"
-  (workdir / "report.md").write_text(f"# RL results: {workdir}\n\nTask `{config.data.task}`, group size "
-                                     f"{config.rl.group_size}, {config.rl.prompts_per_step} prompts per round.\n\n"
-                                     f"{table}\n" + "\n".join(f"- {m}: `{workdir / m}`" for m in config.methods)
-                                     + "\n")
-  return table
-
-
 def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, overwrite: bool = False,
         exp_main=None) -> dict:
   """Runs every method of an RL config into ``workdir`` (checked before anything is written); returns a summary
@@ -306,9 +282,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, overwr
       out[method] = last
       del s
   except train.Preempted:
-    write_report(workdir, config)
+    report.write_rl(workdir)
     raise
-  table = write_report(workdir, config)
+  table, _ = report.write_rl(workdir)
   print("\n" + table)
   print(f"report: {workdir / 'report.md'}; metrics: {workdir}/<method>/metrics.jsonl")
   return out

@@ -16,7 +16,9 @@ is REINFORCE with the group mean as baseline, whose expectation is (G-1)/G times
 Staleness is a config field: ``steps_per_sample`` optimizer steps per round, each on its own part of the round's
 groups, so the k-th step of a round learns from samples drawn k steps before (1 = on-policy: sampler and learner are
 the same parameters, and the ratio only absorbs the numerical difference between the cached sampler and the full
-forward). LoRA and full FT go through the same step (``train.TrainState``: full FT is ``LoraSpec.full()``).
+forward). LoRA and full FT go through the same step (``train.TrainState``: full FT is ``LoraSpec.full()``); a step
+may average its gradient over micro-batches (``grad_accum``) for large groups at real scale. Runs are
+single-process (one host, its devices).
 
 ``fit`` runs the loop into a run directory as ``train.fit`` does: ``metrics.jsonl`` every ``log_every`` steps
 (``train/reward``, ``train/completion_length``, ``train/entropy``, ``train/kl_sampler``, ``train/kl_base``,

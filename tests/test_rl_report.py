@@ -144,3 +144,40 @@ def test_micro_batches_give_the_same_step():
   for x, y in zip(jax.tree.leaves(a.trainable), jax.tree.leaves(b.trainable)):
     assert_close(x, y, SAME_MODEL)
   assert_close(ma["train/loss"], mb["train/loss"], SAME_MODEL)
+
+
+@pytest.mark.slow
+def test_an_rl_experiment_end_to_end_through_experiments_main(tmp_path):
+  """experiments.main dispatches an RL config to experiments.rl_run: warm-up, run files, report; rerunning resumes."""
+  from experiments import report as report_lib
+
+  config = rl_configs.get_config("tiny,method=lora,rank=1,lr=1e-3")
+  config.tiny_base.steps = 40
+  config.tiny_base.corpus_documents = 400
+  config.tiny_base.cache_dir = str(tmp_path.parent / "tiny_base_cache")
+  config.warmup.steps = 10
+  config.warmup.cache_dir = str(tmp_path / "warmup")
+  config.data.max_operand = 9
+  config.data.eval_size = 10
+  config.rl.prompts_per_step = 4
+  config.rl.group_size = 4
+  config.data.batch_size = 16
+  config.train.steps = config.train.checkpoint_every = 4
+  config.train.eval_every = 2
+  out = exp_main.run(config, tmp_path / "run")
+  assert set(out) == {"lora"}
+  run_dir = tmp_path / "run" / "lora"
+  records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records if "eval/accuracy" in r] == [0, 2, 4]
+  train_records = [r for r in records if "train/reward" in r]
+  assert [r["step"] for r in train_records] == [1, 2, 3, 4]
+  for key in ("train/reward", "train/completion_length", "train/entropy", "train/kl_sampler", "train/kl_base",
+              "train/tokens_per_s", "train/loss", "train/grad_norm", "params/trainable"):
+    assert key in train_records[0], key
+  assert (run_dir / "checkpoints" / "4").exists() and (run_dir / "summary.txt").exists()
+  text = (tmp_path / "run" / "report.md").read_text()
+  assert "| lora | 0.001 | 2,601 |" in text and "→" in text
+  assert report_lib.write(tmp_path / "run")[0] in text  # experiments.report rebuilds it from the files
+  before = (run_dir / "metrics.jsonl").read_text()
+  exp_main.run(config, tmp_path / "run")  # finished: resumes at step 4, trains nothing
+  assert (run_dir / "metrics.jsonl").read_text() == before
