@@ -284,6 +284,14 @@ def _minibatch(batch: dict, part: int, parts: int) -> dict:
   return {k: jnp.asarray(v[part * n:(part + 1) * n]) for k, v in batch.items()}
 
 
+@functools.lru_cache(maxsize=4)
+def _compiled(model: nn.Module, optim_config: optim.OptimConfig, cfg: RLConfig, grad_accum: int):
+  """The jitted RL step and base log-prob function of a model and settings (cached: runs in one process share them)."""
+  step = train.jit_train_step(make_rl_step(model, optim.make_optimizer(optim_config), cfg, grad_accum))
+  base = jax.jit(lambda reference, frozen, batch: token_logprobs(model, *lora.combine(reference, frozen), batch)[0])
+  return step, base
+
+
 def fit(policy: Policy, state: train.TrainState, optim_config: optim.OptimConfig, cfg: RLConfig,
         loop: train.LoopConfig, problems: Sequence[Problem], eval_problems: Sequence[Problem],
         reward_fn: Callable[[str, str], float], workdir: str | epath.PathLike, *, data_seed: int = 0,
@@ -305,13 +313,9 @@ def fit(policy: Policy, state: train.TrainState, optim_config: optim.OptimConfig
   rows = cfg.prompts_per_step * cfg.group_size // m
   if rows % loop.grad_accum:
     raise ValueError(f"train.grad_accum {loop.grad_accum} must divide the completions per step ({rows})")
-  step_fn = train.jit_train_step(make_rl_step(policy.model, optim.make_optimizer(optim_config), cfg,
-                                              loop.grad_accum))
+  step_fn, base_fn = _compiled(policy.model, optim_config, cfg, loop.grad_accum)
   reference = jax.tree.map(jnp.copy, state.trainable) if (cfg.track_base_kl or cfg.kl_coef > 0) else None
-  base_logprobs = None
-  if reference is not None:
-    base_logprobs = jax.jit(lambda frozen, batch: token_logprobs(policy.model, *lora.combine(reference, frozen),
-                                                                 batch)[0])
+  base_logprobs = None if reference is None else functools.partial(base_fn, reference)
   found = checkpointer.restore_latest(state.checkpoint_tree())
   if found is not None:
     state = state.replace(**found[1])
