@@ -22,7 +22,8 @@ single-process (one host, its devices).
 
 ``fit`` runs the loop into a run directory as ``train.fit`` does: ``metrics.jsonl`` every ``log_every`` steps
 (``train/reward``, ``train/completion_length``, ``train/entropy``, ``train/kl_sampler``, ``train/kl_base``,
-``train/tokens_per_s``, ...), greedy held-out accuracy (``eval/accuracy``) every ``eval_every`` steps, Orbax
+``train/tokens_per_s``: completion tokens sampled plus token slots the learner processed, per second of the step,
+sampling included, ...), greedy held-out accuracy (``eval/accuracy``) every ``eval_every`` steps, Orbax
 checkpoints at round boundaries, and bitwise-exact resume: a round's prompts and sampling key depend only on the
 seeds and the round index, and its samples only on the parameters at its start.
 """

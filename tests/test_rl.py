@@ -228,3 +228,28 @@ def test_resume_is_exact_and_staleness_shows_in_the_ratio(tmp_path):
   assert logged[0]["train/kl_sampler"] < 1e-6 and logged[1]["train/kl_sampler"] > 1e-4  # stale: p != q
   with pytest.raises(ValueError, match="multiple of rl.steps_per_sample"):
     run(tmp_path / "bad", 3, spec=spec, steps_per_sample=2, checkpoint_every=2)
+
+
+def test_sigterm_finishes_the_round_saves_and_raises_preempted(tmp_path):
+  import os
+  import signal
+
+  calls = {"n": 0}
+
+  def reward_then_term(text, answer):
+    calls["n"] += 1
+    if calls["n"] == 6 + 32 + 1:  # step 0 evaluates 6 problems; then 4 prompts x 8 per round: round 2 starts
+      os.kill(os.getpid(), signal.SIGTERM)
+    return first_token_reward(text, answer)
+
+  spec = lora.LoraSpec(rank=2, targets=("all-linear",))
+  optim_config = optim.OptimConfig(lr=1e-2)
+  params, adapters = lora.create(jax.tree.map(jnp.copy, PARAMS), spec, jax.random.key(1))
+  state = train.init_state(params, adapters, spec, optim_config, seed=0)
+  cfg = rl.RLConfig(group_size=8, prompts_per_step=4, max_new_tokens=2, eval_batch_size=8)
+  loop = train.LoopConfig(steps=4, log_every=1, eval_every=4, checkpoint_every=4)
+  handler = signal.getsignal(signal.SIGTERM)
+  with pytest.raises(train.Preempted, match="preempted by signal 15 at step 2"):
+    rl.fit(POLICY, state, optim_config, cfg, loop, PROBLEMS, PROBLEMS[:6], reward_then_term, tmp_path, progress=False)
+  assert checkpoint.Checkpointer(tmp_path / "checkpoints").all_steps() == [2]
+  assert signal.getsignal(signal.SIGTERM) is handler
