@@ -65,6 +65,8 @@ class RLConfig:
   track_base_kl: bool = True  # Log KL(learner || base): needs a copy of the initial trainable parameters (for full
   # FT a second copy of the model).
   eval_batch_size: int = 64  # Prompts per greedy-generation batch of the held-out evaluation.
+  sample_batch_size: int = 0  # Completions generated per batch when sampling a round (bounds the KV cache); 0 = all
+  # of the round's at once.
 
   def __post_init__(self):
     for name in ("group_size", "prompts_per_step", "max_new_tokens", "steps_per_sample", "eval_batch_size"):
@@ -78,6 +80,10 @@ class RLConfig:
     if self.prompts_per_step % self.steps_per_sample:
       raise ValueError(f"rl.prompts_per_step {self.prompts_per_step} must be divisible by rl.steps_per_sample "
                        f"{self.steps_per_sample} (each step learns from whole groups)")
+    rows = self.prompts_per_step * self.group_size
+    if self.sample_batch_size < 0 or (self.sample_batch_size and rows % self.sample_batch_size):
+      raise ValueError(f"rl.sample_batch_size {self.sample_batch_size} must be 0 or divide the round's "
+                       f"{rows} completions (prompts_per_step * group_size)")
     if self.clip_eps < 0 or self.kl_coef < 0:
       raise ValueError(f"rl.clip_eps and rl.kl_coef must be >= 0, got {self.clip_eps}, {self.kl_coef}")
 
@@ -241,10 +247,15 @@ def sample_round(policy: Policy, state: train.TrainState, problems: Sequence[Pro
   params, adapters = lora.combine(state.trainable, state.frozen)
   G = cfg.group_size
   prompts = [p.prompt for p in problems for _ in range(G)]
-  out = generate.generate(policy.model, params, adapters, prompts, max_new_tokens=cfg.max_new_tokens,
-                          eos_id=policy.eos_id, init_cache=policy.init_cache, pad_id=policy.pad_id,
-                          sampling=generate.SamplingConfig(temperature=cfg.temperature), rng=rng,
-                          prompt_width=policy.width)
+  chunk = cfg.sample_batch_size or len(prompts)
+  parts = [generate.generate(policy.model, params, adapters, prompts[i:i + chunk], max_new_tokens=cfg.max_new_tokens,
+                             eos_id=policy.eos_id, init_cache=policy.init_cache, pad_id=policy.pad_id,
+                             sampling=generate.SamplingConfig(temperature=cfg.temperature),
+                             rng=rng if chunk == len(prompts) else jax.random.fold_in(rng, i // chunk),
+                             prompt_width=policy.width)
+           for i in range(0, len(prompts), chunk)]
+  out = generate.Generation(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("tokens", "logprobs",
+                                                                                       "lengths")))
   texts = _texts(policy, out.tokens, out.lengths)
   rewards = np.asarray([reward_fn(t, problems[i // G].answer) for i, t in enumerate(texts)], np.float32)
   rewards_PG = rewards.reshape(len(problems), G)

@@ -253,3 +253,16 @@ def test_sigterm_finishes_the_round_saves_and_raises_preempted(tmp_path):
     rl.fit(POLICY, state, optim_config, cfg, loop, PROBLEMS, PROBLEMS[:6], reward_then_term, tmp_path, progress=False)
   assert checkpoint.Checkpointer(tmp_path / "checkpoints").all_steps() == [2]
   assert signal.getsignal(signal.SIGTERM) is handler
+
+
+def test_sampling_in_chunks_scores_every_completion():
+  spec = lora.LoraSpec(rank=2, targets=("all-linear",))
+  params, adapters = lora.create(PARAMS, spec, jax.random.key(1))
+  state = train.init_state(params, adapters, spec, optim.OptimConfig(lr=1e-3), seed=0)
+  chunked = rl.RLConfig(group_size=4, prompts_per_step=4, max_new_tokens=2, sample_batch_size=8, track_base_kl=False)
+  batch, metrics = rl.sample_round(POLICY, state, PROBLEMS[:4], first_token_reward, chunked, jax.random.key(0))
+  assert batch["targets"].shape == (16, 2) and batch["advantages"].shape == (16,)
+  np.testing.assert_allclose(batch["advantages"].reshape(4, 4).sum(axis=1), 0.0, atol=1e-6)
+  assert 0 <= metrics["train/reward"] <= 1 and metrics["train/completion_length"] > 0
+  with pytest.raises(ValueError, match="sample_batch_size 5 must be 0 or divide"):
+    rl.RLConfig(group_size=4, prompts_per_step=4, sample_batch_size=5)

@@ -112,6 +112,7 @@ def get_config(arg: str = "tiny,method=lora,rank=1") -> ml_collections.ConfigDic
   config.rl.kl_coef = 0.0  # KL(learner || base) penalty; 0 = off (the study's).
   config.rl.track_base_kl = cpu  # Log KL to the base (a second copy of the model for full FT: off at real scale).
   config.rl.eval_batch_size = 100 if cpu else 64  # Prompts per greedy-evaluation batch.
+  config.rl.sample_batch_size = 0 if cpu else 64  # Completions sampled per generation batch (0 = the whole round).
 
   config.data = ml_collections.ConfigDict()
   config.data.task = task  # arithmetic | gsm8k | math: the reward (lora_jax.rewards) and how problems are read.
