@@ -42,6 +42,8 @@ else
   [[ $GPUS -ge 1 ]] || { echo "gpu_check: nvidia-smi lists no GPU" >&2; exit 1; }
   nvidia-smi -L
   export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}  # one GPU
+  # JAX and torch share the GPU in one process: JAX must not grab 75% of its memory up front.
+  export XLA_PYTHON_CLIENT_PREALLOCATE=false
   PY=.venv-gpu/bin/python
   if [[ ! -x $PY ]]; then
     python3 -m venv .venv-gpu

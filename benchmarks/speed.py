@@ -376,6 +376,9 @@ def write_markdown(results_dir: pathlib.Path, path: pathlib.Path) -> None:
               speed_table(r), "", f"**{headline(r)}**", ""]
   parts += overhead.markdown(results_dir)
   parts += bf16_check.markdown(results_dir)
+  notes = results_dir / "notes.md"  # what the figures say, written by hand after a run (kept when regenerated)
+  if notes.exists():
+    parts += ["## Reading the figures", "", notes.read_text().strip(), ""]
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text("\n".join(parts).rstrip() + "\n")
 
@@ -417,7 +420,7 @@ def main(argv=None):
   parser.add_argument("--peers", default="peft,merged", help="peft, merged, both or none")
   parser.add_argument("--repeats", type=int, default=3, help="timed steps per variant (after one warm-up step)")
   parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
-  parser.add_argument("--md", type=pathlib.Path, default=MARKDOWN, help="RESULTS.md to regenerate ('' = none)")
+  parser.add_argument("--md", default=str(MARKDOWN), help="RESULTS.md to regenerate ('' = none)")
   parser.add_argument("--mfu", type=pathlib.Path, help="only print the MFU lines of this speed.json")
   args = parser.parse_args(argv)
   if args.mfu:
@@ -442,7 +445,21 @@ def main(argv=None):
   print(f"device {jax.devices()[0].device_kind} ({jax.default_backend()}); matmul peak {peak / 1e9:.1f} GFLOP/s "
         f"({peak_dtype})", flush=True)
   loadavg, rows = [os.getloadavg()], []
-  for name in names:
+
+  def record(done):  # after every shape, so that a long run interrupted late keeps what it measured
+    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": jax.devices()[0].device_kind,
+              "platform": f"{jax.default_backend()}, {platform.processor() or platform.machine()}, "
+                          f"{os.cpu_count()} CPUs",
+              "command": "python -m benchmarks.speed " + " ".join(sys.argv[1:] if argv is None else argv),
+              "versions": versions(), "matmul_peak_flops": peak, "compute_dtype_of_peak": peak_dtype,
+              "repeats": args.repeats, "loadavg": loadavg, "ranks": ranks, "peers": peers,
+              "shapes": [dataclasses.asdict(SHAPES[n]) for n in done], "rows": rows}
+    if args.out:
+      args.out.parent.mkdir(parents=True, exist_ok=True)
+      args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+  for i, name in enumerate(names):
     shape = SHAPES[name]
     shape_ranks = ranks if gpu or name in ("1024", "tiny") else [16]
     rows += measure_shape(shape, shape_ranks, peers, args.repeats, gpu, peak)
@@ -451,22 +468,15 @@ def main(argv=None):
       if r["shape"] == name:
         print(f"{name:>6} {r['variant']:<20} {r['step_s']:8.3f} s/step {r['tokens_per_s']:10.0f} tok/s "
               f"{_fmt(r['peak_fraction'] and 100 * r['peak_fraction'], '5.1f')}% of peak", flush=True)
+    record(names[:i + 1])
   peak = max(peak, matmul_peak(peak_dtype, gpu))  # and again at the end: the best seen
   for r in rows:
     r["peak_fraction"] = r["flops_per_s"] / peak if r["flops_per_s"] else None
-  result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": jax.devices()[0].device_kind,
-            "platform": f"{jax.default_backend()}, {platform.processor() or platform.machine()}, "
-                        f"{os.cpu_count()} CPUs",
-            "command": "python -m benchmarks.speed " + " ".join(sys.argv[1:] if argv is None else argv),
-            "versions": versions(), "matmul_peak_flops": peak, "compute_dtype_of_peak": peak_dtype,
-            "repeats": args.repeats, "loadavg": loadavg, "ranks": ranks, "peers": peers,
-            "shapes": [dataclasses.asdict(SHAPES[n]) for n in names], "rows": rows}
+  result = record(names)
   if args.out:
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"recorded in {args.out}")
-  if args.md and str(args.md):
-    write_markdown(args.out.parent, args.md)
+  if args.md:
+    write_markdown(args.out.parent, pathlib.Path(args.md))
     print(f"wrote {args.md}")
   print(speed_table(result))
   print("\n".join(mfu_report(result)))
