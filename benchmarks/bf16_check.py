@@ -11,10 +11,10 @@ LRs) twice per method through ``train.fit`` from the same base, adapters and bat
 
 It compares the loss curves averaged over windows of ``--window`` steps: the check passes when every window's
 |mean loss_bf16 - mean loss_fp32| is at most ``--tolerance`` times the fp32 mean. Single steps are not compared:
-bf16 rounding moves the trajectory, and one batch's loss then differs by as much as batches differ (9.7% at one step
-of the first run here, LoRA, while its 10-step means agreed within 1.3%); a real fault, such as updates lost to bf16 rounding,
-shows as a curve that stops falling, a gap that grows window after window. The per-step gap and the held-out NLL
-at the end are reported beside it. Writes ``benchmarks/results/bf16_check.json`` and regenerates
+bf16 rounding moves the trajectory, and one batch's loss then differs by as much as batches differ (9.7% at one
+step of the first run here, LoRA, while its 10-step means agreed within 1.3%); a real fault, such as updates lost to
+bf16 rounding, shows as a curve that stops falling, a gap that grows window after window. The per-step gap and the
+held-out NLL at the end are reported beside it. Writes ``benchmarks/results/bf16_check.json`` and regenerates
 ``benchmarks/RESULTS.md``; the last line is ``bf16 vs fp32: max relative gap of N-step loss means X (tolerance T):
 PASS|FAIL``, and
 the exit status is 1 on FAIL.
@@ -113,7 +113,8 @@ def main(argv=None):
 
   result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": jax.devices()[0].device_kind,
             "command": "python -m benchmarks.bf16_check " + " ".join(sys.argv[1:] if argv is None else argv),
-            "steps": args.steps, "tolerance": args.tolerance, "window": args.window, "loadavg": list(os.getloadavg()), "methods": {}}
+            "steps": args.steps, "tolerance": args.tolerance, "window": args.window, "loadavg": list(os.getloadavg()),
+            "methods": {}}
   ok = True
   for method in methods:
     fp32, bf16 = run(method, "float32", args.steps), run(method, "bfloat16", args.steps)
