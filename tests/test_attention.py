@@ -88,6 +88,7 @@ def test_auto_resolution_and_decoding_fall_back_to_xla():
   assert transformer.resolve_attention(config, 1000, False, platform="gpu") == "cudnn"
   assert transformer.resolve_attention(config.replace(dtype="float32"), 1024, False, platform="gpu") == "xla"
   assert transformer.resolve_attention(config, 1024, False, platform="cpu") == "xla"
+  assert transformer.resolve_attention(config.replace(attention="splash"), 8, False) == "xla"  # e.g. model.init
   for impl in ("splash", "cudnn", "auto"):  # the KV-cache path always runs the exact attention
     assert transformer.resolve_attention(config.replace(attention=impl), 1, True, platform="tpu") == "xla"
   with pytest.raises(ValueError, match="attention 'flash' is not one of"):

@@ -1,5 +1,6 @@
 """benchmarks.fit plans per-device memory from abstract shapes: sharding must shrink the per-device arguments."""
 
+import json
 import subprocess
 import sys
 
@@ -45,3 +46,39 @@ def test_cli_on_eight_fake_devices_shards_the_arguments(tiny_dir):
   bad = subprocess.run([sys.executable, "-m", "benchmarks.fit", "--model", str(tiny_dir), "--devices", "8",
                         "--mesh", "fsdp=8", "--batch", "4"], capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0 and "--batch 4 is not divisible by the data x fsdp mesh size 8" in bad.stderr
+
+
+def test_chunked_loss_and_remat_policies_change_the_planned_temporaries(tmp_path):
+  import jax
+
+  transformers = pytest.importorskip("transformers")
+  transformers.LlamaConfig(vocab_size=8192, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                           architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path)
+
+  def temporaries(**how):
+    return fit.plan(str(tmp_path), "lora", 8, 4, 256, {"fsdp": 1}, jax.devices()[:1], **how)["temporaries"]
+
+  full_logits = temporaries(loss_chunk_size=0, remat="full")
+  chunked = temporaries(loss_chunk_size=32, remat="full")
+  # Float32 logits of 4 x 256 tokens over 8192 words are 32 MiB (and their gradient as much); chunks of 32
+  # positions are 4 MiB. Measured on XLA:CPU: 120 MiB of temporaries become 26 MiB.
+  assert chunked < full_logits - 2 * 2**25
+  assert temporaries(loss_chunk_size=32, remat="none") > chunked  # every layer's activations kept
+  with pytest.raises(SystemExit, match="does not compile for cpu"):
+    fit.plan(str(tmp_path), "lora", 8, 4, 256, {"fsdp": 1}, jax.devices()[:1], attention="splash")
+
+
+def test_table_markdown_lists_cached_cases_in_order(tmp_path):
+  gib = fit.GIB
+  first, second = fit.table_cases()[:2]
+  cache = tmp_path / "cases.json"
+  cache.write_text(json.dumps({
+      fit._key(second): {"attention": "splash", "arguments": 0.5 * gib, "temporaries": 1.5 * gib, "total": 2 * gib},
+      fit._key(first): {"attention": "xla", "arguments": float("nan"), "temporaries": 20 * gib,
+                        "total": float("inf"), "oom": "RESOURCE_EXHAUSTED"}}))
+  rows = fit.table_markdown(cache, 16, 16.0).splitlines()[2:]
+  assert rows == [
+      f"| {first['model']} | LoRA r=16 | 8 | 32 x 1024 | before | xla | - | 20.00 | - | no (compiler: 20.0 GiB of "
+      "temporaries) |",
+      f"| {second['model']} | LoRA r=16 | 8 | 32 x 1024 | after | splash | 0.50 | 1.50 | 2.00 | yes |"]

@@ -77,8 +77,9 @@ class ModelConfig:
   remat: str = "none"
   # Attention kernel: 'xla' (exact [B, G, R, T, S] scores; the reference, any platform), 'cudnn' (cuDNN flash
   # attention through jax.nn.dot_product_attention; NVIDIA GPUs, bf16/fp16), 'splash' (the TPU splash-attention
-  # Pallas kernel; sequence length a multiple of 128) or 'auto' (splash on TPU, cudnn on GPU, else xla). The KV-cache
-  # decode path always runs 'xla' (its scores are [B, G, R, T, S] with T the few new tokens).
+  # Pallas kernel; sequences that are not a multiple of 128 long, e.g. a model.init on one token, run 'xla') or
+  # 'auto' (splash on TPU, cudnn on GPU, else xla). The KV-cache decode path always runs 'xla' (its scores are
+  # [B, G, R, T, S] with T the few new tokens).
   attention: str = "auto"
   # Loss without full logits: 0 computes the [B, T, V] logits at once; N > 0 computes the loss over N sequence
   # positions at a time ([B, N, V] logits, recomputed in the backward pass), see CausalLM.nll_sum.
@@ -305,10 +306,15 @@ def resolve_attention(config: ModelConfig, seq_len: int, decoding: bool, platfor
   """The attention implementation `config.attention` means for this call: 'auto' picks by platform and shapes."""
   if decoding:
     return "xla"  # The KV-cache path: a few queries against the cache; its scores are small.
+  if config.attention == "splash" and seq_len % 128:
+    return "xla"  # The kernel's blocks are multiples of 128 long.
   if config.attention != "auto":
     return config.attention
   platform = platform or jax.default_backend()
-  if platform == "tpu" and seq_len % 128 == 0:
+  # Over several chips the kernel runs in shard_map over the mesh in context (jax.sharding.use_abstract_mesh):
+  # without one, XLA could not partition it, so 'auto' keeps the exact attention there.
+  mesh_known = not jax.sharding.get_abstract_mesh().empty or jax.device_count() == 1
+  if platform == "tpu" and seq_len % 128 == 0 and mesh_known:
     return "splash"
   if platform in ("gpu", "cuda", "rocm") and config.dtype in ("bfloat16", "float16"):
     return "cudnn"
@@ -371,8 +377,9 @@ def _splash_kernel(heads: int, seq_len: int, sliding_window: int | None, interpr
   block = next(b for b in (512, 256, 128) if seq_len % b == 0)
   sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                             block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
-  # Built once per shape, outside any trace: the kernel holds constant mask-block tables reused across traces.
-  with jax.ensure_compile_time_eval():
+  # Built once per shape as concrete host arrays (not tracers of the trace that first asks): the kernel holds
+  # constant mask-block tables that every later trace reuses, also when compiling for a TPU mesh from a CPU host.
+  with jax.ensure_compile_time_eval(), jax.default_device(jax.local_devices(backend="cpu")[0]):
     return splash.make_splash_mha(splash_mask.MultiHeadMask([one] * heads), block_sizes=sizes, head_shards=1,
                                   q_seq_shards=1, interpret=interpret)
 
@@ -382,7 +389,7 @@ def attention_splash(q_BTHK, k_BSGK, v_BSGK, mask: MaskInfo, sliding_window: int
   """Causal attention with the TPU splash-attention Pallas kernel (blockwise, no scores in memory).
 
   GQA is native to the kernel (query heads grouped per key/value head), packed segments are its SegmentIds, the
-  sliding window a LocalMask. Under a mesh (jax.set_mesh) it runs per device in shard_map over the batch axes
+  sliding window a LocalMask. Under a mesh (use_abstract_mesh) it runs per device in shard_map over the batch axes
   (data, fsdp) and the head axis (tensor). `interpret=True` runs the kernel in the Pallas interpreter (CPU tests).
   """
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
@@ -408,6 +415,9 @@ def attention_splash(q_BTHK, k_BSGK, v_BSGK, mask: MaskInfo, sliding_window: int
     return jax.vmap(kernel)(q_BHTK, k_BGSK, v_BGSK)
 
   mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty and jax.device_count() > 1 and not interpret:
+    raise ValueError("model.attention='splash' on several devices needs the mesh in context: trace the step "
+                     "inside `with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):` (or use 'auto' / 'xla')")
   if mesh.empty or mesh.size == 1:
     out_BHTK = local(q_BHTK, k_BGSK, v_BGSK, *segments)
   else:
