@@ -120,6 +120,35 @@ def step_alone(shape: str, k: int, repeats: int) -> dict:
   return out
 
 
+def hlo_counts(k: int) -> dict:
+  """Where a stacked step's time goes at the tiny shape: dots, batched dots, transposes and copies in the compiled
+  HLO of the stacked step over ``k`` runs and of one run's own step."""
+  import re
+
+  fields, batch_size, seq = SHAPES[next(iter(SHAPES))]
+  config = transformer.ModelConfig(architecture="llama", **fields)
+  model = transformer.CausalLM(config)
+  params = transformer.init_params(config, jax.random.key(0))
+  spec = lora.LoraSpec(rank=4, targets=("all-linear", "unembed"))
+  plans = [stack.RunPlan(spec, optim.OptimConfig(lr=1e-3), seed=i) for i in range(k)]
+  batch = {"inputs": jnp.zeros((batch_size, seq), jnp.int32), "targets": jnp.zeros((batch_size, seq), jnp.int32),
+           "loss_mask": jnp.ones((batch_size, seq), jnp.float32)}
+  s = stack.init(params, plans)
+  stacked_step, _ = stack.make_steps(model, plans)
+  one = s.run_state(0)
+  single = train.jit_train_step(train.make_train_step(model, optim.make_optimizer(plans[0].optim)))
+
+  def count(text):
+    dots = re.findall(r" dot\((.*?)\)(, lhs_batch_dims=\{[^}]*\})?", text)
+    return {"dots": len(dots), "batched_dots": sum(1 for d in dots if d[1]), "transposes": text.count(" transpose("),
+            "copies": text.count(" copy(")}
+
+  return {"k": k,
+          "stacked": count(stacked_step.lower(s.state.frozen, s.state.replace(frozen=None), batch, s.hyper)
+                           .compile().as_text()),
+          "one_run": count(single.lower(one.frozen, one.replace(frozen=None), batch).compile().as_text())}
+
+
 def _ints(text: str) -> list[int]:
   return [int(x) for x in text.split(",") if x]
 
@@ -141,6 +170,9 @@ def main(argv=None) -> dict:
   for shape in SHAPES:
     for k in args.step_ks:
       record["step_alone"].append(step_alone(shape, k, args.repeats))
+  record["hlo"] = [hlo_counts(k) for k in (1, 8)]
+  for h in record["hlo"]:
+    print(f"  HLO, tiny shape, K={h['k']}: stacked {h['stacked']}; one run's step {h['one_run']}", flush=True)
   if not args.skip_end_to_end:
     print("(a) end to end through the sweep runner", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
