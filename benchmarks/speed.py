@@ -326,7 +326,7 @@ def _fmt(x, spec, missing="-"):
 def speed_table(result: dict) -> str:
   """The Markdown table of a speed result."""
   lines = ["| shape | variant | s/step | tokens/s | XLA GFLOP | achieved GFLOP/s | of matmul peak | memory GiB | "
-           "time vs full FT | tokens/s vs PEFT |", "|---|---|---|---|---|---|---|---|---|---|"]
+           "time vs lora_jax full FT | tokens/s vs PEFT |", "|---|---|---|---|---|---|---|---|---|---|"]
   shapes = {s["name"]: s for s in result["shapes"]}
   for r in result["rows"]:
     s = shapes[r["shape"]]
