@@ -131,7 +131,7 @@ def markdown(results_dir: pathlib.Path) -> list[str]:
     r = json.loads(path.read_text())
     load = ", ".join("%.1f" % x[0] for x in r["loadavg"])
     for row in r["rows"]:
-      lines.append(f"| {name}: {r['label'] or r['command']} | {row['method']} | {row['steps_per_call']} | "
+      lines.append(f"| {r['label'] or name + ': ' + r['command']} | {row['method']} | {row['steps_per_call']} | "
                    f"{1e3 * row['compiled_step_s']:.2f} | {1e3 * row['loop_step_s']:.2f} | "
                    f"{100 * row['overhead_fraction']:.1f}% | {1e3 * row['compiled_step_cpu_s']:.2f} | "
                    f"{1e3 * row['loop_step_cpu_s']:.2f} | {100 * row['overhead_cpu_fraction']:.1f}% | "
