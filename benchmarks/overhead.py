@@ -54,12 +54,11 @@ def tiny_experiment():
 
   from experiments import main, tiny_base
   from experiments.configs import finetune
-  from lora_jax import hf, sharding
+  from lora_jax import sharding
 
   config = finetune.get_config("tiny")
   model_dir = tiny_base.pretrained(config.tiny_base)
-  model_config = hf.load_config(model_dir, scan_layers=config.model.scan_layers, remat=config.model.remat,
-                                param_dtype=config.model.param_dtype).replace(dtype=config.model.dtype)
+  model_config = main.load_model_config(config, model_dir)
   sources, evals = main.load_data(config, AutoTokenizer.from_pretrained(str(model_dir)))
   return config, model_dir, model_config, sources, evals, sharding.make_mesh(config.mesh.to_dict())
 

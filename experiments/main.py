@@ -149,6 +149,16 @@ def abstract_setups(config: ml_collections.ConfigDict, model_config: transformer
                          seed=config.seed, grad_accum=config.train.grad_accum) for m in config.methods}
 
 
+MODEL_FIELDS = ("scan_layers", "remat", "param_dtype", "dtype", "attention", "loss_chunk_size")  # config.model -> ModelConfig
+
+
+def load_model_config(config: ml_collections.ConfigDict, model_dir) -> transformer.ModelConfig:
+  """The base's ``ModelConfig`` with the run's ``config.model`` settings (layout, remat, dtypes, attention, loss
+  chunking) — the one place every entry point reads them."""
+  changes = {f: config.model[f] for f in MODEL_FIELDS if f in config.model}
+  return hf.load_config(model_dir, **changes)
+
+
 EVAL_SPLITS = ("held_out", "train")
 
 
@@ -231,8 +241,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, overwr
   try:
     check_config(config)
     model_dir = tiny_base.pretrained(config.tiny_base) if config.model.name == "tiny" else config.model.name
-    model_config = hf.load_config(model_dir, scan_layers=config.model.scan_layers, remat=config.model.remat,
-                                  param_dtype=config.model.param_dtype).replace(dtype=config.model.dtype)
+    model_config = load_model_config(config, model_dir)
     mesh = sharding.make_mesh(config.mesh.to_dict())
     rules = config.sharding_rules.to_dict()
     plans = {m: (make_spec(m, config, model_config), make_optim(m, config)) for m in config.methods}

@@ -235,8 +235,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, overwr
   try:
     check_config(config, exp_main)
     model_dir = warmed_base(config) if config.model.name == "tiny" else config.model.name
-    model_config = hf.load_config(model_dir, scan_layers=config.model.scan_layers, remat=config.model.remat,
-                                  param_dtype=config.model.param_dtype).replace(dtype=config.model.dtype)
+    model_config = exp_main.load_model_config(config, model_dir)
     mesh = None if jax.device_count() == 1 else dict(config.mesh.to_dict())
     plans = {m: (exp_main.make_spec(m, config, model_config), exp_main.make_optim(m, config)) for m in config.methods}
     from transformers import AutoTokenizer

@@ -126,8 +126,7 @@ def run(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str | e
     for c in configs:
       main_lib.check_config(c)
     model_dir = tiny_base.pretrained(config.tiny_base) if config.model.name == "tiny" else config.model.name
-    model_config = hf.load_config(model_dir, scan_layers=config.model.scan_layers, remat=config.model.remat,
-                                  param_dtype=config.model.param_dtype).replace(dtype=config.model.dtype)
+    model_config = main_lib.load_model_config(config, model_dir)
     method = config.methods[0]
     plans = [stack.RunPlan(main_lib.make_spec(method, c, model_config), main_lib.make_optim(method, c), c.seed)
              for c in configs]
