@@ -267,7 +267,8 @@ def fit(model: nn.Module, s: Stack, loop: train.LoopConfig, batches, eval_batche
   ``batches`` is one ``train.BatchIterator`` shared by every run, or a list of K (each run's own data order).
   Resumes every run from the newest step that all of them have checkpointed. SIGTERM saves every live run and
   raises ``train.Preempted``. Returns the final stack and each run's ``RunResult``. With a ``mesh``, the runs are
-  spread over the mesh axis that ``rules`` maps ``RUN_AXIS`` to (``stack_shardings``).
+  spread over the mesh axis that ``rules`` maps ``RUN_AXIS`` to (``stack_shardings``). One step per jitted call:
+  ``loop.steps_per_call`` (``train.fit``'s scanned calls) is not used here.
   """
   k_runs = s.size
   if len(workdirs) != k_runs:
