@@ -248,9 +248,11 @@ class _Run:
 
 
 def _next_batch(batches):
-  if isinstance(batches, (list, tuple)):
-    return {k: np.stack([b[k] for b in parts]) for parts in [[next(it) for it in batches]] for k in parts[0]}
-  return next(batches)
+  """The next shared batch, or each run's next batch stacked ``[K, B, T]``."""
+  if not isinstance(batches, (list, tuple)):
+    return next(batches)
+  parts = [next(it) for it in batches]
+  return {k: np.stack([b[k] for b in parts]) for k in parts[0]}
 
 
 def _data_states(batches, k: int) -> dict:
@@ -286,7 +288,7 @@ def fit(model: nn.Module, s: Stack, loop: train.LoopConfig, batches, eval_batche
         shardings["state"], frozen=shardings["frozen"])), hyper=jax.device_put(s.hyper, shardings["hyper"]))
     to_device = lambda b, key="batch": jax.device_put(b, shardings[key])  # noqa: E731
   train_step, eval_step = make_steps(model, s.plans, loop.grad_accum, per_run_batches, shardings)
-  run_batch = (lambda b: to_device(b, "run_batch")) if (per_run_batches and mesh is not None) else to_device
+  run_batch = (lambda b: to_device(b, "run_batch")) if per_run_batches and mesh is not None else to_device
 
   # Resume: the newest step every run has a checkpoint of.
   common = set.intersection(*(set(r.checkpointer.all_steps()) for r in runs))
@@ -385,11 +387,13 @@ def fit(model: nn.Module, s: Stack, loop: train.LoopConfig, batches, eval_batche
     if start == 0:
       run_eval(0)
     for step in range(start + 1, loop.steps + 1):
-      batch = run_batch(_next_batch(batches)) if per_run_batches else to_device(_next_batch(batches))
+      host_batch = _next_batch(batches)
+      tokens = host_batch["inputs"].size // (k_runs if per_run_batches else 1)  # token slots of one run's batch
+      batch = run_batch(host_batch)
       t0 = time.time()
       state, m = train_step(frozen, state, batch, s.hyper)
       finish_pending()
-      pending = (step, m, t0, np.asarray(batch["inputs"]).size // (k_runs if per_run_batches else 1))
+      pending = (step, m, t0, tokens)
       if not alive():
         break
       if step % loop.eval_every == 0 or step == loop.steps:
