@@ -72,8 +72,10 @@ def _median_time(fn, repeats: int) -> float:
   return statistics.median(times)
 
 
-def step_alone(shape: str, k: int, repeats: int) -> dict:
-  """Seconds per step of all ``k`` runs: ``k`` separate jitted steps vs one stacked step (median after warm-up)."""
+def step_alone(shape: str, k: int, repeats: int, vectorize: list[int]) -> dict:
+  """Seconds per step of all ``k`` runs: ``k`` separate jitted steps vs one stacked step, with each ``vectorize``
+  (runs per vmapped group, the groups looped: ``stack.make_steps``; 0 = all ``k`` in one vmap); median after
+  warm-up, the variants' repeats interleaved so that a change in the machine's load hits them alike."""
   fields, batch_size, seq = SHAPES[shape]
   config = transformer.ModelConfig(architecture="llama", **fields)
   model = transformer.CausalLM(config)
@@ -84,14 +86,17 @@ def step_alone(shape: str, k: int, repeats: int) -> dict:
   tokens = rng.integers(0, config.vocab_size, (batch_size, seq + 1))
   batch = {"inputs": jnp.asarray(tokens[:, :-1], jnp.int32), "targets": jnp.asarray(tokens[:, 1:], jnp.int32),
            "loss_mask": jnp.ones((batch_size, seq), jnp.float32)}
-
   s = stack.init(params, plans)
-  stacked_step, _ = stack.make_steps(model, plans)
-  box = {"state": s.state.replace(frozen=None)}
 
-  def stacked():
-    box["state"], m = stacked_step(s.state.frozen, box["state"], batch, s.hyper)
-    return m["train/loss"]
+  def stacked_variant(v):
+    step, _ = stack.make_steps(model, plans, vectorize=v or k)
+    box = {"state": jax.tree.map(jnp.copy, s.state.replace(frozen=None))}
+
+    def run():
+      box["state"], m = step(s.state.frozen, box["state"], batch, s.hyper)
+      return m["train/loss"]
+
+    return run
 
   singles = [s.run_state(i) for i in range(k)]
   steps = [train.jit_train_step(train.make_train_step(model, optim.make_optimizer(p.optim))) for p in plans]
@@ -105,24 +110,26 @@ def step_alone(shape: str, k: int, repeats: int) -> dict:
       losses.append(m["train/loss"])
     return losses
 
-  for fn in (stacked, separate):  # compile and warm up
+  variants = {"separate": separate, **{f"vectorize={v or k}": stacked_variant(v)
+                                      for v in dict.fromkeys(v if v < k else 0 for v in vectorize)}}
+  for fn in variants.values():  # compile and warm up
     fn(), fn()
-  out = {"shape": shape, "k": k, "params": sum(x.size for x in jax.tree.leaves(params))}
-  # Interleaved repeats, so that a change in the machine's load hits both alike.
-  sep, stk = [], []
+  times = {name: [] for name in variants}
   for _ in range(repeats):
-    sep.append(_median_time(separate, 1))
-    stk.append(_median_time(stacked, 1))
-  out["separate_s"], out["stacked_s"] = statistics.median(sep), statistics.median(stk)
-  out["speedup"] = out["separate_s"] / out["stacked_s"]
-  print(f"  step alone, {shape}, K={k}: separate {out['separate_s'] * 1e3:.1f} ms, stacked "
-        f"{out['stacked_s'] * 1e3:.1f} ms, speedup {out['speedup']:.2f}", flush=True)
+    for name, fn in variants.items():
+      times[name].append(_median_time(fn, 1))
+  out = {"shape": shape, "k": k, "params": sum(x.size for x in jax.tree.leaves(params)),
+         "separate_s": statistics.median(times["separate"]),
+         "stacked_s": {name[len("vectorize="):]: statistics.median(t) for name, t in times.items() if name != "separate"}}
+  out["speedup"] = {v: out["separate_s"] / t for v, t in out["stacked_s"].items()}
+  print(f"  step alone, {shape}, K={k}: separate {out['separate_s'] * 1e3:.1f} ms; stacked " + ", ".join(
+      f"vectorize {v}: {t * 1e3:.1f} ms ({out['speedup'][v]:.2f}x)" for v, t in out["stacked_s"].items()), flush=True)
   return out
 
 
 def hlo_counts(k: int) -> dict:
-  """Where a stacked step's time goes at the tiny shape: dots, batched dots, transposes and copies in the compiled
-  HLO of the stacked step over ``k`` runs and of one run's own step."""
+  """Where a vmapped stacked step's time goes at the tiny shape: dots, batched dots, transposes and copies in the
+  compiled HLO of the stacked step over ``k`` runs (all in one vmap) and of one run's own step."""
   import re
 
   fields, batch_size, seq = SHAPES[next(iter(SHAPES))]
@@ -134,7 +141,7 @@ def hlo_counts(k: int) -> dict:
   batch = {"inputs": jnp.zeros((batch_size, seq), jnp.int32), "targets": jnp.zeros((batch_size, seq), jnp.int32),
            "loss_mask": jnp.ones((batch_size, seq), jnp.float32)}
   s = stack.init(params, plans)
-  stacked_step, _ = stack.make_steps(model, plans)
+  stacked_step, _ = stack.make_steps(model, plans, vectorize=k)  # the vmapped program
   one = s.run_state(0)
   single = train.jit_train_step(train.make_train_step(model, optim.make_optimizer(plans[0].optim)))
 
@@ -159,6 +166,8 @@ def main(argv=None) -> dict:
   p.add_argument("--ks", type=_ints, default=[1, 8], help="K of the end-to-end comparison (default 1,8)")
   p.add_argument("--step-ks", type=_ints, default=[1, 4, 8, 16], help="K of the compiled-step comparison")
   p.add_argument("--repeats", type=int, default=15, help="timed steps per variant in (b)")
+  p.add_argument("--vectorize", type=_ints, default=[1, 2, 0],
+                 help="runs per vmapped group of the stacked step in (b); 0 = all K (default 1,2,0)")
   p.add_argument("--skip-end-to-end", action="store_true", help="only (b)")
   p.add_argument("--out", default=str(RESULTS), help="where the JSON goes")
   args = p.parse_args(argv)
@@ -169,7 +178,7 @@ def main(argv=None) -> dict:
   print("(b) the compiled step alone", flush=True)
   for shape in SHAPES:
     for k in args.step_ks:
-      record["step_alone"].append(step_alone(shape, k, args.repeats))
+      record["step_alone"].append(step_alone(shape, k, args.repeats, args.vectorize))
   record["hlo"] = [hlo_counts(k) for k in (1, 8)]
   for h in record["hlo"]:
     print(f"  HLO, tiny shape, K={h['k']}: stacked {h['stacked']}; one run's step {h['one_run']}", flush=True)
@@ -182,13 +191,14 @@ def main(argv=None) -> dict:
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(record, indent=2) + "\n")
-  print("\n| measure | shape | K | separate (s) | stacked (s) | speedup |\n|---|---|---|---|---|---|")
+  print("\n| measure | shape | K | runs per vmap | separate (s) | stacked (s) | speedup |\n|---|---|---|---|---|---|---|")
   for r in record["end_to_end"]:
-    print(f"| end to end ({r['k']} sweep points) | tiny study point | {r['k']} | {r['separate_s']:.1f} | "
+    print(f"| end to end ({r['k']} sweep points) | tiny study point | {r['k']} | default | {r['separate_s']:.1f} | "
           f"{r['stacked_s']:.1f} | {r['speedup']:.2f} |")
   for r in record["step_alone"]:
-    print(f"| compiled step (all K runs) | {r['shape']} | {r['k']} | {r['separate_s']:.4f} | {r['stacked_s']:.4f} | "
-          f"{r['speedup']:.2f} |")
+    for v, t in r["stacked_s"].items():
+      print(f"| compiled step (all K runs) | {r['shape']} | {r['k']} | {v} | {r['separate_s']:.4f} | {t:.4f} | "
+            f"{r['speedup'][v]:.2f} |")
   print(f"load average: {record['load_average_start']} at the start, {record['load_average_end']} at the end")
   if record["end_to_end"]:
     best = next((r for r in record["end_to_end"] if r["k"] == 8), record["end_to_end"][-1])

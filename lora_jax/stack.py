@@ -160,27 +160,52 @@ def with_states(s: Stack, states: Sequence[train.TrainState]) -> Stack:
   return dataclasses.replace(s, state=rest.replace(frozen=s.state.frozen))
 
 
+def default_vectorize(k: int, sharded: bool = False) -> int:
+  """Runs per vmapped group when none is asked for: all ``k`` on GPU/TPU or when the runs are spread over a mesh
+  (bigger matmuls fill the chip); one at a time on a CPU, where the K runs' matmuls fused into one ran at about half
+  the FLOP rate of one run's (``benchmarks/many_runs.py``, K=8: the step vmapped over all runs 0.59-0.69x of K
+  separate steps, looped one at a time 1.24-1.28x)."""
+  return k if sharded or jax.default_backend() != "cpu" else 1
+
+
+def map_runs(fn: Callable, xs, vectorize: int):
+  """``fn`` over the leading run axis of ``xs``: ``vectorize`` runs at a time in one ``jax.vmap``, the groups one
+  after another in a ``lax.map`` loop (all at once when ``vectorize`` covers them)."""
+  k = jax.tree.leaves(xs)[0].shape[0]
+  if vectorize >= k:
+    return jax.vmap(fn)(xs)
+  return jax.lax.map(fn, xs, batch_size=vectorize if vectorize > 1 else None)
+
+
 def make_steps(model: nn.Module, plans: Sequence[RunPlan], grad_accum: int = 1, per_run_batches: bool = False,
-               shardings: dict | None = None) -> tuple[Callable, Callable]:
+               shardings: dict | None = None, vectorize: int | None = None) -> tuple[Callable, Callable]:
   """The jitted stacked ``(train_step, eval_step)``.
 
   ``train_step(frozen, state_without_frozen, batch, hyper) -> (state_without_frozen, metrics [K])`` donates the
   state; ``eval_step(frozen, state_without_frozen, batch, hyper) -> (sum NLL [K], token count [K])`` on one shared
-  batch. ``shardings`` (from ``stack_shardings``) compiles them with explicit placements.
+  batch. ``shardings`` (from ``stack_shardings``) compiles them with explicit placements. ``vectorize`` runs go
+  through one vmapped step at a time (``map_runs``; default ``default_vectorize``): each run's arithmetic is the
+  same either way, only the program's shape changes.
   """
   ref = plans[0].optim
   step_fn = train.make_train_step(model, lambda h: optim.make_optimizer(ref, h), grad_accum)
   eval_fn = train.make_eval_step(model)
+  if vectorize is None:
+    vectorize = default_vectorize(len(plans), shardings is not None and shardings["runs"].spec != PartitionSpec(None))
+  if vectorize < 1:
+    raise ValueError(f"vectorize must be >= 1 runs per vmapped group, got {vectorize}")
 
   def train_step(frozen, state, batch, hyper):
-    def one(st, b, h):
-      new, m = step_fn(st.replace(frozen=frozen), b, h)
+    def one(xs):
+      st, b, h = xs
+      new, m = step_fn(st.replace(frozen=frozen), batch if b is None else b, h)
       return new.replace(frozen=None), m
 
-    return jax.vmap(one, in_axes=(0, 0 if per_run_batches else None, 0))(state, batch, hyper)
+    return map_runs(one, (state, batch if per_run_batches else None, hyper), vectorize)
 
   def eval_step(frozen, state, batch, hyper):
-    return jax.vmap(lambda st, h: eval_fn(st.replace(frozen=frozen), batch, h["scales"]))(state, hyper)
+    return map_runs(lambda xs: eval_fn(xs[0].replace(frozen=frozen), batch, xs[1]["scales"]), (state, hyper),
+                    vectorize)
 
   if shardings is None:
     return jax.jit(train_step, donate_argnums=(1,)), jax.jit(eval_step)
@@ -263,13 +288,14 @@ def fit(model: nn.Module, s: Stack, loop: train.LoopConfig, batches, eval_batche
         workdirs: Sequence[str | epath.PathLike], *, records: Sequence[dict] | None = None,
         eval_hook: Callable[[train.TrainState], dict] | None = None,
         writers: Sequence[metrics_lib.MetricWriter] | None = None, progress: bool = True, mesh=None,
-        param_shardings=None, rules: dict | None = None) -> tuple[Stack, list[RunResult]]:
+        param_shardings=None, rules: dict | None = None, vectorize: int | None = None) -> tuple[Stack, list[RunResult]]:
   """Trains the K runs of ``s`` for ``loop.steps`` steps, each into its own ``workdirs[k]`` as ``train.fit`` would.
 
   ``batches`` is one ``train.BatchIterator`` shared by every run, or a list of K (each run's own data order).
   Resumes every run from the newest step that all of them have checkpointed. SIGTERM saves every live run and
   raises ``train.Preempted``. Returns the final stack and each run's ``RunResult``. With a ``mesh``, the runs are
-  spread over the mesh axis that ``rules`` maps ``RUN_AXIS`` to (``stack_shardings``). One step per jitted call:
+  spread over the mesh axis that ``rules`` maps ``RUN_AXIS`` to (``stack_shardings``). ``vectorize``: runs per
+  vmapped group (``make_steps``). One step per jitted call:
   ``loop.steps_per_call`` (``train.fit``'s scanned calls) is not used here.
   """
   k_runs = s.size
@@ -287,7 +313,7 @@ def fit(model: nn.Module, s: Stack, loop: train.LoopConfig, batches, eval_batche
     s = dataclasses.replace(s, state=jax.device_put(s.state, dataclasses.replace(
         shardings["state"], frozen=shardings["frozen"])), hyper=jax.device_put(s.hyper, shardings["hyper"]))
     to_device = lambda b, key="batch": jax.device_put(b, shardings[key])  # noqa: E731
-  train_step, eval_step = make_steps(model, s.plans, loop.grad_accum, per_run_batches, shardings)
+  train_step, eval_step = make_steps(model, s.plans, loop.grad_accum, per_run_batches, shardings, vectorize)
   run_batch = (lambda b: to_device(b, "run_batch")) if per_run_batches and mesh is not None else to_device
 
   # Resume: the newest step every run has a checkpoint of.

@@ -173,7 +173,7 @@ def test_a_killed_stack_resumes_bitwise(tmp_path):
 
 
 def test_a_diverging_run_fails_alone_and_the_others_finish(tmp_path):
-  plans = [PLANS[0], stack.RunPlan(lora_spec(4), optim.OptimConfig(lr=1e9), seed=1)]
+  plans = [PLANS[0], stack.RunPlan(lora_spec(4), optim.OptimConfig(lr=float("inf")), seed=1)]  # NaN updates
   final, results = stacked(tmp_path, plans, ["ok", "nan"])
   assert results[0].state == "done" and results[0].error is None
   assert results[1].state == "failed" and "NonFiniteLoss" in results[1].error
