@@ -71,7 +71,8 @@ def plan(model: str, method: str, rank: int, batch: int, seq: int, mesh_shape: d
   """Compiles the train step for ``devices`` and returns XLA's per-device memory figures (bytes).
 
   ``attention``, ``loss_chunk_size``, ``remat`` and ``scan_layers`` are the ModelConfig fields of that name;
-  ``attention="auto"`` resolves for the target devices' platform (splash on TPU), not this host's.
+  ``attention="auto"`` resolves for the target devices' platform (splash on TPU), not this host's: the trainer
+  traces its step under the mesh (``train.under_mesh``), as in a real run.
   """
   import jax
   import jax.numpy as jnp
@@ -88,8 +89,6 @@ def plan(model: str, method: str, rank: int, batch: int, seq: int, mesh_shape: d
     config = hf.load_config(model, **changes)
   else:
     config = transformer.ModelConfig.from_preset(model, **changes)
-  if attention == "auto":
-    config = config.replace(attention=transformer.resolve_attention(config, seq, False, platform=platform))
   # Every matrix incl. the unembedding, with the MoE expert-rank rule: what experiments.main trains.
   spec = transformer.model_spec(lora.LoraSpec(rank=rank, targets=("all-linear", "unembed")), config) \
       if method == "lora" else lora.LoraSpec.full()
@@ -103,9 +102,10 @@ def plan(model: str, method: str, rank: int, batch: int, seq: int, mesh_shape: d
   tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=s.batch_sharding)
   batch_tree = {"inputs": tokens, "targets": tokens,
                 "loss_mask": jax.ShapeDtypeStruct((batch, seq), jnp.float32, sharding=s.batch_sharding)}
-  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # the splash kernel runs in shard_map over it
-    lowered = s.train_step.lower(s.state.frozen, s.state.replace(frozen=None), batch_tree)
-  out = {"trainable": sum(x.size for x in jax.tree.leaves(s.state.trainable)), "attention": config.attention}
+  lowered = s.train_step.lower(s.state.frozen, s.state.replace(frozen=None), batch_tree)
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # what the step, traced under this mesh, ran
+    ran = transformer.resolve_attention(config, seq, False)
+  out = {"trainable": sum(x.size for x in jax.tree.leaves(s.state.trainable)), "attention": ran}
   try:
     m = lowered.compile().memory_analysis()
   except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses a step that cannot fit its HBM
@@ -166,11 +166,28 @@ def _key(case: dict) -> str:
   return json.dumps(case, sort_keys=True)
 
 
-def run_table(cache: pathlib.Path, rank: int, mesh: str, limit_s: float) -> None:
-  """Compiles the table's cases not yet in ``cache`` (a JSON file of results) until ``limit_s`` seconds passed."""
+def select_cases(cases: list[dict], only: list[str]) -> list[dict]:
+  """The cases matching any ``only`` filter (``"devices=8,seq=1024"``), in the order of the filters; all if none."""
+  if not only:
+    return cases
+  chosen = []
+  for text in only:
+    wanted = dict(part.partition("=")[::2] for part in filter(None, text.split(",")))
+    unknown = set(wanted) - set(cases[0])
+    if unknown:
+      raise SystemExit(f"--only {text}: no case field {sorted(unknown)}; fields are {sorted(cases[0])}")
+    chosen += [c for c in cases if c not in chosen and all(str(c[k]) == v for k, v in wanted.items())]
+  return chosen
+
+
+def run_table(cache: pathlib.Path, rank: int, mesh: str, limit_s: float, only: list[str] = ()) -> None:
+  """Compiles the table's cases not yet in ``cache`` (a JSON file of results) until ``limit_s`` seconds passed.
+
+  ``only`` restricts and orders the cases (``select_cases``), to compile the chosen ones first.
+  """
   done = json.loads(cache.read_text()) if cache.exists() else {}
   start = time.time()
-  for case in table_cases():
+  for case in select_cases(table_cases(), only):
     if _key(case) in done:
       continue
     if time.time() - start > limit_s:
@@ -232,12 +249,15 @@ def main(argv=None):
                  help="compile the docs table's cases on TPU v5e (results cached in this JSON file, resumable)")
   p.add_argument("--table-limit-s", type=float, default=3600, help="stop starting new table compiles after this")
   p.add_argument("--markdown", action="store_true", help="with --table: print the Markdown table of the cache")
+  p.add_argument("--only", action="append", default=[], metavar="FIELD=VALUE[,...]",
+                 help="with --table: compile only the cases matching one of these filters, in their order "
+                      "(e.g. --only method=full,devices=8 --only model=Qwen/Qwen3-8B,devices=8)")
   args = p.parse_args(argv)
   if args.table:
     if args.markdown:
       print(table_markdown(args.table, args.rank, args.hbm_gib), end="")
     else:
-      run_table(args.table, args.rank, args.mesh, args.table_limit_s)
+      run_table(args.table, args.rank, args.mesh, args.table_limit_s, args.only)
     return
   if args.platform == "cpu" and "jax" not in sys.modules:
     os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"

@@ -191,6 +191,23 @@ class LoopConfig:
     return max(d for d in range(1, min(self.steps_per_call, every) + 1) if every % d == 0)
 
 
+def under_mesh(fn: Callable, batch_sharding=None) -> Callable:
+  """``fn`` traced under the abstract mesh of ``batch_sharding`` (as is without one).
+
+  Kernels that run per device in ``shard_map`` (splash attention, and ``model.attention='auto'`` choosing it on a
+  TPU mesh) find the mesh and its platform there; XLA ops are unaffected.
+  """
+  if batch_sharding is None:
+    return fn
+
+  @functools.wraps(fn)
+  def traced(*args):
+    with jax.sharding.use_abstract_mesh(batch_sharding.mesh.abstract_mesh):
+      return fn(*args)
+
+  return traced
+
+
 def jit_train_step(train_step: Callable, shardings: TrainState | None = None, batch_sharding=None) -> Callable:
   """``train_step`` jitted as ``step(frozen, state_without_frozen, batch)``, donating all but the frozen base.
 
@@ -205,6 +222,7 @@ def jit_train_step(train_step: Callable, shardings: TrainState | None = None, ba
                             out_shardings=(rest, sharding_lib.replicated(batch_sharding.mesh)))
 
   @jit
+  @functools.partial(under_mesh, batch_sharding=batch_sharding)
   def step(frozen, state, batch):
     state, metrics = train_step(state.replace(frozen=frozen), batch)
     return state.replace(frozen=None), metrics
@@ -235,6 +253,7 @@ def jit_train_steps(train_step: Callable, shardings: TrainState | None = None, b
                             out_shardings=(rest, rep))
 
   @jit
+  @functools.partial(under_mesh, batch_sharding=batch_sharding)
   def steps(frozen, state, batches, active):
     def body(state, xs):
       batch, on = xs
@@ -254,7 +273,7 @@ def make_steps(model: nn.Module, optim_config: optim.OptimConfig, grad_accum: in
   train_step = jit_train_step(make_train_step(model, optim.make_optimizer(optim_config), grad_accum), shardings,
                               batch_sharding)
   in_shardings = {} if shardings is None else {"in_shardings": (shardings, batch_sharding)}
-  return train_step, jax.jit(make_eval_step(model), **in_shardings)
+  return train_step, jax.jit(under_mesh(make_eval_step(model), batch_sharding), **in_shardings)
 
 
 def state_shardings(state: TrainState, optim_config: optim.OptimConfig, param_shardings, mesh) -> TrainState:

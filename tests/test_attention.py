@@ -91,6 +91,11 @@ def test_auto_resolution_and_decoding_fall_back_to_xla():
   assert transformer.resolve_attention(config.replace(attention="splash"), 8, False) == "xla"  # e.g. model.init
   for impl in ("splash", "cudnn", "auto"):  # the KV-cache path always runs the exact attention
     assert transformer.resolve_attention(config.replace(attention=impl), 1, True, platform="tpu") == "xla"
+  # 'auto' takes the platform of the mesh in context (as the trainer traces its steps), not this host's.
+  for platform, want in (("tpu", "splash"), ("cpu", "xla")):
+    device = jax.sharding.AbstractDevice(device_kind=platform, num_cores=1, platform=platform)
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("fsdp",), abstract_device=device)):
+      assert transformer.resolve_attention(config, 1024, False) == want
   with pytest.raises(ValueError, match="attention 'flash' is not one of"):
     ModelConfig.tiny_llama(attention="flash")
   q, k, v = _qkv()
@@ -124,3 +129,54 @@ def test_splash_lowers_for_tpu_and_compiles_with_libtpu():
   memory = step.lower(*shapes).compile().memory_analysis()
   # The scores of one layer would be 2 x 32 x 8192^2 fp32 = 16 GiB; the kernels keep far less than 1 GiB.
   assert memory.temp_size_in_bytes < 2**30
+
+
+def trainer_steps_lower_splash_for_a_tpu_mesh():
+  """The trainer's own jitted steps (``train.setup``'s train and eval steps, ``fit``'s scanned steps) on an 8-device
+  mesh with the heads split (fsdp=4, tensor=2), lowered for TPU: splash runs in them, the mesh in context. 'auto'
+  on this CPU mesh still lowers the exact attention. Run with 8 fake CPU devices
+  (``test_trainer_steps_run_splash_under_their_mesh``)."""
+  from lora_jax import lora, optim, sharding, train
+
+  assert jax.device_count() == 8
+  mesh = sharding.make_mesh({"fsdp": 4, "tensor": 2})
+  optim_config = optim.OptimConfig(lr=1e-3)
+
+  def lowered_steps(attention, platform):
+    config = ModelConfig.tiny_llama(dtype="bfloat16", attention=attention, scan_layers=True)
+    s = train.setup(config, lora.LoraSpec(rank=4), optim_config, transformer.abstract_params(config), mesh=mesh)
+    rows = jax.ShapeDtypeStruct((8, T), jnp.int32, sharding=s.batch_sharding)
+    batch = {"inputs": rows, "targets": rows, "loss_mask": jax.ShapeDtypeStruct((8, T), jnp.float32,
+                                                                               sharding=s.batch_sharding)}
+    stacked_sh = train.stacked_batch_sharding(s.batch_sharding)
+    batches = {k: jax.ShapeDtypeStruct((2, *v.shape), v.dtype, sharding=stacked_sh) for k, v in batch.items()}
+    active = jax.ShapeDtypeStruct((2,), jnp.bool_, sharding=sharding.replicated(mesh))
+    fit_steps = train.jit_train_steps(train.make_train_step(s.model, optim.make_optimizer(optim_config)),
+                                      s.state_shardings, s.batch_sharding)
+    rest = s.state.replace(frozen=None)
+    calls = {"train_step": (s.train_step, (s.state.frozen, rest, batch)), "eval_step": (s.eval_step, (s.state, batch)),
+             "fit": (fit_steps, (s.state.frozen, rest, batches, active))}
+    return {name: fn.trace(*args).lower(lowering_platforms=(platform,)).as_text()
+            for name, (fn, args) in calls.items()}
+
+  for name, text in lowered_steps("splash", "tpu").items():
+    # train and fit: forward, dq and dkv kernels (the forward again under remat); eval: the forward kernel.
+    assert text.count("tpu_custom_call") >= (1 if name == "eval_step" else 3), name
+  for name, text in lowered_steps("auto", "cpu").items():
+    assert "tpu_custom_call" not in text and "shard_map" not in text.lower(), name
+
+
+def test_trainer_steps_run_splash_under_their_mesh():
+  import os
+  import pathlib
+  import subprocess
+  import sys
+
+  here = pathlib.Path(__file__).parent
+  path = os.pathsep.join(filter(None, [str(here), os.environ.get("PYTHONPATH")]))  # for `from _tolerance import`
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+         "PYTHONPATH": path}
+  code = "from tests.test_attention import trainer_steps_lower_splash_for_a_tpu_mesh as f; f()"
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                       cwd=here.parent)
+  assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -303,17 +303,23 @@ class MaskInfo(NamedTuple):
 
 
 def resolve_attention(config: ModelConfig, seq_len: int, decoding: bool, platform: str | None = None) -> str:
-  """The attention implementation `config.attention` means for this call: 'auto' picks by platform and shapes."""
+  """The attention implementation `config.attention` means for this call: 'auto' picks by platform and shapes.
+
+  The platform is ``platform``, else that of the mesh in context (``jax.sharding.use_abstract_mesh``, as the trainer
+  traces its steps: a TPU mesh compiled from a CPU host is TPU), else this process's default backend.
+  """
   if decoding:
     return "xla"  # The KV-cache path: a few queries against the cache; its scores are small.
   if config.attention == "splash" and seq_len % 128:
     return "xla"  # The kernel's blocks are multiples of 128 long.
   if config.attention != "auto":
     return config.attention
-  platform = platform or jax.default_backend()
-  # Over several chips the kernel runs in shard_map over the mesh in context (jax.sharding.use_abstract_mesh):
-  # without one, XLA could not partition it, so 'auto' keeps the exact attention there.
-  mesh_known = not jax.sharding.get_abstract_mesh().empty or jax.device_count() == 1
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else mesh.abstract_device
+  platform = platform or (device.platform if device is not None else jax.default_backend())
+  # Over several chips the kernel runs in shard_map over the mesh in context: without one, XLA could not partition
+  # it, so 'auto' keeps the exact attention there.
+  mesh_known = not mesh.empty or jax.device_count() == 1
   if platform == "tpu" and seq_len % 128 == 0 and mesh_known:
     return "splash"
   if platform in ("gpu", "cuda", "rocm") and config.dtype in ("bfloat16", "float16"):
