@@ -138,7 +138,8 @@ def study_point(cpu: bool, model: str, method: str, rank: int, lr: float, seed: 
     config.train.checkpoint_every = 1000  # Points are short: a checkpoint at the end (always) and every 1000 steps.
   else:  # GPU/TPU: bf16 base and compute (trained values and Adam moments stay fp32), scanned and rematerialised
     config.model.dtype = config.model.param_dtype = "bfloat16"  # layers, as benchmarks/fit.py plans memory for
-    config.model.scan_layers = config.model.remat = True
+    config.model.scan_layers = True
+    config.model.remat = "full"  # Keep only each layer's input; recompute the layer in the backward pass.
   return config
 
 

@@ -16,6 +16,12 @@ On a GPU/TPU VM, a Hugging Face model and dataset (the study's Tulu3 setting, on
     python -m experiments.main --config experiments/configs/finetune.py:model=meta-llama/Llama-3.2-1B \\
         --workdir gs://BUCKET/llama1b --config.data.train='("allenai/tulu-3-sft-mixture",)'
 
+Memory at real scale is set by ``config.model`` (the planner ``benchmarks/fit.py`` and docs/memory.md show the
+effect): ``remat`` ``none`` (keep every activation) / ``full`` (keep only each layer's input, recompute the layer in
+the backward pass) / ``save_matmuls`` (keep the projections' outputs, recompute norms, RoPE, attention and
+activations); ``attention`` ``auto`` (splash on TPU, cuDNN on GPU, exact elsewhere) / ``xla`` / ``cudnn`` /
+``splash``; ``loss_chunk_size`` (positions per loss chunk, 0 = full logits). E.g. ``--config.model.remat=full``.
+
 Arguments (comma-separated ``key=value``): ``tiny`` (the CPU variant), ``model=`` (HF directory or hub id),
 ``method=lora|full|both``, ``rank=``, ``lr=`` (the LR of the method named: ``method=full,lr=X`` trains full FT at X;
 with ``both``, LoRA's, and full FT runs at ``lr * optim.full_lr_ratio``).
@@ -44,7 +50,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   config.model.dtype = "float32"  # Compute dtype (bfloat16 on accelerators).
   config.model.param_dtype = "float32"  # Dtype the frozen base is stored in.
   config.model.scan_layers = False  # Stack layers with nn.scan (faster compiles for deep models).
-  config.model.remat = False  # Rematerialise layers in the backward pass (saves activation memory).
+  # Per-layer rematerialisation: "none" (keep every activation), "full" (keep each layer's input, recompute the layer
+  # in the backward pass: least memory) or "save_matmuls" (keep the projections' outputs, recompute the rest).
+  config.model.remat = "none"
   # Attention kernel: "auto" (TPU splash / GPU cuDNN flash attention / else exact), "xla", "cudnn" or "splash".
   config.model.attention = "auto"
   # Loss over this many sequence positions at a time, never the full [batch, seq, vocab] logits; 0 = full logits.

@@ -99,7 +99,9 @@ def get_config(arg: str = "tiny,method=lora,rank=1") -> ml_collections.ConfigDic
   config.model.dtype = "float32" if cpu else "bfloat16"  # Compute dtype.
   config.model.param_dtype = "float32" if cpu else "bfloat16"  # Dtype the frozen base is stored in.
   config.model.scan_layers = not cpu  # Stack layers with nn.scan.
-  config.model.remat = not cpu  # Rematerialise layers in the backward pass.
+  # Per-layer rematerialisation: "none" (keep every activation), "full" (keep each layer's input, recompute the layer
+  # in the backward pass) or "save_matmuls" (keep the projections' outputs, recompute the rest).
+  config.model.remat = "none" if cpu else "full"
 
   config.rl = ml_collections.ConfigDict()
   real = REAL_TASKS.get(task)
