@@ -82,3 +82,16 @@ def test_table_markdown_lists_cached_cases_in_order(tmp_path):
       f"| {first['model']} | LoRA r=16 | 8 | 32 x 1024 | before | xla | - | 20.00 | - | no (compiler: 20.0 GiB of "
       "temporaries) |",
       f"| {second['model']} | LoRA r=16 | 8 | 32 x 1024 | after | splash | 0.50 | 1.50 | 2.00 | yes |"]
+
+
+def test_only_filters_choose_and_order_the_table_cases():
+  cases = fit.table_cases()
+  chosen = fit.select_cases(cases, ["method=full,devices=8", "batch=128"])
+  assert [(c["method"], c["devices"]) for c in chosen[:3]] == [("full", 8)] * 3
+  assert {c["model"] for c in chosen[:3]} == set(fit.TABLE_MODELS)
+  assert chosen[3:] and all(c["batch"] == 128 for c in chosen[3:])
+  everything = fit.select_cases(cases, ["method=full,devices=8", ""])  # the chosen first, then all the rest once
+  assert everything[:3] == chosen[:3] and sorted(map(fit._key, everything)) == sorted(map(fit._key, cases))
+  assert fit.select_cases(cases, []) == cases
+  with pytest.raises(SystemExit, match="no case field \\['chips'\\]"):
+    fit.select_cases(cases, ["chips=8"])
