@@ -148,8 +148,14 @@ def table_cases() -> list[dict]:
   # Larger batches at sequence 8192 (the largest that fits is the last "yes" of each group).
   for batch in (64, 128):
     add(eight, "lora", 32, batch, 8192, "after")
+  add(eight, "lora", 16, 64, 8192, "after")
   for batch in (32, 64, 128):
     add(one, "lora", 8, batch, 8192, "after")
+  # Larger batches at sequence 1024 on 8 chips, before and after.
+  for model in (one, eight):
+    add(model, "lora", 8, 64, 1024, "before")
+    for batch in (128, 256):
+      add(model, "lora", 8, batch, 1024, "after")
   # The rest of the old table's rows, after.
   for model in TABLE_MODELS:
     for method in ("lora", "full"):
