@@ -3,7 +3,7 @@ workdir exactly as ``experiments.main`` would leave it.
 
     python -m experiments.stacked --config experiments/configs/lr_sweep.py \\
         --point tiny,rank=4,lr=0.001 --workdir runs/a --point tiny,rank=16,lr=0.002 --workdir runs/b \\
-        [--overwrite] [-- --config.train.steps=100 ...]
+        [--overwrite] [--vectorize N] [-- --config.train.steps=100 ...]
 
 The points must be one method each and differ only in ``STACKABLE_FIELDS`` (LR, LoRA+ ratio, weight decay, rank,
 alpha, scaling, A's init, seeds; ``stack_key`` says what else they must share). They share one process, one base,
@@ -107,7 +107,7 @@ def check_group(configs: Sequence[ml_collections.ConfigDict]) -> None:
 
 
 def run(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str | epath.PathLike],
-        overwrite: bool = False) -> list[stack.RunResult]:
+        overwrite: bool = False, vectorize: int | None = None) -> list[stack.RunResult]:
   """Trains the points as one stack, each into its workdir with its report and ``stack.json``; returns each result.
 
   Everything is checked before any workdir is touched, as ``experiments.main.run`` does.
@@ -165,7 +165,7 @@ def run(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str | e
   names = [w.name for w in workdirs]
   try:
     _, results = stack.fit(model, s, loop, batches, lambda: evals, run_dirs, records=records, writers=writers,
-                           eval_hook=main_lib.arithmetic_accuracy_hook(config, model, tokenizer))
+                           eval_hook=main_lib.arithmetic_accuracy_hook(config, model, tokenizer), vectorize=vectorize)
   except train.Preempted:
     for w in workdirs:
       report.write(w)
@@ -187,6 +187,8 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--point", action="append", required=True, help="a point's arg string (repeat, one per run)")
   p.add_argument("--workdir", action="append", required=True, help="that point's workdir (repeat, in order)")
   p.add_argument("--overwrite", action="store_true", help="delete a workdir that holds a run of another config")
+  p.add_argument("--vectorize", type=int, default=None, metavar="N",
+                 help="runs per vmapped group of the step (default: all on GPU/TPU, 1 on CPU; stack.default_vectorize)")
   p.add_argument("overrides", nargs="*", metavar="-- --config.KEY=VALUE", help="overrides for every point")
   return p
 
@@ -199,13 +201,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = p.parse_args(argv)
   if len(args.point) != len(args.workdir):
     p.error(f"{len(args.point)} --point but {len(args.workdir)} --workdir: give one workdir per point")
+  if args.vectorize is not None and args.vectorize < 1:
+    p.error(f"--vectorize must be >= 1, got {args.vectorize}")
   try:
     module = sweep.load_config_module(args.config)
     configs = [apply_overrides(module.get_config(point), args.overrides) for point in args.point]
   except ValueError as e:
     p.error(str(e))
   try:
-    results = run(configs, args.workdir, args.overwrite)
+    results = run(configs, args.workdir, args.overwrite, args.vectorize)
   except train.Preempted as e:
     print(f"{e}; rerun the same command to resume.", flush=True)
     return main_lib.EXIT_PREEMPTED

@@ -474,6 +474,26 @@ class BaseMismatch(ValueError):
   """A run's adapters applied to a base other than the one it was trained from."""
 
 
+def load_run_base(run_dir: str | os.PathLike, record: dict, base: str | None = None, *, force: bool = False,
+                  dtype=None) -> tuple[ModelConfig, dict[str, Any]]:
+  """``(config, params)`` of the base a run was trained from, as its checkpoint ``record`` names it (or ``base``):
+  the run's layout (``scan_layers``), the same shapes, and the recorded fingerprint unless ``force``."""
+  recorded, trained_on = record["base_model"], record["model_config"]
+  name = str(base) if base else recorded
+  root = resolve_checkpoint(name)
+  config = load_config(root, scan_layers=bool(trained_on.get("scan_layers", False)))
+  differ = [f"{k} {trained_on.get(k)} -> {v}" for k, v in model_fields(config).items() if trained_on.get(k) != v]
+  if differ:
+    raise BaseMismatch(f"run {run_dir} was trained on {recorded}, a model of other shapes or settings than {name} "
+                       f"({', '.join(differ)}); its adapters can't be applied to it")
+  found = fingerprint(root)
+  if found != record["base_fingerprint"] and not force:
+    raise BaseMismatch(f"run {run_dir} was trained on {recorded} (fingerprint {record['base_fingerprint']}), "
+                       f"but {name} has fingerprint {found}: other weights, so the adapters would compute garbage. "
+                       "Give the base it was trained on, or force it (--force) if you know better")
+  return config, load_params(root, config, dtype)
+
+
 def load_trained(run_dir: str | os.PathLike, base: str | None = None, *, force: bool = False,
                  dtype=None) -> tuple[ModelConfig, dict[str, Any], Any, dict]:
   """``(config, params, adapters, record)``: a run's trained parameters on the base it was trained from.
@@ -488,20 +508,7 @@ def load_trained(run_dir: str | os.PathLike, base: str | None = None, *, force: 
 
   run = checkpoint.open_run(run_dir)
   try:
-    recorded, trained_on = run.record["base_model"], run.record["model_config"]
-    name = str(base) if base else recorded
-    root = resolve_checkpoint(name)
-    config = load_config(root, scan_layers=bool(trained_on.get("scan_layers", False)))
-    differ = [f"{k} {trained_on.get(k)} -> {v}" for k, v in model_fields(config).items() if trained_on.get(k) != v]
-    if differ:
-      raise BaseMismatch(f"run {run_dir} was trained on {recorded}, a model of other shapes or settings than {name} "
-                         f"({', '.join(differ)}); its adapters can't be applied to it")
-    found = fingerprint(root)
-    if found != run.record["base_fingerprint"] and not force:
-      raise BaseMismatch(f"run {run_dir} was trained on {recorded} (fingerprint {run.record['base_fingerprint']}), "
-                         f"but {name} has fingerprint {found}: other weights, so the adapters would compute garbage. "
-                         "Give the base it was trained on, or force it (--force) if you know better")
-    params = load_params(root, config, dtype)
+    config, params = load_run_base(run_dir, run.record, base, force=force, dtype=dtype)
     layouts = lora.trace_layouts(CausalLM(config), jnp.zeros((1, 8), jnp.int32))
     params, adapters = checkpoint.restore_trained(run, params, layouts)
   finally:

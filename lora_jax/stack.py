@@ -1,4 +1,4 @@
-"""Stacked runs: K runs over one frozen base trained in one jitted step, ``jax.vmap`` over a leading run axis.
+"""Stacked runs: K runs over one frozen base trained in one jitted step, mapped over a leading run axis.
 
     plans = [stack.RunPlan(spec_r, optim_lr, seed) for ...]        # K runs that differ in rank, alpha, LR, seed, ...
     s = stack.init(model, params, plans, layouts)                   # the stacked state and per-run hyperparameters
@@ -8,7 +8,9 @@ What a run of a stack may set for itself (``STACKABLE_SPEC``, ``optim.HYPERPARAM
 order); everything else (targets, layers, dropout, schedule, Adam's betas, clipping) is the stack's. Adapters,
 fully-trained parameters, Adam states, step RNGs, the per-run learning rate, LoRA+ ratio, weight decay and each
 adapter's scale alpha/r carry the run axis; the frozen base is shared, and so is the batch unless the runs draw
-different data orders (then each run gets its own, ``[K, B, T]``).
+different data orders (then each run gets its own, ``[K, B, T]``). The step maps one run's step over the run axis
+(``map_runs``): ``jax.vmap`` over groups of ``vectorize`` runs, the groups looped by ``lax.map`` — all K in one vmap
+on GPU/TPU, one run at a time on a CPU (``default_vectorize``); the arithmetic of each run is the same either way.
 
 Different ranks share one stack by zero-padding: A's extra columns and B's extra rows start at zero, and since
 ∂L/∂A[:, j] = xᵀ(g·B[j, :]ᵀ) and ∂L/∂B[j, :] = (x·A[:, j])ᵀg, both stay exactly zero (zero gradient, zero Adam
@@ -18,6 +20,9 @@ moments, zero update, zero weight decay), so each run is its unpadded self with 
 lora_diagnostics.jsonl, adapter-only checkpoints at its true rank, TensorBoard), so reports, export and generation
 need not know it was stacked. A run whose loss turns non-finite or collapses stops being logged and saved (its
 result says why); the others go on. Resume restores every run from the newest step all of them have checkpointed.
+
+``make_eval_runs`` evaluates finished runs' adapters (``lora.stack_adapters``) in one batch with per-row adapters
+(``experiments.evaluate`` does it for a whole sweep).
 """
 
 from __future__ import annotations
@@ -215,6 +220,40 @@ def make_steps(model: nn.Module, plans: Sequence[RunPlan], grad_accum: int = 1, 
                   out_shardings=(sh["state"], sh["runs"])),
           jax.jit(eval_step, in_shardings=(sh["frozen"], sh["state"], sh["batch"], sh["hyper"]),
                   out_shardings=sh["runs"]))
+
+
+def _loss_of_hidden(module, h_BTD, targets_BT, mask_BT):
+  """(sum NLL, loss tokens) of final hidden states: ``CausalLM.nll_sum`` after its trunk (chunked when configured)."""
+  from lora_jax import losses
+
+  if not module.config.loss_chunk_size:
+    return losses.masked_nll_sum(module.unembed(h_BTD), targets_BT, mask_BT)
+  return losses.chunked_nll_sum(module, type(module).unembed, h_BTD, targets_BT, mask_BT,
+                                module.config.loss_chunk_size)
+
+
+def make_eval_runs(model: nn.Module, k: int) -> Callable:
+  """The jitted ``eval_runs(params, adapters, batch) -> (sum NLL [k], loss tokens [k])`` of ``k`` runs' adapters
+  stacked by ``lora.stack_adapters``, all in one program: the batch repeated ``k`` times, copy r answered by run r
+  (``lora.apply(rows=)``: A and B gathered per row, never a per-row W + BA); the loss head then takes one run's
+  rows at a time, so no more than one run's logits (or loss chunk) are held. ``model`` is a ``CausalLM``."""
+
+  def eval_runs(params, adapters, batch):
+    b = batch["inputs"].shape[0]
+    tiled = jax.tree.map(lambda x: jnp.concatenate([x] * k, axis=0), batch)
+    rows = jnp.repeat(jnp.arange(k, dtype=jnp.int32), b)
+    h, _ = lora.apply(model, params, adapters, tiled["inputs"], rows=rows, method="hidden_states",
+                      check_unused=False, **train._model_kwargs(tiled))  # noqa: SLF001
+
+    def one(xs):
+      r, h_r, targets, mask = xs
+      return lora.apply(model, params, adapters, h_r, targets, mask, rows=jnp.full((b,), r, jnp.int32),
+                        method=_loss_of_hidden, check_unused=False)
+
+    per_run = lambda x: x.reshape(k, b, *x.shape[1:])  # noqa: E731
+    return jax.lax.map(one, (jnp.arange(k), per_run(h), per_run(tiled["targets"]), per_run(tiled["loss_mask"])))
+
+  return jax.jit(eval_runs)
 
 
 def stack_shardings(s: Stack, param_shardings, mesh, rules: dict | None = None) -> dict:

@@ -109,38 +109,58 @@ def test_stacked_runs_equal_separate_runs_and_write_the_same_files(tmp_path, x64
   assert len(set(losses)) == len(plans)
 
 
-def test_a_padded_rank_is_its_unpadded_self_in_float64(x64):  # noqa: F811
-  if True:
-    params = base_params()
-    spec2 = lora.LoraSpec(rank=2, targets=("all-linear",), dtype="float64")
-    spec8 = lora.LoraSpec(rank=8, targets=("all-linear",), dtype="float64")
-    plans = [stack.RunPlan(spec2, optim.OptimConfig(lr=1e-2), seed=0),
-             stack.RunPlan(spec8, optim.OptimConfig(lr=1e-2), seed=0)]
-    s = stack.init(params, plans)
-    step, _ = stack.make_steps(MODEL64, plans)
-    alone = train.jit_train_step(train.make_train_step(MODEL64, optim.make_optimizer(plans[0].optim)))
-    single = s.run_state(0)
-    frozen, state = s.state.frozen, s.state.replace(frozen=None)
-    batches = CountingBatches()
-    for _ in range(5):
-      batch = next(batches)
-      state, m = step(frozen, state, batch, s.hyper)
-      rest, m0 = alone(single.frozen, single.replace(frozen=None), batch)
-      single = rest.replace(frozen=single.frozen)
-    s = stack.Stack(state.replace(frozen=frozen), s.hyper, s.plans, s.like)
-    got = s.run_state(0)
-    for a, b in zip(jax.tree.leaves(got.checkpoint_tree()), jax.tree.leaves(single.checkpoint_tree())):
-      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(float(m["train/loss"][0]), float(m0["train/loss"]), rtol=1e-12)
-    # The padding itself never moved: A's extra columns and B's extra rows, and their Adam moments, are exactly 0.
-    for path, leaf in jax.tree_util.tree_flatten_with_path(state.trainable["lora"])[0]:
-      which = jax.tree_util.keystr(path)
-      run0 = np.asarray(leaf[0])
-      extra = run0[..., 2:] if which.endswith(".a") else run0[..., 2:, :]
-      assert np.all(extra == 0), which
-    mu = [x for x in jax.tree.leaves(state.opt_state) if x.ndim >= 3]
-    assert mu and all(np.all(np.asarray(x[0])[..., 2:, :] == 0) or np.all(np.asarray(x[0])[..., 2:] == 0)
-                      for x in mu)
+@pytest.mark.parametrize("vectorize", [1, 2])  # runs looped (lax.map: the CPU default) or vmapped (GPU/TPU)
+def test_a_padded_rank_is_its_unpadded_self_in_float64(x64, vectorize):  # noqa: F811
+  params = base_params()
+  spec2 = lora.LoraSpec(rank=2, targets=("all-linear",), dtype="float64")
+  spec8 = lora.LoraSpec(rank=8, targets=("all-linear",), dtype="float64")
+  plans = [stack.RunPlan(spec2, optim.OptimConfig(lr=1e-2), seed=0),
+           stack.RunPlan(spec8, optim.OptimConfig(lr=1e-2), seed=0)]
+  s = stack.init(params, plans)
+  step, _ = stack.make_steps(MODEL64, plans, vectorize=vectorize)
+  alone = train.jit_train_step(train.make_train_step(MODEL64, optim.make_optimizer(plans[0].optim)))
+  single = s.run_state(0)
+  frozen, state = s.state.frozen, s.state.replace(frozen=None)
+  batches = CountingBatches()
+  for _ in range(5):
+    batch = next(batches)
+    state, m = step(frozen, state, batch, s.hyper)
+    rest, m0 = alone(single.frozen, single.replace(frozen=None), batch)
+    single = rest.replace(frozen=single.frozen)
+  s = stack.Stack(state.replace(frozen=frozen), s.hyper, s.plans, s.like)
+  got = s.run_state(0)
+  for a, b in zip(jax.tree.leaves(got.checkpoint_tree()), jax.tree.leaves(single.checkpoint_tree())):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-14)
+  np.testing.assert_allclose(float(m["train/loss"][0]), float(m0["train/loss"]), rtol=1e-12)
+  # The padding itself never moved: A's extra columns and B's extra rows, and their Adam moments, are exactly 0.
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state.trainable["lora"])[0]:
+    which = jax.tree_util.keystr(path)
+    run0 = np.asarray(leaf[0])
+    extra = run0[..., 2:] if which.endswith(".a") else run0[..., 2:, :]
+    assert np.all(extra == 0), which
+  mu = [x for x in jax.tree.leaves(state.opt_state) if x.ndim >= 3]
+  assert mu and all(np.all(np.asarray(x[0])[..., 2:, :] == 0) or np.all(np.asarray(x[0])[..., 2:] == 0)
+                    for x in mu)
+
+
+def test_a_sweeps_adapters_evaluated_in_one_batch_equal_each_alone_in_float64(x64):  # noqa: F811
+  """stack.make_eval_runs: three runs' adapters of ranks 2, 4 and 3 (zero-padded to 4) on a batch repeated per run,
+  row block r answered by run r, give each run's own NLL sum, with LoRA on the unembedding too."""
+  params = base_params()
+  trees = []
+  for k, rank in enumerate((2, 4, 3)):
+    _, adapters = lora.create(params, lora_spec(rank, dtype="float64"), jax.random.key(k))
+    # B starts at zero; give it values, so that every run's adapters change the output.
+    trees.append(jax.tree.map(lambda ad, k=k: ad.replace(b=0.05 * jax.random.normal(jax.random.key(10 + k), ad.b.shape,
+                                                                                     ad.b.dtype)),
+                              adapters, is_leaf=lambda x: isinstance(x, lora.Adapter)))
+  batch = next(CountingBatches())
+  totals, counts = stack.make_eval_runs(MODEL64, 3)(params, lora.stack_adapters(trees), batch)
+  alone = [lora.apply(MODEL64, params, t, batch["inputs"], batch["targets"], batch["loss_mask"], method="nll_sum",
+                      **train._model_kwargs(batch)) for t in trees]  # noqa: SLF001
+  np.testing.assert_allclose(np.asarray(totals), [float(t) for t, _ in alone], rtol=1e-12)
+  np.testing.assert_allclose(np.asarray(counts), [float(c) for _, c in alone])
+  assert len({round(float(t), 6) for t, _ in alone}) == 3  # the runs really differ
 
 
 def test_runs_that_differ_beyond_the_stackable_fields_are_refused():
@@ -215,16 +235,17 @@ def test_runs_spread_over_eight_devices(tmp_path):
 
 
 def test_a_sweep_with_and_without_stacking_gives_the_same_results(tmp_path):
-  """experiments.sweep --stack (three real tiny points, two ranks and two LRs, in one experiments.stacked process)
-  and --stack 1 (three experiments.main processes) leave the same results.csv within float32 tolerance, and the
-  same files in every point directory."""
+  """experiments.sweep --stack (three real tiny LoRA points, two ranks and two LRs, in one experiments.stacked
+  process, and a full FT point) and --stack 1 (four experiments.main processes) leave the same results.csv within
+  float32 tolerance, and the same files in every point directory."""
   import csv
   import subprocess
   import sys
 
   from experiments import report
 
-  common = ["--config", "experiments/configs/lr_sweep.py:quick", "--only", "rank=4,lr=0.002|rank=64,lr=0.00[24]"]
+  common = ["--config", "experiments/configs/lr_sweep.py:quick", "--only",
+            "rank=4,lr=0.002|rank=64,lr=0.00[24]|full,lr=0.001,"]
   overrides = ["--", "--config.train.steps=6", "--config.train.eval_every=3", "--config.data.eval_size=20"]
   for name, stack_arg in (("stacked", "auto"), ("separate", "1")):
     out = subprocess.run([sys.executable, "-m", "experiments.sweep", *common, "--workdir", str(tmp_path / name),
@@ -249,4 +270,14 @@ def test_a_sweep_with_and_without_stacking_gives_the_same_results(tmp_path):
                        for p in (tmp_path / "stacked" / point.name).rglob("*")
                        if "checkpoints/" not in p.as_posix() and "tensorboard" not in p.as_posix()}
       assert stacked_files - {"stack.json"} == alone, point.name
-      assert json.loads((tmp_path / "stacked" / point.name / "stack.json").read_text())["state"] == "done"
+      if "method=lora" in point.name:  # the lone full FT point runs as experiments.main, stacked or not
+        assert json.loads((tmp_path / "stacked" / point.name / "stack.json").read_text())["state"] == "done"
+  # experiments.evaluate: the sweep's three LoRA runs in one batch (ranks 4 and 64) and its full FT run alone give
+  # the final eval NLL each run logged.
+  from experiments import evaluate
+
+  rows = evaluate.run([], sweep=str(tmp_path / "stacked"))
+  assert sorted((r["method"], r["rank"]) for r in rows) == [("full", ""), ("lora", 4), ("lora", 64), ("lora", 64)]
+  for r in rows:
+    np.testing.assert_allclose(r["eval_nll"], r["logged_nll"], rtol=1e-5, err_msg=r["workdir"])
+  assert (tmp_path / "stacked" / "heldout_eval.csv").exists()
