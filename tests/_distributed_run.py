@@ -1,7 +1,8 @@
 """Runs the trainer on a device mesh, for tests/test_sharding.py (run as a script in a subprocess).
 
     python tests/_distributed_run.py meshes OUT.json                # 8 fake CPU devices, every mesh vs one device
-    python tests/_distributed_run.py host PID N PORT WORKDIR OUT    # one of N processes with 2 devices each
+    python tests/_distributed_run.py host PID N PORT WORKDIR OUT [CKPT_DIR OUT2]  # one of N processes with 2 devices
+                                                                    # each (then restores CKPT_DIR, as restore does)
     python tests/_distributed_run.py restore PID N PORT CKPT_DIR OUT  # restore a checkpoint on N processes
 
 It is not a test module (pytest collects test_*.py only); the functions are also imported for single-device
@@ -152,8 +153,9 @@ def sharded_load():
   return {"equal": same, "placed": right_place, "smallest_region_fraction": float(min(regions[-200:]))}
 
 
-def main_host(pid, n, port, workdir, out):
-  """One process of a multi-process LoRA run on a fsdp x tensor mesh over all processes' devices."""
+def main_host(pid, n, port, workdir, out, ckpt_dir=None, restore_out=None):
+  """One process of a multi-process LoRA run on a fsdp x tensor mesh over all processes' devices; then, with
+  ``ckpt_dir``, restores that checkpoint in the same processes (one launch of N processes for both checks)."""
   import numpy as np
 
   from lora_jax import distributed
@@ -165,17 +167,23 @@ def main_host(pid, n, port, workdir, out):
   loss, params = run(configs()["llama"], "lora", {"fsdp": n, "tensor": 2}, workdir, pid, n)
   if pid == 0:
     np.savez(out, loss=loss, *params)
+  if ckpt_dir is not None:
+    restore(pid, n, ckpt_dir, restore_out)
 
 
 def main_restore(pid, n, port, ckpt_dir, out):
   """Restores the newest checkpoint of a LoRA run onto a mesh over N processes and saves the values (process 0)."""
-  import numpy as np
-
   from lora_jax import distributed
 
   if n > 1:
     distributed.initialize(f"127.0.0.1:{port}", num_processes=n, process_id=pid, timeout_s=60)
+  restore(pid, n, ckpt_dir, out)
+
+
+def restore(pid, n, ckpt_dir, out):
+  """The restore of main_restore in an initialized process."""
   import jax
+  import numpy as np
   from jax.experimental import multihost_utils
 
   from lora_jax import checkpoint
@@ -196,7 +204,7 @@ if __name__ == "__main__":
   if mode == "meshes":
     main_meshes(args[0])
   elif mode == "host":
-    main_host(int(args[0]), int(args[1]), int(args[2]), args[3], args[4])
+    main_host(int(args[0]), int(args[1]), int(args[2]), *args[3:])
   elif mode == "restore":
     main_restore(int(args[0]), int(args[1]), int(args[2]), args[3], args[4])
   else:

@@ -10,6 +10,7 @@ import pytest
 from lora_jax import generate, lora
 from lora_jax.models import transformer
 from tests import _tolerance
+from tests._noise import perturbed
 
 CONFIG = transformer.ModelConfig(architecture="llama", vocab_size=50, hidden_size=32, intermediate_size=64,
                                  num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
@@ -21,20 +22,16 @@ CACHE = functools.partial(transformer.init_cache, CONFIG)
 def with_adapters():
   spec = lora.LoraSpec(rank=4, targets=("all-linear", "unembed"))
   _, adapters = lora.create(PARAMS, spec, jax.random.key(1))
-  leaves, treedef = jax.tree.flatten(adapters)
-  keys = jax.random.split(jax.random.key(2), len(leaves))
-  return jax.tree.unflatten(treedef, [l + 0.3 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)])
+  return perturbed(adapters, 0.3, seed=2)
 
 
-def greedy_by_full_forward(params, adapters, prompt, n):
-  """Reference: re-run the whole sequence each step, no cache."""
-  seq, logps = list(prompt), []
-  for _ in range(n):
-    logits = lora.apply(MODEL, params, adapters, jnp.asarray([seq]))[0, -1]
-    token = int(jnp.argmax(logits))
-    logps.append(float(jax.nn.log_softmax(logits)[token]))
-    seq.append(token)
-  return seq[len(prompt):], logps
+def greedy_by_full_forward(params, adapters, prompt, tokens):
+  """Reference without a cache: one full forward over prompt + generated tokens; causal, so its logits at each
+  position are those of re-running that prefix alone. Returns the greedy choice after each prefix and its log-prob."""
+  logits = lora.apply(MODEL, params, adapters, jnp.asarray([list(prompt) + list(tokens)]))[0, len(prompt) - 1:-1]
+  choices = jnp.argmax(logits, axis=-1)
+  logps = jnp.take_along_axis(jax.nn.log_softmax(logits), choices[:, None], axis=-1)[:, 0]
+  return np.asarray(choices).tolist(), np.asarray(logps)
 
 
 @pytest.mark.slow
@@ -43,7 +40,7 @@ def test_cached_greedy_decoding_equals_full_forwards_and_logprobs(use_adapters):
   adapters = with_adapters() if use_adapters else {}
   prompt = [3, 14, 15, 9, 2]
   out = generate.generate(MODEL, PARAMS, adapters, [prompt], max_new_tokens=8, eos_id=None, init_cache=CACHE)
-  ref_tokens, ref_logps = greedy_by_full_forward(PARAMS, adapters, prompt, 8)
+  ref_tokens, ref_logps = greedy_by_full_forward(PARAMS, adapters, prompt, out.tokens[0].tolist())
   assert out.tokens[0].tolist() == ref_tokens
   np.testing.assert_allclose(out.logprobs[0], ref_logps, atol=1e-4)
   assert out.lengths.tolist() == [8]
@@ -65,9 +62,7 @@ def run_adapters(rank, seed, params=PARAMS, model=MODEL):
   spec = lora.LoraSpec(rank=rank, alpha=8.0 * rank ** 0.5, targets=("all-linear", "unembed", "embed"))
   layouts = lora.trace_layouts(model, jnp.zeros((1, 4), jnp.int32))
   _, adapters = lora.create(params, spec, jax.random.key(seed), layouts=layouts)
-  leaves, treedef = jax.tree.flatten(adapters)
-  keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
-  return jax.tree.unflatten(treedef, [l + 0.3 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)])
+  return perturbed(adapters, 0.3, seed=seed + 100)
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["layers", "scanned"])
@@ -82,15 +77,16 @@ def test_per_row_adapters_equal_one_adapter_at_a_time(scan):
   tokens = jax.random.randint(jax.random.key(5), (5, 7), 0, CONFIG.vocab_size)
   rows = np.array([2, 0, 1, 1, 0])
   got = lora.apply(model, params, stacked, tokens, rows=rows)
-  for i, r in enumerate(rows):
-    want = lora.apply(model, params, runs[r], tokens[i:i + 1])[0]
-    _tolerance.assert_close(got[i], want, _tolerance.SAME_MODEL)
+  for r in range(len(runs)):  # each run alone on its rows (a batch per run: one program per run, not per row)
+    want = lora.apply(model, params, runs[r], tokens[rows == r])
+    _tolerance.assert_close(got[rows == r], want, _tolerance.SAME_MODEL)
   prompts = [[1, 2, 3], [7, 8], [4, 4, 4, 4], [9], [3, 1]]
   cache = functools.partial(transformer.init_cache, config)
   out = generate.generate(model, params, stacked, prompts, max_new_tokens=6, eos_id=None, init_cache=cache, rows=rows)
-  for i, r in enumerate(rows):
-    alone = generate.generate(model, params, runs[r], [prompts[i]], max_new_tokens=6, eos_id=None, init_cache=cache)
-    assert out.tokens[i].tolist() == alone.tokens[0].tolist()
+  for r in range(len(runs)):
+    alone = generate.generate(model, params, runs[r], [p for p, row in zip(prompts, rows) if row == r],
+                              max_new_tokens=6, eos_id=None, init_cache=cache)
+    np.testing.assert_array_equal(out.tokens[rows == r], alone.tokens)
   with pytest.raises(ValueError, match="pass rows="):
     lora.apply(model, params, stacked, tokens)
   with pytest.raises(ValueError, match="rows= is for adapters of several runs"):
@@ -179,7 +175,7 @@ def test_cli_generates_from_a_scanned_run_and_refuses_another_base(tmp_path, cap
   spec = lora.LoraSpec(rank=2, targets=("all-linear", "unembed"))
   params, adapters = lora.create(params, spec, jax.random.key(0),
                                  layouts=lora.trace_layouts(model, jnp.zeros((1, 4), jnp.int32)))
-  adapters = jax.tree.map(lambda x: x + 0.5 * jax.random.normal(jax.random.key(3), x.shape), adapters)
+  adapters = perturbed(adapters, 0.5, seed=3)
   state = train.init_state(params, adapters, spec, optim.OptimConfig(lr=1.0, grad_clip_norm=1.0), 0)
   ck = checkpoint.Checkpointer(tmp_path / "run" / "checkpoints")
   ck.save(5, state.checkpoint_tree(), {**checkpoint.describe_run(bases[0], config, spec), "data": {}})
@@ -190,7 +186,7 @@ def test_cli_generates_from_a_scanned_run_and_refuses_another_base(tmp_path, cap
                                 init_cache=functools.partial(transformer.init_cache, config))
   assert capsys.readouterr().out == f"### 2+3=\n{want[0]}\n"
   # Two runs on one base: every prompt under each run's adapters, in one batch, as each alone.
-  other = jax.tree.map(lambda x: x + 0.5 * jax.random.normal(jax.random.key(4), x.shape), adapters)
+  other = perturbed(adapters, 0.5, seed=4)
   ck = checkpoint.Checkpointer(tmp_path / "run2" / "checkpoints")
   ck.save(5, state.replace(trainable={**state.trainable, "lora": other}).checkpoint_tree(),
           {**checkpoint.describe_run(bases[0], config, spec), "data": {}})

@@ -143,10 +143,10 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _processes(mode, n, path, out):
+def _processes(mode, n, *args):
   port = _free_port()
   procs = [subprocess.Popen([sys.executable, str(HERE / "_distributed_run.py"), mode, str(i), str(n), str(port),
-                             str(path), str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(n)]
   logs = [p.communicate(timeout=600)[0] for p in procs]
   for p, log in zip(procs, logs):
@@ -158,7 +158,10 @@ def test_two_processes_equal_one_device_and_checkpoints_move_between_process_cou
   config = _distributed_run.configs()["llama"]
   ref_loss, ref = _distributed_run.run(config, "lora", None, tmp_path / "ref")
 
-  _processes("host", 2, tmp_path / "multi", tmp_path / "multi.npz")
+  # One launch of 2 processes x 2 devices: trains on a 2 x 2 mesh, then restores the checkpoint saved by 1 process
+  # (the reference run) on that mesh.
+  _processes("host", 2, tmp_path / "multi", tmp_path / "multi.npz", tmp_path / "ref" / "checkpoints",
+             tmp_path / "two.npz")
   got = np.load(tmp_path / "multi.npz")
   assert abs(float(got["loss"]) - ref_loss) <= LOSS_TOL
   values = [got[f"arr_{i}"] for i in range(len(ref))]
@@ -173,8 +176,7 @@ def test_two_processes_equal_one_device_and_checkpoints_move_between_process_cou
   for i, v in enumerate(values):
     np.testing.assert_array_equal(one[f"arr_{i}"], v)
 
-  # Saved by 1 process (the reference run), restored by 2 processes on a 2 x 2 mesh.
-  _processes("restore", 2, tmp_path / "ref" / "checkpoints", tmp_path / "two.npz")
+  # Saved by 1 process (the reference run), restored by 2 processes on a 2 x 2 mesh (in the launch above).
   two = np.load(tmp_path / "two.npz")
   for i, v in enumerate(ref):
     np.testing.assert_array_equal(two[f"arr_{i}"], v)
