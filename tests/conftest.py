@@ -1,0 +1,33 @@
+"""Session set-up for the whole suite: a persistent XLA compilation cache shared by every test and subprocess.
+
+Many tests compile the same programs (the same tiny model's train step in a straight, a crashed and a resumed run; the
+same CLI run in several subprocesses). The cache lives in a fresh directory per session (results are the same
+compiled code either way), and is removed at the end. A caller's own JAX_COMPILATION_CACHE_DIR is respected.
+"""
+
+import os
+import shutil
+import tempfile
+
+_OWN_DIR = None
+
+
+def pytest_configure(config):
+  global _OWN_DIR
+  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    _OWN_DIR = tempfile.mkdtemp(prefix="lora_jax_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_DIR  # read by subprocesses' JAX at import
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+  import jax
+
+  jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                    float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes",
+                    int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
+
+
+def pytest_unconfigure(config):
+  if _OWN_DIR is not None:
+    shutil.rmtree(_OWN_DIR, ignore_errors=True)
