@@ -1,14 +1,15 @@
 """Many runs in one step: K sweep points trained as K separate runs vs one stacked run (``lora_jax.stack``).
 
-    python -m benchmarks.many_runs [--ks 1,8] [--step-ks 1,4,8,16] [--points N] [--skip-end-to-end]
+    python -m benchmarks.many_runs [--ks 1,8] [--step-ks 1,4,8,16] [--vectorize 1,2,0] [--skip-end-to-end]
 
 (a) End to end: the first K points of ``experiments/configs/lr_sweep.py:tiny`` (the CPU study's LoRA points: same
 steps, evaluations and checkpoints as the study; different LRs and seeds, so each run draws its own data order) run
 through the sweep runner as K separate ``experiments.main`` processes one after another, and as one
 ``experiments.stacked`` process. Wall time of each, and the speedup.
 (b) The compiled step alone: K separate jitted LoRA r4 train steps (one per run, called one after another) vs one
-stacked step over K runs, on the study's tiny shape and on a ~3M-parameter shape; median seconds per step for all K
-runs after warm-up. One shared batch here (as a sweep of LRs over one data order).
+stacked step over K runs, grouped ``vectorize`` runs per vmap (0 = all K; ``stack.make_steps``), on the study's tiny
+shape and on a ~3M-parameter shape; median seconds per step for all K runs after warm-up. One shared batch here (as
+a sweep of LRs over one data order).
 
 Writes ``benchmarks/results/many_runs.json`` (with the machine's load average: on a shared machine the times move)
 and prints a table; the last line is ``stacked/sequential speedup at K=8: X`` for (a) (or for the largest K run).

@@ -177,6 +177,8 @@ def map_runs(fn: Callable, xs, vectorize: int):
   """``fn`` over the leading run axis of ``xs``: ``vectorize`` runs at a time in one ``jax.vmap``, the groups one
   after another in a ``lax.map`` loop (all at once when ``vectorize`` covers them)."""
   k = jax.tree.leaves(xs)[0].shape[0]
+  if k == 1:  # one run: its own step's program (a vmap of one adds layout changes around the run axis)
+    return jax.tree.map(lambda y: y[None], fn(jax.tree.map(lambda x: x[0], xs)))
   if vectorize >= k:
     return jax.vmap(fn)(xs)
   return jax.lax.map(fn, xs, batch_size=vectorize if vectorize > 1 else None)
@@ -376,7 +378,7 @@ def fit(model: nn.Module, s: Stack, loop: train.LoopConfig, batches, eval_batche
     if r.writer.active:
       metrics_lib.truncate_jsonl(r.workdir / train.DIAGNOSTICS_FILE, keep_until)
   diagnostics = jax.jit(lambda st: metrics_lib.lora_diagnostics(*lora.combine(st.trainable, st.frozen)))
-  trainable_finite = jax.jit(train.all_finite)
+  runs_finite = jax.jit(jax.vmap(train.all_finite))  # [K]: one program for every run (padding is finite)
   n_trainable = [sum(math.prod(x.shape) for x in jax.tree.leaves(like.trainable)) for like in s.like]
   n_frozen = sum(x.size for x in jax.tree.leaves(s.state.frozen))
   lr_at = [optim.schedule(p.optim) for p in s.plans]
@@ -445,10 +447,10 @@ def fit(model: nn.Module, s: Stack, loop: train.LoopConfig, batches, eval_batche
       r.last.update(m)
 
   def save(step):
-    own = run_states()
+    own, finite = run_states(), np.asarray(runs_finite(state.trainable))
     for k, r in alive():
       run_state = own[k]
-      if not bool(trainable_finite(run_state.trainable)):
+      if not finite[k]:
         r.error = (f"NonFiniteLoss: the trained parameters are not finite after step {step} (train/loss at step "
                    f"{step} was {r.last.get('train/loss')}); stopping without saving. {r.last_good(step - 1)}")
         continue

@@ -218,7 +218,7 @@ def spread_over_eight_devices(tmp_path):
   a_leaf = jax.tree.leaves(spread.state.trainable)[0]
   assert a_leaf.sharding.spec[0] == "data" and len(a_leaf.addressable_shards) == 8
   assert all(shard.data.shape[0] == 1 for shard in a_leaf.addressable_shards)  # one run per device
-  one, _ = stacked(tmp_path / "one", plans, names, steps=6)
+  one, _ = stacked(tmp_path / "one", plans, names, steps=6, vectorize=8)  # the same vmapped program
   for a, b in zip(jax.tree.leaves(spread.state.trainable), jax.tree.leaves(one.state.trainable)):
     _tolerance.assert_close(a, b, 1e-4)
 
