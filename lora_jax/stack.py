@@ -218,6 +218,8 @@ def make_steps(model: nn.Module, plans: Sequence[RunPlan], grad_accum: int = 1, 
     return jax.jit(train_step, donate_argnums=(1,)), jax.jit(eval_step)
   sh = shardings
   batch_sh = sh["run_batch"] if per_run_batches else sh["batch"]
+  # Traced under the mesh, so that mesh-aware kernels (splash attention on TPU) find it, as in train.make_steps.
+  train_step, eval_step = train.under_mesh(train_step, sh["batch"]), train.under_mesh(eval_step, sh["batch"])
   return (jax.jit(train_step, donate_argnums=(1,), in_shardings=(sh["frozen"], sh["state"], batch_sh, sh["hyper"]),
                   out_shardings=(sh["state"], sh["runs"])),
           jax.jit(eval_step, in_shardings=(sh["frozen"], sh["state"], sh["batch"], sh["hyper"]),
