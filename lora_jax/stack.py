@@ -226,16 +226,6 @@ def make_steps(model: nn.Module, plans: Sequence[RunPlan], grad_accum: int = 1, 
                   out_shardings=sh["runs"]))
 
 
-def _loss_of_hidden(module, h_BTD, targets_BT, mask_BT):
-  """(sum NLL, loss tokens) of final hidden states: ``CausalLM.nll_sum`` after its trunk (chunked when configured)."""
-  from lora_jax import losses
-
-  if not module.config.loss_chunk_size:
-    return losses.masked_nll_sum(module.unembed(h_BTD), targets_BT, mask_BT)
-  return losses.chunked_nll_sum(module, type(module).unembed, h_BTD, targets_BT, mask_BT,
-                                module.config.loss_chunk_size)
-
-
 def make_eval_runs(model: nn.Module, k: int) -> Callable:
   """The jitted ``eval_runs(params, adapters, batch) -> (sum NLL [k], loss tokens [k])`` of ``k`` runs' adapters
   stacked by ``lora.stack_adapters``, all in one program: the batch repeated ``k`` times, copy r answered by run r
@@ -252,7 +242,7 @@ def make_eval_runs(model: nn.Module, k: int) -> Callable:
     def one(xs):
       r, h_r, targets, mask = xs
       return lora.apply(model, params, adapters, h_r, targets, mask, rows=jnp.full((b,), r, jnp.int32),
-                        method=_loss_of_hidden, check_unused=False)
+                        method="hidden_nll_sum", check_unused=False)
 
     per_run = lambda x: x.reshape(k, b, *x.shape[1:])  # noqa: E731
     return jax.lax.map(one, (jnp.arange(k), per_run(h), per_run(tiled["targets"]), per_run(tiled["loss_mask"])))

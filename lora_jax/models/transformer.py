@@ -669,6 +669,10 @@ class CausalLM(nn.Module):
   def nll_sum(self, input_ids, targets, loss_mask, positions=None, segment_ids=None):
     """(sum of masked token NLL, number of loss tokens), without full logits when `config.loss_chunk_size` > 0."""
     h_BTD, _ = self.hidden_states(input_ids, positions, segment_ids)
+    return self.hidden_nll_sum(h_BTD, targets, loss_mask)
+
+  def hidden_nll_sum(self, h_BTD, targets, loss_mask):
+    """`nll_sum` of final hidden states: the loss head alone (in sequence chunks when `loss_chunk_size` > 0)."""
     if not self.config.loss_chunk_size:
       return losses.masked_nll_sum(self.unembed(h_BTD), targets, loss_mask)
     return losses.chunked_nll_sum(self, type(self).unembed, h_BTD, targets, loss_mask, self.config.loss_chunk_size)
