@@ -7,10 +7,11 @@ workdir exactly as ``experiments.main`` would leave it.
 
 The points must be one method each and differ only in ``STACKABLE_FIELDS`` (LR, LoRA+ ratio, weight decay, rank,
 alpha, scaling, A's init, seeds; ``stack_key`` says what else they must share). They share one process, one base,
-one tokenised dataset and one compiled step; the frozen base and (when their ``data_seed`` agree) the batches are
-shared. Each workdir gets ``config.json``, ``run_info.json``, ``<method>/`` (metrics.jsonl, lora_diagnostics.jsonl,
-summary.txt, lora_spec.json, adapter-only checkpoints, TensorBoard) and ``report.md``, plus ``stack.json``: how the
-point ended ("done" or "failed" with the error a run alone would have raised) and which points it was stacked with.
+one tokenised dataset and one compiled step; the frozen base is shared, and so is each batch among the points whose
+``data_seed`` agree. Each workdir gets ``config.json``, ``run_info.json``, ``<method>/`` (metrics.jsonl,
+lora_diagnostics.jsonl, summary.txt, lora_spec.json, adapter-only checkpoints, TensorBoard) and ``report.md``, plus
+``stack.json``: how the point ended ("done" or "failed" with the error a run alone would have raised) and which
+points it was stacked with.
 ``experiments.sweep --stack`` runs points this way. Exit status: 0 when every point is done, 1 when one failed,
 143 after SIGTERM (checkpoints saved; the same command resumes).
 """
@@ -135,10 +136,13 @@ def run(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str | e
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     sources, evals = main_lib.load_data(config, tokenizer)
-    # One iterator shared by every run when they agree on the data order, else each run's own.
-    shared = len({c.data_seed for c in configs}) == 1
-    batches = main_lib.train_batches(config, sources) if shared else [main_lib.train_batches(c, sources)
-                                                                      for c in configs]
+    # One iterator per data order (data_seed): shared by every run when they all agree, else a list with each
+    # run's iterator, runs of one order sharing theirs (drawn once a step).
+    by_seed = {}
+    for c in configs:
+      if c.data_seed not in by_seed:
+        by_seed[c.data_seed] = main_lib.train_batches(c, sources)
+    batches = by_seed[config.data_seed] if len(by_seed) == 1 else [by_seed[c.data_seed] for c in configs]
   except ValueError as e:
     raise SystemExit(f"not started, {', '.join(map(str, workdirs))} untouched: {e}") from e
   for w, c, conflict in zip(workdirs, configs, conflicts):

@@ -306,10 +306,15 @@ class _Run:
 
 
 def _next_batch(batches):
-  """The next shared batch, or each run's next batch stacked ``[K, B, T]``."""
+  """The next shared batch, or each run's next batch stacked ``[K, B, T]`` (an iterator that several runs share,
+  the same object in ``batches``, is drawn from once)."""
   if not isinstance(batches, (list, tuple)):
     return next(batches)
-  parts = [next(it) for it in batches]
+  drawn = {}
+  for it in batches:
+    if id(it) not in drawn:
+      drawn[id(it)] = next(it)
+  parts = [drawn[id(it)] for it in batches]
   return {k: np.stack([b[k] for b in parts]) for k in parts[0]}
 
 
@@ -324,7 +329,8 @@ def fit(model: nn.Module, s: Stack, loop: train.LoopConfig, batches, eval_batche
         param_shardings=None, rules: dict | None = None, vectorize: int | None = None) -> tuple[Stack, list[RunResult]]:
   """Trains the K runs of ``s`` for ``loop.steps`` steps, each into its own ``workdirs[k]`` as ``train.fit`` would.
 
-  ``batches`` is one ``train.BatchIterator`` shared by every run, or a list of K (each run's own data order).
+  ``batches`` is one ``train.BatchIterator`` shared by every run, or a list of K (each run's own data order; runs
+  that share an order may share one iterator object, drawn once a step).
   Resumes every run from the newest step that all of them have checkpointed. SIGTERM saves every live run and
   raises ``train.Preempted``. Returns the final stack and each run's ``RunResult``. With a ``mesh``, the runs are
   spread over the mesh axis that ``rules`` maps ``RUN_AXIS`` to (``stack_shardings``). ``vectorize``: runs per

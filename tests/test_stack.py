@@ -80,11 +80,13 @@ def order(start):
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_stacked_runs_equal_separate_runs_and_write_the_same_files(tmp_path, x64, method):  # noqa: F811
-  """LoRA: three runs with their own data orders (two share one); full FT: two runs on one shared batch."""
+  """LoRA: three runs with their own data orders, two of them sharing one iterator (drawn once a step, as
+  experiments.stacked passes runs of one data_seed); full FT: two runs on one shared batch."""
   plans = lora_plans("float64") if method == "lora" else FULL
   names = [f"run{k}" for k in range(len(plans))]
   starts = [0, 0, 500] if method == "lora" else [0, 0]
-  batches = [order(i) for i in starts] if method == "lora" else None
+  shared = order(0)
+  batches = [shared, shared, order(500)] if method == "lora" else None
   final, results = stacked(tmp_path / "stack", plans, names, batches=batches)
   assert [r.state for r in results] == ["done"] * len(plans)
   for k, plan in enumerate(plans):

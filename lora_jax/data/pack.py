@@ -150,26 +150,34 @@ class BatchIterator:
 
   def batch(self, plan: Plan, index: int) -> dict[str, np.ndarray]:
     """This host's rows of batch `index` of an epoch's plan (rows past the data are padding)."""
-    rows = len(plan.row_starts) - 1
-    first = index * self.batch_size + self.process_index * self.local_batch_size
     shape = (self.local_batch_size, self.seq_len)
     batch = {key: np.zeros(shape, dtype=np.float32 if key == "loss_mask" else np.int32) for key in BATCH_KEYS}
     batch["inputs"][:] = self.pad_id
     batch["targets"][:] = self.pad_id
-    for r in range(self.local_batch_size):
-      row = first + r
-      if row >= rows:
-        break
-      col = 0
-      for segment, item in enumerate(range(plan.row_starts[row], plan.row_starts[row + 1]), 1):
-        ids, mask = self.sources[plan.source[item]].example(plan.example[item])
-        n = len(ids) - 1
-        batch["inputs"][r, col:col + n] = ids[:-1]
-        batch["targets"][r, col:col + n] = ids[1:]
-        batch["loss_mask"][r, col:col + n] = mask[1:]
-        batch["segment_ids"][r, col:col + n] = segment
-        batch["positions"][r, col:col + n] = np.arange(n)
-        col += n
+    first = index * self.batch_size + self.process_index * self.local_batch_size
+    bounds = plan.row_starts[min(first, len(plan.row_starts) - 1):first + self.local_batch_size + 1]
+    if len(bounds) < 2:
+      return batch
+    # Every filled position at once: item i of row r fills columns col[i]:col[i] + n[i] with its tokens.
+    items = np.arange(bounds[0], bounds[-1])
+    n = plan.lengths[items]
+    row = np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
+    ends = np.cumsum(n)
+    col = ends - n - np.concatenate([[0], ends])[bounds[:-1] - bounds[0]][row]  # start within its row
+    segment = items - bounds[:-1][row] + 1
+    item = np.repeat(np.arange(len(items)), n)  # the item of each filled position
+    j = np.arange(len(item)) - (ends - n)[item]  # position within its item
+    rows, cols = row[item], col[item] + j
+    for s, source in enumerate(self.sources):
+      at = plan.source[items[item]] == s
+      if not at.any():
+        continue
+      token = source.offsets[source.index[plan.example[items[item[at]]]]] + j[at]  # the input token's offset
+      batch["inputs"][rows[at], cols[at]] = source.ids[token]
+      batch["targets"][rows[at], cols[at]] = source.ids[token + 1]
+      batch["loss_mask"][rows[at], cols[at]] = source.mask[token + 1]
+    batch["segment_ids"][rows, cols] = segment[item]
+    batch["positions"][rows, cols] = j
     return batch
 
 
