@@ -2,11 +2,14 @@
 
 ``pretrained(config.tiny_base)`` returns an HF model directory (weights, config, tokenizer) under
 ``cache_dir/<hash of the settings>``: built once by full training from random init through the same set-up and loop
-as every run (``train.setup``, ``train.fit``), then reused. An interrupted build resumes from its checkpoint.
+as every run (``train.setup``, ``train.fit``), then reused. An interrupted build resumes from its checkpoint;
+separate processes asking for it at once (a sweep's parallel points) build it once: the others wait on a lock file
+beside it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import pathlib
@@ -40,6 +43,25 @@ def pretrained(c: ml_collections.ConfigDict) -> pathlib.Path:
   if (out / "config.json").exists():
     print(f"reusing the tiny base model in {out}")
     return out
+  if jax.process_count() > 1:  # the processes of one job build it together (a lock held by one would deadlock)
+    return _build(c, out)
+  # Separate jobs (e.g. the points of `experiments.sweep --parallel 2` on a fresh machine) build it once: the first
+  # takes the lock and builds, the others wait for it and reuse its result.
+  out.parent.mkdir(parents=True, exist_ok=True)
+  with open(out.with_name(out.name + ".lock"), "w") as lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      print(f"waiting for another process building the tiny base model in {out}", flush=True)
+      fcntl.flock(lock, fcntl.LOCK_EX)
+    if (out / "config.json").exists():
+      print(f"reusing the tiny base model in {out}")
+      return out
+    return _build(c, out)
+
+
+def _build(c: ml_collections.ConfigDict, out: pathlib.Path) -> pathlib.Path:
+  """Pretrains the tiny base into ``out`` (through ``out.partial``, whose checkpoints let a build resume)."""
   lead = jax.process_index() == 0
   print(f"pretraining the tiny base model ({c.steps} steps on a synthetic corpus) into {out}")
   tokenizer = synthetic.char_tokenizer()

@@ -96,6 +96,24 @@ def test_a_dotted_override_of_a_per_module_rank_or_alpha_works_and_typos_fail():
     _parse_flags("--config.lora.rank_pattern.kproj=8")
 
 
+def test_two_jobs_asking_for_the_tiny_base_at_once_build_it_once(tmp_path):
+  """As the first two points of `experiments.sweep --parallel 2` on a fresh machine: one builds, the other waits on
+  the lock and reuses it (without the lock both build into the same directory)."""
+  import subprocess
+  import sys
+
+  code = ("from experiments import tiny_base; from experiments.configs import common; c = common.tiny_base_config(); "
+          f"c.steps = 6; c.corpus_documents = 200; c.cache_dir = {str(tmp_path / 'cache')!r}; "
+          "print('built:', tiny_base.pretrained(c))")
+  jobs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+          for _ in range(2)]
+  outs = [job.communicate(timeout=600)[0] for job in jobs]
+  assert [job.returncode for job in jobs] == [0, 0], outs
+  assert len({line for out in outs for line in out.splitlines() if line.startswith("built:")}) == 1
+  assert sum(out.count("pretraining the tiny base model") for out in outs) == 1, outs
+  assert sum(out.count("reusing the tiny base model") for out in outs) == 1, outs
+
+
 def test_seed_data_seed_and_eval_seed_each_drive_one_thing(tmp_path):
   tokenizer = synthetic.char_tokenizer()
 
