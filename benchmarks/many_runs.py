@@ -11,6 +11,13 @@ stacked step over K runs, grouped ``vectorize`` runs per vmap (0 = all K; ``stac
 shape and on a ~3M-parameter shape; median seconds per step for all K runs after warm-up. One shared batch here (as
 a sweep of LRs over one data order).
 
+(c) Where the vmapped program loses on a CPU: the XLA profiler's time per compiled op of the stacked tiny step at K=8,
+looped one run at a time vs all runs in one vmap, summed by kind (matmul fusions, other dots, copies/transposes,
+elementwise fusions); and one matmul of the tiny shape's MLP (128 -> 384) at one run's rows (B x T) and at 8 runs'
+rows in one dot, in GFLOP/s.
+The step floor of (a): the config's steps times (b)'s stacked step at the same K (the CPU default grouping): the
+stacked run's wall time cannot go below it, so ``separate_s / step_floor_s`` bounds its speedup.
+
 Writes ``benchmarks/results/many_runs.json`` (with the machine's load average: on a shared machine the times move)
 and prints a table; the last line is ``stacked/sequential speedup at K=8: X`` for (a) (or for the largest K run).
 """
@@ -157,6 +164,94 @@ def hlo_counts(k: int) -> dict:
           "one_run": count(single.lower(one.frozen, one.replace(frozen=None), batch).compile().as_text())}
 
 
+def matmul_rates(repeats: int) -> list[dict]:
+  """GFLOP/s of the tiny shape's MLP up-projection (128 -> 384, float32) at one run's rows and at 8 runs' rows in
+  one dot (what vmapping 8 runs over a shared W makes of it)."""
+  fields, batch_size, seq = SHAPES[next(iter(SHAPES))]
+  d, f = fields["hidden_size"], fields["intermediate_size"]
+  w = jax.random.normal(jax.random.key(0), (d, f), jnp.float32)
+  dot = jax.jit(jnp.dot)
+  out = []
+  for runs in (1, 8):
+    x = jax.random.normal(jax.random.key(1), (runs * batch_size * seq, d), jnp.float32)
+    dot(x, w).block_until_ready()
+    t = statistics.median(_median_time(lambda: dot(x, w), 1) for _ in range(repeats))  # noqa: B023
+    out.append({"runs": runs, "shape": [x.shape[0], d, f], "seconds": t, "gflop_per_s": 2 * x.shape[0] * d * f / t / 1e9})
+    print(f"  matmul {x.shape[0]}x{d} @ {d}x{f} ({runs} run(s)' rows): {t * 1e6:.0f} us, "
+          f"{out[-1]['gflop_per_s']:.1f} GFLOP/s", flush=True)
+  return out
+
+
+def _op_kind(name: str) -> str:
+  if name.startswith("ynn_fusion"):
+    return "matmul fusions (YNNPACK)"
+  if name.startswith("dot") or "_dot" in name:
+    return "other dots"
+  if "copy" in name or "transpose" in name:
+    return "copies and transposes"
+  return "elementwise and other fusions"
+
+
+def op_breakdown(k: int, vectorize: list[int], steps: int = 5) -> dict:
+  """Milliseconds per stacked tiny step (all ``k`` runs) spent in each kind of compiled op (``_op_kind``), from the
+  XLA profiler's trace, for each grouping in ``vectorize`` (ops on the 2 cores overlap, so kinds add up to more than
+  the step)."""
+  import collections
+  import gzip
+  import shutil
+
+  fields, batch_size, seq = SHAPES[next(iter(SHAPES))]
+  config = transformer.ModelConfig(architecture="llama", **fields)
+  model = transformer.CausalLM(config)
+  params = transformer.init_params(config, jax.random.key(0))
+  plans = [stack.RunPlan(lora.LoraSpec(rank=4, targets=("all-linear", "unembed")), optim.OptimConfig(lr=1e-3), seed=i)
+           for i in range(k)]
+  batch = {"inputs": jnp.zeros((batch_size, seq), jnp.int32), "targets": jnp.zeros((batch_size, seq), jnp.int32),
+           "loss_mask": jnp.ones((batch_size, seq), jnp.float32)}
+  s = stack.init(params, plans)
+  out = {}
+  for v in vectorize:
+    step, _ = stack.make_steps(model, plans, vectorize=v or k)
+    state = jax.tree.map(jnp.copy, s.state.replace(frozen=None))
+    for _ in range(2):
+      state, m = step(s.state.frozen, state, batch, s.hyper)
+    jax.block_until_ready(m)
+    trace_dir = tempfile.mkdtemp()
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      state, m = step(s.state.frozen, state, batch, s.hyper)
+      jax.block_until_ready(m)
+    wall = (time.perf_counter() - t0) / steps
+    jax.profiler.stop_trace()
+    trace = next(pathlib.Path(trace_dir).rglob("*.trace.json.gz"))
+    kinds = collections.Counter()
+    for e in json.load(gzip.open(trace))["traceEvents"]:
+      name = e.get("name", "")
+      if e.get("ph") == "X" and name[:1].islower() and not name.startswith("$"):  # compiled ops, not runtime spans
+        kinds[_op_kind(name)] += e["dur"] / 1e3 / steps
+    shutil.rmtree(trace_dir, ignore_errors=True)
+    out[str(v or k)] = {"step_ms": wall * 1e3, **dict(kinds.most_common())}
+    print(f"  ops of the stacked step, K={k}, {v or k} run(s) per vmap: step {wall * 1e3:.0f} ms; " + ", ".join(
+        f"{kind} {ms:.0f} ms" for kind, ms in kinds.most_common()), flush=True)
+  return out
+
+
+def step_floor(e2e: dict, steps_alone: list[dict]) -> dict:
+  """(a)'s floor: the points' steps times (b)'s stacked tiny step at the same K and the default grouping."""
+  module = sweep.load_config_module(CONFIG_FILE)
+  steps = module.get_config(e2e["points"][0]).train.steps
+  v = str(stack.default_vectorize(e2e["k"]))
+  step = next((r for r in steps_alone if r["k"] == e2e["k"] and r["shape"] == next(iter(SHAPES))
+               and v in r["stacked_s"]), None)
+  if step is None:
+    return {}
+  floor = steps * step["stacked_s"][v]
+  return {"step_floor_s": floor, "step_floor_from": f"{steps} steps x {step['stacked_s'][v]:.4f} s (stacked step, "
+          f"K={e2e['k']}, {v} run(s) per vmap, rank 4)", "max_speedup": e2e["separate_s"] / floor,
+          "stacked_beyond_floor_s": e2e["stacked_s"] - floor}
+
+
 def _ints(text: str) -> list[int]:
   return [int(x) for x in text.split(",") if x]
 
@@ -183,11 +278,16 @@ def main(argv=None) -> dict:
   record["hlo"] = [hlo_counts(k) for k in (1, 8)]
   for h in record["hlo"]:
     print(f"  HLO, tiny shape, K={h['k']}: stacked {h['stacked']}; one run's step {h['one_run']}", flush=True)
+  print("(c) where the time goes: compiled ops by kind; one matmul, one run's rows vs 8 runs' rows", flush=True)
+  record["ops"] = op_breakdown(8, [1, 0])
+  record["matmul"] = matmul_rates(args.repeats)
   if not args.skip_end_to_end:
     print("(a) end to end through the sweep runner", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
       for k in args.ks:
-        record["end_to_end"].append(end_to_end(k, pathlib.Path(tmp)))
+        e2e = end_to_end(k, pathlib.Path(tmp))
+        e2e.update(step_floor(e2e, record["step_alone"]))
+        record["end_to_end"].append(e2e)
   record["load_average_end"] = os.getloadavg()
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
@@ -196,6 +296,9 @@ def main(argv=None) -> dict:
   for r in record["end_to_end"]:
     print(f"| end to end ({r['k']} sweep points) | tiny study point | {r['k']} | default | {r['separate_s']:.1f} | "
           f"{r['stacked_s']:.1f} | {r['speedup']:.2f} |")
+    if "step_floor_s" in r:
+      print(f"| step floor of the stack ({r['step_floor_from']}) | tiny study point | {r['k']} | default | "
+            f"{r['separate_s']:.1f} | {r['step_floor_s']:.1f} | {r['max_speedup']:.2f} (bound) |")
   for r in record["step_alone"]:
     for v, t in r["stacked_s"].items():
       print(f"| compiled step (all K runs) | {r['shape']} | {r['k']} | {v} | {r['separate_s']:.4f} | {t:.4f} | "

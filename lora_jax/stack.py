@@ -167,9 +167,9 @@ def with_states(s: Stack, states: Sequence[train.TrainState]) -> Stack:
 
 def default_vectorize(k: int, sharded: bool = False) -> int:
   """Runs per vmapped group when none is asked for: all ``k`` on GPU/TPU or when the runs are spread over a mesh
-  (bigger matmuls fill the chip); one at a time on a CPU, where the K runs' matmuls fused into one ran at about half
-  the FLOP rate of one run's (``benchmarks/many_runs.py``, K=8: the step vmapped over all runs 0.59-0.69x of K
-  separate steps, looped one at a time 1.24-1.28x)."""
+  (bigger matmuls fill the chip); one at a time on a CPU, where the vmapped program spends more time in its matmul
+  and elementwise fusions and copies than the loop (``benchmarks/many_runs.py``, K=8 tiny step: vmapped 0.77x of K
+  separate steps, looped 1.06x)."""
   return k if sharded or jax.default_backend() != "cpu" else 1
 
 
