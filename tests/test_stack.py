@@ -248,7 +248,9 @@ def test_a_sweep_with_and_without_stacking_gives_the_same_results(tmp_path):
 
   common = ["--config", "experiments/configs/lr_sweep.py:quick", "--only",
             "rank=4,lr=0.002|rank=64,lr=0.00[24]|full,lr=0.001,"]
-  overrides = ["--", "--config.train.steps=6", "--config.train.eval_every=3", "--config.data.eval_size=20"]
+  overrides = ["--", "--config.train.steps=6", "--config.train.eval_every=3", "--config.data.eval_size=20",
+               "--config.tiny_base.steps=20", "--config.tiny_base.corpus_documents=200",  # a small base, built once
+               f"--config.tiny_base.cache_dir={tmp_path / 'base'}"]
   for name, stack_arg in (("stacked", "auto"), ("separate", "1")):
     out = subprocess.run([sys.executable, "-m", "experiments.sweep", *common, "--workdir", str(tmp_path / name),
                           "--stack", stack_arg, *overrides], capture_output=True, text=True, timeout=900)
