@@ -53,6 +53,24 @@ SHAPES = {  # name -> (ModelConfig fields, batch, seq)
 }
 
 
+TINY = next(iter(SHAPES))
+
+
+def _setup(shape: str, k: int):
+  """``(model, plans, batch, stack)`` of ``k`` LoRA r4 runs (LRs a factor 2 apart, one seed each) at a ``SHAPES``
+  shape, on one random batch."""
+  fields, batch_size, seq = SHAPES[shape]
+  config = transformer.ModelConfig(architecture="llama", **fields)
+  model = transformer.CausalLM(config)
+  params = transformer.init_params(config, jax.random.key(0))
+  spec = lora.LoraSpec(rank=4, targets=("all-linear", "unembed"))
+  plans = [stack.RunPlan(spec, optim.OptimConfig(lr=1e-3 * 2 ** (i % 5 - 2)), seed=i) for i in range(k)]
+  tokens = np.random.default_rng(0).integers(0, config.vocab_size, (batch_size, seq + 1))
+  batch = {"inputs": jnp.asarray(tokens[:, :-1], jnp.int32), "targets": jnp.asarray(tokens[:, 1:], jnp.int32),
+           "loss_mask": jnp.ones((batch_size, seq), jnp.float32)}
+  return model, plans, batch, stack.init(params, plans)
+
+
 def end_to_end(k: int, workdir: pathlib.Path) -> dict:
   """Wall seconds of the first ``k`` tiny study points run separately (one process each) and stacked (one)."""
   module = sweep.load_config_module(CONFIG_FILE)
@@ -85,17 +103,7 @@ def step_alone(shape: str, k: int, repeats: int, vectorize: list[int]) -> dict:
   """Seconds per step of all ``k`` runs: ``k`` separate jitted steps vs one stacked step, with each ``vectorize``
   (runs per vmapped group, the groups looped: ``stack.make_steps``; 0 = all ``k`` in one vmap); median after
   warm-up, the variants' repeats interleaved so that a change in the machine's load hits them alike."""
-  fields, batch_size, seq = SHAPES[shape]
-  config = transformer.ModelConfig(architecture="llama", **fields)
-  model = transformer.CausalLM(config)
-  params = transformer.init_params(config, jax.random.key(0))
-  spec = lora.LoraSpec(rank=4, targets=("all-linear", "unembed"))
-  plans = [stack.RunPlan(spec, optim.OptimConfig(lr=1e-3 * 2 ** (i % 5 - 2)), seed=i) for i in range(k)]
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, config.vocab_size, (batch_size, seq + 1))
-  batch = {"inputs": jnp.asarray(tokens[:, :-1], jnp.int32), "targets": jnp.asarray(tokens[:, 1:], jnp.int32),
-           "loss_mask": jnp.ones((batch_size, seq), jnp.float32)}
-  s = stack.init(params, plans)
+  model, plans, batch, s = _setup(shape, k)
 
   def stacked_variant(v):
     step, _ = stack.make_steps(model, plans, vectorize=v or k)
@@ -127,7 +135,7 @@ def step_alone(shape: str, k: int, repeats: int, vectorize: list[int]) -> dict:
   for _ in range(repeats):
     for name, fn in variants.items():
       times[name].append(_median_time(fn, 1))
-  out = {"shape": shape, "k": k, "params": sum(x.size for x in jax.tree.leaves(params)),
+  out = {"shape": shape, "k": k, "params": sum(x.size for x in jax.tree.leaves(s.state.frozen)),
          "separate_s": statistics.median(times["separate"]),
          "stacked_s": {name[len("vectorize="):]: statistics.median(t) for name, t in times.items() if name != "separate"}}
   out["speedup"] = {v: out["separate_s"] / t for v, t in out["stacked_s"].items()}
@@ -141,15 +149,7 @@ def hlo_counts(k: int) -> dict:
   compiled HLO of the stacked step over ``k`` runs (all in one vmap) and of one run's own step."""
   import re
 
-  fields, batch_size, seq = SHAPES[next(iter(SHAPES))]
-  config = transformer.ModelConfig(architecture="llama", **fields)
-  model = transformer.CausalLM(config)
-  params = transformer.init_params(config, jax.random.key(0))
-  spec = lora.LoraSpec(rank=4, targets=("all-linear", "unembed"))
-  plans = [stack.RunPlan(spec, optim.OptimConfig(lr=1e-3), seed=i) for i in range(k)]
-  batch = {"inputs": jnp.zeros((batch_size, seq), jnp.int32), "targets": jnp.zeros((batch_size, seq), jnp.int32),
-           "loss_mask": jnp.ones((batch_size, seq), jnp.float32)}
-  s = stack.init(params, plans)
+  model, plans, batch, s = _setup(TINY, k)
   stacked_step, _ = stack.make_steps(model, plans, vectorize=k)  # the vmapped program
   one = s.run_state(0)
   single = train.jit_train_step(train.make_train_step(model, optim.make_optimizer(plans[0].optim)))
@@ -168,7 +168,7 @@ def hlo_counts(k: int) -> dict:
 def matmul_rates(repeats: int) -> list[dict]:
   """GFLOP/s of the tiny shape's MLP up-projection (128 -> 384, float32) at one run's rows and at 8 runs' rows in
   one dot (what vmapping 8 runs over a shared W makes of it)."""
-  fields, batch_size, seq = SHAPES[next(iter(SHAPES))]
+  fields, batch_size, seq = SHAPES[TINY]
   d, f = fields["hidden_size"], fields["intermediate_size"]
   w = jax.random.normal(jax.random.key(0), (d, f), jnp.float32)
   dot = jax.jit(jnp.dot)
@@ -201,15 +201,7 @@ def op_breakdown(k: int, vectorize: list[int], steps: int = 5) -> dict:
   import gzip
   import shutil
 
-  fields, batch_size, seq = SHAPES[next(iter(SHAPES))]
-  config = transformer.ModelConfig(architecture="llama", **fields)
-  model = transformer.CausalLM(config)
-  params = transformer.init_params(config, jax.random.key(0))
-  plans = [stack.RunPlan(lora.LoraSpec(rank=4, targets=("all-linear", "unembed")), optim.OptimConfig(lr=1e-3), seed=i)
-           for i in range(k)]
-  batch = {"inputs": jnp.zeros((batch_size, seq), jnp.int32), "targets": jnp.zeros((batch_size, seq), jnp.int32),
-           "loss_mask": jnp.ones((batch_size, seq), jnp.float32)}
-  s = stack.init(params, plans)
+  model, plans, batch, s = _setup(TINY, k)
   out = {}
   for v in vectorize:
     step, _ = stack.make_steps(model, plans, vectorize=v or k)
@@ -243,7 +235,7 @@ def step_floor(e2e: dict, steps_alone: list[dict]) -> dict:
   module = sweep.load_config_module(CONFIG_FILE)
   steps = module.get_config(e2e["points"][0]).train.steps
   v = str(stack.default_vectorize(e2e["k"]))
-  step = next((r for r in steps_alone if r["k"] == e2e["k"] and r["shape"] == next(iter(SHAPES))
+  step = next((r for r in steps_alone if r["k"] == e2e["k"] and r["shape"] == TINY
                and v in r["stacked_s"]), None)
   if step is None:
     return {}

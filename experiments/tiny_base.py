@@ -9,6 +9,7 @@ beside it.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -40,13 +41,22 @@ def pretrained(c: ml_collections.ConfigDict) -> pathlib.Path:
   """
   key = hashlib.sha256(c.to_json(sort_keys=True).encode()).hexdigest()[:12]
   out = pathlib.Path(c.cache_dir) / key
-  if (out / "config.json").exists():
-    print(f"reusing the tiny base model in {out}")
-    return out
-  if jax.process_count() > 1:  # the processes of one job build it together (a lock held by one would deadlock)
+  with _build_lock(out):
+    if (out / "config.json").exists():
+      print(f"reusing the tiny base model in {out}")
+      return out
     return _build(c, out)
-  # Separate jobs (e.g. the points of `experiments.sweep --parallel 2` on a fresh machine) build it once: the first
-  # takes the lock and builds, the others wait for it and reuse its result.
+
+
+@contextlib.contextmanager
+def _build_lock(out: pathlib.Path):
+  """Held while checking for and building ``out``: separate jobs (e.g. the points of `experiments.sweep --parallel 2`
+  on a fresh machine) build it once, the others waiting and then reusing it. The processes of one multi-process job
+  build it together without it (a lock held by one of them would deadlock the others); a built one needs none (its
+  cache may be read-only)."""
+  if jax.process_count() > 1 or (out / "config.json").exists():
+    yield
+    return
   out.parent.mkdir(parents=True, exist_ok=True)
   with open(out.with_name(out.name + ".lock"), "w") as lock:
     try:
@@ -54,10 +64,7 @@ def pretrained(c: ml_collections.ConfigDict) -> pathlib.Path:
     except BlockingIOError:
       print(f"waiting for another process building the tiny base model in {out}", flush=True)
       fcntl.flock(lock, fcntl.LOCK_EX)
-    if (out / "config.json").exists():
-      print(f"reusing the tiny base model in {out}")
-      return out
-    return _build(c, out)
+    yield
 
 
 def _build(c: ml_collections.ConfigDict, out: pathlib.Path) -> pathlib.Path:
