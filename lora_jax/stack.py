@@ -184,16 +184,9 @@ def map_runs(fn: Callable, xs, vectorize: int):
   return jax.lax.map(fn, xs, batch_size=vectorize if vectorize > 1 else None)
 
 
-def make_steps(model: nn.Module, plans: Sequence[RunPlan], grad_accum: int = 1, per_run_batches: bool = False,
-               shardings: dict | None = None, vectorize: int | None = None) -> tuple[Callable, Callable]:
-  """The jitted stacked ``(train_step, eval_step)``.
-
-  ``train_step(frozen, state_without_frozen, batch, hyper) -> (state_without_frozen, metrics [K])`` donates the
-  state; ``eval_step(frozen, state_without_frozen, batch, hyper) -> (sum NLL [K], token count [K])`` on one shared
-  batch. ``shardings`` (from ``stack_shardings``) compiles them with explicit placements. ``vectorize`` runs go
-  through one vmapped step at a time (``map_runs``; default ``default_vectorize``): each run's arithmetic is the
-  same either way, only the program's shape changes.
-  """
+def _step_fns(model: nn.Module, plans: Sequence[RunPlan], grad_accum: int, per_run_batches: bool,
+              shardings: dict | None, vectorize: int | None) -> tuple[Callable, Callable]:
+  """The stacked ``(train_step, eval_step)`` before jit (``make_steps``), traced under the mesh of ``shardings``."""
   ref = plans[0].optim
   step_fn = train.make_train_step(model, lambda h: optim.make_optimizer(ref, h), grad_accum)
   eval_fn = train.make_eval_step(model)
@@ -215,15 +208,52 @@ def make_steps(model: nn.Module, plans: Sequence[RunPlan], grad_accum: int = 1, 
                     vectorize)
 
   if shardings is None:
+    return train_step, eval_step
+  # Traced under the mesh, so that mesh-aware kernels (splash attention on TPU) find it, as in train.make_steps.
+  return train.under_mesh(train_step, shardings["batch"]), train.under_mesh(eval_step, shardings["batch"])
+
+
+def make_steps(model: nn.Module, plans: Sequence[RunPlan], grad_accum: int = 1, per_run_batches: bool = False,
+               shardings: dict | None = None, vectorize: int | None = None) -> tuple[Callable, Callable]:
+  """The jitted stacked ``(train_step, eval_step)``.
+
+  ``train_step(frozen, state_without_frozen, batch, hyper) -> (state_without_frozen, metrics [K])`` donates the
+  state; ``eval_step(frozen, state_without_frozen, batch, hyper) -> (sum NLL [K], token count [K])`` on one shared
+  batch. ``shardings`` (from ``stack_shardings``) compiles them with explicit placements. ``vectorize`` runs go
+  through one vmapped step at a time (``map_runs``; default ``default_vectorize``): each run's arithmetic is the
+  same either way, only the program's shape changes. ``make_train_steps`` scans the step over several batches.
+  """
+  train_step, eval_step = _step_fns(model, plans, grad_accum, per_run_batches, shardings, vectorize)
+  if shardings is None:
     return jax.jit(train_step, donate_argnums=(1,)), jax.jit(eval_step)
   sh = shardings
   batch_sh = sh["run_batch"] if per_run_batches else sh["batch"]
-  # Traced under the mesh, so that mesh-aware kernels (splash attention on TPU) find it, as in train.make_steps.
-  train_step, eval_step = train.under_mesh(train_step, sh["batch"]), train.under_mesh(eval_step, sh["batch"])
   return (jax.jit(train_step, donate_argnums=(1,), in_shardings=(sh["frozen"], sh["state"], batch_sh, sh["hyper"]),
                   out_shardings=(sh["state"], sh["runs"])),
           jax.jit(eval_step, in_shardings=(sh["frozen"], sh["state"], sh["batch"], sh["hyper"]),
                   out_shardings=sh["runs"]))
+
+
+def make_train_steps(model: nn.Module, plans: Sequence[RunPlan], grad_accum: int = 1, per_run_batches: bool = False,
+                     shardings: dict | None = None, vectorize: int | None = None) -> Callable:
+  """``make_steps``'s train step scanned over several batches in one jitted call (``train.scan_steps``), as
+  ``train.fit`` runs ``loop.steps_per_call`` steps a call: ``steps(frozen, state_without_frozen, batches, active,
+  hyper) -> (state_without_frozen, metrics [n, K])``, ``batches`` ``[n, B, T]`` (``[n, K, B, T]`` per run); a step
+  whose ``active`` entry is False leaves every run as it was. Donates the state."""
+  train_step, _ = _step_fns(model, plans, grad_accum, per_run_batches, shardings, vectorize)
+
+  def steps(frozen, state, batches, active, hyper):
+    return train.scan_steps(lambda st, b: train_step(frozen, st, b, hyper), state, batches, active)
+
+  if shardings is None:
+    return jax.jit(steps, donate_argnums=(1,))
+  sh = shardings
+  mesh = sh["batch"].mesh
+  return jax.jit(steps, donate_argnums=(1,),
+                 in_shardings=(sh["frozen"], sh["state"],
+                               train.stacked_batch_sharding(sh["run_batch"] if per_run_batches else sh["batch"]),
+                               sharding_lib.replicated(mesh), sh["hyper"]),
+                 out_shardings=(sh["state"], NamedSharding(mesh, PartitionSpec(None, *sh["runs"].spec))))
 
 
 def make_eval_runs(model: nn.Module, k: int) -> Callable:
@@ -297,12 +327,6 @@ class _Run:
     self.last = {}
     self.zero_grad_since = None
 
-  def last_good(self, upto: int) -> str:
-    """A sentence naming the newest checkpoint on disk at or before step ``upto``."""
-    steps = [s for s in self.checkpointer.all_steps() if s <= upto]
-    if not steps:
-      return f"No good checkpoint in {self.checkpointer.directory}."
-    return f"Last good checkpoint: step {steps[-1]} in {self.checkpointer.directory}."
 
 
 def _next_batch(batches):
@@ -334,8 +358,9 @@ def fit(model: nn.Module, s: Stack, loop: train.LoopConfig, batches, eval_batche
   Resumes every run from the newest step that all of them have checkpointed. SIGTERM saves every live run and
   raises ``train.Preempted``. Returns the final stack and each run's ``RunResult``. With a ``mesh``, the runs are
   spread over the mesh axis that ``rules`` maps ``RUN_AXIS`` to (``stack_shardings``). ``vectorize``: runs per
-  vmapped group (``make_steps``). One step per jitted call:
-  ``loop.steps_per_call`` (``train.fit``'s scanned calls) is not used here.
+  vmapped group (``make_steps``). Each jitted call runs ``loop.chunk_steps`` steps of every run
+  (``make_train_steps``), cut at the same steps as ``train.fit`` cuts a run alone, so a resumed stack runs the same
+  calls; the host stacks the next call's batches while the previous call's metrics are checked.
   """
   k_runs = s.size
   if len(workdirs) != k_runs:
@@ -346,14 +371,16 @@ def fit(model: nn.Module, s: Stack, loop: train.LoopConfig, batches, eval_batche
   runs = [_Run(w, loop.keep_checkpoints, (records or [None] * k_runs)[k], (writers or [None] * k_runs)[k])
           for k, w in enumerate(workdirs)]
   shardings = None
-  to_device = lambda b: b  # noqa: E731
+  to_device = calls_to_device = lambda b: b  # noqa: E731  (eval batches; a call's stacked batches)
   if mesh is not None:
     shardings = stack_shardings(s, param_shardings, mesh, rules)
     s = dataclasses.replace(s, state=jax.device_put(s.state, dataclasses.replace(
         shardings["state"], frozen=shardings["frozen"])), hyper=jax.device_put(s.hyper, shardings["hyper"]))
-    to_device = lambda b, key="batch": jax.device_put(b, shardings[key])  # noqa: E731
-  train_step, eval_step = make_steps(model, s.plans, loop.grad_accum, per_run_batches, shardings, vectorize)
-  run_batch = (lambda b: to_device(b, "run_batch")) if per_run_batches and mesh is not None else to_device
+    call_sh = train.stacked_batch_sharding(shardings["run_batch"] if per_run_batches else shardings["batch"])
+    to_device = lambda b: jax.device_put(b, shardings["batch"])  # noqa: E731
+    calls_to_device = lambda b: jax.device_put(b, call_sh)  # noqa: E731
+  _, eval_step = make_steps(model, s.plans, loop.grad_accum, per_run_batches, shardings, vectorize)
+  train_steps = make_train_steps(model, s.plans, loop.grad_accum, per_run_batches, shardings, vectorize)
 
   # Resume: the newest step every run has a checkpoint of.
   common = set.intersection(*(set(r.checkpointer.all_steps()) for r in runs))
@@ -385,7 +412,11 @@ def fit(model: nn.Module, s: Stack, loop: train.LoopConfig, batches, eval_batche
   stop = {"signal": None}
   previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
   bar = metrics_lib.Progress(loop.steps, start, active=None if progress else False)
+  chunk = loop.chunk_steps
+  # (first step, last step, metrics [steps, K], t0, tokens per step): a call's metrics are checked after the next
+  # call is dispatched.
   pending = None
+  done_at = 0.0  # when the previous call's metrics arrived (a call's device time starts after it, or at dispatch)
 
   def current() -> Stack:
     return dataclasses.replace(s, state=state.replace(frozen=frozen))
@@ -400,34 +431,31 @@ def fit(model: nn.Module, s: Stack, loop: train.LoopConfig, batches, eval_batche
     return [(k, r) for k, r in enumerate(runs) if r.error is None]
 
   def finish_pending():
-    nonlocal pending
+    nonlocal pending, done_at
     if pending is None:
       return
-    step, m, t0, tokens = pending
+    first, final, m, t0, tokens = pending
     pending = None
-    m = {key: np.asarray(v, np.float64) for key, v in jax.device_get(m).items()}
-    dt = time.time() - t0
-    for k, r in alive():
-      mk = {key: float(v[k]) for key, v in m.items()}
-      if not math.isfinite(mk["train/loss"]) or not math.isfinite(mk["train/grad_norm"]):
-        r.error = (f"NonFiniteLoss: train/loss is {mk['train/loss']} (grad norm {mk['train/grad_norm']}) at step "
-                   f"{step}; stopping. {r.last_good(step - 2)}")
-        continue
-      r.zero_grad_since = (r.zero_grad_since or step) if mk["train/grad_norm"] == 0.0 else None
-      if loop.collapse_steps and r.zero_grad_since is not None and step - r.zero_grad_since + 1 >= loop.collapse_steps:
-        r.error = (f"Collapsed: train/grad_norm has been exactly 0 for {loop.collapse_steps} steps (steps "
-                   f"{r.zero_grad_since}-{step}, train/loss {mk['train/loss']:.6g}): the run has collapsed (learning "
-                   f"rate too high?); stopping at step {step}. {r.last_good(r.zero_grad_since - 2)}")
-        continue
-      mk.update({"train/lr": float(lr_at[k](step - 1)), "train/step_time_s": dt,
-                 "train/loss_tokens_per_s": mk["train/tokens"] / max(dt, 1e-9),
-                 "train/tokens_per_s": tokens / max(dt, 1e-9)})
-      r.last = mk
-      if step % loop.log_every == 0 or step == loop.steps:
-        r.writer.write(step, {**mk, "train/peak_memory_bytes": train.peak_memory_bytes(),
-                              "params/trainable": n_trainable[k], "params/total": n_trainable[k] + n_frozen})
-    live = [r.last["train/loss"] for _, r in alive() if r.last]
-    bar.update(step, loss=float(np.mean(live)) if live else float("nan"), runs=len(alive()))
+    m = {key: np.asarray(v, np.float64) for key, v in jax.device_get(m).items()}  # [steps of the call, K]
+    now = time.time()
+    dt = (now - max(t0, done_at)) / (final - first + 1)  # seconds per step of this call
+    done_at = now
+    for i, step in enumerate(range(first, final + 1)):
+      for k, r in alive():
+        mk = {key: float(v[i, k]) for key, v in m.items()}
+        error, r.zero_grad_since = train.check_step(mk, step, r.zero_grad_since, loop.collapse_steps, r.checkpointer)
+        if error is not None:
+          r.error = f"{type(error).__name__}: {error}"
+          continue
+        mk.update({"train/lr": float(lr_at[k](step - 1)), "train/step_time_s": dt,
+                   "train/loss_tokens_per_s": mk["train/tokens"] / max(dt, 1e-9),
+                   "train/tokens_per_s": tokens / max(dt, 1e-9)})
+        r.last = mk
+        if step % loop.log_every == 0 or step == loop.steps:
+          r.writer.write(step, {**mk, "train/peak_memory_bytes": train.peak_memory_bytes(),
+                                "params/trainable": n_trainable[k], "params/total": n_trainable[k] + n_frozen})
+      live = [r.last["train/loss"] for _, r in alive() if r.last]
+      bar.update(step, loss=float(np.mean(live)) if live else float("nan"), runs=len(alive()))
 
   def run_eval(step):
     totals, counts = 0.0, 0.0
@@ -450,21 +478,31 @@ def fit(model: nn.Module, s: Stack, loop: train.LoopConfig, batches, eval_batche
       run_state = own[k]
       if not finite[k]:
         r.error = (f"NonFiniteLoss: the trained parameters are not finite after step {step} (train/loss at step "
-                   f"{step} was {r.last.get('train/loss')}); stopping without saving. {r.last_good(step - 1)}")
+                   f"{step} was {r.last.get('train/loss')}); stopping without saving. "
+                   f"{train.last_good(r.checkpointer, step - 1)}")
         continue
       r.checkpointer.save(step, run_state.checkpoint_tree(), {"data": _data_states(batches, k), **r.record})
 
   try:
     if start == 0:
       run_eval(0)
-    for step in range(start + 1, loop.steps + 1):
-      host_batch = _next_batch(batches)
-      tokens = host_batch["inputs"].size // (k_runs if per_run_batches else 1)  # token slots of one run's batch
-      batch = run_batch(host_batch)
+    step = start
+    while step < loop.steps:
+      # As in train.fit: calls end at multiples of ``chunk`` (so at every evaluation and checkpoint) and at the last
+      # step; SIGTERM while a batch is drawn ends the call at that step (the rest of it is padding).
+      first, rows = step + 1, []
+      for _ in range(min(loop.steps, (step // chunk + 1) * chunk) - step):
+        rows.append(_next_batch(batches))
+        if stop["signal"] is not None:
+          break
+      step = first + len(rows) - 1
+      pad = [{key: np.zeros_like(v) for key, v in rows[0].items()}] * (chunk - len(rows))
+      host = {key: np.stack([r[key] for r in rows + pad]) for key in rows[0]}
+      tokens = rows[0]["inputs"].size // (k_runs if per_run_batches else 1)  # token slots of one run's batch
       t0 = time.time()
-      state, m = train_step(frozen, state, batch, s.hyper)
+      state, m = train_steps(frozen, state, calls_to_device(host), np.arange(chunk) < len(rows), s.hyper)
       finish_pending()
-      pending = (step, m, t0, tokens)
+      pending = (first, step, m, t0, tokens)
       if not alive():
         break
       if step % loop.eval_every == 0 or step == loop.steps:

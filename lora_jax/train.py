@@ -255,16 +255,27 @@ def jit_train_steps(train_step: Callable, shardings: TrainState | None = None, b
   @jit
   @functools.partial(under_mesh, batch_sharding=batch_sharding)
   def steps(frozen, state, batches, active):
-    def body(state, xs):
-      batch, on = xs
+    def one(state, batch):
       new, metrics = train_step(state.replace(frozen=frozen), batch)
-      # A select, not a cond: it fuses into the optimizer's elementwise update (no copy of the state).
-      new = jax.tree.map(lambda n, o: jnp.where(on, n, o), new.replace(frozen=None), state)
-      return new, metrics
+      return new.replace(frozen=None), metrics
 
-    return jax.lax.scan(body, state, (batches, active))
+    return scan_steps(one, state, batches, active)
 
   return steps
+
+
+def scan_steps(step: Callable, state, batches, active):
+  """``step(state, batch) -> (state, metrics)`` over the leading axis of ``batches`` in one ``lax.scan``; where
+  ``active`` is False the state stays as it was (a padded step), so a short call runs the same program as a full one.
+  Returns the final state and the metrics stacked over steps."""
+
+  def body(state, xs):
+    batch, on = xs
+    new, metrics = step(state, batch)
+    # A select, not a cond: it fuses into the optimizer's elementwise update (no copy of the state).
+    return jax.tree.map(lambda n, o: jnp.where(on, n, o), new, state), metrics
+
+  return jax.lax.scan(body, state, (batches, active))
 
 
 def make_steps(model: nn.Module, optim_config: optim.OptimConfig, grad_accum: int = 1,
@@ -418,18 +429,11 @@ def fit(model: nn.Module, state: TrainState, optim_config: optim.OptimConfig, lo
   done_at = 0.0  # when the previous call's metrics arrived (a call's device time starts after it, or at dispatch)
   zero_grad_since = None  # first step of the current streak of exactly-zero gradients
 
-  def last_good(upto):
-    """A sentence naming the newest checkpoint on disk at or before step ``upto``."""
-    steps = [s for s in checkpointer.all_steps() if s <= upto]
-    if not steps:
-      return f"No good checkpoint in {checkpointer.directory}."
-    return f"Last good checkpoint: step {steps[-1]} in {checkpointer.directory}."
-
   def save(step, data_state):
     # Only finite states are saved, so every checkpoint on disk can be resumed from.
     if not bool(trainable_finite(state.trainable)):
       raise NonFiniteLoss(f"the trained parameters are not finite after step {step} (train/loss at step {step} was "
-                          f"{last.get('train/loss')}); stopping without saving. {last_good(step - 1)}")
+                          f"{last.get('train/loss')}); stopping without saving. {last_good(checkpointer, step - 1)}")
     checkpointer.save(step, state.checkpoint_tree(), {"data": data_state, **(record or {})})
 
   def finish_pending():
@@ -444,16 +448,9 @@ def fit(model: nn.Module, state: TrainState, optim_config: optim.OptimConfig, lo
     done_at = now
     for i, step in enumerate(range(first, final + 1)):
       m = {k: float(v[i]) for k, v in stacked.items()}
-      # Step s's loss and gradient are those of the state saved as step s - 1, so when they are bad, the newest
-      # checkpoint that can be trusted is at step s - 2 or before.
-      if not math.isfinite(m["train/loss"]) or not math.isfinite(m["train/grad_norm"]):
-        raise NonFiniteLoss(f"train/loss is {m['train/loss']} (grad norm {m['train/grad_norm']}) at step {step}; "
-                            f"stopping. {last_good(step - 2)}")
-      zero_grad_since = (zero_grad_since or step) if m["train/grad_norm"] == 0.0 else None
-      if loop.collapse_steps and zero_grad_since is not None and step - zero_grad_since + 1 >= loop.collapse_steps:
-        raise Collapsed(f"train/grad_norm has been exactly 0 for {loop.collapse_steps} steps (steps "
-                        f"{zero_grad_since}-{step}, train/loss {m['train/loss']:.6g}): the run has collapsed "
-                        f"(learning rate too high?); stopping at step {step}. {last_good(zero_grad_since - 2)}")
+      error, zero_grad_since = check_step(m, step, zero_grad_since, loop.collapse_steps, checkpointer)
+      if error is not None:
+        raise error
       m.update({"train/step_time_s": dt, "train/loss_tokens_per_s": m["train/tokens"] / max(dt, 1e-9),
                 "train/tokens_per_s": tokens / max(dt, 1e-9)})
       logged = step % loop.log_every == 0 or step == loop.steps
@@ -509,6 +506,33 @@ def fit(model: nn.Module, state: TrainState, optim_config: optim.OptimConfig, lo
     signal.signal(signal.SIGTERM, previous)
     checkpointer.close()
   return state, last
+
+
+def last_good(checkpointer: ckpt_lib.Checkpointer, upto: int) -> str:
+  """A sentence naming the newest checkpoint on disk at or before step ``upto``."""
+  steps = [s for s in checkpointer.all_steps() if s <= upto]
+  if not steps:
+    return f"No good checkpoint in {checkpointer.directory}."
+  return f"Last good checkpoint: step {steps[-1]} in {checkpointer.directory}."
+
+
+def check_step(m: dict, step: int, zero_grad_since: int | None, collapse_steps: int,
+               checkpointer: ckpt_lib.Checkpointer) -> tuple[Exception | None, int | None]:
+  """``(error, zero_grad_since)`` after step ``step``'s metrics ``m``: a ``NonFiniteLoss`` for a NaN/Inf loss or
+  gradient norm, a ``Collapsed`` after ``collapse_steps`` steps of exactly zero gradient (0: never), else None; the
+  message names the newest checkpoint that can be trusted. ``zero_grad_since`` is the first step of the current
+  streak of zero gradients (None: no streak)."""
+  # Step s's loss and gradient are those of the state saved as step s - 1, so when they are bad, the newest
+  # checkpoint that can be trusted is at step s - 2 or before.
+  if not math.isfinite(m["train/loss"]) or not math.isfinite(m["train/grad_norm"]):
+    return NonFiniteLoss(f"train/loss is {m['train/loss']} (grad norm {m['train/grad_norm']}) at step {step}; "
+                         f"stopping. {last_good(checkpointer, step - 2)}"), zero_grad_since
+  zero_grad_since = (zero_grad_since or step) if m["train/grad_norm"] == 0.0 else None
+  if collapse_steps and zero_grad_since is not None and step - zero_grad_since + 1 >= collapse_steps:
+    return Collapsed(f"train/grad_norm has been exactly 0 for {collapse_steps} steps (steps {zero_grad_since}-{step}, "
+                     f"train/loss {m['train/loss']:.6g}): the run has collapsed (learning rate too high?); stopping "
+                     f"at step {step}. {last_good(checkpointer, zero_grad_since - 2)}"), zero_grad_since
+  return None, zero_grad_since
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,9 @@ from tests.test_train import CONFIG, MODEL, CountingBatches, eval_batches
 from tests.test_train import x64  # noqa: F401  (a fixture)
 
 LOOP = dict(steps=12, log_every=1, eval_every=6, checkpoint_every=6)
+# Stacks run 3 steps per jitted call (a scan), the separate runs they are compared with one: the calls change no
+# result, and a killed stack is resumed mid-call.
+STACK_LOOP = {**LOOP, "steps_per_call": 3}
 
 
 def lora_spec(rank, alpha=32.0, dtype="float32"):
@@ -56,7 +59,7 @@ def separate(tmp_path, plan, name, batches=None):
 
 def stacked(tmp_path, plans, names, batches=None, steps=None, **kw):
   s = stack.init(base_params(), plans)
-  loop = train.LoopConfig(**{**LOOP, **({"steps": steps} if steps else {})})
+  loop = train.LoopConfig(**{**STACK_LOOP, **({"steps": steps} if steps else {})})
   return stack.fit(model(), s, loop, batches or CountingBatches(), eval_batches, [tmp_path / n for n in names],
                    records=[{"base": "test"}] * len(plans), progress=False, **kw)
 
@@ -103,6 +106,8 @@ def test_stacked_runs_equal_separate_runs_and_write_the_same_files(tmp_path, x64
         if key in w:
           np.testing.assert_allclose(g[key], w[key], rtol=EQUAL, err_msg=f"run {k} {key} at step {w['step']}")
     assert sorted(p.name for p in (tmp_path / "stack" / names[k] / "checkpoints").iterdir()) == ["12", "6"]
+    times = [r["train/step_time_s"] for r in got if "train/loss" in r]  # one call's steps share its time
+    assert len(times) == 12 and all(len(set(times[i:i + 3])) == 1 for i in range(0, 12, 3))
     if plan.spec.targets:
       assert len(read(tmp_path / "stack" / names[k] / train.DIAGNOSTICS_FILE)) == 3  # steps 0, 6 and 12
   # The runs really differ (rank, LR, seed): a stack is not K copies of one run.
@@ -179,19 +184,34 @@ def test_runs_that_differ_beyond_the_stackable_fields_are_refused():
     stack.stack_trees([{"a": jnp.zeros(2)}, {"b": jnp.zeros(2)}])
 
 
-def test_a_killed_stack_resumes_bitwise(tmp_path):
+def test_a_killed_or_preempted_stack_resumes_bitwise(tmp_path):
+  import os
+  import signal
+
   names, plans = ["a", "b"], PLANS[1:]
   full, _ = stacked(tmp_path / "straight", plans, names)
-  with pytest.raises(RuntimeError, match="simulated crash"):
+  with pytest.raises(RuntimeError, match="simulated crash"):  # dies fetching step 10's batch, inside call 10-12
     stacked(tmp_path / "killed", plans, names, batches=CountingBatches(fail_at=9))
   resumed, results = stacked(tmp_path / "killed", plans, names)
   assert [r.state for r in results] == ["done"] * 2
-  for k in range(2):
-    for a, b in zip(jax.tree.leaves(resumed.run_state(k).checkpoint_tree()),
-                    jax.tree.leaves(full.run_state(k).checkpoint_tree())):
-      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    steps = [r["step"] for r in read(tmp_path / "killed" / names[k] / "metrics.jsonl") if "train/loss" in r]
-    assert steps == list(range(1, 13))  # steps 7-9 were redone, and logged once
+
+  def term(index):
+    if index == 4:  # while fetching step 5's batch: the call 4-6 ends at step 5 (step 6 masked), saved there
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  with pytest.raises(train.Preempted, match="at step 5"):
+    stacked(tmp_path / "preempted", plans, names, batches=CountingBatches(on_batch=term))
+  for name in names:
+    assert sorted(int(p.name) for p in (tmp_path / "preempted" / name / "checkpoints").iterdir()) == [5]
+  after_preemption, results = stacked(tmp_path / "preempted", plans, names)
+  assert [r.state for r in results] == ["done"] * 2
+  for name, final in (("killed", resumed), ("preempted", after_preemption)):
+    for k in range(2):
+      for a, b in zip(jax.tree.leaves(final.run_state(k).checkpoint_tree()),
+                      jax.tree.leaves(full.run_state(k).checkpoint_tree())):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)  # a short call: the same program
+      steps = [r["step"] for r in read(tmp_path / name / names[k] / "metrics.jsonl") if "train/loss" in r]
+      assert steps == list(range(1, 13)), name  # the steps after the checkpoint were redone, and logged once
 
 
 def test_a_diverging_run_fails_alone_and_the_others_finish(tmp_path):
