@@ -1,8 +1,8 @@
 """Stacked runs: K runs over one frozen base trained in one jitted step, mapped over a leading run axis.
 
     plans = [stack.RunPlan(spec_r, optim_lr, seed) for ...]        # K runs that differ in rank, alpha, LR, seed, ...
-    s = stack.init(model, params, plans, layouts)                   # the stacked state and per-run hyperparameters
-    results = stack.fit(model, s, loop, batches, eval_batches, workdirs)   # each run writes its own run directory
+    s = stack.init(params, plans, layouts)                          # the stacked state and per-run hyperparameters
+    s, results = stack.fit(model, s, loop, batches, eval_batches, workdirs)   # each run writes its own run directory
 
 What a run of a stack may set for itself (``STACKABLE_SPEC``, ``optim.HYPERPARAMETERS``, the seed and its data
 order); everything else (targets, layers, dropout, schedule, Adam's betas, clipping) is the stack's. Adapters,
@@ -237,7 +237,7 @@ def make_steps(model: nn.Module, plans: Sequence[RunPlan], grad_accum: int = 1, 
 def make_train_steps(model: nn.Module, plans: Sequence[RunPlan], grad_accum: int = 1, per_run_batches: bool = False,
                      shardings: dict | None = None, vectorize: int | None = None) -> Callable:
   """``make_steps``'s train step scanned over several batches in one jitted call (``train.scan_steps``), as
-  ``train.fit`` runs ``loop.steps_per_call`` steps a call: ``steps(frozen, state_without_frozen, batches, active,
+  ``train.fit`` runs ``loop.chunk_steps`` steps a call: ``steps(frozen, state_without_frozen, batches, active,
   hyper) -> (state_without_frozen, metrics [n, K])``, ``batches`` ``[n, B, T]`` (``[n, K, B, T]`` per run); a step
   whose ``active`` entry is False leaves every run as it was. Donates the state."""
   train_step, _ = _step_fns(model, plans, grad_accum, per_run_batches, shardings, vectorize)
@@ -328,7 +328,6 @@ class _Run:
     self.zero_grad_since = None
 
 
-
 def _next_batch(batches):
   """The next shared batch, or each run's next batch stacked ``[K, B, T]`` (an iterator that several runs share,
   the same object in ``batches``, is drawn from once)."""
@@ -360,7 +359,7 @@ def fit(model: nn.Module, s: Stack, loop: train.LoopConfig, batches, eval_batche
   spread over the mesh axis that ``rules`` maps ``RUN_AXIS`` to (``stack_shardings``). ``vectorize``: runs per
   vmapped group (``make_steps``). Each jitted call runs ``loop.chunk_steps`` steps of every run
   (``make_train_steps``), cut at the same steps as ``train.fit`` cuts a run alone, so a resumed stack runs the same
-  calls; the host stacks the next call's batches while the previous call's metrics are checked.
+  calls; the host stacks the next call's batches and checks the previous call's metrics while the device works.
   """
   k_runs = s.size
   if len(workdirs) != k_runs:
@@ -447,11 +446,13 @@ def fit(model: nn.Module, s: Stack, loop: train.LoopConfig, batches, eval_batche
         if error is not None:
           r.error = f"{type(error).__name__}: {error}"
           continue
-        mk.update({"train/lr": float(lr_at[k](step - 1)), "train/step_time_s": dt,
-                   "train/loss_tokens_per_s": mk["train/tokens"] / max(dt, 1e-9),
+        mk.update({"train/step_time_s": dt, "train/loss_tokens_per_s": mk["train/tokens"] / max(dt, 1e-9),
                    "train/tokens_per_s": tokens / max(dt, 1e-9)})
+        logged = step % loop.log_every == 0 or step == loop.steps
+        if logged or step == final:  # the schedule is evaluated on the host only where it is recorded
+          mk["train/lr"] = float(lr_at[k](step - 1))
         r.last = mk
-        if step % loop.log_every == 0 or step == loop.steps:
+        if logged:
           r.writer.write(step, {**mk, "train/peak_memory_bytes": train.peak_memory_bytes(),
                                 "params/trainable": n_trainable[k], "params/total": n_trainable[k] + n_frozen})
       live = [r.last["train/loss"] for _, r in alive() if r.last]
@@ -499,8 +500,9 @@ def fit(model: nn.Module, s: Stack, loop: train.LoopConfig, batches, eval_batche
       pad = [{key: np.zeros_like(v) for key, v in rows[0].items()}] * (chunk - len(rows))
       host = {key: np.stack([r[key] for r in rows + pad]) for key in rows[0]}
       tokens = rows[0]["inputs"].size // (k_runs if per_run_batches else 1)  # token slots of one run's batch
+      host = calls_to_device(host)
       t0 = time.time()
-      state, m = train_steps(frozen, state, calls_to_device(host), np.arange(chunk) < len(rows), s.hyper)
+      state, m = train_steps(frozen, state, host, np.arange(chunk) < len(rows), s.hyper)
       finish_pending()
       pending = (first, step, m, t0, tokens)
       if not alive():

@@ -17,7 +17,7 @@ from tests.test_train import x64  # noqa: F401  (a fixture)
 
 LOOP = dict(steps=12, log_every=1, eval_every=6, checkpoint_every=6)
 # Stacks run 3 steps per jitted call (a scan), the separate runs they are compared with one: the calls change no
-# result, and a killed stack is resumed mid-call.
+# result, and a preempted stack is resumed mid-call.
 STACK_LOOP = {**LOOP, "steps_per_call": 3}
 
 
@@ -218,7 +218,11 @@ def test_a_diverging_run_fails_alone_and_the_others_finish(tmp_path):
   plans = [PLANS[0], stack.RunPlan(lora_spec(4), optim.OptimConfig(lr=float("inf")), seed=1)]  # NaN updates
   final, results = stacked(tmp_path, plans, ["ok", "nan"])
   assert results[0].state == "done" and results[0].error is None
-  assert results[1].state == "failed" and "NonFiniteLoss" in results[1].error
+  assert results[1].state == "failed" and "NonFiniteLoss" in results[1].error and "at step 2" in results[1].error
+  # Its parameters went non-finite in step 1, its loss at step 2, inside the call of steps 1-3: nothing after step 1
+  # is logged for it, while the other run logs every step.
+  assert [r["step"] for r in read(tmp_path / "nan" / "metrics.jsonl") if "train/loss" in r] == [1]
+  assert [r["step"] for r in read(tmp_path / "ok" / "metrics.jsonl") if "train/loss" in r] == list(range(1, 13))
   assert (tmp_path / "ok" / "checkpoints" / "12").exists()
   assert not (tmp_path / "nan" / "checkpoints" / "12").exists()
   assert np.isfinite([r for r in read(tmp_path / "ok" / "metrics.jsonl") if "train/loss" in r][-1]["train/loss"])
