@@ -19,7 +19,8 @@ moments, zero update, zero weight decay), so each run is its unpadded self with 
 ``fit`` writes every run's directory exactly as ``train.fit`` would for that run alone (metrics.jsonl,
 lora_diagnostics.jsonl, adapter-only checkpoints at its true rank, TensorBoard), so reports, export and generation
 need not know it was stacked. A run whose loss turns non-finite or collapses stops being logged and saved (its
-result says why); the others go on. Resume restores every run from the newest step all of them have checkpointed.
+result says why, and so does ``FAILED_FILE`` in its directory); the others go on. Resume restores every live run from
+the newest step all of them have checkpointed; a run that failed in an earlier attempt stays failed.
 
 ``make_eval_runs`` evaluates finished runs' adapters (``lora.stack_adapters``) in one batch with per-row adapters
 (``experiments.evaluate`` does it for a whole sweep).
@@ -28,6 +29,7 @@ result says why); the others go on. Resume restores every run from the newest st
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import signal
 import time
@@ -48,6 +50,7 @@ from lora_jax import optim
 from lora_jax import sharding as sharding_lib
 from lora_jax import train
 
+FAILED_FILE = "stack_failed.json"  # in a run's directory once it has failed: a resumed stack leaves it failed
 RUN_AXIS = "runs"  # logical name of the run axis; sharding rules map it (e.g. {"runs": "data"}) to spread runs
 STACKABLE_SPEC = ("rank", "alpha", "scaling", "init_a", "rank_pattern", "alpha_pattern", "rank_policy")
 
@@ -323,9 +326,17 @@ class _Run:
     self.checkpointer = ckpt_lib.Checkpointer(self.workdir / "checkpoints", keep=keep)
     self.record = record or {}
     self.writer = writer or metrics_lib.MetricWriter(self.workdir)
-    self.error = None
+    failed = self.workdir / FAILED_FILE
+    self.error = json.loads(failed.read_text())["error"] if failed.exists() else None  # failed in an earlier attempt
     self.last = {}
     self.zero_grad_since = None
+
+  def fail(self, error: str) -> None:
+    """Marks the run failed, on disk too (``FAILED_FILE``): a resumed stack neither trains it again nor waits for
+    checkpoints it will never write."""
+    self.error = error
+    if self.writer.active:
+      (self.workdir / FAILED_FILE).write_text(json.dumps({"error": error}) + "\n")
 
 
 def _next_batch(batches):
@@ -381,23 +392,28 @@ def fit(model: nn.Module, s: Stack, loop: train.LoopConfig, batches, eval_batche
   _, eval_step = make_steps(model, s.plans, loop.grad_accum, per_run_batches, shardings, vectorize)
   train_steps = make_train_steps(model, s.plans, loop.grad_accum, per_run_batches, shardings, vectorize)
 
-  # Resume: the newest step every run has a checkpoint of.
-  common = set.intersection(*(set(r.checkpointer.all_steps()) for r in runs))
+  # Resume: the newest step every live run has a checkpoint of (runs that failed in an earlier attempt stay failed,
+  # their files as they were; their slots train on unlogged).
+  live = [k for k, r in enumerate(runs) if r.error is None]
+  if not live:
+    for r in runs:
+      r.checkpointer.close()
+    return s, [RunResult("failed", r.error) for r in runs]
+  common = set.intersection(*(set(runs[k].checkpointer.all_steps()) for k in live))
   start = max(common) if common else 0
   if start:
-    states = []
-    for k, r in enumerate(runs):
-      own = s.run_state(k)
-      items, saved = r.checkpointer.restore(start, own.checkpoint_tree())
-      states.append(own.replace(**items))
-      if per_run_batches or k == 0:
-        (batches[k] if per_run_batches else batches).restore(saved["data"])
+    states, data = [s.run_state(k) for k in range(k_runs)], {}
+    for k in live:
+      items, saved = runs[k].checkpointer.restore(start, states[k].checkpoint_tree())
+      states[k], data[k] = states[k].replace(**items), saved["data"]
+    for k in live if per_run_batches else live[:1]:
+      (batches[k] if per_run_batches else batches).restore(data[k])
     s = with_states(s, states)
     if mesh is not None:
       s = dataclasses.replace(s, state=jax.device_put(s.state, dataclasses.replace(
           shardings["state"], frozen=shardings["frozen"])))
   keep_until = start if start else -1
-  for r in runs:
+  for r in (runs[k] for k in live):
     r.writer.truncate_after(keep_until)
     if r.writer.active:
       metrics_lib.truncate_jsonl(r.workdir / train.DIAGNOSTICS_FILE, keep_until)
@@ -444,7 +460,7 @@ def fit(model: nn.Module, s: Stack, loop: train.LoopConfig, batches, eval_batche
         mk = {key: float(v[i, k]) for key, v in m.items()}
         error, r.zero_grad_since = train.check_step(mk, step, r.zero_grad_since, loop.collapse_steps, r.checkpointer)
         if error is not None:
-          r.error = f"{type(error).__name__}: {error}"
+          r.fail(f"{type(error).__name__}: {error}")
           continue
         mk.update({"train/step_time_s": dt, "train/loss_tokens_per_s": mk["train/tokens"] / max(dt, 1e-9),
                    "train/tokens_per_s": tokens / max(dt, 1e-9)})
@@ -478,9 +494,9 @@ def fit(model: nn.Module, s: Stack, loop: train.LoopConfig, batches, eval_batche
     for k, r in alive():
       run_state = own[k]
       if not finite[k]:
-        r.error = (f"NonFiniteLoss: the trained parameters are not finite after step {step} (train/loss at step "
-                   f"{step} was {r.last.get('train/loss')}); stopping without saving. "
-                   f"{train.last_good(r.checkpointer, step - 1)}")
+        r.fail(f"NonFiniteLoss: the trained parameters are not finite after step {step} (train/loss at step "
+               f"{step} was {r.last.get('train/loss')}); stopping without saving. "
+               f"{train.last_good(r.checkpointer, step - 1)}")
         continue
       r.checkpointer.save(step, run_state.checkpoint_tree(), {"data": _data_states(batches, k), **r.record})
 

@@ -228,6 +228,38 @@ def test_a_diverging_run_fails_alone_and_the_others_finish(tmp_path):
   assert np.isfinite([r for r in read(tmp_path / "ok" / "metrics.jsonl") if "train/loss" in r][-1]["train/loss"])
 
 
+def test_a_run_that_failed_before_a_preemption_stays_failed_and_the_others_resume_from_their_checkpoint(tmp_path):
+  """The diverging run fails at step 2, before the first checkpoint (6): a stack preempted at step 8 resumes the
+  good run from its checkpoint at 8 (not from step 0, as waiting for the failed run's checkpoints would) and ends
+  bitwise as an uninterrupted stack."""
+  import os
+  import signal
+
+  plans, names = [PLANS[1], stack.RunPlan(lora_spec(4), optim.OptimConfig(lr=float("inf")), seed=1)], ["ok", "nan"]
+  straight, _ = stacked(tmp_path / "straight", plans, names)
+
+  def term(index):
+    if index == 7:  # while fetching step 8's batch: the call 7-9 ends at step 8, saved there
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  with pytest.raises(train.Preempted, match="at step 8"):
+    stacked(tmp_path / "run", plans, names, batches=CountingBatches(on_batch=term))
+  failed = json.loads((tmp_path / "run" / "nan" / stack.FAILED_FILE).read_text())["error"]
+  assert "NonFiniteLoss" in failed and "at step 2" in failed
+  assert not (tmp_path / "run" / "nan" / "checkpoints").exists() or \
+      not list((tmp_path / "run" / "nan" / "checkpoints").iterdir())
+  drawn = []
+  final, results = stacked(tmp_path / "run", plans, names, batches=CountingBatches(on_batch=drawn.append))
+  assert drawn == [8, 9, 10, 11]  # the batches of steps 9-12, after restoring the position of step 8
+  assert results[0].state == "done" and (results[1].state, results[1].error) == ("failed", failed)
+  for a, b in zip(jax.tree.leaves(final.run_state(0).checkpoint_tree()),
+                  jax.tree.leaves(straight.run_state(0).checkpoint_tree())):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert [r["step"] for r in read(tmp_path / "run" / "ok" / "metrics.jsonl") if "train/loss" in r] == \
+      list(range(1, 13))
+  assert [r["step"] for r in read(tmp_path / "run" / "nan" / "metrics.jsonl") if "train/loss" in r] == [1]
+
+
 def spread_over_eight_devices(tmp_path):
   """With the rule runs -> data on an 8-device mesh, each of 8 runs lives on its own device and equals the stack on
   one device. Run in a process with 8 fake CPU devices (``test_runs_spread_over_eight_devices``)."""
