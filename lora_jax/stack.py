@@ -505,20 +505,13 @@ def fit(model: nn.Module, s: Stack, loop: train.LoopConfig, batches, eval_batche
       run_eval(0)
     step = start
     while step < loop.steps:
-      # As in train.fit: calls end at multiples of ``chunk`` (so at every evaluation and checkpoint) and at the last
-      # step; SIGTERM while a batch is drawn ends the call at that step (the rest of it is padding).
-      first, rows = step + 1, []
-      for _ in range(min(loop.steps, (step // chunk + 1) * chunk) - step):
-        rows.append(_next_batch(batches))
-        if stop["signal"] is not None:
-          break
-      step = first + len(rows) - 1
-      pad = [{key: np.zeros_like(v) for key, v in rows[0].items()}] * (chunk - len(rows))
-      host = {key: np.stack([r[key] for r in rows + pad]) for key in rows[0]}
-      tokens = rows[0]["inputs"].size // (k_runs if per_run_batches else 1)  # token slots of one run's batch
-      host = calls_to_device(host)
+      first = step + 1  # calls cut as train.fit cuts them (train.draw_call)
+      step, host, active = train.draw_call(lambda: _next_batch(batches), step, chunk, loop.steps,
+                                           lambda: stop["signal"] is not None)
+      tokens = host["inputs"][0].size // (k_runs if per_run_batches else 1)  # token slots of one run's batch
+      call_batches = calls_to_device(host)
       t0 = time.time()
-      state, m = train_steps(frozen, state, host, np.arange(chunk) < len(rows), s.hyper)
+      state, m = train_steps(frozen, state, call_batches, active, s.hyper)
       finish_pending()
       pending = (first, step, m, t0, tokens)
       if not alive():

@@ -264,6 +264,21 @@ def jit_train_steps(train_step: Callable, shardings: TrainState | None = None, b
   return steps
 
 
+def draw_call(draw: Callable[[], dict], step: int, chunk: int, steps: int,
+              stopped: Callable[[], bool]) -> tuple[int, dict, np.ndarray]:
+  """The host batches of the jitted call after step ``step``: ``(its last step, batches stacked [chunk, ...],
+  active mask [chunk])``. Calls end at multiples of ``chunk`` (hence at every evaluation and checkpoint) and at
+  ``steps``, so a resumed run is cut into the same calls; when ``stopped()`` turns true while a batch is drawn
+  (SIGTERM), the call ends at that step, the rest of it zero padding that ``active`` masks."""
+  rows = []
+  for _ in range(min(steps, (step // chunk + 1) * chunk) - step):
+    rows.append({k: np.asarray(v) for k, v in draw().items()})
+    if stopped():
+      break
+  pad = [{k: np.zeros_like(v) for k, v in rows[0].items()}] * (chunk - len(rows))
+  return step + len(rows), {k: np.stack([r[k] for r in rows + pad]) for k in rows[0]}, np.arange(chunk) < len(rows)
+
+
 def scan_steps(step: Callable, state, batches, active):
   """``step(state, batch) -> (state, metrics)`` over the leading axis of ``batches`` in one ``lax.scan``; where
   ``active`` is False the state stays as it was (a padded step), so a short call runs the same program as a full one.
@@ -473,17 +488,10 @@ def fit(model: nn.Module, state: TrainState, optim_config: optim.OptimConfig, lo
       last.update(run_eval(0))
     step = start
     while step < loop.steps:
-      # Calls end at multiples of ``chunk`` (hence at every evaluation and checkpoint) and at the last step, so a
-      # resumed run is cut into the same calls; SIGTERM while a batch is fetched ends the call at that step.
-      first, rows = step + 1, []
-      for _ in range(min(loop.steps, (step // chunk + 1) * chunk) - step):
-        rows.append({k: np.asarray(v) for k, v in next(train_batches).items()})
-        if stop["signal"] is not None:
-          break
-      step = first + len(rows) - 1
-      pad = [{k: np.zeros_like(v) for k, v in rows[0].items()}] * (chunk - len(rows))
-      batches = stacked_to_device({k: np.stack([r[k] for r in rows + pad]) for k in rows[0]})
-      active = mask_to_device(np.arange(chunk) < len(rows))
+      first = step + 1
+      step, batches, active = draw_call(lambda: next(train_batches), step, chunk, loop.steps,
+                                        lambda: stop["signal"] is not None)
+      batches, active = stacked_to_device(batches), mask_to_device(active)
       t0 = time.time()
       rest, m = train_steps(state.frozen, state.replace(frozen=None), batches, active)
       state = rest.replace(frozen=state.frozen)
