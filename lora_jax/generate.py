@@ -45,7 +45,7 @@ class Generation:
   """Generated tokens (padded with ``pad_id`` after EOS), their log-probabilities and lengths."""
 
   tokens: np.ndarray  # [B, N] int32
-  logprobs: np.ndarray  # [B, N] float32, 0 after EOS
+  logprobs: np.ndarray  # [B, N] float32 (float64 for a float64 model), 0 after EOS
   lengths: np.ndarray  # [B] generated tokens including EOS
 
 
@@ -83,7 +83,8 @@ def _generate(model, params, adapters, tokens_BP, segment_BP, rng, eos_id, pad_i
   def step(carry, key):
     logits_BV, pos_B, done_B, cache = carry
     token_B = _choose(logits_BV, key, sampling)
-    logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BV.astype(jnp.float32)), token_B[:, None], -1)[:, 0]
+    wide = jnp.promote_types(logits_BV.dtype, jnp.float32)  # at least float32 (float64 for a float64 model)
+    logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BV.astype(wide)), token_B[:, None], -1)[:, 0]
     token_B = jnp.where(done_B, pad_id, token_B)
     logp_B = jnp.where(done_B, 0.0, logp_B)
     new_done_B = done_B | (token_B == eos_id)

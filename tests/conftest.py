@@ -9,6 +9,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 _OWN_DIR = None
 
 
@@ -31,3 +33,12 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
   if _OWN_DIR is not None:
     shutil.rmtree(_OWN_DIR, ignore_errors=True)
+
+
+@pytest.fixture
+def x64():
+  """float64 inside one test (jax_enable_x64 is restored afterwards): where a test claims exactness."""
+  import jax
+
+  with jax.enable_x64(True):
+    yield

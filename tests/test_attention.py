@@ -13,11 +13,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from _tolerance import SAME_MODEL, assert_close
+from _tolerance import U32, assert_close, gamma, model_bound
 from lora_jax.models import transformer
 from lora_jax.models.transformer import CausalLM, MaskInfo, ModelConfig
 
 B, T, H, G, K = 2, 128, 4, 2, 16  # GQA 4:2; the splash kernel needs T a multiple of 128.
+# The splash kernel keeps float32 accumulators whatever the input dtype, so these comparisons stay float32 and are
+# bounded by error growth: a score (K), the softmax normaliser and the probabilities times values (2 T), per side.
+ATTENTION = 2 * gamma(K + 2 * T, U32)
+# The backward pass: the forward (K + 2 T), then dP = dO V^T (K), the softmax's row sums (T) and dQ = dS K or
+# dK = dS^T Q (T), plus the recomputed normaliser (T).
+ATTENTION_GRAD = 2 * gamma(2 * K + 5 * T, U32)
 SEGMENTS = np.array([[1] * 40 + [2] * 70 + [0] * 18, [3] * 128])  # Packed documents, padding (0) at the end.
 
 
@@ -47,7 +53,7 @@ def test_implementations_equal_reference(implementation, packed, window):
   ref = jax.jit(transformer.attention_xla, static_argnums=4)(q, k, v, mask, window)
   out = jax.jit(IMPLEMENTATIONS[implementation], static_argnums=4)(q, k, v, mask, window)
   assert out.shape == (B, T, H, K)
-  assert_close(out, ref, SAME_MODEL)
+  assert_close(out, ref, ATTENTION)
   if window is not None:  # The window matters here: without it the outputs differ.
     full = transformer.attention_xla(q, k, v, mask, None)
     assert np.abs(np.asarray(full) - np.asarray(ref)).max() > 1e-2
@@ -62,7 +68,7 @@ def test_splash_gradients_equal_reference():
     return jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v, mask, 7) * cotangent), argnums=(0, 1, 2)))(q, k, v)
 
   for got, want in zip(grads(IMPLEMENTATIONS["splash"]), grads(transformer.attention_xla)):
-    assert_close(got, want, SAME_MODEL)
+    assert_close(got, want, ATTENTION_GRAD)
 
 
 def test_model_with_each_attention_equals_xla(monkeypatch):
@@ -78,7 +84,7 @@ def test_model_with_each_attention_equals_xla(monkeypatch):
                                                                              segment_ids=segments)
             for impl in ("xla", "cudnn", "splash")}
   for impl in ("cudnn", "splash"):
-    assert_close(logits[impl], logits["xla"], SAME_MODEL)
+    assert_close(logits[impl], logits["xla"], model_bound(config, T))
 
 
 def test_auto_resolution_and_decoding_fall_back_to_xla():

@@ -18,10 +18,10 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from _tolerance import TORCH, assert_close  # noqa: E402
+from _tolerance import assert_close, model_bound  # noqa: E402
 from lora_jax import export, hf, lora, optim, peft_io, synthetic, train  # noqa: E402
 from lora_jax import checkpoint as ckpt_lib  # noqa: E402
-from lora_jax.models.transformer import CausalLM  # noqa: E402
+from lora_jax.models.transformer import CausalLM, ModelConfig  # noqa: E402
 
 _COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5)
@@ -35,6 +35,11 @@ HF_MODELS = {
     "llama_wide": ("LlamaForCausalLM", dict(hidden_size=48)),  # "another base model"
 }
 IDS = np.random.RandomState(0).randint(0, 64, (2, 9))
+# ours vs PyTorch in float32, bounded by error growth through the largest of these bases (llama_wide's width, qwen3's
+# head_dim, the MoE layers' router and experts) with the largest rank used here.
+TORCH = model_bound(ModelConfig(architecture="qwen3_moe", vocab_size=64, hidden_size=48, intermediate_size=48,
+                                num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, num_experts=4,
+                                num_experts_per_tok=2, moe_intermediate_size=16), seq_len=IDS.shape[1], rank=8)
 
 
 @pytest.fixture(scope="module")

@@ -17,18 +17,20 @@ CONFIG = transformer.ModelConfig(architecture="llama", vocab_size=50, hidden_siz
 MODEL = transformer.CausalLM(CONFIG)
 PARAMS = transformer.init_params(CONFIG, jax.random.key(0))
 CACHE = functools.partial(transformer.init_cache, CONFIG)
+MODEL64 = transformer.CausalLM(_tolerance.config64(CONFIG))  # where exactness is claimed (under the x64 fixture)
+CACHE64 = functools.partial(transformer.init_cache, _tolerance.config64(CONFIG))
 
 
-def with_adapters():
-  spec = lora.LoraSpec(rank=4, targets=("all-linear", "unembed"))
-  _, adapters = lora.create(PARAMS, spec, jax.random.key(1))
+def with_adapters(params=PARAMS, dtype="float32"):
+  spec = lora.LoraSpec(rank=4, targets=("all-linear", "unembed"), dtype=dtype)
+  _, adapters = lora.create(params, spec, jax.random.key(1))
   return perturbed(adapters, 0.3, seed=2)
 
 
-def greedy_by_full_forward(params, adapters, prompt, tokens):
+def greedy_by_full_forward(params, adapters, prompt, tokens, model=MODEL):
   """Reference without a cache: one full forward over prompt + generated tokens; causal, so its logits at each
   position are those of re-running that prefix alone. Returns the greedy choice after each prefix and its log-prob."""
-  logits = lora.apply(MODEL, params, adapters, jnp.asarray([list(prompt) + list(tokens)]))[0, len(prompt) - 1:-1]
+  logits = lora.apply(model, params, adapters, jnp.asarray([list(prompt) + list(tokens)]))[0, len(prompt) - 1:-1]
   choices = jnp.argmax(logits, axis=-1)
   logps = jnp.take_along_axis(jax.nn.log_softmax(logits), choices[:, None], axis=-1)[:, 0]
   return np.asarray(choices).tolist(), np.asarray(logps)
@@ -36,13 +38,14 @@ def greedy_by_full_forward(params, adapters, prompt, tokens):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("use_adapters", [False, True], ids=["base", "lora"])
-def test_cached_greedy_decoding_equals_full_forwards_and_logprobs(use_adapters):
-  adapters = with_adapters() if use_adapters else {}
+def test_cached_greedy_decoding_equals_full_forwards_and_logprobs(use_adapters, x64):
+  params = _tolerance.to64(PARAMS)
+  adapters = with_adapters(params, "float64") if use_adapters else {}
   prompt = [3, 14, 15, 9, 2]
-  out = generate.generate(MODEL, PARAMS, adapters, [prompt], max_new_tokens=8, eos_id=None, init_cache=CACHE)
-  ref_tokens, ref_logps = greedy_by_full_forward(PARAMS, adapters, prompt, out.tokens[0].tolist())
+  out = generate.generate(MODEL64, params, adapters, [prompt], max_new_tokens=8, eos_id=None, init_cache=CACHE64)
+  ref_tokens, ref_logps = greedy_by_full_forward(params, adapters, prompt, out.tokens[0].tolist(), MODEL64)
   assert out.tokens[0].tolist() == ref_tokens
-  np.testing.assert_allclose(out.logprobs[0], ref_logps, atol=1e-4)
+  _tolerance.assert_exact(np.asarray(out.logprobs[0]), ref_logps)
   assert out.lengths.tolist() == [8]
 
 
@@ -57,29 +60,29 @@ def test_adapters_generate_like_merged_weights():
   assert not np.array_equal(a.tokens, base.tokens)  # the adapters change the output
 
 
-def run_adapters(rank, seed, params=PARAMS, model=MODEL):
+def run_adapters(rank, seed, params=PARAMS, model=MODEL, dtype="float32"):
   """Adapters of one 'run': its own rank, alpha and random non-zero B (as after training)."""
-  spec = lora.LoraSpec(rank=rank, alpha=8.0 * rank ** 0.5, targets=("all-linear", "unembed", "embed"))
+  spec = lora.LoraSpec(rank=rank, alpha=8.0 * rank ** 0.5, targets=("all-linear", "unembed", "embed"), dtype=dtype)
   layouts = lora.trace_layouts(model, jnp.zeros((1, 4), jnp.int32))
   _, adapters = lora.create(params, spec, jax.random.key(seed), layouts=layouts)
   return perturbed(adapters, 0.3, seed=seed + 100)
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["layers", "scanned"])
-def test_per_row_adapters_equal_one_adapter_at_a_time(scan):
+def test_per_row_adapters_equal_one_adapter_at_a_time(scan, x64):
   """Row i under run rows[i] of stacked adapters (ranks 2, 4, 8; embed, attention, MLP and unembedding adapters)
-  gives the logits and the generation of that run's adapters alone."""
-  config = CONFIG.replace(scan_layers=scan)
+  gives the logits and the generation of that run's adapters alone (in float64: the claim is exactness)."""
+  config = _tolerance.config64(CONFIG.replace(scan_layers=scan))
   model = transformer.CausalLM(config)
   params = transformer.init_params(config, jax.random.key(0))
-  runs = [run_adapters(r, s, params, model) for r, s in ((2, 0), (8, 1), (4, 2))]
+  runs = [run_adapters(r, s, params, model, "float64") for r, s in ((2, 0), (8, 1), (4, 2))]
   stacked = lora.stack_adapters(runs)
   tokens = jax.random.randint(jax.random.key(5), (5, 7), 0, CONFIG.vocab_size)
   rows = np.array([2, 0, 1, 1, 0])
   got = lora.apply(model, params, stacked, tokens, rows=rows)
   for r in range(len(runs)):  # each run alone on its rows (a batch per run: one program per run, not per row)
     want = lora.apply(model, params, runs[r], tokens[rows == r])
-    _tolerance.assert_close(got[rows == r], want, _tolerance.SAME_MODEL)
+    _tolerance.assert_exact(got[rows == r], want)
   prompts = [[1, 2, 3], [7, 8], [4, 4, 4, 4], [9], [3, 1]]
   cache = functools.partial(transformer.init_cache, config)
   out = generate.generate(model, params, stacked, prompts, max_new_tokens=6, eos_id=None, init_cache=cache, rows=rows)
@@ -95,15 +98,17 @@ def test_per_row_adapters_equal_one_adapter_at_a_time(scan):
     lora.merge(params, stacked)
 
 
-def test_batched_left_padded_prompts_match_single_prompts_and_stop_at_eos():
+def test_batched_left_padded_prompts_match_single_prompts_and_stop_at_eos(x64):
   prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13]]
-  batch = generate.generate(MODEL, PARAMS, {}, prompts, max_new_tokens=6, eos_id=None, init_cache=CACHE)
+  params = _tolerance.to64(PARAMS)
+  batch = generate.generate(MODEL64, params, {}, prompts, max_new_tokens=6, eos_id=None, init_cache=CACHE64)
   for i, p in enumerate(prompts):
-    single = generate.generate(MODEL, PARAMS, {}, [p], max_new_tokens=6, eos_id=None, init_cache=CACHE)
+    single = generate.generate(MODEL64, params, {}, [p], max_new_tokens=6, eos_id=None, init_cache=CACHE64)
     np.testing.assert_array_equal(batch.tokens[i], single.tokens[0])
-    np.testing.assert_allclose(batch.logprobs[i], single.logprobs[0], atol=1e-4)
+    _tolerance.assert_exact(np.asarray(batch.logprobs[i]), np.asarray(single.logprobs[0]))
   eos = int(batch.tokens[0, 2])  # pretend the third token of row 0 is EOS
-  stopped = generate.generate(MODEL, PARAMS, {}, prompts, max_new_tokens=6, eos_id=eos, init_cache=CACHE, pad_id=0)
+  stopped = generate.generate(MODEL64, params, {}, prompts, max_new_tokens=6, eos_id=eos, init_cache=CACHE64,
+                              pad_id=0)
   assert stopped.lengths[0] == 3 and stopped.tokens[0, 3:].tolist() == [0, 0, 0]
   assert np.all(stopped.logprobs[0, 3:] == 0)
 

@@ -10,6 +10,7 @@ import optax
 import pytest
 from flax import traverse_util
 
+from _tolerance import EXACT, to64
 from lora_jax import lora
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -113,25 +114,6 @@ def rel_err(a, b):
 def merged_apply(model, params, adapters, *args):
   merged, _ = lora.merge(params, adapters)
   return model.apply({"params": merged}, *args)
-
-
-# Exactness (two computations that are equal in exact arithmetic) is checked in float64: float32 results differ between
-# x86 CPUs (XLA's reduction order follows the vector width, AVX2 vs AVX-512), and float32 gradients of ~1e3 differed by
-# 1.1e-4 relative on an AMD EPYC host. In float64 the same computations agree to 1e-13 or better (measured: outputs
-# ~1e-15, gradients <= 3e-13), so a bound of 1e-10 leaves a wide margin on any CPU and still sees a 1e-6 change of a
-# scale (see test_identity_at_init_and_factored_equals_merged).
-EXACT = 1e-10
-
-
-@pytest.fixture
-def x64():
-  """float64 inside one test (jax_enable_x64 is restored afterwards)."""
-  with jax.enable_x64(True):
-    yield
-
-
-def to64(tree):
-  return jax.tree.map(lambda x: x.astype(jnp.float64), tree)
 
 
 def exact_merge(params, adapters, scale_factor=1.0):

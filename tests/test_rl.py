@@ -12,21 +12,16 @@ import pytest
 
 from lora_jax import checkpoint, generate, lora, optim, rl, train
 from lora_jax.models import transformer
-from tests._tolerance import SAME_MODEL, assert_close
+from tests._tolerance import assert_exact, config64, to64
 
 CONFIG = transformer.ModelConfig(architecture="llama", vocab_size=50, hidden_size=32, intermediate_size=64,
                                  num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
 MODEL = transformer.CausalLM(CONFIG)
 PARAMS = transformer.init_params(CONFIG, jax.random.key(0))
 CACHE = functools.partial(transformer.init_cache, CONFIG)
+MODEL64 = transformer.CausalLM(config64(CONFIG))  # where exactness is claimed (under the x64 fixture)
+CACHE64 = functools.partial(transformer.init_cache, config64(CONFIG))
 EOS = 49
-
-
-@pytest.fixture
-def x64():
-  """float64 inside one test (jax_enable_x64 is restored afterwards)."""
-  with jax.enable_x64(True):
-    yield
 
 
 def test_group_advantages_sum_to_zero_and_are_reward_minus_group_mean(x64):
@@ -92,43 +87,44 @@ def test_estimator_equals_the_analytic_gradient_for_two_token_sequences(x64):
     assert np.abs(analytic[key]).max() > 1e-3
 
 
-def _sampled_batch(params, adapters, n_prompts=3, G=4, T=5, seed=0):
+def _sampled_batch(params, adapters, n_prompts=3, G=4, T=5, seed=0, model=MODEL, cache=CACHE):
   prompts = [[3, 14, 15], [9, 2], [7, 7, 8, 1]][:n_prompts]
   repeated = [p for p in prompts for _ in range(G)]
-  out = generate.generate(MODEL, params, adapters, repeated, max_new_tokens=T, eos_id=EOS, init_cache=CACHE,
+  out = generate.generate(model, params, adapters, repeated, max_new_tokens=T, eos_id=EOS, init_cache=cache,
                           sampling=generate.SamplingConfig(temperature=1.0), rng=jax.random.key(seed), prompt_width=6)
   batch = rl.completion_batch(repeated, out.tokens, out.lengths, 6, 0)
   rewards = np.random.default_rng(seed).integers(0, 2, size=(n_prompts, G)).astype(np.float32)
   return batch, out, np.asarray(rl.group_advantages(rewards)).reshape(-1)
 
 
-def test_learner_scores_exactly_what_the_sampler_generated():
+def test_learner_scores_exactly_what_the_sampler_generated(x64):
   """The full forward's log-prob of each sampled token equals the KV-cache sampler's (ratio 1 on-policy), with
   prompts of different lengths left-padded and completions cut by EOS."""
-  batch, out, _ = _sampled_batch(PARAMS, {})
-  logp, entropy = jax.jit(functools.partial(rl.token_logprobs, MODEL))(PARAMS, {}, batch)
+  params = to64(PARAMS)
+  batch, out, _ = _sampled_batch(params, {}, model=MODEL64, cache=CACHE64)
+  logp, entropy = jax.jit(functools.partial(rl.token_logprobs, MODEL64))(params, {}, batch)
   mask = batch["mask"]
-  assert_close(np.asarray(logp) * mask, out.logprobs * mask, SAME_MODEL)
+  assert_exact(np.asarray(logp) * mask, np.asarray(out.logprobs) * mask)
   assert (mask.sum(axis=1) == out.lengths).all() and 0 < mask.mean() <= 1
   assert np.all(np.asarray(entropy) > 0)
 
 
-def test_on_policy_ratio_one_reduces_to_reinforce_with_a_baseline():
-  spec = lora.LoraSpec(rank=2, targets=("all-linear",))
-  params, adapters = lora.create(PARAMS, spec, jax.random.key(3))
+def test_on_policy_ratio_one_reduces_to_reinforce_with_a_baseline(x64):
+  spec = lora.LoraSpec(rank=2, targets=("all-linear",), dtype="float64")
+  params, adapters = lora.create(to64(PARAMS), spec, jax.random.key(3))
   adapters = jax.tree.map(lambda x: x + 0.1, adapters)  # B != 0
-  batch, _, adv = _sampled_batch(params, adapters)
+  batch, _, adv = _sampled_batch(params, adapters, model=MODEL64, cache=CACHE64)
   trainable, frozen = lora.split(params, adapters, spec)
-  logp = lambda tr: rl.token_logprobs(MODEL, *lora.combine(tr, frozen), batch)[0]
+  logp = lambda tr: rl.token_logprobs(MODEL64, *lora.combine(tr, frozen), batch)[0]
   sampler_logp = jax.jit(logp)(trainable)  # on-policy: the sampler is the learner
   pg = jax.jit(jax.grad(lambda tr: rl.pg_loss(logp(tr), sampler_logp, jnp.asarray(adv), batch["mask"])[0]))(trainable)
   n = len(adv)
   reinforce = jax.jit(jax.grad(lambda tr: -jnp.sum(adv[:, None] * logp(tr) * batch["mask"]) / n))(trainable)
   for a, b in zip(jax.tree.leaves(pg), jax.tree.leaves(reinforce)):
-    assert_close(a, b, SAME_MODEL)
+    assert_exact(a, b)
   loss, aux = rl.pg_loss(sampler_logp, sampler_logp, jnp.asarray(adv), batch["mask"])
   assert float(aux["kl_sampler"]) == 0.0 and float(aux["ratio_max"]) == 1.0
-  np.testing.assert_allclose(float(loss), -np.sum(adv * batch["mask"].sum(axis=1)) / n, rtol=1e-6)
+  np.testing.assert_allclose(float(loss), -np.sum(adv * batch["mask"].sum(axis=1)) / n, rtol=1e-12)
 
 
 def test_clipping_and_kl_switches(x64):

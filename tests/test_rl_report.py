@@ -14,7 +14,7 @@ from experiments import main as exp_main
 from experiments.configs import rl as rl_configs
 from lora_jax import lora, optim, rl, train
 from lora_jax.models import transformer
-from tests._tolerance import SAME_MODEL, assert_close
+from tests._tolerance import assert_exact, config64
 
 LRS = (1e-4, 2e-4, 4e-4, 8e-4, 1.6e-3)
 
@@ -122,11 +122,11 @@ def test_every_rl_point_passes_experiments_mains_checks_and_bad_fields_are_named
   assert stacked.stack_key(rl_configs.get_config("tiny,method=full")) is None  # each RL point runs on its own
 
 
-def test_micro_batches_give_the_same_step():
-  config = transformer.ModelConfig(architecture="llama", vocab_size=50, hidden_size=32, intermediate_size=64,
-                                   num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8)
+def test_micro_batches_give_the_same_step(x64):
+  config = config64(transformer.ModelConfig(architecture="llama", vocab_size=50, hidden_size=32, intermediate_size=64,
+                                            num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8))
   model = transformer.CausalLM(config)
-  spec = lora.LoraSpec(rank=2, targets=("all-linear",))
+  spec = lora.LoraSpec(rank=2, targets=("all-linear",), dtype="float64")
   params, adapters = lora.create(transformer.init_params(config, jax.random.key(0)), spec, jax.random.key(1))
   rng = np.random.default_rng(0)
   tokens, lengths = rng.integers(1, 49, size=(4, 4)), np.asarray([4, 2, 3, 1])
@@ -142,8 +142,8 @@ def test_micro_batches_give_the_same_step():
     states.append(step(state, batch))
   (a, ma), (b, mb) = states
   for x, y in zip(jax.tree.leaves(a.trainable), jax.tree.leaves(b.trainable)):
-    assert_close(x, y, SAME_MODEL)
-  assert_close(ma["train/loss"], mb["train/loss"], SAME_MODEL)
+    assert_exact(x, y)
+  assert_exact(ma["train/loss"], mb["train/loss"])
 
 
 @pytest.mark.slow

@@ -13,7 +13,6 @@ from lora_jax.models import transformer
 from tests import _tolerance
 from tests.test_train import CONFIG, MODEL, CountingBatches, eval_batches
 
-from tests.test_train import x64  # noqa: F401  (a fixture)
 
 LOOP = dict(steps=12, log_every=1, eval_every=6, checkpoint_every=6)
 # Stacks run 3 steps per jitted call (a scan), the separate runs they are compared with one: the calls change no
@@ -266,7 +265,9 @@ def spread_over_eight_devices(tmp_path):
   from lora_jax import sharding
 
   assert jax.device_count() == 8
-  plans = [stack.RunPlan(lora_spec(2 + 2 * (k % 2)), optim.OptimConfig(lr=1e-3 * (k + 1)), seed=k) for k in range(8)]
+  jax.config.update("jax_enable_x64", True)  # equality is claimed: float64 (see EQUAL)
+  plans = [stack.RunPlan(lora_spec(2 + 2 * (k % 2), dtype="float64"), optim.OptimConfig(lr=1e-3 * (k + 1)), seed=k)
+           for k in range(8)]
   mesh = sharding.make_mesh({"data": 8, "fsdp": 1, "tensor": 1})
   param_sh = sharding.param_shardings(transformer.abstract_params(CONFIG), transformer.logical_axes(CONFIG), mesh,
                                       sharding.DEFAULT_RULES)
@@ -278,7 +279,7 @@ def spread_over_eight_devices(tmp_path):
   assert all(shard.data.shape[0] == 1 for shard in a_leaf.addressable_shards)  # one run per device
   one, _ = stacked(tmp_path / "one", plans, names, steps=6, vectorize=8)  # the same vmapped program
   for a, b in zip(jax.tree.leaves(spread.state.trainable), jax.tree.leaves(one.state.trainable)):
-    _tolerance.assert_close(a, b, 1e-4)
+    _tolerance.assert_exact(a, b)
 
 
 def test_runs_spread_over_eight_devices(tmp_path):

@@ -476,7 +476,8 @@ class Attention(nn.Module):
 
     if kv is not None:
       k_cache_BSGK, v_cache_BSGK = kv
-      start = (0, cache_index, 0, 0)
+      zero = jnp.zeros((), cache_index.dtype)  # a literal 0 would be int64 under jax_enable_x64
+      start = (zero, cache_index, zero, zero)
       k_BSGK = jax.lax.dynamic_update_slice(k_cache_BSGK, k_BTGK.astype(k_cache_BSGK.dtype), start)
       v_BSGK = jax.lax.dynamic_update_slice(v_cache_BSGK, v_BTGK.astype(v_cache_BSGK.dtype), start)
       kv = (k_BSGK, v_BSGK)
@@ -649,7 +650,7 @@ class CausalLM(nn.Module):
       if segment_ids is None:
         segment_ids = jnp.ones((B, T), jnp.int32)
       kv_segment_ids = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32),
-                                                    (0, index))
+                                                    (jnp.zeros((), index.dtype), index))
       mask = MaskInfo(q_index_T, jnp.arange(cache["segment_ids"].shape[1], dtype=jnp.int32), segment_ids,
                       kv_segment_ids)
     h_BTD, kv = self.model(input_ids, positions, mask, kv, index)
