@@ -4,7 +4,7 @@ pointwise-minimum learning curves, and the rules that turn them into verdicts on
 
 Each verdict rule is a text constant (``RULE_*``) next to the function that applies it, built from the same numeric
 constants; ``experiments.report`` prints the text verbatim next to every verdict, so the rule a reader sees is the
-rule the code applied. Only numpy: no files, no plotting, no randomness beyond a seeded generator.
+rule the code applied. numpy (and scipy's t quantile): no files, no plotting, no randomness beyond a seeded generator.
 """
 
 from __future__ import annotations
@@ -19,28 +19,26 @@ LEVEL = 0.9  # Confidence level of every bootstrap interval.
 N_BOOT = 2000  # Bootstrap resamples.
 BOOT_SEED = 0  # Seed of every bootstrap generator (with a per-condition stream: see ``bootstrap_log_optimum``).
 
-AGREE, DISAGREE, INCONCLUSIVE = "agree", "disagree", "inconclusive"
+AGREE, DISAGREE, INCONCLUSIVE, UNSTABLE = "agree", "disagree", "inconclusive", "unstable"
 MATCHES, BEHIND, AHEAD, UNKNOWN = "matches", "behind", "ahead", "unknown"
 
 
 @dataclasses.dataclass(frozen=True)
 class Fit:
   """The optimum of NLL against log10(LR) on a grid (see ``fit_optimum``)."""
-  log_lr: float  # log10 of the optimum: the fitted vertex when interior, the grid minimum's LR at an edge.
-  interior: bool  # False when the grid minimum is the first or last LR: then no optimum is claimed.
-  grid_index: int  # Index of the grid minimum.
-  used: tuple[int, ...]  # Indices of the points the quadratic went through (empty at an edge).
-  coef: tuple[float, float, float]  # (a, b, c) of a*x^2 + b*x + c, x = log10(LR) (nan at an edge).
+  log_lr: float  # log10 of the optimum: the fitted vertex when interior, the grid minimum's LR otherwise.
+  interior: bool  # False when no optimum is claimed (see ``edge``).
+  grid_index: int  # Index of the grid minimum (over the finite points).
+  used: tuple[int, ...]  # Indices of the three points the quadratic went through (empty when not interior).
+  coef: tuple[float, float, float]  # (a, b, c) of a*x^2 + b*x + c, x = log10(LR) (nan when not interior).
+  # "" when interior; "low" / "high" for a minimum at the grid's first or last LR; "diverged below" / "diverged above"
+  # when the minimum's neighbour on that side diverged or failed (nan): the fit never spans a diverged point.
+  edge: str = ""
 
   @property
   def lr(self) -> float:
     """The optimum as an LR."""
     return 10.0 ** self.log_lr
-
-  @property
-  def edge(self) -> str:
-    """"low" or "high" for a minimum at the grid's first or last LR, "" when interior."""
-    return "" if self.interior else ("low" if self.grid_index == 0 else "high")
 
 
 def _quadratic(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
@@ -51,36 +49,41 @@ def _quadratic(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
 
 
 def fit_optimum(lrs: Sequence[float], nll: Sequence[float]) -> Fit:
-  """The vertex of a quadratic in log10(LR) through the grid minimum and its neighbours (5 points if it can, else 3)."""
+  """The one optimum estimator: the vertex of the quadratic in log10(LR) through the grid minimum and its two
+  neighbours. nan marks a diverged or failed LR; a minimum at the grid's edge or next to a nan claims no optimum."""
   x, y = np.log10(np.asarray(lrs, float)), np.asarray(nll, float)
-  if len(x) != len(y) or np.any(np.diff(x) <= 0) or not np.all(np.isfinite(y)):
-    raise ValueError(f"fit_optimum needs increasing LRs and finite NLLs of the same length; got {lrs}, {nll}")
-  k = int(np.argmin(y))
+  if len(x) != len(y) or np.any(np.diff(x) <= 0) or np.any(np.isinf(y)):
+    raise ValueError(f"fit_optimum needs increasing LRs and NLLs (nan for a diverged LR) of the same length; "
+                     f"got {lrs}, {nll}")
+  if np.all(np.isnan(y)):
+    raise ValueError(f"fit_optimum: every LR diverged or failed ({lrs})")
+  k = int(np.nanargmin(y))
+  nan3 = (math.nan,) * 3
   if k == 0 or k == len(y) - 1:
-    return Fit(float(x[k]), False, k, (), (math.nan,) * 3)
-  # For a unimodal curve the minimiser lies between the grid minimum's neighbours: a vertex outside that bracket is
-  # not believed, so the 5-point fit falls back to the 3-point one (whose vertex is always inside it).
-  lo, hi = x[k - 1], x[k + 1]
-  windows = ([tuple(range(k - 2, k + 3))] if 2 <= k <= len(y) - 3 else []) + [(k - 1, k, k + 1)]
-  for used in windows:
-    a, b, c = _quadratic(x[list(used)], y[list(used)])
-    if a > 0 and lo <= -b / (2 * a) <= hi:
-      return Fit(float(-b / (2 * a)), True, k, used, (a, b, c))
-  return Fit(float(x[k]), True, k, (k - 1, k, k + 1), (0.0, 0.0, float(y[k])))  # flat: the grid minimum itself
+    return Fit(float(x[k]), False, k, (), nan3, "low" if k == 0 else "high")
+  if np.isnan(y[k - 1]) or np.isnan(y[k + 1]):
+    return Fit(float(x[k]), False, k, (), nan3, "diverged below" if np.isnan(y[k - 1]) else "diverged above")
+  used = (k - 1, k, k + 1)
+  a, b, c = _quadratic(x[list(used)], y[list(used)])
+  if a <= 0:  # three equal values: the grid minimum itself
+    return Fit(float(x[k]), True, k, used, (0.0, 0.0, float(y[k])))
+  return Fit(float(-b / (2 * a)), True, k, used, (a, b, c))  # between x[k-1] and x[k+1]: y[k] is the lowest
 
 
 def bootstrap_log_optimum(lrs: Sequence[float], samples: Sequence[Sequence[float]], n_boot: int = N_BOOT,
                           seed: int | Sequence[int] = BOOT_SEED) -> np.ndarray:
-  """log10 of ``fit_optimum`` on seeds resampled independently per LR; -inf/+inf for a resample's low/high edge."""
+  """log10 of ``fit_optimum`` on seeds resampled independently per LR (an empty sample: a diverged LR, nan);
+  -inf/+inf for a resample that claims no optimum below/at the low side or above/at the high side."""
   rng = np.random.default_rng(seed)
-  means = np.empty((n_boot, len(lrs)))
+  means = np.full((n_boot, len(lrs)), math.nan)
   for i, values in enumerate(samples):
     values = np.asarray(values, float)
-    means[:, i] = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(axis=1)
+    if len(values):
+      means[:, i] = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(axis=1)
   out = np.empty(n_boot)
   for b in range(n_boot):
     fit = fit_optimum(lrs, means[b])
-    out[b] = fit.log_lr if fit.interior else (-math.inf if fit.edge == "low" else math.inf)
+    out[b] = fit.log_lr if fit.interior else (-math.inf if fit.edge in ("low", "diverged below") else math.inf)
   return out
 
 
@@ -158,6 +161,19 @@ def verdict_ratio(ratio: float, lo: float, hi: float, interior: bool) -> Verdict
   return Verdict(INCONCLUSIVE, shown)
 
 
+JUDGED_AT = (0.5, 0.75, 1.0)  # Fractions of the steps at which every verdict is judged.
+RULE_STABLE = (
+    f"Every verdict is judged three times, on the evaluations at {', '.join(f'{f:.0%}' for f in JUDGED_AT)} of the "
+    f"steps (each run's last evaluation at or before that step, the same rules and grids): the verdict shown is the "
+    f"last one when all three agree, else {UNSTABLE} (the three are listed).")
+
+
+def stable(by_fraction: Mapping[float, str]) -> str:
+  """``RULE_STABLE``: the verdict at the last fraction if every fraction gave it, else UNSTABLE."""
+  verdicts = [by_fraction[f] for f in sorted(by_fraction)]
+  return verdicts[-1] if len(set(verdicts)) == 1 else UNSTABLE
+
+
 def combine(verdicts: Sequence[Verdict]) -> str:
   """Several verdicts as one: disagree if any disagrees, agree if all agree (and there is one), else inconclusive."""
   kinds = [v.verdict for v in verdicts]
@@ -194,30 +210,100 @@ def verdict_rank_invariance(pairs: Mapping[str, tuple[float, float, float]], all
   return Verdict(INCONCLUSIVE, shown)
 
 
-MATCH_NOISE = 2.0  # A gap within this many seed-noise standard deviations counts as a match.
+MIN_SEEDS = 3  # Seeds a cell needs before its mean is compared with another's.
+TEST_LEVEL = 0.9  # Two one-sided tests at 5% each: a difference is judged by its 90% interval.
+MATCH_FRACTION = 0.05  # The margin of every NLL comparison: this fraction of the setting's improvement over the base.
 RULE_GAP = (
-    f"Per LoRA rank: gap = final eval NLL of LoRA minus that of full FT, each the mean over seeds at its best grid LR; "
-    f"noise = the pooled seed std sqrt((s_lora^2 + s_full^2)/2) at those LRs. The rank matches if |gap| <= "
-    f"{MATCH_NOISE:g} * noise, is behind if gap > {MATCH_NOISE:g} * noise, ahead if gap < -{MATCH_NOISE:g} * noise; "
-    f"unknown if either best LR is at the grid edge (a better LR may lie outside it) or has fewer than 2 seeds.")
+    f"Two conditions a and b are compared at their best grid LRs: d = mean(a) - mean(b) of the final eval NLL over "
+    f"seeds (d > 0: a is worse). noise = the seed std pooled over the best-LR cells of every condition of the setting "
+    f"(sqrt of the mean variance weighted by n - 1; df = the sum of n - 1); se = noise * sqrt(1/n_a + 1/n_b); [lo, hi] "
+    f"= d -/+ t(0.95, df) * se, the {TEST_LEVEL:.0%} interval (two one-sided tests at 5%). The margin m = "
+    f"{MATCH_FRACTION:g} x (the base's step-0 eval NLL - the lowest best-LR mean NLL of the setting): a fixed fraction "
+    f"of what fine-tuning gains there. a matches b if -m < lo and hi < m (equivalence); a is behind b if lo > m, ahead "
+    f"if hi < -m (one-sided tests against the same margin); otherwise unknown. Also unknown: a best LR that claims no "
+    f"optimum (at the grid's edge or next to a diverged LR: a better LR may lie outside), a cell with fewer than "
+    f"{MIN_SEEDS} seeds, pooled noise with df < 2. Pooling makes a noisier method widen everyone's interval: it can "
+    f"never match more easily.")
 
 
-def classify_gap(gap: float, noise: float, interior: bool) -> str:
-  """One LoRA rank against full FT by ``RULE_GAP``: matches / behind / ahead / unknown."""
-  if not interior or math.isnan(gap) or math.isnan(noise):
-    return UNKNOWN
-  if abs(gap) <= MATCH_NOISE * noise:
-    return MATCHES
-  return BEHIND if gap > 0 else AHEAD
+@dataclasses.dataclass(frozen=True)
+class Noise:
+  """Seed noise pooled over cells (``pooled_noise``): the std and its degrees of freedom."""
+  sd: float
+  df: int
+
+
+def pooled_noise(cells: Sequence[Sequence[float]]) -> Noise:
+  """sqrt(sum (n_i - 1) s_i^2 / sum (n_i - 1)) over the cells with >= 2 values; nan (df 0) when none has."""
+  cells = [np.asarray(v, float) for v in cells if len(v) >= 2]
+  df = sum(len(v) - 1 for v in cells)
+  if not df:
+    return Noise(math.nan, 0)
+  return Noise(float(math.sqrt(sum(float(np.var(v, ddof=1)) * (len(v) - 1) for v in cells) / df)), df)
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+  """A contrast of cell means tested against a margin (``contrast``)."""
+  value: float  # The contrast (e.g. mean(a) - mean(b)); nan when it could not be formed.
+  lo: float  # The TEST_LEVEL interval (nan when there is no test).
+  hi: float
+  margin: float
+  kind: str  # MATCHES (inside the margin), BEHIND (above it), AHEAD (below it) or UNKNOWN.
+  why: str  # Why UNKNOWN when it is not a numeric outcome ("" otherwise).
+
+  def text(self) -> str:
+    """'+0.0123 [lo, hi] vs ±m: kind' for tables and verdict lines."""
+    if math.isnan(self.value):
+      return f"— ({self.why})"
+    if math.isnan(self.lo):
+      return f"{self.value:+.4f} ({self.why})"
+    return (f"{self.value:+.4f} [{self.lo:+.4f}, {self.hi:+.4f}] vs ±{self.margin:.4f}: {self.kind}"
+            + (f" ({self.why})" if self.why else ""))
+
+
+def contrast(cells: Sequence[tuple[Sequence[float], float]], noise: Noise, margin: float,
+             interior: bool = True) -> Comparison:
+  """sum_i c_i mean(cell_i) for (values, c_i) pairs, with its TEST_LEVEL interval from the pooled noise, classed
+  against +/- margin by ``RULE_GAP`` (MATCHES, BEHIND above the margin, AHEAD below it, else UNKNOWN)."""
+  if any(len(v) == 0 for v, _ in cells):
+    return Comparison(math.nan, math.nan, math.nan, margin, UNKNOWN, "no finished run")
+  value = float(sum(c * np.mean(v) for v, c in cells))
+  def unknown(why):
+    return Comparison(value, math.nan, math.nan, margin, UNKNOWN, why)
+  if not interior:
+    return unknown("a best LR claims no optimum")
+  if min(len(v) for v, _ in cells) < MIN_SEEDS:
+    return unknown(f"fewer than {MIN_SEEDS} seeds")
+  if noise.df < 2 or not margin > 0:
+    return unknown("no pooled noise" if noise.df < 2 else "no margin")
+  from scipy import stats  # noqa: PLC0415  (scipy comes with jax)
+
+  half = float(stats.t.ppf(1 - (1 - TEST_LEVEL) / 2, noise.df)) * noise.sd * math.sqrt(
+      sum(c * c / len(v) for v, c in cells))
+  lo, hi = value - half, value + half
+  kind = MATCHES if -margin < lo and hi < margin else BEHIND if lo > margin else AHEAD if hi < -margin else UNKNOWN
+  return Comparison(value, lo, hi, margin, kind, "")
+
+
+def compare(a: Sequence[float], b: Sequence[float], noise: Noise, margin: float,
+            interior: bool = True) -> Comparison:
+  """mean(a) - mean(b) by ``RULE_GAP``: matches, behind (a worse by more than the margin), ahead, or unknown."""
+  return contrast([(a, 1.0), (b, -1.0)], noise, margin, interior)
+
+
+def match_margin(base_nll: float, best_nll: float) -> float:
+  """``RULE_GAP``'s margin: MATCH_FRACTION x (base step-0 NLL - the setting's lowest best-LR NLL)."""
+  return MATCH_FRACTION * (base_nll - best_nll)
 
 
 RULE_MATCH = (
-    "Judged at the highest LoRA rank (where capacity should suffice), classed by the gap rule: agree if it matches, "
-    "disagree if it is behind or ahead, inconclusive if unknown.")
+    "Judged at the highest LoRA rank (where capacity should suffice) against full FT by the gap rule: agree if it "
+    "matches (equivalent within the margin), disagree if it is behind or ahead, inconclusive if unknown.")
 
 
 def verdict_match(classes: Mapping[int, str]) -> Verdict:
-  """Finding 1: ``RULE_MATCH`` on {rank: class from ``classify_gap``}."""
+  """Finding 1: ``RULE_MATCH`` on {rank: the class of its ``compare`` with full FT}."""
   if not classes:
     return Verdict(INCONCLUSIVE, "no LoRA rank next to full FT")
   top = max(classes)
@@ -234,7 +320,7 @@ RULE_CAPACITY = (
 
 
 def verdict_capacity(classes: Mapping[int, str]) -> Verdict:
-  """Finding 2: ``RULE_CAPACITY`` on {rank: class from ``classify_gap``}."""
+  """Finding 2: ``RULE_CAPACITY`` on {rank: the class of its ``compare`` with full FT}."""
   ranks = sorted(classes)
   shown = ", ".join(f"r{r} {classes[r]}" for r in ranks) or "no LoRA rank next to full FT"
   if not ranks or any(classes[r] == UNKNOWN for r in ranks):
@@ -285,36 +371,28 @@ def verdict_width(ratios: Mapping[float, float]) -> Verdict:
 
 
 GROWS, SHRINKS, FLAT = "grows", "shrinks", "flat"
-BATCH_ABS_MARGIN = 0.05  # Nats: the margin when no best-LR cell has 2 seeds (no noise estimate).
 RULE_BATCH = (
     f"Per LoRA condition, over settings that differ only in data.batch_size (and the fields it fixes): gap(B) = final "
     f"eval NLL of LoRA minus that of full FT at batch B, each the seed mean at its best grid LR; growth = gap(largest "
-    f"B) - gap(smallest B); noise = the pooled seed std sqrt(mean s^2) over those of the four best-LR cells (LoRA and "
-    f"full FT at the smallest and the largest B) that have >= 2 seeds; margin = {MATCH_NOISE:g} * noise, or "
-    f"{BATCH_ABS_MARGIN:g} nats when no cell has 2 seeds (then only a change larger than that counts). The condition "
-    f"is unknown if any of the four best LRs is at its grid edge (a better LR may lie outside it); its gap grows if "
-    f"growth > margin, shrinks if growth < -margin, else is flat. Overall: disagree if some condition's gap shrinks, "
-    f"agree if every condition's gap grows (a higher rank does not remove the penalty), else inconclusive.")
+    f"B) - gap(smallest B), a contrast of four cells tested as in the gap rule (its {TEST_LEVEL:.0%} interval from the "
+    f"seed noise pooled over the best-LR cells of every condition at those two batch sizes, se = noise * sqrt(sum "
+    f"1/n), t with the pooled df; margin = {MATCH_FRACTION:g} x the smaller of the two settings' improvements over the "
+    f"base). The gap grows if the interval lies above the margin, shrinks if below minus the margin, is flat if inside "
+    f"it; otherwise (or with a best LR that claims no optimum, or fewer than {MIN_SEEDS} seeds in a cell) unknown. "
+    f"Overall: disagree if some condition's gap shrinks or is flat, agree if every condition's gap grows (a higher rank "
+    f"does not remove the penalty), else inconclusive.")
 
 
-def batch_margin(noise: float) -> float:
-  """``RULE_BATCH``'s margin: MATCH_NOISE x the pooled seed noise, or BATCH_ABS_MARGIN without a noise estimate."""
-  return BATCH_ABS_MARGIN if math.isnan(noise) else MATCH_NOISE * noise
-
-
-def classify_growth(growth: float, noise: float, interior: bool) -> str:
-  """How one LoRA condition's gap to full FT changes from the smallest to the largest batch, by ``RULE_BATCH``."""
-  if not interior or math.isnan(growth):
-    return UNKNOWN
-  margin = batch_margin(noise)
-  return GROWS if growth > margin else SHRINKS if growth < -margin else FLAT
+def growth_class(c: Comparison) -> str:
+  """A batch-growth contrast (``contrast``) as GROWS / SHRINKS / FLAT / UNKNOWN by ``RULE_BATCH``."""
+  return {BEHIND: GROWS, AHEAD: SHRINKS, MATCHES: FLAT}.get(c.kind, UNKNOWN)
 
 
 def verdict_batch(classes: Mapping[str, str]) -> Verdict:
-  """Finding 5: ``RULE_BATCH`` on {LoRA condition: class from ``classify_growth``}."""
+  """Finding 5: ``RULE_BATCH`` on {LoRA condition: class from ``growth_class``}."""
   shown = ", ".join(f"{k} {v}" for k, v in classes.items()) or "no LoRA condition next to full FT"
   kinds = list(classes.values())
-  if SHRINKS in kinds:
+  if SHRINKS in kinds or FLAT in kinds:
     return Verdict(DISAGREE, shown)
   return Verdict(AGREE if kinds and all(k == GROWS for k in kinds) else INCONCLUSIVE, shown)
 
@@ -324,9 +402,8 @@ RULE_LAYERS = (
     f"swept: parameter-matched by design, e.g. attention r=2k vs MLP r=k), LoRA conditions that differ in targets "
     f"classed as attention-only (attention, "
     f"or only q/k/v/o_proj), MLP-only (mlp, or only gate/up/down_proj) or all (all-linear), each with or without "
-    f"unembed: their best-LR final eval NLLs (seed means) compared by the gap rule (matches if the difference is "
-    f"within {MATCH_NOISE:g} x the pooled seed noise of the two, else behind or ahead; unknown at a grid-edge best LR "
-    f"or with fewer than 2 seeds), attention-only against MLP-only with the same unembed choice, and MLP-only against "
+    f"unembed: their best-LR final eval NLLs (seed means) compared by the gap rule (an equivalence test against the "
+    f"margin, or one-sided tests beyond it; unknown when neither is decided), attention-only against MLP-only with the same unembed choice, and MLP-only against "
     f"all (with the same unembed choice if the sweep has it, else the other). Agree if attention-only is behind "
     f"MLP-only and MLP-only matches all; disagree if attention-only is ahead of MLP-only or MLP-only is behind all; "
     f"else inconclusive. Overall: disagree if any rank disagrees, agree if every rank agrees, else inconclusive. "
@@ -411,17 +488,16 @@ def verdict_ba(ratio: float) -> Verdict:
 # reward of its first round (sampled from the initial policy). Higher is better.
 
 FINAL_FRACTION = 0.25  # The score averages the train reward over this last fraction of the steps.
-REWARD_MARGIN = 0.03  # Reward: the match margin when a best LR has < 2 seeds (no seed-noise estimate).
 BAND_FRACTION = 0.5  # An LR is good when its gain over the start is at least this fraction of the setting's best gain.
 BAND_WIDER = 1.5  # "Wider" means a band width larger by more than this factor (a factor-2 grid: at least one step).
 RULE_RL_PEAK = (
     f"Score of a run = its mean sampled reward over the last {FINAL_FRACTION:.0%} of its steps; a condition's peak = "
-    f"the highest seed-mean score over its LRs. Judged at the lowest LoRA rank against full FT, gap = peak(LoRA) - "
-    f"peak(full); margin = {MATCH_NOISE:g} x the pooled seed std at the two best LRs when both have >= 2 seeds, else "
-    f"{REWARD_MARGIN:g} (a fixed margin, not a noise estimate). Inconclusive if no condition gained more than the "
-    f"margin over its start reward (nothing was learned), or if the condition behind has its peak at the first or "
-    f"last LR of its grid (a better LR may lie outside it). Otherwise agree if gap >= -margin (rank 1 matches or beats "
-    f"full FT), disagree if gap < -margin.")
+    f"the seed-mean score at its best grid LR. Judged at the lowest LoRA rank against full FT by the gap rule on "
+    f"rewards (d = peak(full) - peak(LoRA): > 0 means LoRA is behind; noise pooled over the best-LR cells of the "
+    f"setting; margin = {MATCH_FRACTION:g} x the setting's best gain of a peak over its start reward). Inconclusive if "
+    f"no condition gained over its start reward (nothing was learned) or the comparison is unknown (including a best "
+    f"LR at the first or last LR of its grid, or fewer than {MIN_SEEDS} seeds); agree if LoRA matches or is ahead "
+    f"(rank 1 matches or beats full FT), disagree if it is behind.")
 
 
 def final_reward(rewards: Mapping[int, float], steps: int) -> float:
@@ -430,17 +506,14 @@ def final_reward(rewards: Mapping[int, float], steps: int) -> float:
   return float(np.mean(tail)) if tail else math.nan
 
 
-def verdict_rl_peak(gap: float, margin: float, best_gain: float, behind_at_edge: bool) -> Verdict:
-  """Finding 7 (peak reward): ``RULE_RL_PEAK`` on the low-rank LoRA minus full-FT peak gap."""
-  shown = f"gap {gap:+.3f} (margin {margin:.3f}; best gain over the start {best_gain:+.3f})"
-  if math.isnan(gap) or not best_gain > margin:
-    return Verdict(INCONCLUSIVE, shown + ": nothing learned beyond the margin" if not math.isnan(gap) else
-                   "no finished runs")
-  if gap >= -margin:
-    return Verdict(AGREE, shown)
-  if behind_at_edge:
-    return Verdict(INCONCLUSIVE, shown + "; the condition behind peaks at the grid's edge")
-  return Verdict(DISAGREE, shown)
+def verdict_rl_peak(c: Comparison, best_gain: float) -> Verdict:
+  """Finding 7 (peak reward): ``RULE_RL_PEAK`` on full FT's minus the low-rank LoRA's peak (``compare``)."""
+  shown = f"peak(full) - peak(LoRA) {c.text()}; best gain over the start {best_gain:+.3f}"
+  if math.isnan(c.value):
+    return Verdict(INCONCLUSIVE, "no finished runs")
+  if not best_gain > 0:
+    return Verdict(INCONCLUSIVE, shown + ": nothing learned")
+  return Verdict({MATCHES: AGREE, AHEAD: AGREE, BEHIND: DISAGREE}.get(c.kind, INCONCLUSIVE), shown)
 
 
 RULE_RL_BAND = (

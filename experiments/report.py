@@ -420,16 +420,23 @@ class Condition:
   failed: dict = dataclasses.field(default_factory=dict)  # LR -> failed runs.
   missing: dict = dataclasses.field(default_factory=dict)  # LR -> runs neither finished nor failed.
   curves: dict = dataclasses.field(default_factory=dict)  # LR -> {step: seed-mean eval NLL of finished runs}.
-  usable: list = dataclasses.field(default_factory=list)  # LRs with a finished run and no failed one: the fit's grid.
-  fit: analysis.Fit | None = None  # On the seed means over ``usable``; None when no LR is usable.
+  usable: list = dataclasses.field(default_factory=list)  # LRs with a finished run and no failed one.
+  fit: analysis.Fit | None = None  # On the seed means over ``lrs`` (nan where not usable); None when none is usable.
   draws: np.ndarray | None = None  # Bootstrap log10 optima; None with < 2 seeds at some usable LR.
   fields: dict = dataclasses.field(default_factory=dict)  # The setting's fields (``SweepRun.fields``).
   group_fields: dict = dataclasses.field(default_factory=dict)  # The LoRA group's fields (``SweepRun.group_fields``).
   runs: list = dataclasses.field(default_factory=list)  # Its runs (every LR and seed), by seed.
+  step0: list = dataclasses.field(default_factory=list)  # Its runs' step-0 eval NLLs (the base model).
+  noise: analysis.Noise = analysis.Noise(math.nan, 0)  # Seed noise pooled over the setting's best-LR cells.
+  margin: float = math.nan  # The setting's match margin (analysis.match_margin).
 
   def means(self) -> list[float]:
     """Seed-mean final NLL at each usable LR."""
     return [float(np.mean(self.final[lr])) for lr in self.usable]
+
+  def grid_means(self) -> list[float]:
+    """Seed-mean final NLL at every LR of the grid; nan where an LR failed or has no finished run (diverged)."""
+    return [float(np.mean(self.final[lr])) if lr in self.usable else math.nan for lr in self.lrs]
 
   @property
   def log_interval(self) -> tuple[float, float]:
@@ -439,23 +446,22 @@ class Condition:
   @property
   def best_lr(self) -> float | None:
     """The grid LR with the lowest seed-mean final NLL."""
-    return self.usable[self.fit.grid_index] if self.fit else None
+    return self.lrs[self.fit.grid_index] if self.fit else None
+
+  @property
+  def best_values(self) -> list[float]:
+    """The final NLLs of the seeds at the best grid LR."""
+    return self.final[self.best_lr] if self.fit else []
 
   def edge_note(self) -> str:
-    """Where the fit stands: interior (points used) or which edge, and whether the LRs past it failed."""
+    """Where the fit stands: interior (3-point fit) or why no optimum is claimed."""
     if self.fit is None:
       return "no finished run"
     if self.fit.interior:
-      return f"interior ({len(self.fit.used)}-point fit)"
-    if self.fit.edge == "low":
-      past = [lr for lr in self.lrs if lr < self.usable[0]]
-      note = "edge: lowest LR with a result"
-    else:
-      past = [lr for lr in self.lrs if lr > self.usable[-1]]
-      note = "edge: highest LR with a result"
-    if any(self.failed.get(lr) for lr in past):
-      note += " (the LRs past it failed)"
-    return note
+      return "interior (3-point fit)"
+    if self.fit.edge in ("low", "high"):
+      return f"edge: {'lowest' if self.fit.edge == 'low' else 'highest'} LR of the grid"
+    return f"next to a diverged or failed LR ({self.fit.edge.split()[-1]})"
 
 
 def _natural(text: str) -> tuple:
@@ -472,8 +478,16 @@ def _condition_order(c: Condition) -> tuple:
   return (_natural(c.setting), c.method != "full", _natural(c.group), c.rank or 0, c.name)
 
 
-def conditions(runs: list[SweepRun]) -> list[Condition]:
-  """The sweep's conditions (setting x method x LoRA spec) with their LR grids, results, fits and bootstraps."""
+def judged_step(run: SweepRun, fraction: float) -> int | None:
+  """The run's last evaluated step at or before ``fraction`` of its steps (> 0); None if it has none."""
+  limit = fraction * run.config["train"]["steps"]
+  steps = [s for s in run.evals if 0 < s <= limit + 1e-9]
+  return max(steps) if steps else None
+
+
+def conditions(runs: list[SweepRun], fraction: float = 1.0) -> list[Condition]:
+  """The sweep's conditions (setting x method x LoRA spec) with their LR grids, results, fits, bootstraps and the
+  setting's pooled noise and margin; "final" means the evaluation at ``fraction`` of the steps (``judged_step``)."""
   by = {}
   for r in sorted((r for r in runs if r.config), key=lambda r: r.seed_key):
     c = by.setdefault((r.setting, r.condition), Condition(r.setting, r.condition, r.method, r.rank, r.group,
@@ -482,9 +496,11 @@ def conditions(runs: list[SweepRun]) -> list[Condition]:
     lr = r.lr
     if lr not in c.lrs:
       c.lrs.append(lr)
+    if math.isfinite(r.evals.get(0, math.nan)):
+      c.step0.append(r.evals[0])
     if r.finished:
       evals = {s: v for s, v in r.evals.items() if math.isfinite(v)}
-      c.final.setdefault(lr, []).append(evals[r.config["train"]["steps"]])
+      c.final.setdefault(lr, []).append(evals[judged_step(r, fraction) or r.config["train"]["steps"]])
       c.best.setdefault(lr, []).append(min(v for s, v in evals.items() if s > 0))
       for step, value in evals.items():
         c.curves.setdefault(lr, {}).setdefault(step, []).append(value)
@@ -498,11 +514,19 @@ def conditions(runs: list[SweepRun]) -> list[Condition]:
     c.curves = {lr: {s: float(np.mean(v)) for s, v in sorted(curve.items())} for lr, curve in c.curves.items()}
     c.usable = [lr for lr in c.lrs if c.final.get(lr) and not c.failed.get(lr)]
     if c.usable:
-      c.fit = analysis.fit_optimum(c.usable, c.means())
+      c.fit = analysis.fit_optimum(c.lrs, c.grid_means())
       if min(len(c.final[lr]) for lr in c.usable) >= 2:
         stream = zlib.crc32(f"{c.setting}|{c.name}".encode())
-        c.draws = analysis.bootstrap_log_optimum(c.usable, [c.final[lr] for lr in c.usable],
+        c.draws = analysis.bootstrap_log_optimum(c.lrs, [c.final[lr] if lr in c.usable else [] for lr in c.lrs],
                                                  seed=[analysis.BOOT_SEED, stream])
+  for setting in {c.setting for c in out}:
+    here = [c for c in out if c.setting == setting and c.fit is not None]
+    noise = analysis.pooled_noise([c.best_values for c in here])
+    base = [v for c in here for v in c.step0]
+    best = min((float(np.mean(c.best_values)) for c in here), default=math.nan)
+    margin = analysis.match_margin(float(np.mean(base)), best) if base else math.nan
+    for c in here:
+      c.noise, c.margin = noise, margin
   return out
 
 
@@ -611,15 +635,19 @@ def optimum_table(conds: list[Condition]) -> Table:
 
 
 def noise_table(conds: list[Condition]) -> Table:
-  """Per condition: final NLL at its best grid LR and the std across seeds there (the seed noise)."""
+  """Per condition: final NLL at its best grid LR, the std across seeds there, and the setting's pooled noise."""
   def row(c):
-    values = c.final[c.best_lr] if c.fit else []
+    values = c.best_values
     noise = analysis.seed_noise(values)
     return [c.name, _lr(c.best_lr), f"{np.mean(values):.4f}" if values else "—",
-            "—" if math.isnan(noise) else f"{noise:.4f}", str(len(values))]
-  header, rows = _scoped(conds, ["condition", "best grid LR", "final NLL (mean)", "seed std", "n"], row)
-  return Table("seed_noise", "Seed noise: std of the final eval NLL across seeds at each condition's best grid LR",
-               header, rows)
+            "—" if math.isnan(noise) else f"{noise:.4f}", str(len(values)),
+            "—" if math.isnan(c.noise.sd) else f"{c.noise.sd:.4f} (df {c.noise.df})",
+            "—" if math.isnan(c.margin) else f"{c.margin:.4f}"]
+  header, rows = _scoped(conds, ["condition", "best grid LR", "final NLL (mean)", "seed std", "n",
+                                 "pooled noise (setting)", "match margin (setting)"], row)
+  return Table("seed_noise", "Seed noise: std of the final eval NLL across seeds at each condition's best grid LR; "
+               "the std pooled over the setting's best-LR cells and the margin the gap rule tests against", header,
+               rows)
 
 
 # -- Findings ----------------------------------------------------------------------------------------------------------
@@ -653,13 +681,11 @@ def ratio_of(lora_c: Condition, full_c: Condition) -> tuple[float, float, float,
   return ratio, lo, hi, lora_c.fit.interior and full_c.fit.interior
 
 
-def _gap(lora_c: Condition, full_c: Condition) -> tuple[float, float, bool]:
-  """Final NLL of LoRA minus full FT at their best grid LRs (seed means), the pooled seed noise, both interior."""
-  if lora_c.fit is None or full_c.fit is None:
-    return math.nan, math.nan, False
-  a, b = lora_c.final[lora_c.best_lr], full_c.final[full_c.best_lr]
-  noise = math.sqrt((analysis.seed_noise(a) ** 2 + analysis.seed_noise(b) ** 2) / 2)
-  return float(np.mean(a) - np.mean(b)), noise, lora_c.fit.interior and full_c.fit.interior
+def _gap(a: Condition, b: Condition) -> analysis.Comparison:
+  """a's final NLL minus b's at their best grid LRs, tested by the gap rule (the setting's pooled noise and margin)."""
+  if a.fit is None or b.fit is None:
+    return analysis.Comparison(math.nan, math.nan, math.nan, a.margin, analysis.UNKNOWN, "no finished run")
+  return analysis.compare(a.best_values, b.best_values, a.noise, a.margin, a.fit.interior and b.fit.interior)
 
 
 def _finding3(setting: str, group: str, loras: list[Condition], full: Condition,
@@ -683,14 +709,12 @@ def _finding3(setting: str, group: str, loras: list[Condition], full: Condition,
 
 
 def _findings12(setting: str, group: str, loras: list[Condition], full: Condition) -> list[FindingRow]:
-  """Findings 1 and 2 from each rank's best-LR gap to full FT."""
+  """Findings 1 and 2 from each rank's best-LR gap to full FT (the gap rule)."""
   classes, gaps = {}, {}
   for c in loras:
-    gap, noise, interior = _gap(c, full)
-    classes[c.rank] = analysis.classify_gap(gap, noise, interior)
-    margin = ("no seed noise: < 2 seeds" if math.isnan(noise)
-              else f"{analysis.MATCH_NOISE:g}×noise {analysis.MATCH_NOISE * noise:.4f}")
-    gaps[c.rank] = f"r{c.rank} {gap:+.4f} ({margin})" if not math.isnan(gap) else f"r{c.rank} —"
+    g = _gap(c, full)
+    classes[c.rank] = g.kind
+    gaps[c.rank] = f"r{c.rank} {g.text()}"
   v1, v2 = analysis.verdict_match(classes), analysis.verdict_capacity(classes)
   return [FindingRow("1", _scope(setting, group), gaps[max(gaps)], v1.verdict, v1.why),
           FindingRow("2", _scope(setting, group), "; ".join(gaps[r] for r in sorted(gaps)), v2.verdict, v2.why)]
@@ -865,33 +889,33 @@ def batch_part(conds: list[Condition]) -> Part | None:
         c = _pick(conds, s, name)
         if c is None:
           continue
-        gap = _gap(c, fulls[b])[0] if name != "full" and fulls[b] is not None else math.nan
-        values = c.final[c.best_lr] if c.fit else []
+        gap = _gap(c, fulls[b]).value if name != "full" and fulls[b] is not None else math.nan
+        values = c.best_values
         table.append(([rest] if len(lines) > 1 else []) + [
             f"{b:g}", name, _lr(c.best_lr), _mean_std(values) if values else "—",
             "" if name == "full" else "—" if math.isnan(gap) else f"{gap:+.4f}", c.edge_note()])
     for name in names:
       pairs = {b: (_pick(conds, s, name), fulls[b]) for b, s in settings.items()}
       pairs = {b: (lc, fc) for b, (lc, fc) in pairs.items() if lc and fc and lc.fit and fc.fit}
-      gaps[name] = {b: _gap(lc, fc)[0] for b, (lc, fc) in pairs.items()}
+      gaps[name] = {b: _gap(lc, fc).value for b, (lc, fc) in pairs.items()}
       if len(pairs) < 2:
         classes[name] = analysis.UNKNOWN
         rows.append(FindingRow("5", _scope(rest, name), "—", analysis.INCONCLUSIVE,
                                "fewer than two batch sizes with LoRA and full FT"))
         continue
       small, large = min(pairs), max(pairs)
-      cells = [c.final[c.best_lr] for b in (small, large) for c in pairs[b]]
-      seeded = [analysis.seed_noise(v) for v in cells if len(v) >= 2]
-      noise = math.sqrt(float(np.mean(np.square(seeded)))) if seeded else math.nan
-      interior = all(c.fit.interior for b in (small, large) for c in pairs[b])
-      growth = gaps[name][large] - gaps[name][small]
-      classes[name] = analysis.classify_growth(growth, noise, interior)
-      margin = (f"{analysis.MATCH_NOISE:g}×noise {analysis.batch_margin(noise):.4f}" if seeded
-                else f"no seed noise: margin {analysis.BATCH_ABS_MARGIN:g}")
+      here = [c for c in in_line if c.setting in (settings[small], settings[large]) and c.fit is not None]
+      noise = analysis.pooled_noise([c.best_values for c in here])
+      margin = min(pairs[small][1].margin, pairs[large][1].margin)
+      (ls, fs), (ll, fl) = pairs[small], pairs[large]
+      interior = all(c.fit.interior for c in (ls, fs, ll, fl))
+      growth = analysis.contrast([(ll.best_values, 1.0), (fl.best_values, -1.0), (ls.best_values, -1.0),
+                                  (fs.best_values, 1.0)], noise, margin, interior)
+      classes[name] = analysis.growth_class(growth)
       ours = f"gap {gaps[name][small]:+.4f} (B={small:g}) → {gaps[name][large]:+.4f} (B={large:g})"
-      why = f"growth {growth:+.4f}, {margin}: {classes[name]}" + ("" if interior else " (a best LR at the grid edge)")
-      verdict = {analysis.GROWS: analysis.AGREE, analysis.SHRINKS: analysis.DISAGREE}.get(classes[name],
-                                                                                         analysis.INCONCLUSIVE)
+      why = f"growth {growth.text()}: {classes[name]}"
+      verdict = {analysis.GROWS: analysis.AGREE, analysis.SHRINKS: analysis.DISAGREE,
+                 analysis.FLAT: analysis.DISAGREE}.get(classes[name], analysis.INCONCLUSIVE)
       rows.append(FindingRow("5", _scope(rest, name), ours, verdict, why))
     v = analysis.verdict_batch(classes)
     rows.append(FindingRow("5", _scope(rest, "overall"), "", v.verdict, v.why))
@@ -951,10 +975,8 @@ def _compare(a: Condition | None, b: Condition | None) -> tuple[str, str]:
   """The gap class of ``a`` against ``b`` (RULE_GAP's) and the gap as text."""
   if a is None or b is None or a.fit is None or b.fit is None:
     return analysis.UNKNOWN, "—"
-  gap, noise, interior = _gap(a, b)
-  margin = ("no seed noise" if math.isnan(noise)
-            else f"{analysis.MATCH_NOISE:g}×noise {analysis.MATCH_NOISE * noise:.4f}")
-  return analysis.classify_gap(gap, noise, interior), f"{gap:+.4f} ({margin})"
+  g = _gap(a, b)
+  return g.kind, g.text()
 
 
 def targets_label(c: Condition) -> str:
@@ -1175,7 +1197,8 @@ def study_markdown(rows: list[FindingRow], notes: dict[str, list[str]] | None = 
   and descriptive ``notes`` (finding -> lines, not verdicts)."""
   out = ["## vs the study\n",
          "Each verdict is computed by `experiments.analysis` from the numbers above; the rule printed under each "
-         "finding is the code's own text.\n"]
+         "finding is the code's own text.\n",
+         f"Stability (`analysis.RULE_STABLE`): {analysis.RULE_STABLE}\n"]
   for finding in FINDING_ORDER:
     mine = [r for r in rows if r.finding == finding]
     out.append(f"### Finding {finding}: {TITLES[finding]}\n")
@@ -1246,7 +1269,7 @@ def plot_lr_curves(stem: epath.Path, conds: list[Condition]) -> None:
                   capsize=2, color=colors[c.name], label=c.name)
       if c.fit.interior and c.fit.coef[0] > 0:
         a, b, k = c.fit.coef
-        x = np.linspace(math.log10(c.usable[c.fit.used[0]]), math.log10(c.usable[c.fit.used[-1]]), 50)
+        x = np.linspace(math.log10(c.lrs[c.fit.used[0]]), math.log10(c.lrs[c.fit.used[-1]]), 50)
         ax.plot(10.0 ** x, a * x * x + b * x + k, linestyle="--", linewidth=1, color=colors[c.name])
         ax.plot([c.fit.lr], [a * c.fit.log_lr ** 2 + b * c.fit.log_lr + k], marker="v", color=colors[c.name])
     _finish_axes(ax, "learning rate", "final eval NLL per loss token",
@@ -1540,14 +1563,14 @@ def sweep_markdown(sweep_dir: epath.Path, meta: dict, runs: list[SweepRun], cond
               "not generalisation)" if on_train else "Held-out NLL per loss token")
              + " of finished runs (evaluated at the config's last step), mean ± std over "
              "seeds (n). Failed runs (e.g. NaN at too high an LR) and runs not done are counted in brackets, not "
-             "averaged; an LR with a failed run is left out of the fits below.\n")
+             "averaged; an LR with a failed run counts as diverged in the fits below.\n")
   for name in ("final_nll", "min_nll"):
     out += [f"**{by_name[name].caption}** (`tables/{name}.tex`)\n", by_name[name].markdown()]
   out.append("## Optimal LR\n")
-  out.append(f"The optimum of each condition is the vertex of a quadratic in log10(LR) fitted to the seed-mean final "
-             f"NLL at the grid minimum and its two neighbours (five points, the minimum and two on each side, when the "
-             f"grid has them and that fit is convex with its vertex between the minimum's neighbours). A grid minimum "
-             f"at either end of the LRs with results is an **edge**: no optimum is claimed. Interval: "
+  out.append(f"The optimum of each condition is the vertex of the quadratic in log10(LR) through the seed-mean final "
+             f"NLL at the grid minimum and its two neighbours (`analysis.fit_optimum`, the one estimator of every "
+             f"family). A grid minimum at either end of the grid, or next to an LR where a run diverged or failed, "
+             f"claims no optimum (**edge**): the fit never spans a diverged point. Interval: "
              f"{analysis.LEVEL:.0%} percentile interval over {analysis.N_BOOT} bootstrap resamples (the seeds at "
              f"each LR resampled with replacement, independently per LR and condition; RNG seed "
              f"{analysis.BOOT_SEED}), each refitted the same way; an open end (0 or ∞) means more than "
@@ -1602,13 +1625,49 @@ class SweepAnalysis:
     return epath.Path(self.meta["config"].split(":")[0]).stem
 
 
-def analyse_sweep(sweep_dir: str | epath.PathLike) -> SweepAnalysis:
-  """Reads a sweep's files and computes every table and verdict, writing and plotting nothing."""
-  meta, runs = load_sweep(sweep_dir)
-  conds = conditions(runs)
+def _judge(conds: list[Condition]) -> tuple[list[FindingRow], list[Table], dict[str, Part]]:
+  """Every verdict row, finding 3's ratio tables and the cross-setting parts of one set of conditions."""
   rows, ratio_tables = findings(conds)
   parts = {f: part for f, make in PARTS.items() if (part := make(conds)) is not None}
   rows = sorted(rows + [r for p in parts.values() for r in p.rows], key=lambda r: FINDING_ORDER.index(r.finding))
+  return rows, ratio_tables, parts
+
+
+def judgeable_fractions(runs: list[SweepRun]) -> list[float]:
+  """The fractions of JUDGED_AT at which every finished run has an evaluation of its own (before its last step for
+  a fraction < 1): the ones ``RULE_STABLE`` can judge at."""
+  done = [r for r in runs if r.finished]
+  return [f for f in analysis.JUDGED_AT
+          if f == 1.0 or (done and all((s := judged_step(r, f)) is not None and s < r.config["train"]["steps"]
+                                       for r in done))]
+
+
+def stable_rows(by_fraction: dict[float, list[FindingRow]]) -> list[FindingRow]:
+  """The last fraction's rows with each verdict replaced by ``analysis.stable`` over the fractions (``RULE_STABLE``)."""
+  fractions = sorted(by_fraction)
+  verdicts = {f: {(r.finding, r.scope): r.verdict for r in rows} for f, rows in by_fraction.items()}
+  out = []
+  for r in by_fraction[fractions[-1]]:
+    seen = {f: verdicts[f].get((r.finding, r.scope), "—") for f in fractions}
+    verdict = analysis.stable(seen)
+    why = r.why
+    if len(fractions) < len(analysis.JUDGED_AT):
+      why += f" (stability not judged at {', '.join(f'{f:.0%}' for f in analysis.JUDGED_AT if f not in seen)}: " \
+             "no evaluation there)"
+    if verdict == analysis.UNSTABLE:
+      why += "; by step fraction: " + ", ".join(f"{f:.0%} {v}" for f, v in seen.items())
+    out.append(dataclasses.replace(r, verdict=verdict, why=why))
+  return out
+
+
+def analyse_sweep(sweep_dir: str | epath.PathLike) -> SweepAnalysis:
+  """Reads a sweep's files and computes every table and verdict (each judged at JUDGED_AT's fractions of the steps:
+  ``RULE_STABLE``), writing and plotting nothing."""
+  meta, runs = load_sweep(sweep_dir)
+  judged = {f: _judge(conditions(runs, f)) for f in judgeable_fractions(runs) if f != 1.0}
+  conds = conditions(runs)
+  rows, ratio_tables, parts = _judge(conds)
+  rows = stable_rows({**{f: j[0] for f, j in judged.items()}, 1.0: rows})
   tables = nll_tables(conds) + [optimum_table(conds), *ratio_tables, noise_table(conds),
                                 *(parts[f].table for f in FINDING_ORDER if f in parts), study_table(rows)]
   return SweepAnalysis(meta, runs, conds, rows, tables, parts)
@@ -1746,13 +1805,6 @@ def _rl_cell(c: RLCondition, lr: float, values: dict) -> str:
   return text or "—"
 
 
-def _rl_margin(a: RLCondition, b: RLCondition) -> float:
-  sa, sb = a.scores.get(a.best_lr, []), b.scores.get(b.best_lr, [])
-  if len(sa) >= 2 and len(sb) >= 2:
-    return analysis.MATCH_NOISE * math.sqrt((analysis.seed_noise(sa) ** 2 + analysis.seed_noise(sb) ** 2) / 2)
-  return analysis.REWARD_MARGIN
-
-
 def _band(c: RLCondition, threshold: float) -> analysis.Band | None:
   lrs = c.usable
   return analysis.good_band(lrs, [c.mean_score(lr) - c.start for lr in lrs], threshold) if lrs else None
@@ -1773,11 +1825,12 @@ def rl_findings(conds: list[RLCondition]) -> tuple[list[FindingRow], dict]:
     if full is None or not loras:
       continue
     low = loras[0]
-    gap = low.peak - full.peak
-    margin = _rl_margin(low, full)
-    behind = low if gap < 0 else full
-    at_edge = behind.best_lr in (behind.usable[0], behind.usable[-1]) if behind.usable else True
-    v = analysis.verdict_rl_peak(gap, margin, best_gain, at_edge)
+    noise = analysis.pooled_noise([c.scores[c.best_lr] for c in here if c.usable])
+    peaks = [c.peak - c.start for c in here if c.usable]
+    margin = analysis.MATCH_FRACTION * max(peaks) if peaks else math.nan
+    interior = all(c.usable and c.best_lr not in (c.lrs[0], c.lrs[-1]) for c in (low, full))
+    costs = [[-v for v in c.scores.get(c.best_lr, [])] if c.usable else [] for c in (low, full)]
+    v = analysis.verdict_rl_peak(analysis.compare(costs[0], costs[1], noise, margin, interior), best_gain)
     ours = f"r{low.rank} {low.peak:.3f} vs full {full.peak:.3f}" if low.usable and full.usable else "—"
     rows.append(FindingRow("7", _scope(setting, f"rank {low.rank}"), ours, v.verdict, v.why))
     verdicts = []

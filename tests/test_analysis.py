@@ -20,7 +20,7 @@ def u_curve(log_lrs, seeds=4, noise=0.0, seed=0, curvature=0.3):
 
 def test_fit_recovers_a_known_optimum_exactly_without_noise():
   fit = A.fit_optimum(GRID, [v.mean() for v in u_curve(np.log10(GRID))])
-  assert fit.interior and fit.edge == "" and len(fit.used) == 5
+  assert fit.interior and fit.edge == "" and fit.used == (fit.grid_index - 1, fit.grid_index, fit.grid_index + 1)
   assert fit.log_lr == pytest.approx(TRUE_LOG_LR, abs=1e-9) and fit.lr == pytest.approx(10 ** TRUE_LOG_LR)
   three = A.fit_optimum(GRID[3:6], [v.mean() for v in u_curve(np.log10(GRID[3:6]))])  # only 3 points around it
   assert three.used == (0, 1, 2) and three.log_lr == pytest.approx(TRUE_LOG_LR, abs=1e-9)
@@ -40,8 +40,29 @@ def test_edge_minima_are_flagged_and_claim_no_optimum():
   assert not A.fit_optimum(GRID[:2], [1.0, 2.0]).interior
   with pytest.raises(ValueError, match="increasing LRs"):
     A.fit_optimum(GRID[::-1], range(len(GRID)))
-  with pytest.raises(ValueError, match="finite"):
-    A.fit_optimum(GRID[:3], [1.0, math.nan, 2.0])
+  with pytest.raises(ValueError, match="diverged"):
+    A.fit_optimum(GRID[:3], [1.0, math.inf, 2.0])
+  with pytest.raises(ValueError, match="every LR diverged"):
+    A.fit_optimum(GRID[:3], [math.nan] * 3)
+
+
+def test_the_fit_uses_three_points_and_never_spans_a_diverged_lr():
+  """The grid minimum and its two neighbours only: a far point (the divergence wall) cannot pull the optimum."""
+  y = [v.mean() for v in u_curve(np.log10(GRID))]
+  wall = list(y)
+  wall[-1] = 5.0  # a diverging high LR, 3 grid steps from the minimum
+  assert A.fit_optimum(GRID, wall).log_lr == pytest.approx(A.fit_optimum(GRID, y).log_lr, abs=1e-12)
+  k = int(np.argmin(y))
+  for side, edge in ((k + 1, "diverged above"), (k - 1, "diverged below")):
+    diverged = list(y)
+    diverged[side] = math.nan
+    fit = A.fit_optimum(GRID, diverged)
+    assert not fit.interior and fit.edge == edge and fit.grid_index == k and fit.used == ()
+  far = list(y)
+  far[0] = math.nan  # a diverged LR away from the minimum changes nothing
+  assert A.fit_optimum(GRID, far).log_lr == pytest.approx(A.fit_optimum(GRID, y).log_lr, abs=1e-12)
+  draws = A.bootstrap_log_optimum(GRID[:5], [[1.0, 1.1], [0.8, 0.9], [0.5, 0.6], [], [0.9, 1.0]], n_boot=50)
+  assert np.all(draws == math.inf)  # the minimum's upper neighbour diverged: never an interior optimum
 
 
 def test_interior_vertex_always_lies_between_the_minimums_neighbours():
@@ -55,13 +76,13 @@ def test_interior_vertex_always_lies_between_the_minimums_neighbours():
 
 
 def test_bootstrap_interval_covers_the_truth():
-  covered, reps = 0, 20
+  covered, reps = 0, 60
   for rep in range(reps):
     samples = u_curve(np.log10(GRID), seeds=4, noise=0.03, seed=100 + rep)
     lo, hi = A.interval(A.bootstrap_log_optimum(GRID, samples, n_boot=400, seed=rep))
     assert lo < hi and hi - lo < 0.3  # an informative interval: well under one grid step (0.5 decades)
     covered += lo <= TRUE_LOG_LR <= hi
-  assert covered >= 0.75 * reps  # nominal 90%; the percentile bootstrap under-covers a little with 4 seeds
+  assert covered >= 0.72 * reps  # nominal 90%; the 3-point percentile bootstrap covers ~80% with 4 seeds
 
 
 def test_bootstrap_is_deterministic_and_streams_differ():
@@ -126,12 +147,72 @@ def test_verdict_rank_invariance(pairs, interior, verdict):
   assert A.verdict_rank_invariance(pairs, interior).verdict == verdict
 
 
-def test_classify_gap():
-  assert A.classify_gap(0.01, 0.01, True) == A.MATCHES  # |gap| <= 2 x noise
-  assert A.classify_gap(0.03, 0.01, True) == A.BEHIND
-  assert A.classify_gap(-0.03, 0.01, True) == A.AHEAD
-  assert A.classify_gap(0.0, 0.01, False) == A.UNKNOWN  # a best LR at the grid edge
-  assert A.classify_gap(0.0, math.nan, True) == A.UNKNOWN  # one seed: no noise estimate
+NOISE = A.Noise(0.01, 12)  # e.g. pooled over 6 cells of 3 seeds
+
+
+def test_pooled_noise_weights_cells_by_their_degrees_of_freedom():
+  noise = A.pooled_noise([[1.0, 2.0, 3.0], [5.0, 5.0], [7.0]])  # variances 1 (df 2) and 0 (df 1); one value: none
+  assert noise.df == 3 and noise.sd == pytest.approx(math.sqrt(2 / 3))
+  none = A.pooled_noise([[1.0], []])
+  assert none.df == 0 and math.isnan(none.sd)
+
+
+@pytest.mark.parametrize("a_mean, margin, kind", [
+    (1.000, 0.05, A.MATCHES),  # the 90% interval (±0.0145) sits inside ±0.05
+    (1.030, 0.05, A.MATCHES),  # [0.0155, 0.0445]: a real gap, but inside the margin (equivalent)
+    (1.100, 0.05, A.BEHIND),  # lower end 0.0855 above the margin
+    (0.900, 0.05, A.AHEAD),
+    (1.060, 0.05, A.UNKNOWN),  # the interval straddles the margin
+    (1.000, 0.01, A.UNKNOWN),  # a margin narrower than the noise: equivalence cannot be shown
+])
+def test_compare_is_an_equivalence_test_against_the_margin(a_mean, margin, kind):
+  b = [0.99, 1.0, 1.01]
+  a = [a_mean - 0.01, a_mean, a_mean + 0.01]
+  c = A.compare(a, b, NOISE, margin)
+  half = 1.782287555649159 * 0.01 * math.sqrt(2 / 3)  # t(0.95, 12) x sd x sqrt(1/3 + 1/3)
+  assert c.value == pytest.approx(a_mean - 1.0) and c.hi - c.lo == pytest.approx(2 * half)
+  assert c.kind == kind
+
+
+def test_compare_is_unknown_without_enough_seeds_noise_or_an_optimum():
+  three = [1.0, 1.0, 1.0]
+  assert A.compare(three, three, NOISE, 0.05, interior=False).kind == A.UNKNOWN
+  assert A.compare([1.0, 1.0], three, NOISE, 0.05).why == f"fewer than {A.MIN_SEEDS} seeds"
+  assert A.compare(three, three, A.Noise(math.nan, 0), 0.05).kind == A.UNKNOWN
+  assert math.isnan(A.compare([], three, NOISE, 0.05).value)
+
+
+def test_a_noisier_method_never_matches_more_easily():
+  """Synthetic sweeps with the same gap: as one method's seeds get noisier, the pooled noise grows and the verdict
+  can only move away from "matches" (never towards it), however the noise falls."""
+  rng = np.random.default_rng(0)
+  full = 1.0 + 0.01 * rng.standard_normal(3)
+  shape = rng.standard_normal(3)
+  shape = (shape - shape.mean()) / shape.std(ddof=1)
+  order = {A.MATCHES: 0, A.UNKNOWN: 1, A.BEHIND: 1}
+  previous = None
+  for spread in (0.005, 0.01, 0.02, 0.05, 0.1, 0.2):
+    lora = full.mean() + 0.01 + spread * shape  # the same mean gap at every spread
+    c = A.compare(lora, full, A.pooled_noise([lora, full]), 0.04)
+    if previous is not None:
+      assert order[c.kind] >= order[previous]
+    previous = c.kind
+  assert previous == A.UNKNOWN  # the noisiest cannot tell
+
+
+def test_growth_is_a_contrast_of_four_cells():
+  small_lora, small_full = [1.0, 1.01, 0.99], [1.0, 1.01, 0.99]
+  large_lora, large_full = [1.3, 1.31, 1.29], [1.1, 1.11, 1.09]
+  growth = A.contrast([(large_lora, 1.0), (large_full, -1.0), (small_lora, -1.0), (small_full, 1.0)], NOISE, 0.05)
+  assert growth.value == pytest.approx(0.2) and A.growth_class(growth) == A.GROWS
+  flat = A.contrast([(small_lora, 1.0), (small_full, -1.0), (small_lora, -1.0), (small_full, 1.0)], NOISE, 0.05)
+  assert A.growth_class(flat) == A.FLAT
+
+
+def test_stable_verdicts_over_step_fractions():
+  assert A.stable({0.5: A.AGREE, 0.75: A.AGREE, 1.0: A.AGREE}) == A.AGREE
+  assert A.stable({0.5: A.DISAGREE, 0.75: A.AGREE, 1.0: A.AGREE}) == A.UNSTABLE
+  assert A.stable({1.0: A.INCONCLUSIVE}) == A.INCONCLUSIVE
 
 
 @pytest.mark.parametrize("classes, verdict", [
@@ -160,7 +241,8 @@ def test_verdict_capacity(classes, verdict):
 def test_rule_texts_state_the_constants_the_code_uses():
   assert f"[{A.RATIO_STUDY:g}/{A.RATIO_CLOSE:g}, {A.RATIO_STUDY:g}*{A.RATIO_CLOSE:g}]" in A.RULE_RATIO
   assert f"[1/{A.RANK_SPREAD:g}, {A.RANK_SPREAD:g}]" in A.RULE_RANK and f">= {A.RANK_FLOOR}" in A.RULE_RANK
-  assert f"<= {A.MATCH_NOISE:g} * noise" in A.RULE_GAP and f"{A.LEVEL:.0%}" in A.RULE_RATIO
+  assert f"{A.MATCH_FRACTION:g} x" in A.RULE_GAP and f"fewer than {A.MIN_SEEDS} seeds" in A.RULE_GAP
+  assert f"{A.TEST_LEVEL:.0%} interval" in A.RULE_GAP and f"{A.LEVEL:.0%}" in A.RULE_RATIO
 
 
 def test_power_law_slope():
@@ -181,22 +263,10 @@ def test_verdict_width(ratios, verdict):
   assert A.verdict_width(ratios).verdict == verdict
 
 
-@pytest.mark.parametrize("growth, noise, interior, kind", [
-    (0.05, 0.01, True, A.GROWS),  # > 2 x 0.01
-    (-0.05, 0.01, True, A.SHRINKS),
-    (0.015, 0.01, True, A.FLAT),
-    (0.5, 0.01, False, A.UNKNOWN),  # a best LR at the grid edge
-    (0.04, math.nan, True, A.FLAT),  # no seeds: only a change beyond BATCH_ABS_MARGIN counts
-    (0.08, math.nan, True, A.GROWS),
-    (-0.08, math.nan, True, A.SHRINKS),
-])
-def test_classify_growth(growth, noise, interior, kind):
-  assert A.classify_growth(growth, noise, interior) == kind
-
-
 @pytest.mark.parametrize("classes, verdict", [
     ({"lora r=4": A.GROWS, "lora r=64": A.GROWS}, A.AGREE),
-    ({"lora r=4": A.GROWS, "lora r=64": A.FLAT}, A.INCONCLUSIVE),  # does a higher rank fix it? not shown either way
+    ({"lora r=4": A.GROWS, "lora r=64": A.FLAT}, A.DISAGREE),  # a higher rank removes the penalty (shown: equivalent)
+    ({"lora r=4": A.GROWS, "lora r=64": A.UNKNOWN}, A.INCONCLUSIVE),
     ({"lora r=4": A.GROWS, "lora r=64": A.SHRINKS}, A.DISAGREE),
     ({"lora r=4": A.UNKNOWN}, A.INCONCLUSIVE),
     ({}, A.INCONCLUSIVE),
@@ -249,7 +319,7 @@ def test_ba_ratio_crossing_and_verdict():
 def test_new_rule_texts_state_their_constants():
   assert f"<= {A.WIDTH_AGREE:g}" in A.RULE_WIDTH and f"> {A.WIDTH_FAR:g}" in A.RULE_WIDTH
   assert f"fewer than {A.WIDTH_MIN} widths" in A.RULE_WIDTH
-  assert f"{A.MATCH_NOISE:g} * noise, or {A.BATCH_ABS_MARGIN:g} nats" in A.RULE_BATCH
+  assert f"{A.MATCH_FRACTION:g} x the smaller" in A.RULE_BATCH
   assert f"steps 1-{A.EARLY_STEPS}" in A.RULE_EARLY and f"* {A.EARLY_FACTOR:g} <" in A.RULE_EARLY
-  assert f"{A.MATCH_NOISE:g} x the pooled seed noise" in A.RULE_LAYERS
+  assert "equivalence test against the margin" in A.RULE_LAYERS
   assert "> 1" in A.RULE_BA and "< 1" in A.RULE_BA

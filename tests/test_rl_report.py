@@ -1,6 +1,7 @@
 """The RL sweep report: scores, good-LR bands and the finding-7 verdicts from run files alone; the RL config family
 through experiments.main's checks; micro-batched RL steps."""
 
+import itertools
 import json
 import math
 
@@ -40,20 +41,30 @@ def test_band_and_peak_verdicts():
   assert analysis.verdict_rl_band(closed, wide).verdict == analysis.DISAGREE
   assert analysis.verdict_rl_band(wide, analysis.Band(2e-4, 4e-4, True, False)).verdict == analysis.INCONCLUSIVE
   assert analysis.verdict_rl_band(None, closed).verdict == analysis.INCONCLUSIVE
-  assert analysis.verdict_rl_peak(-0.01, 0.03, 0.2, False).verdict == analysis.AGREE
-  assert analysis.verdict_rl_peak(-0.1, 0.03, 0.2, False).verdict == analysis.DISAGREE
-  assert analysis.verdict_rl_peak(-0.1, 0.03, 0.2, True).verdict == analysis.INCONCLUSIVE  # behind at the edge
-  assert analysis.verdict_rl_peak(0.0, 0.03, 0.02, False).verdict == analysis.INCONCLUSIVE  # nothing learned
+  noise = analysis.Noise(0.01, 6)
+  full = [0.60, 0.61, 0.62]
+  lora = lambda d: [-(v - d) for v in full]  # noqa: E731  (costs: negated rewards, LoRA's peak d below full FT's)
+  peak = lambda d, interior=True: analysis.compare(lora(d), [-v for v in full], noise, 0.03, interior)  # noqa: E731
+  assert analysis.verdict_rl_peak(peak(0.0), 0.2).verdict == analysis.AGREE
+  assert analysis.verdict_rl_peak(peak(-0.1), 0.2).verdict == analysis.AGREE  # LoRA ahead
+  assert analysis.verdict_rl_peak(peak(0.1), 0.2).verdict == analysis.DISAGREE
+  assert analysis.verdict_rl_peak(peak(0.1, interior=False), 0.2).verdict == analysis.INCONCLUSIVE  # at the edge
+  assert analysis.verdict_rl_peak(peak(0.03), 0.2).verdict == analysis.INCONCLUSIVE  # straddles the margin
+  assert analysis.verdict_rl_peak(peak(0.0), 0.0).verdict == analysis.INCONCLUSIVE  # nothing learned
+
+
+SEED_OFFSETS = (0.0, 0.002, -0.002)  # three seeds per LR (the gap rule needs 3): each shifts every score by this
 
 
 def write_sweep(root, finals: dict[str, list[float]], steps=8, start=0.4):
   """A sweep directory of the tiny RL family with made-up rewards: per condition ("lora1", "full") the score at each LR
-  of LRS (the reward rises linearly from ``start`` to it and stays)."""
+  of LRS, shifted per seed by SEED_OFFSETS (the reward rises from ``start`` to it at step 2 and stays)."""
   points = []
   for name, scores in finals.items():
-    for lr, final in zip(LRS, scores):
+    for (lr, final0), (seed, offset) in itertools.product(zip(LRS, scores), enumerate(SEED_OFFSETS)):
+      final = final0 + offset
       method, rank = ("full", "") if name == "full" else ("lora", f",rank={name[4:]}")
-      point = f"tiny,method={method}{rank},lr={lr:g}"
+      point = f"tiny,method={method}{rank},lr={lr:g},seed={seed}"
       d = root / point.replace(",", "_")
       (d / method).mkdir(parents=True)
       (d / "config.json").write_text(rl_configs.get_config(point).to_json())
@@ -80,22 +91,22 @@ def verdicts(text: str, finding: str) -> list[str]:
 
 
 def test_report_agrees_when_rank_1_matches_full_ft_with_a_wider_band(tmp_path):
-  write_sweep(tmp_path, {"lora1": [0.45, 0.55, 0.6, 0.58, 0.5], "full": [0.4, 0.45, 0.61, 0.42, 0.3]})
+  write_sweep(tmp_path, {"lora1": [0.45, 0.55, 0.605, 0.58, 0.5], "full": [0.4, 0.45, 0.61, 0.42, 0.3]})
   text = report.write_sweep(tmp_path)  # dispatches to the RL report
   assert text.startswith("# RL sweep report: rl (tiny)")
-  assert verdicts(text, "7") == ["agree"]  # 0.60 vs 0.61: within the 0.03 margin
+  assert verdicts(text, "7") == ["agree"]  # 0.605 vs 0.61 ± 0.0035: within the margin (0.05 x the best gain 0.21)
   assert verdicts(text, "7b") == ["agree", "agree"]  # rank 1: 2e-4..8e-4 vs full FT: 4e-4 alone
   assert analysis.RULE_RL_PEAK in text and analysis.RULE_RL_BAND in text
-  assert "| lora r=1 | 0.400 | 0.600 | 4e-4 | 2e-4..8e-4 (x4) |" in text  # good: gain >= 0.5 * 0.21
+  assert "| lora r=1 | 0.400 | 0.605 | 4e-4 | 2e-4..8e-4 (x4) |" in text  # good: gain >= 0.5 * 0.21
   rows = (tmp_path / "results.csv").read_text().splitlines()
-  assert rows[0].startswith("family,point,method,rank,lr,seed,step,train_reward") and len(rows) == 1 + 10 * 9
+  assert rows[0].startswith("family,point,method,rank,lr,seed,step,train_reward") and len(rows) == 1 + 10 * 9 * 3
   for f in ("rl_reward_vs_lr.png", "rl_reward_curves.pdf"):
     assert (tmp_path / "figures" / f).stat().st_size > 1000
   assert report.write_sweep(tmp_path) == text  # deterministic
 
 
 def test_report_disagrees_when_rank_1_is_behind_and_its_band_is_no_wider(tmp_path):
-  write_sweep(tmp_path, {"lora1": [0.4, 0.42, 0.5, 0.42, 0.4], "full": [0.4, 0.55, 0.6, 0.58, 0.4]})
+  write_sweep(tmp_path, {"lora1": [0.4, 0.42, 0.52, 0.42, 0.4], "full": [0.4, 0.55, 0.6, 0.58, 0.4]})
   text = report.write_sweep(tmp_path)
   assert verdicts(text, "7") == ["disagree"]
   assert verdicts(text, "7b") == ["disagree", "disagree"]

@@ -48,12 +48,12 @@ def make_config(arg: str, seed: int, **fields):
 
 
 def write_config_run(point_dir, config, final: float, last_step: int | None = None, state: str | None = None,
-                     loss_at=None, diagnostics=None, trainable: int = 100):
+                     loss_at=None, diagnostics=None, trainable: int = 100, rate: float = 4.0):
   """One point's workdir as experiments.main leaves it: eval NLL falling from BASE_NLL to ``final`` at the config's
   last step; train loss ``loss_at(step)`` (default: that NLL + 0.05) every ``log_every`` steps; with
   ``diagnostics(step) -> modules``, a lora_diagnostics.jsonl record at every evaluation."""
   steps, eval_every, log_every = config.train.steps, config.train.eval_every, config.train.log_every
-  last_step = steps if last_step is None else last_step
+  last_step = steps if last_step is None else last_step  # eval NLL approaches ``final`` as 1 - exp(-rate * t)
   point_dir.mkdir(parents=True)
   (point_dir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
   (point_dir / "run_info.json").write_text(json.dumps({"git_commit": "abc123", "git_dirty": False}))
@@ -61,7 +61,7 @@ def write_config_run(point_dir, config, final: float, last_step: int | None = No
     (point_dir / "status.json").write_text(json.dumps({"state": state}))
   records, diag = [], []
   for step in range(0, last_step + 1):
-    nll = BASE_NLL + (final - BASE_NLL) * (1 - math.exp(-4 * step / steps)) / (1 - math.exp(-4))
+    nll = BASE_NLL + (final - BASE_NLL) * (1 - math.exp(-rate * step / steps)) / (1 - math.exp(-rate))
     if step and (step % log_every == 0 or step == steps):
       records.append({"step": step, "train/loss": loss_at(step) if loss_at else nll + 0.05, "train/tokens": TOKENS,
                       "train/lr": config.optim.lr, "params/trainable": trainable})
@@ -229,7 +229,7 @@ def test_edge_minimum_claims_no_optimum_and_is_inconclusive(tmp_path):
   text = report.write_sweep(tmp_path)
   best, fitted, interval, fit, _ = _table_rows(text, "**Optimal LR")["lora r=16"]
   assert float(best) == 1e-2 and fitted == "— (edge)" and interval == "—"
-  assert fit == "edge: highest LR with a result (the LRs past it failed)"
+  assert fit == "next to a diverged or failed LR (above)"
   section = text[text.index("### Finding 3:"):text.index("### Finding 4:")]
   assert "| lora r=16 | — (edge) | **inconclusive** | an optimum is at the grid edge |" in section
   for finding in (1, 2, 4):  # a best LR at the edge: the gap is unknown; one rank: finding 4 untestable
@@ -237,11 +237,36 @@ def test_edge_minimum_claims_no_optimum_and_is_inconclusive(tmp_path):
     assert "**inconclusive**" in section
 
 
+def test_a_verdict_that_changes_over_the_last_steps_is_unstable(tmp_path):
+  """LoRA r16 ends level with full FT but learns slowly (0.3 nats behind at half the steps, 0.08 at 75%): finding 1
+  is judged at 50%, 75% and 100% of the steps and comes out unstable; the rank-4 gap, behind throughout, does not."""
+  points = []
+  for key, arg, best, floor, rate in (("full", "tiny,method=full", 1e-3, 1.0, 4.0),
+                                      (4, "tiny,method=lora,rank=4", 1e-2, 1.5, 4.0),
+                                      (16, "tiny,method=lora,rank=16", 1e-2, 1.0, 0.5)):
+    for lr in lr_grid(best, 1):
+      for seed in SEEDS:
+        name = f"{key}_{lr:g}_s{seed}"
+        write_config_run(tmp_path / name, make_config(f"{arg},lr={lr:g}", seed), u_nll(lr, best, floor, seed),
+                         rate=rate)
+        points.append({"point": f"{arg},lr={lr:g},seed={seed}", "name": name})
+  text = finish_sweep(tmp_path, "lr_sweep", points)
+  rows = {(r.finding, r.scope): r for r in report.sweep_verdicts(tmp_path)}
+  one = rows[("1", "all")]
+  assert one.verdict == analysis.UNSTABLE and one.why.endswith("50% disagree, 75% disagree, 100% agree")
+  assert rows[("2", "all")].verdict == analysis.UNSTABLE  # both ranks behind until the end: untested, then agree
+  assert rows[("3", "lora r=16")].verdict == analysis.AGREE  # the optima do not move
+  assert "| all | r16 +0.0000 [" in section(text, "1") and "**unstable**" in section(text, "1")
+  assert analysis.RULE_STABLE in text
+  unjudged = [r for r in rows.values() if "stability not judged" in r.why]
+  assert not unjudged  # every run was evaluated at 50 and 75% (EVAL_EVERY 50 of 200 steps)
+
+
 def test_a_sweep_over_batch_sizes_is_analysed_per_setting(tmp_path):
   points = []
   for batch_size in (8, 32):
-    points += write_points(tmp_path, [("full", "full", FULL_LRS[1:4], (0, 1), batch_size),
-                                      ("lora,rank=16", 16, LORA_LRS[1:4], (0, 1), batch_size)])
+    points += write_points(tmp_path, [("full", "full", FULL_LRS[1:4], SEEDS, batch_size),
+                                      ("lora,rank=16", 16, LORA_LRS[1:4], SEEDS, batch_size)])
   (tmp_path / "sweep.json").write_text(json.dumps({"config": "experiments/configs/batch_size.py", "arg": "tiny",
                                                    "points": points}))
   text = report.write_sweep(tmp_path)
@@ -253,10 +278,10 @@ def test_a_sweep_over_batch_sizes_is_analysed_per_setting(tmp_path):
     finding3 = [l for l in text.splitlines() if l.startswith(f"| data.batch_size={batch_size}, lora r=16 |")]
     assert len(finding3) == 1 and "| **agree** |" in finding3[0]  # finding 3 per setting
   assert r"data.batch\_size=8" in (tmp_path / "tables" / "optimal_lr.tex").read_text()
-  # Finding 5: r16 matches full FT at both batch sizes, so its gap neither grows nor shrinks.
+  # Finding 5: r16 matches full FT at both batch sizes: its gap is shown flat (equivalent), against the study.
   rank_row = next(l for l in section(text, "5").splitlines() if l.startswith("| lora r=16 | gap "))
-  assert "| **inconclusive** | growth +0.0000, 2×noise " in rank_row and rank_row.endswith(": flat |")
-  assert "| overall | — | **inconclusive** | lora r=16 flat |" in section(text, "5")
+  assert "| **disagree** | growth +0.0000 [" in rank_row and rank_row.endswith(": matches: flat |")
+  assert "| overall | — | **disagree** | lora r=16 flat |" in section(text, "5")
   with open(tmp_path / "results.csv") as f:
     assert {r["batch_size"] for r in csv.DictReader(f)} == {"8", "32"}
 
@@ -335,7 +360,7 @@ BATCHES = {4: 400, 16: 200, 64: 100}  # batch size -> steps (the steps follow th
 
 def test_batch_sweep_with_a_growing_gap_agrees_and_regenerates(tmp_path):
   """LoRA r4 and r16 fall further behind full FT as the batch grows; every condition does best at batch 4."""
-  gaps = {4: {4: 0.02, 16: 0.01}, 16: {4: 0.06, 16: 0.05}, 64: {4: 0.12, 16: 0.11}}
+  gaps = {4: {4: 0.02, 16: 0.01}, 16: {4: 0.12, 16: 0.11}, 64: {4: 0.32, 16: 0.31}}
   points = []
   for batch, steps in BATCHES.items():
     full_floor = 1.0 + 0.01 * math.log2(batch / 4)
@@ -343,7 +368,7 @@ def test_batch_sweep_with_a_growing_gap_agrees_and_regenerates(tmp_path):
                                      *((f"r{r}", f"tiny,method=lora,rank={r}", 1e-2, full_floor + gaps[batch][r])
                                        for r in (4, 16))):
       for lr in lr_grid(best, 1):
-        for seed in (0, 1):
+        for seed in SEEDS:
           name = f"b{batch}_{method}_{lr:g}_s{seed}"
           config = make_config(f"{arg},lr={lr:g}", seed, data__batch_size=batch, train__steps=steps)
           write_config_run(tmp_path / name, config, u_nll(lr, best, floor, seed))
@@ -351,13 +376,13 @@ def test_batch_sweep_with_a_growing_gap_agrees_and_regenerates(tmp_path):
   text = finish_sweep(tmp_path, "batch_size", points)
   assert "`data.batch_size=4, train.steps=400`" in text
   finding = section(text, "5")
-  for name, small, large in (("lora r=4", 0.02, 0.12), ("lora r=16", 0.01, 0.11)):
-    row = f"| {name} | gap {small:+.4f} (B=4) → {large:+.4f} (B=64) | **agree** | growth +0.1000, 2×noise "
+  for name, small, large in (("lora r=4", 0.02, 0.32), ("lora r=16", 0.01, 0.31)):
+    row = f"| {name} | gap {small:+.4f} (B=4) → {large:+.4f} (B=64) | **agree** | growth +0.3000 ["
     assert row in finding
   assert "| overall | — | **agree** | lora r=4 grows, lora r=16 grows |" in finding
   assert "full 4 (the smallest), lora r=4 4 (the smallest), lora r=16 4 (the smallest)" in finding
   rows = [line for line in text.splitlines() if line.startswith("| 64 | lora r=16 | 1e-2 | ")]
-  assert len(rows) == 1 and "| +0.1100 |" in rows[0]
+  assert len(rows) == 1 and "| +0.3100 |" in rows[0]
   assert_outputs(tmp_path, text, "batch_size", "batch_size")
   before = {n: (tmp_path / n).read_bytes() for n in ("report.md", "figures/batch_size.pdf", "figures/batch_size.png",
                                                      "tables/batch_size.tex")}
@@ -366,7 +391,7 @@ def test_batch_sweep_with_a_growing_gap_agrees_and_regenerates(tmp_path):
 
 
 LAYERS = {  # name -> (targets, final NLL at the best LR, trainable parameters at rank 8)
-    "attention": (("attention",), 1.10, 8192), "mlp": (("mlp",), 1.00, 12288),
+    "attention": (("attention",), 1.20, 8192), "mlp": (("mlp",), 1.00, 12288),
     "all": (("all-linear", "unembed"), 1.004, 22528), "all-linear": (("all-linear",), 1.006, 20480)}
 
 
@@ -382,10 +407,11 @@ def test_layer_sweep_with_attention_behind_agrees(tmp_path):
         points.append({"point": f"tiny,targets={name},lr={lr:g},seed={seed}", "name": point})
   text = finish_sweep(tmp_path, "layers", points)
   finding = section(text, "6")
-  assert ("| r8 | attention − MLP +0.1000 (2×noise 0.0200); MLP − all -0.0060 (2×noise 0.0200) | **agree** | "
-          "attention-only behind MLP-only; MLP-only matches all |") in finding
+  row = next(line for line in finding.splitlines() if line.startswith("| r8 | "))
+  assert row.startswith("| r8 | attention − MLP +0.2000 [") and ": behind; MLP − all -0.0060 [" in row
+  assert row.endswith(": matches | **agree** | attention-only behind MLP-only; MLP-only matches all |")
   assert "| overall | — | **agree** | 1 comparison judged |" in finding
-  assert "r8 all: with the unembedding − without -0.0020 (2×noise 0.0200) (descriptive)" in finding
+  assert "r8 all: with the unembedding − without -0.0020 [" in finding and ": matches (descriptive)" in finding
   table = _table_rows(text, "**Which layers are adapted")
   assert table["lora r=8, targets=attention"][:3] == ["attention", "8", "8,192"]
   assert table["lora r=8, targets=all-linear+unembed"][:3] == ["all + unembed", "8", "22,528"]
@@ -402,10 +428,10 @@ def test_layer_sweep_parameter_matched_by_rank_is_compared_across_ranks(tmp_path
   for name, (targets, floor, _) in LAYERS.items():
     rank = 16 if name == "attention" else 8
     for lr in lr_grid(1e-2, 1):
-      for seed in (0, 1):
+      for seed in SEEDS:
         point = f"{name}_{lr:g}_s{seed}"
         config = make_config(f"tiny,method=lora,rank={rank},lr={lr:g}", seed, lora__targets=targets)
-        write_config_run(tmp_path / point, config, u_nll(lr, 1e-2, 0.9 if name == "attention" else floor, seed))
+        write_config_run(tmp_path / point, config, u_nll(lr, 1e-2, 0.7 if name == "attention" else floor, seed))
         points.append({"point": f"tiny,targets={name},lr={lr:g},seed={seed}", "name": point})
   rows = [r for r in report.sweep_verdicts(finish_sweep(tmp_path, "layers", points) and tmp_path) if r.finding == "6"]
   assert [r.verdict for r in rows] == ["disagree", "disagree"]
