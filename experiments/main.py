@@ -18,7 +18,6 @@ import importlib.metadata
 import json
 import pathlib
 import platform
-import subprocess
 import sys
 
 import jax
@@ -29,7 +28,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from experiments import report, tiny_base
+from experiments import provenance, report, tiny_base
 from experiments.configs import common
 from lora_jax import checkpoint, data, distributed, generate, hf, lora, metrics, optim, sharding, synthetic, train
 from lora_jax.models import transformer
@@ -76,29 +75,29 @@ def config_json(config: ml_collections.ConfigDict) -> str:
   return config.to_json_best_effort(indent=2, sort_keys=True)
 
 
-def start_workdir(workdir: epath.Path, config: ml_collections.ConfigDict, overwrite: bool) -> None:
+def start_workdir(workdir: epath.Path, config: ml_collections.ConfigDict, overwrite: bool, model_dir=None) -> None:
   """Makes ``workdir`` this config's, once everything is checked: deletes another config's runs (``overwrite``),
-  writes ``config.json`` and ``run_info.json``. Process 0 writes (all processes write checkpoints)."""
+  writes ``config.json`` and ``run_info.json`` (with ``model_dir``'s fingerprint). Process 0 writes (all processes
+  write checkpoints)."""
   if jax.process_index() != 0:
     return
   if overwrite and workdir.exists():
     workdir.rmtree()
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "config.json").write_text(config_json(config) + "\n")
-  (workdir / "run_info.json").write_text(json.dumps(run_info(), indent=2) + "\n")
+  (workdir / "run_info.json").write_text(json.dumps(run_info(model_dir), indent=2) + "\n")
 
 
-def run_info() -> dict:
-  """Git commit, package versions, Python and devices: what a result needs to be reproduced."""
-  try:
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                            cwd=pathlib.Path(__file__).parent).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
-                                cwd=pathlib.Path(__file__).parent).stdout.strip())
-  except (OSError, subprocess.CalledProcessError):
-    commit, dirty = "unknown", None
+def run_info(model_dir=None) -> dict:
+  """Git state (``provenance.git_state``), the base model's fingerprint, package versions, Python and devices: what a
+  result needs to be reproduced."""
+  base = {}
+  if model_dir is not None:
+    card = pathlib.Path(str(model_dir)) / tiny_base.INFO_FILE
+    base = {"base_model": str(model_dir), "base_fingerprint": provenance.fingerprint(model_dir),
+            **({"base_card": json.loads(card.read_text())} if card.exists() else {})}
   return {
-      "git_commit": commit, "git_dirty": dirty, "python": platform.python_version(), "argv": sys.argv,
+      **provenance.git_state(), **base, "python": platform.python_version(), "argv": sys.argv,
       "packages": {p: importlib.metadata.version(p) for p in PACKAGES},
       "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count(),
   }
@@ -253,7 +252,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, overwr
     train_batches(config, train_sources)
   except ValueError as e:  # DataError is one too
     raise SystemExit(f"not started, {workdir} untouched: {e}") from e
-  start_workdir(workdir, config, overwrite=conflict is not None)
+  start_workdir(workdir, config, overwrite=conflict is not None, model_dir=model_dir)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("workdir ready")  # no process writes before process 0 has set it up
 

@@ -1477,13 +1477,41 @@ def _provenance(sweep_dir: epath.Path, meta: dict, runs: list[SweepRun]) -> list
     if info is None:
       unknown += 1
       continue
-    key = f"`{info.get('git_commit', 'unknown')}`" + (" (uncommitted changes)" if info.get("git_dirty") else "")
+    key = f"`{info.get('git_commit', 'unknown')}`" + (
+        f" (uncommitted changes, diff sha256 {info.get('git_diff_sha256') or '?'})" if info.get("git_dirty") else "")
     commits[key] = commits.get(key, 0) + 1
   code = "; ".join(f"{k}: {n} point{'s' * (n != 1)}" for k, n in sorted(commits.items()))
   if unknown:
     code += ("; " if code else "") + f"{unknown} point{'s' * (unknown != 1)} without run_info.json"
   return [f"Made by `python -m experiments.report {sweep_dir}` from the sweep's files alone (rerun it to regenerate: "
           "the same files give the same bytes).", f"Sweep: {sweep}.", f"Code of the runs: {code}."]
+
+
+def base_table(sweep_dir: epath.Path, conds: list[Condition]) -> Table:
+  """Per setting, the base model its runs fine-tuned (from their run_info.json: fingerprint and card) and the held-out
+  NLL at step 0 on the setting's own fine-tuning data, next to ln(vocab) (what a base that never saw the tokens
+  would score at best)."""
+  rows = []
+  for setting in _settings(conds):
+    infos = [_read_json(sweep_dir / r.name / "run_info.json") or {} for c in conds if c.setting == setting
+             for r in c.runs]
+    step0 = [v for c in conds if c.setting == setting for v in c.step0]
+    for fp in sorted({i.get("base_fingerprint", "—") for i in infos}):
+      card = next((i.get("base_card") or {} for i in infos if i.get("base_fingerprint", "—") == fp), {})
+      vocab = card.get("vocab_size")
+      curve = card.get("pretrain_eval_nll_change_last_quarter")
+      rows.append(([setting] if len(_settings(conds)) > 1 else []) + [
+          f"`{fp}`", f"{card['parameters']:,}" if "parameters" in card else "—",
+          f"{card['pretrain_steps']:,} ({card['pretrain_loss_tokens']:,} tokens)" if "pretrain_steps" in card else "—",
+          f"{card['pretrain_eval_nll']:.4f}" if "pretrain_eval_nll" in card else "—",
+          f"{curve:+.4f}" if curve is not None else "—",
+          f"{np.mean(step0):.4f} (n={len(step0)})" if step0 else "—",
+          f"{math.log(vocab):.4f}" if vocab else "—"])
+  header = (["setting"] if len(_settings(conds)) > 1 else []) + [
+      "base fingerprint", "parameters", "pretraining steps", "pretraining held-out NLL",
+      "its change over the last quarter", "step-0 held-out NLL on this data", "ln(vocab)"]
+  return Table("base", "The base model: its pretraining and its held-out NLL on this family's data before "
+               "fine-tuning (step 0)", header, rows)
 
 
 def _points_summary(meta: dict, runs: list[SweepRun]) -> list[str]:
@@ -1547,7 +1575,8 @@ def sweep_markdown(sweep_dir: epath.Path, meta: dict, runs: list[SweepRun], cond
   by_name = {t.name: t for t in tables}
   parts = parts or {}
   out = [f"# Sweep report: {family} ({meta.get('arg', '')})\n", "\n".join(_provenance(sweep_dir, meta, runs)) + "\n",
-         "\n".join(_points_summary(meta, runs)) + "\n"]
+         "\n".join(_points_summary(meta, runs)) + "\n", "## The base model\n",
+         f"**{by_name['base'].caption}** (`tables/base.tex`)\n", by_name["base"].markdown()]
   settings = _settings(conds)
   if len(settings) > 1:
     out.append("Settings (fields that vary over the sweep besides method, LoRA spec, LR and seeds): "
@@ -1668,8 +1697,8 @@ def analyse_sweep(sweep_dir: str | epath.PathLike) -> SweepAnalysis:
   conds = conditions(runs)
   rows, ratio_tables, parts = _judge(conds)
   rows = stable_rows({**{f: j[0] for f, j in judged.items()}, 1.0: rows})
-  tables = nll_tables(conds) + [optimum_table(conds), *ratio_tables, noise_table(conds),
-                                *(parts[f].table for f in FINDING_ORDER if f in parts), study_table(rows)]
+  tables = [base_table(epath.Path(sweep_dir), conds), *nll_tables(conds), optimum_table(conds), *ratio_tables,
+            noise_table(conds), *(parts[f].table for f in FINDING_ORDER if f in parts), study_table(rows)]
   return SweepAnalysis(meta, runs, conds, rows, tables, parts)
 
 

@@ -246,7 +246,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, overwr
     cfg = rl_config(config)
   except ValueError as e:
     raise SystemExit(f"not started, {workdir} untouched: {e}") from e
-  exp_main.start_workdir(workdir, config, overwrite=conflict is not None)
+  exp_main.start_workdir(workdir, config, overwrite=conflict is not None, model_dir=model_dir)
   print(f"RL on {config.data.task}: {len(train_problems)} training and {len(eval_problems)} held-out problems, "
         f"prompts padded to {width} tokens")
   base = {}

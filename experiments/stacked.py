@@ -146,7 +146,7 @@ def run(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str | e
   except ValueError as e:
     raise SystemExit(f"not started, {', '.join(map(str, workdirs))} untouched: {e}") from e
   for w, c, conflict in zip(workdirs, configs, conflicts):
-    main_lib.start_workdir(w, c, overwrite=conflict is not None)
+    main_lib.start_workdir(w, c, overwrite=conflict is not None, model_dir=model_dir)
   params = hf.load_params(model_dir, model_config)
   model = transformer.CausalLM(model_config)
   layouts = lora.trace_layouts(model, jnp.zeros((1, 8), jnp.int32))

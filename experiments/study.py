@@ -13,7 +13,8 @@ with what finished and the next family goes on (exit status 1 at the end); SIGTE
 after their checkpoints and starts nothing more (exit 143: the same command resumes). ``--report-only`` rewrites the
 reports from the files already there. ``--publish DEST`` copies the files the reports are made from (configs, statuses,
 metrics and LoRA diagnostics; no checkpoints, logs or TensorBoard events) into DEST and regenerates every report there,
-so DEST can be committed and regenerated from itself.
+so DEST can be committed and regenerated from itself; it refuses runs from a dirty tree or from more than one commit
+(each run's run_info.json) unless ``--allow-mixed``, and then the index says so at the top.
 
 Real-scale sweeps run per family (each config's docstring names its `real` variant) on GPU/TPU VMs, e.g.
 ``python -m tpu.sweep ... --config experiments/configs/lr_sweep.py:model=meta-llama/Llama-3.2-1B``; this index works
@@ -24,9 +25,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import datetime
 import io
 import json
+import math
+import platform
+import random
 import shutil
+import subprocess
 import sys
 from collections.abc import Sequence
 
@@ -81,6 +87,33 @@ def publish(workdir: epath.Path, dest: epath.Path, families: Sequence[str]) -> N
         shutil.copyfile(path, target)
 
 
+def run_commits(workdir: epath.Path, families: Sequence[str]) -> dict[str, int]:
+  """The code every run of the families came from (its run_info.json): "commit", "commit (uncommitted changes, diff
+  sha256 H)" or "unknown (no run_info.json)", with the number of runs."""
+  out = {}
+  for family in families:
+    sweep_file = workdir / family / report.SWEEP_FILE
+    if not sweep_file.exists():
+      continue
+    for name in dict.fromkeys(p["name"] for p in json.loads(sweep_file.read_text())["points"]):
+      path = workdir / family / name / "run_info.json"
+      if not (workdir / family / name / "config.json").exists():
+        continue  # never started
+      info = json.loads(path.read_text()) if path.exists() else None
+      if info is None:
+        key = "unknown (no run_info.json)"
+      else:
+        key = info.get("git_commit", "unknown") + (
+            f" (uncommitted changes, diff sha256 {info.get('git_diff_sha256') or '?'})" if info.get("git_dirty") else "")
+      out[key] = out.get(key, 0) + 1
+  return dict(sorted(out.items()))
+
+
+def clean(commits: dict[str, int]) -> bool:
+  """One commit, no uncommitted changes, nothing unknown: what ``--publish`` accepts without ``--allow-mixed``."""
+  return len(commits) == 1 and all(" " not in k and k != "unknown" for k in commits)
+
+
 def _family_line(workdir: epath.Path, family: str) -> str:
   meta, runs = report.load_sweep(workdir / family)
   finished = sum(r.finished for r in runs)
@@ -114,7 +147,20 @@ def index(workdir: epath.Path, variant: str, families: Sequence[str]) -> str:
          f"Made by `python -m experiments.study --variant {variant} --workdir {workdir} --report-only` from the "
          "families' run files alone. Each family's report has its tables, figures (PNG and PDF), LaTeX tables, "
          "results.csv and the provenance of its runs (command, commit).\n", "## Families\n"]
+  commits = run_commits(workdir, present)
+  if commits and not clean(commits):
+    out.insert(1, "**Provenance warning: these runs did not all come from one clean commit** (published with "
+               "`--allow-mixed`); their code: " + "; ".join(f"`{k}`: {n}" for k, n in commits.items()) + ".\n")
   out += [_family_line(workdir, f) for f in present]
+  if commits:
+    out += ["", "## Provenance\n", "The code of the runs (each run's `run_info.json`):\n",
+            *(f"- `{k}`: {n} run{'s' * (n != 1)}" for k, n in commits.items())]
+  if (workdir / VERIFY_FILE).exists():
+    verified = (workdir / VERIFY_FILE).read_text().split("\n", 2)[2]
+    out += ["", "## Checked on another machine\n", verified.strip() + "\n"]
+  else:
+    out += ["", "## Checked on another machine\n", "Not yet: `python -m experiments.study --variant "
+            f"{variant} --workdir SCRATCH --verify K {workdir}` reruns K random points here and writes {VERIFY_FILE}.\n"]
   missing = [f for f in families if f not in present]
   if missing:
     out.append("- not run yet: " + ", ".join(missing))
@@ -149,6 +195,64 @@ def index(workdir: epath.Path, variant: str, families: Sequence[str]) -> str:
   return text
 
 
+VERIFY_FILE = "verify.md"  # What --verify measured, kept beside the index (which quotes it).
+
+
+def _cpu() -> str:
+  """This machine's CPU model (from /proc/cpuinfo where there is one)."""
+  try:
+    for line in open("/proc/cpuinfo"):
+      if line.startswith("model name"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def verify(dest: epath.Path, families: Sequence[str], k: int, seed: int, scratch: epath.Path) -> str:
+  """Reruns ``k`` random finished points of the study in ``dest`` on this machine (``experiments.main`` into
+  ``scratch``) and compares each one's final eval NLL with the recorded one, beside its setting's pooled seed noise
+  and whether the base model's fingerprint matched; writes ``dest/VERIFY_FILE`` and returns its text."""
+  candidates = []
+  for family in families:
+    if not (dest / family / report.SWEEP_FILE).exists():
+      continue
+    meta, runs = report.load_sweep(dest / family)
+    noise = {id(r): c.noise for c in report.conditions(runs) for r in c.runs}
+    candidates += [(family, meta, r, noise[id(r)]) for r in runs if r.finished]
+  if not candidates:
+    raise SystemExit(f"--verify: no finished runs under {dest} for {list(families)}")
+  chosen = random.Random(seed).sample(candidates, min(k, len(candidates)))
+  rows = []
+  for i, (family, meta, run, noise) in enumerate(chosen):
+    out = scratch / family / run.name
+    argv = sweep.point_command(meta["config"], run.point, str(out), list(meta.get("overrides", [])))
+    print(f"== verify {i + 1}/{len(chosen)}: {family} {run.point}", file=sys.stderr, flush=True)
+    done = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+      raise SystemExit(f"--verify: the rerun of {run.point} failed (exit {done.returncode}): {done.stderr[-2000:]}")
+    metrics = [json.loads(line) for line in (out / run.method / "metrics.jsonl").read_text().splitlines()]
+    steps = run.config["train"]["steps"]
+    again = next(m["eval/nll"] for m in metrics if m.get("step") == steps and "eval/nll" in m)
+    recorded = run.evals[steps]
+    ours = json.loads((dest / family / run.name / "run_info.json").read_text()).get("base_fingerprint", "—")
+    theirs = json.loads((out / "run_info.json").read_text()).get("base_fingerprint", "—")
+    rows.append([family, f"`{run.point}`", f"{recorded:.4f}", f"{again:.4f}", f"{again - recorded:+.4f}",
+                 "—" if math.isnan(noise.sd) else f"{noise.sd:.4f}",
+                 "—" if math.isnan(noise.sd) else f"{abs(again - recorded) / noise.sd:.2f}",
+                 "yes" if ours == theirs else f"no ({ours} vs {theirs})"])
+  table = report.Table("verify", "", ["family", "point", "recorded NLL", "rerun NLL", "difference", "seed noise",
+                                      "|difference| / noise", "same base"], rows)
+  text = (f"# Verification on another machine\n\n{len(rows)} random finished points (seed {seed}) of this study "
+          f"rerun with `python -m experiments.study --verify {k} {dest}` on {_cpu()} ({platform.machine()}), "
+          f"{datetime.date.today().isoformat()}. The difference is the rerun's final eval NLL minus the published "
+          f"one; seed noise is the point's setting's pooled seed std (the report's). float32 rounding differs between "
+          f"CPUs (the base's pretraining included), so a difference well inside the seed noise is what to expect; "
+          f"'same base' says whether the rebuilt base model had the same weights.\n\n" + table.markdown())
+  (dest / VERIFY_FILE).write_text(text)
+  return text
+
+
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m experiments.study", description=__doc__.splitlines()[0])
   p.add_argument("--variant", default="quick", choices=sorted(FAMILIES), help="the configs' CPU variant")
@@ -156,7 +260,13 @@ def _parser() -> argparse.ArgumentParser:
   p.add_argument("--families", help="comma-separated subset of the variant's families (default: all, in order)")
   p.add_argument("--parallel", type=int, default=1, help="points run at once within a family (default 1)")
   p.add_argument("--report-only", action="store_true", help="run nothing: rewrite the reports from the files")
-  p.add_argument("--publish", metavar="DEST", help="copy the report-making files to DEST and report there")
+  p.add_argument("--publish", metavar="DEST", help="copy the report-making files to DEST and report there (refused "
+                 "unless every run came from one clean commit)")
+  p.add_argument("--verify", nargs=2, metavar=("K", "DIR"), help="rerun K random finished points of the study in "
+                 "DIR on this machine and compare with the recorded NLLs (writes DIR/verify.md); runs nothing else")
+  p.add_argument("--verify-seed", type=int, default=0, help="which points --verify picks (default 0)")
+  p.add_argument("--allow-mixed", action="store_true", help="publish runs from several commits or uncommitted trees "
+                 "(the index then says so at the top)")
   return p
 
 
@@ -171,12 +281,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
       p.error(f"--families {unknown}: not in the {args.variant} study's families {list(families)}")
     families = tuple(f for f in families if f in chosen)
+  if args.verify:
+    k, dest = args.verify
+    if not k.isdigit() or int(k) < 1:
+      p.error(f"--verify K DIR: K must be a positive integer, got {k!r}")
+    print(verify(epath.Path(dest), families, int(k), args.verify_seed, epath.Path(args.workdir) / "verify"))
+    return 0
   workdir = epath.Path(args.workdir)
   code = 0 if args.report_only else run_families(workdir, args.variant, families, args.parallel)
   if code == sweep.EXIT_INTERRUPTED:
     return code
   text = index(workdir, args.variant, families)
   if args.publish:
+    commits = run_commits(workdir, families)
+    if not clean(commits) and not args.allow_mixed:
+      print(f"--publish refused: the runs in {workdir} did not all come from one clean commit ("
+            + "; ".join(f"{k}: {n}" for k, n in commits.items()) + "). Rerun them from one committed tree, or pass "
+            "--allow-mixed to publish them with a warning at the top of the index.", file=sys.stderr)
+      return 2
     dest = epath.Path(args.publish)
     publish(workdir, dest, families)
     text = index(dest, args.variant, families)

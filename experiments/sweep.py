@@ -65,6 +65,7 @@ from typing import Callable, Sequence
 import ml_collections
 from etils import epath
 
+from experiments import provenance
 from experiments.configs import common
 
 EXIT_FAILED = 1  # a point failed
@@ -237,19 +238,6 @@ def workdir_conflict(workdir: epath.Path, identity: dict) -> str | None:
     return None
   return (f"{workdir} holds another sweep ({old}; this one: {identity}). Use another --workdir, or --overwrite to "
           "delete it.")
-
-
-def git_commit() -> dict:
-  """The checkout's commit and whether it has uncommitted changes (``unknown`` outside git)."""
-  cwd = pathlib.Path(__file__).parent
-  try:
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                            cwd=cwd).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
-                                cwd=cwd).stdout.strip())
-  except (OSError, subprocess.CalledProcessError):
-    commit, dirty = "unknown", None
-  return {"git_commit": commit, "git_dirty": dirty}
 
 
 def _now() -> str:
@@ -612,7 +600,7 @@ def main(argv: Sequence[str] | None = None, command: PointCommand = point_comman
       "argv": [sys.executable, "-m", "experiments.sweep", *(sys.argv[1:] if argv is None else argv)],
       "shard": args.shard, "only": args.only, "parallel": args.parallel, "stack": args.stack,
       "host": socket.gethostname(),
-      "started": _now(), **git_commit()})
+      "started": _now(), **provenance.git_state()})
   return sweep.run()
 
 

@@ -1,5 +1,10 @@
 """The tiny base model of the ``tiny`` configs: a character-level Llama pretrained on a synthetic corpus, cached.
 
+The corpus (``synthetic.pretraining_corpus``) holds every token and format the fine-tuning tasks use (digits, '+',
+'=', chat role markers, facts' keys and values) in other combinations: grammar text, chat subtractions, products,
+one-digit sums, facts under other keys and sentence continuations. Fine-tuning then teaches skills and facts (two-digit
+sums, new facts), not tokens, as in the study. ``INFO_FILE`` beside the weights records the base's card.
+
 ``pretrained(config.tiny_base)`` returns an HF model directory (weights, config, tokenizer) under
 ``cache_dir/<hash of the settings>``: built once by full training from random init through the same set-up and loop
 as every run (``train.setup``, ``train.fit``), then reused. An interrupted build resumes from its checkpoint;
@@ -20,10 +25,12 @@ import jax
 import ml_collections
 from jax.experimental import multihost_utils
 
+from experiments import provenance
 from lora_jax import data, hf, lora, optim, synthetic, train
 from lora_jax.models import transformer
 
-EVAL_SIZE = 32  # Held-out corpus documents for the pretraining's eval NLL.
+EVAL_SIZE = 64  # Held-out documents per pretraining source (text, chat) for the pretraining's eval NLL.
+INFO_FILE = "base_info.json"  # What every report says of the base: size, pretraining, its held-out NLL curve.
 
 
 def model_config(c: ml_collections.ConfigDict, vocab_size: int) -> transformer.ModelConfig:
@@ -32,6 +39,23 @@ def model_config(c: ml_collections.ConfigDict, vocab_size: int) -> transformer.M
       architecture="llama", vocab_size=vocab_size, hidden_size=c.hidden_size,
       intermediate_size=c.intermediate_size, num_layers=c.num_layers, num_heads=c.num_heads,
       num_kv_heads=c.num_kv_heads, head_dim=c.hidden_size // c.num_heads, tie_word_embeddings=False)
+
+
+def base_info(work: pathlib.Path, c: ml_collections.ConfigDict, params, vocab_size: int) -> dict:
+  """The base's card: parameters, pretraining steps and tokens, its held-out NLL at the end and how much it still fell
+  over the last quarter of the steps (a flattened loss is near 0), read from the pretraining's metrics."""
+  records = [json.loads(line) for line in (work / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+  evals = {r["step"]: r["eval/nll"] for r in records if "eval/nll" in r}
+  last = max(evals)
+  quarter = max((s for s in evals if s <= 0.75 * last), default=0)
+  tokens = sum(r.get("train/tokens", 0) * (10 if r["step"] >= 10 else r["step"]) for r in records
+               if "train/tokens" in r)  # train/tokens is per step, logged every 10 steps
+  return {"parameters": int(sum(x.size for x in jax.tree.leaves(params))), "vocab_size": vocab_size,
+          "pretrain_steps": c.steps,
+          "pretrain_loss_tokens": int(tokens), "pretrain_documents": c.corpus_documents,
+          "pretrain_eval_nll": evals[last], "pretrain_eval_nll_curve": {str(s): v for s, v in sorted(evals.items())},
+          "pretrain_eval_nll_change_last_quarter": evals[last] - evals[quarter],
+          "fingerprint": provenance.fingerprint(work)}
 
 
 def pretrained(c: ml_collections.ConfigDict) -> pathlib.Path:
@@ -74,20 +98,24 @@ def _build(c: ml_collections.ConfigDict, out: pathlib.Path) -> pathlib.Path:
   tokenizer = synthetic.char_tokenizer()
   config = model_config(c, len(tokenizer))
   work = out.with_name(out.name + ".partial")  # its checkpoints let an interrupted build resume
-  corpus_file = work / "corpus.jsonl"
-  if lead and not corpus_file.exists():
+  files = [work / "corpus_text.jsonl", work / "corpus_chat.jsonl"]
+  if lead and not all(f.exists() for f in files):
     work.mkdir(parents=True, exist_ok=True)
-    corpus_file.write_text("".join(json.dumps(r) + "\n" for r in synthetic.corpus(c.corpus_documents, seed=c.seed)))
+    for f, records in zip(files, synthetic.pretraining_corpus(c.corpus_documents, seed=c.seed,
+                                                              chat_fraction=c.chat_fraction)):
+      f.write_text("".join(json.dumps(r) + "\n" for r in records))
   multihost_utils.sync_global_devices("tiny_base corpus written")
-  (source,) = data.load([str(corpus_file)], tokenizer, seq_len=c.seq_len)
-  train_part, eval_part = data.split(source, EVAL_SIZE, seed=c.seed)
-  batches = data.BatchIterator([train_part], batch_size=c.batch_size, seq_len=c.seq_len, seed=c.seed,
+  # Loss on every token, the chat records' prompts and role markers included: this is pretraining. A record longer
+  # than a row (a rare long sentence pair) is skipped.
+  sources = data.load([str(f) for f in files], tokenizer, seq_len=c.seq_len, train_on_inputs=True, overflow="skip")
+  parts = [data.split(source, EVAL_SIZE, seed=c.seed) for source in sources]
+  batches = data.BatchIterator([p[0] for p in parts], batch_size=c.batch_size, seq_len=c.seq_len, seed=c.seed,
                                process_index=jax.process_index(), process_count=jax.process_count())
-  evals = data.eval_batches([eval_part], batch_size=c.batch_size, seq_len=c.seq_len)
+  evals = data.eval_batches([p[1] for p in parts], batch_size=c.batch_size, seq_len=c.seq_len)
   optim_config = optim.OptimConfig(lr=c.lr)
   s = train.setup(config, lora.LoraSpec.full(), optim_config,
                   lambda _: transformer.init_params(config, jax.random.key(c.seed)), mesh={"fsdp": -1}, seed=c.seed)
-  loop = train.LoopConfig(steps=c.steps, log_every=10, eval_every=c.steps, checkpoint_every=c.steps)
+  loop = train.LoopConfig(steps=c.steps, log_every=10, eval_every=max(1, c.steps // 8), checkpoint_every=c.steps)
   state, last = train.fit(s.model, s.state, optim_config, loop, batches, lambda: evals, work / "pretrain",
                           mesh=s.mesh, param_shardings=s.param_shardings)
   params, _ = lora.combine(state.trainable, state.frozen)
@@ -95,8 +123,10 @@ def _build(c: ml_collections.ConfigDict, out: pathlib.Path) -> pathlib.Path:
   if lead:
     hf.save_params(params, config, work)
     tokenizer.save_pretrained(work)
-    if "eval/nll" in last:  # absent when a build that had finished training is resumed
-      print(f"tiny base: eval NLL {last['eval/nll']:.4f} after pretraining")
+    info = base_info(work, c, params, config.vocab_size)
+    (work / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    print(f"tiny base: eval NLL {info['pretrain_eval_nll']:.4f} after pretraining "
+          f"({info['pretrain_eval_nll_change_last_quarter']:+.4f} over the last quarter of its steps)")
     shutil.rmtree(out, ignore_errors=True)
     work.rename(out)
   multihost_utils.sync_global_devices("tiny_base saved")

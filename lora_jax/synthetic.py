@@ -4,7 +4,8 @@
   amount of information for probing how much a LoRA of a given rank can store.
 - ``arithmetic``: "12+35=" → "47", with ``reward(prompt, completion)`` to check answers (for supervised targets and
   as an RL reward).
-- ``corpus``: documents from a small stochastic grammar, to pretrain a tiny base model.
+- ``corpus``: documents from a small stochastic grammar; ``pretraining_corpus`` adds chat ``dialogues`` that use every
+  token and format of the fine-tuning tasks in other combinations: the study base's pretraining data.
 - ``char_tokenizer``: a transformers fast tokenizer, one token per printable ASCII character plus pad/bos/eos/unk and
   the role markers of ``lora_jax.data.FALLBACK_CHAT_TEMPLATE`` (its chat template); ``save_pretrained`` works.
 
@@ -92,6 +93,17 @@ def arithmetic(n: int, *, seed: int, max_operand: int = 99, operators: str = "+"
   return _task(prompts, completions, fmt, 0.0)
 
 
+def sums(n: int, *, seed: int, max_operand: int = 99, fmt: str = "chat") -> Task:
+  """n distinct problems 'a+b=' (operands in [0, max_operand]) in random order, with their sums: a held-out split of
+  them holds problems never trained on (``arithmetic`` draws with replacement and repeats problems)."""
+  space = (max_operand + 1) ** 2
+  if n > space:
+    raise ValueError(f"sums: {n} distinct problems asked, only {space} exist with operands up to {max_operand}")
+  pairs = np.random.default_rng(seed).permutation(space)[:n]
+  a, b = (pairs // (max_operand + 1)).tolist(), (pairs % (max_operand + 1)).tolist()
+  return _task([f"{x}+{y}=" for x, y in zip(a, b)], [str(x + y) for x, y in zip(a, b)], fmt, 0.0)
+
+
 def reward(prompt: str, completion: str) -> float:
   """1.0 when the completion starts with the right answer to an arithmetic prompt 'a<op>b=', else 0.0."""
   problem = _PROBLEM.match(prompt)
@@ -139,6 +151,43 @@ def corpus(n_docs: int, *, seed: int, max_sentences: int = 4) -> list[dict[str, 
           for _ in range(n_docs)]
 
 
+def dialogues(n: int, *, seed: int) -> tuple[dict[str, Any], ...]:
+  """Chat records that use the fine-tuning tasks' tokens and formats in other combinations (``pretraining_corpus``):
+  two-digit subtractions, small products, one-digit sums, facts under random keys, and grammar sentences continued."""
+  rng = np.random.default_rng(seed)
+  kinds = ("subtract", "multiply", "add1", "facts", "sentences")
+  picks = rng.choice(len(kinds), size=n, p=[0.25, 0.1, 0.15, 0.25, 0.25])
+  fact_task = facts(int(np.sum(picks == 3)), 16, seed=seed + 1_000_003)  # keys no fine-tuning seed draws in practice
+  out, next_fact = [], iter(zip(fact_task.prompts, fact_task.completions))
+  for kind in (kinds[k] for k in picks):
+    if kind == "subtract":
+      a, b = rng.integers(0, 100, size=2).tolist()
+      prompt, answer = f"{a}-{b}=", str(a - b)
+    elif kind == "multiply":
+      a, b = rng.integers(0, 13, size=2).tolist()
+      prompt, answer = f"{a}*{b}=", str(a * b)
+    elif kind == "add1":
+      a, b = rng.integers(0, 10, size=2).tolist()
+      prompt, answer = f"{a}+{b}=", str(a + b)
+    elif kind == "facts":
+      prompt, answer = next(next_fact)
+    else:
+      prompt, answer = sentence(rng), sentence(rng)
+    out.append(as_record(prompt, answer, "chat"))
+  return tuple(out)
+
+
+def pretraining_corpus(n_docs: int, *, seed: int, chat_fraction: float = 0.7) -> tuple[list[dict], tuple[dict, ...]]:
+  """The study base's pretraining data: (text records of grammar sentences, chat ``dialogues``), n_docs in all.
+
+  Every token and format of the fine-tuning tasks (digits, '+', '=', the chat template's role markers, facts' keys and
+  values) appears here in other combinations, so fine-tuning teaches new skills and facts (two-digit sums, the
+  fine-tuning facts), not new tokens.
+  """
+  n_chat = int(round(chat_fraction * n_docs))
+  return corpus(n_docs - n_chat, seed=seed), dialogues(n_chat, seed=seed + 1)
+
+
 def char_tokenizer():
   """A fast tokenizer with one token per printable ASCII character, pad/bos/eos/unk, role markers, a chat template."""
   from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
@@ -158,7 +207,7 @@ def char_tokenizer():
 
 
 SOURCE_PREFIX = "synthetic:"
-SOURCE_TASKS = ("facts", "arithmetic")
+SOURCE_TASKS = ("facts", "arithmetic", "sums")  # sums: distinct two-digit sums (``sums``)
 
 
 def materialize(spec: str, *, n: int, seed: int, cache_dir: str | os.PathLike) -> str:
@@ -174,6 +223,8 @@ def materialize(spec: str, *, n: int, seed: int, cache_dir: str | os.PathLike) -
     records = facts(n, 16, seed=seed).records
   elif task == "arithmetic":
     records = arithmetic(n, seed=seed).records
+  elif task == "sums":
+    records = sums(n, seed=seed).records
   else:
     raise ValueError(f"unknown synthetic task {task!r} in {spec!r}; valid: {list(SOURCE_TASKS)}")
   path = pathlib.Path(cache_dir) / "synthetic" / f"{task}-n{n}-seed{seed}.jsonl"

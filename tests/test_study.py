@@ -147,7 +147,11 @@ def test_the_study_index_collects_the_verdicts_and_publishes_what_regenerates_it
   assert "| 3: optimal LR ratio LoRA/full | ~10" in summary and "| lr_sweep | **" in summary
   verdicts = list(csv.DictReader((workdir / "verdicts.csv").open()))
   assert verdicts and {v["family"] for v in verdicts} == {"lr_sweep"}
-  assert {v["verdict"] for v in verdicts} <= {"agree", "disagree", "inconclusive"}
+  assert {v["verdict"] for v in verdicts} <= {"agree", "disagree", "inconclusive", "unstable"}
+  # The fake points write no run_info.json: the index says at the top that the runs' code is unknown.
+  assert text.split("\n")[2].startswith("**Provenance warning: these runs did not all come from one clean commit**")
+  assert "## Provenance\n" in text and "- `unknown (no run_info.json)`: 13 runs" in text
+  assert "## Checked on another machine" in text
   assert (workdir / "vs_study.tex").read_text().count(r"\\") == len(verdicts) + 1
   dest = tmp_path / "published"
   study.publish(workdir, dest, ["lr_sweep"])

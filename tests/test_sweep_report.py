@@ -509,3 +509,27 @@ def test_targets_class():
   assert report.targets_class(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]) == (
       "all", False)
   assert report.targets_class(["q_proj", "up_proj"]) is None and report.targets_class(["unembed"]) is None
+
+
+@pytest.mark.parametrize("weak_floor, usable", [(1.5, True), (1.05, False)])
+def test_calibration_says_whether_a_setting_separates_strong_from_weak(tmp_path, weak_floor, usable):
+  """Full FT vs a weak LoRA over 3 LRs and 3 seeds (seed offsets ±0.01): 0.5 nats apart is ~60 noise units at every
+  fraction of the steps (usable); 0.05 apart is ~6 (not usable)."""
+  from experiments import calibrate
+
+  points = []
+  for key, arg, best, floor in (("full", "tiny,method=full", 1e-3, 1.0),
+                                ("weak", "tiny,method=lora,rank=1", 1e-2, weak_floor)):
+    for lr in lr_grid(best, 1):
+      for seed in SEEDS:
+        name = f"{key}_{lr:g}_s{seed}"
+        write_config_run(tmp_path / name, make_config(f"{arg},lr={lr:g}", seed), u_nll(lr, best, floor, seed))
+        points.append({"point": f"{arg},lr={lr:g},seed={seed}", "name": name})
+  (tmp_path / "sweep.json").write_text(json.dumps({"config": "experiments/configs/calibration.py", "arg": "tiny",
+                                                   "points": points}))
+  rows, ok = calibrate.calibration(tmp_path)
+  assert ok is usable and [r[0] for r in rows] == ["50%", "75%", "100%"]
+  assert calibrate.main([str(tmp_path)]) == (0 if usable else 1)
+  text = (tmp_path / "calibration.md").read_text()
+  assert ("**Usable**" if usable else "**Not usable**") in text and calibrate.RULE_CALIBRATION in text
+  assert "## The base model" in text

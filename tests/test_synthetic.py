@@ -64,6 +64,32 @@ def test_corpus_deterministic_from_grammar():
   assert all(math.isclose(sum(p for _, p in rules), 1.0) for rules in synthetic.GRAMMAR.values())
 
 
+def test_sums_are_distinct_and_correct():
+  task = synthetic.sums(2000, seed=3)
+  assert len(set(task.prompts)) == 2000 and task == synthetic.sums(2000, seed=3)
+  assert all(synthetic.reward(p, c) == 1.0 for p, c in zip(task.prompts, task.completions))
+  assert max(int(x) for p in task.prompts for x in p[:-1].split("+")) <= 99
+  with pytest.raises(ValueError, match="only 100 exist"):
+    synthetic.sums(101, seed=0, max_operand=9)
+
+
+def test_pretraining_corpus_covers_the_fine_tuning_tokens_and_formats():
+  """Every character and chat marker of the fine-tuning tasks (two-digit sums, facts) appears in pretraining, in
+  other combinations: no two-digit sum and none of the fine-tuning facts' keys is in it."""
+  text, chat = synthetic.pretraining_corpus(3000, seed=0)
+  assert len(text) == 900 and len(chat) == 2100 and (text, chat) == synthetic.pretraining_corpus(3000, seed=0)
+  tok = synthetic.char_tokenizer()
+  rendered = "".join(tok.apply_chat_template(r["messages"], tokenize=False) for r in chat)
+  rendered += "".join(r["text"] for r in text)
+  tuned = synthetic.sums(500, seed=0).records + synthetic.facts(300, 16, seed=0).records
+  needed = "".join(tok.apply_chat_template(r["messages"], tokenize=False) for r in tuned)
+  assert set(needed) <= set(rendered)  # every character, role markers included
+  prompts = {m["content"] for r in chat for m in r["messages"] if m["role"] == "user"}
+  assert {p for p in prompts if "+" in p} and all(len(p.split("+")[0]) == 1 for p in prompts if "+" in p)
+  assert not prompts & set(synthetic.facts(300, 16, seed=0).prompts)
+  assert {p for p in prompts if "-" in p} and {p for p in prompts if "*" in p}
+
+
 def test_char_tokenizer_round_trip_and_save(tmp_path):
   from transformers import AutoTokenizer
 

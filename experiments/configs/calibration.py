@@ -1,0 +1,42 @@
+"""Calibration of the CPU study's setting: a strong method against a deliberately weak one, before any sweep.
+
+A setting can carry the study's verdicts only if it separates full fine-tuning at its best LR from a weak method
+(LoRA rank 1 on the attention projections only, no unembedding: ~1,800 trainable parameters) by many seed standard
+deviations, and if that separation holds at 50%, 75% and 100% of the steps. `python -m experiments.calibrate DIR`
+reads this sweep and says both (docs/results/calibration/).
+
+CPU (`tiny`): `lr_sweep`'s setting (the study base of `common.study_base`, one epoch of 2-digit additions, 500
+held-out problems); full FT over 4 LRs and the weak method over 4 LRs, a factor 2 apart, seeds 0-2 (24 points).
+
+Point arguments: `tiny`, `method=full|weak`, `lr=`, `seed=`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from experiments.configs import common, lr_sweep
+
+SWEEPS = ("tiny",)
+LRS = {"full": (5e-4, 1e-3, 2e-3, 4e-3), "weak": (2e-3, 4e-3, 8e-3, 1.6e-2)}
+SEEDS = (0, 1, 2)
+
+
+def get_config(arg: str = "tiny,method=full") -> ml_collections.ConfigDict:
+  """One point: full FT, or the weak method (LoRA r1 on attention only), at one LR and seed."""
+  args = common.parse_arg(arg, tiny=False, method="full", lr=0.0, seed=0)
+  if args.method not in LRS:
+    raise ValueError(f"calibration: method must be one of {sorted(LRS)}, got {args.method!r}")
+  method = "full" if args.method == "full" else "lora"
+  lr = args.lr or LRS[args.method][1]
+  config = lr_sweep.get_config(f"tiny,method={method},rank=1,lr={lr!r},seed={args.seed}")
+  if args.method == "weak":
+    config.lora.targets = ("attention",)
+  return config
+
+
+def get_sweep(arg: str = "tiny") -> list[str]:
+  """Every point of the calibration (``tiny``)."""
+  if arg != "tiny":
+    raise ValueError(f"calibration: sweep variant {arg!r}; valid: {list(SWEEPS)}")
+  return [f"tiny,method={m},lr={lr!r},seed={s}" for m, lrs in LRS.items() for lr in lrs for s in SEEDS]
