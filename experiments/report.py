@@ -1703,7 +1703,11 @@ def analyse_sweep(sweep_dir: str | epath.PathLike) -> SweepAnalysis:
 
 
 def sweep_verdicts(sweep_dir: str | epath.PathLike) -> list[FindingRow]:
-  """Every verdict line of a sweep's "vs the study" (STUDY[row.finding] is the study's claim), from its files."""
+  """Every verdict line of a sweep's "vs the study" (INDEX_STUDY[row.finding] is the study's claim), from its files;
+  an RL sweep's are finding 7's."""
+  meta, runs = load_sweep(sweep_dir)
+  if is_rl_sweep(runs):
+    return rl_findings(rl_conditions(epath.Path(sweep_dir), runs)[0])[0]
   return analyse_sweep(sweep_dir).rows
 
 
@@ -1737,6 +1741,8 @@ def write_sweep(sweep_dir: str | epath.PathLike) -> str:
 STUDY_RL = {"7": "rank 1 matches full FT's peak reward (policy gradient learns ~1 bit per episode)",
             "7b": "LoRA has a wider band of good learning rates than full FT"}
 TITLES_RL = {"7": "rank-1 LoRA matches full FT's peak reward in RL", "7b": "LoRA's band of good LRs in RL is wider"}
+INDEX_ORDER = FINDING_ORDER + tuple(TITLES_RL)  # Every finding a study index lists, supervised first, then RL.
+INDEX_TITLES, INDEX_STUDY = {**TITLES, **TITLES_RL}, {**STUDY, **STUDY_RL}
 RULES_RL = {"7": analysis.RULE_RL_PEAK, "7b": analysis.RULE_RL_BAND}
 RL_CSV_COLUMNS = ("family", "point", "method", "rank", "lr", "seed", "step", "train_reward", "eval_accuracy",
                   "completion_length", "entropy", "kl_sampler", "kl_base", "tokens_per_s", "finished", "state")

@@ -42,7 +42,7 @@ from experiments import analysis, report, sweep
 
 FAMILIES = {  # variant -> the families it runs, in order (the LR findings first: the others build on their LRs)
     "quick": ("lr_sweep", "capacity"),
-    "tiny": ("lr_sweep", "capacity", "layers", "batch_size", "parametrization", "lr_width"),
+    "tiny": ("lr_sweep", "capacity", "layers", "batch_size", "parametrization", "lr_width", "rl"),
 }
 CONFIG_DIR = "experiments/configs"
 PUBLISHED = ("sweep.json", "*/config.json", "*/status.json", "*/run_info.json", "*/*/metrics.jsonl",
@@ -126,13 +126,15 @@ def _family_line(workdir: epath.Path, family: str) -> str:
 def summary_rows(rows: Sequence[tuple[str, report.FindingRow]]) -> list[list[str]]:
   """[finding: title, study's claim, family, overall verdict] per finding (in report order) and family."""
   out = []
-  for finding in report.FINDING_ORDER:
+  for finding in report.INDEX_ORDER:
     for family in dict.fromkeys(f for f, r in rows if r.finding == finding):
       mine = [r for f, r in rows if f == family and r.finding == finding]
       overall = [r.verdict for r in mine if "overall" in r.scope]
-      judged = [r.verdict for r in mine if r.verdict in (analysis.AGREE, analysis.DISAGREE, analysis.INCONCLUSIVE)]
+      judged = [r.verdict for r in mine if r.verdict in (analysis.AGREE, analysis.DISAGREE, analysis.INCONCLUSIVE,
+                                                          analysis.UNSTABLE)]
       verdict = overall[-1] if overall else analysis.combine([analysis.Verdict(v, "") for v in judged])
-      out.append([f"{finding}: {report.TITLES[finding]}", report.STUDY[finding], family, f"**{verdict}**"])
+      out.append([f"{finding}: {report.INDEX_TITLES[finding]}", report.INDEX_STUDY[finding], family,
+                  f"**{verdict}**"])
   return out
 
 
@@ -174,12 +176,12 @@ def index(workdir: epath.Path, variant: str, families: Sequence[str]) -> str:
           "never by hand; **inconclusive** means the rule found the data unable to tell.\n"]
   header = ["finding", "family", "scope", "ours", "verdict"]
   table_rows = []
-  for finding in report.FINDING_ORDER:
+  for finding in report.INDEX_ORDER:
     mine = [(f, r) for f, r in rows if r.finding == finding]
     if not mine:
       continue
-    out.append(f"### Finding {finding}: {report.TITLES[finding]}\n")
-    out.append(f"Study: {report.STUDY[finding]}.\n")
+    out.append(f"### Finding {finding}: {report.INDEX_TITLES[finding]}\n")
+    out.append(f"Study: {report.INDEX_STUDY[finding]}.\n")
     out.append(report.Table("", "", header[1:], [[f, r.scope, r.ours or "—", f"**{r.verdict}**"]
                                                 for f, r in mine]).markdown())
     table_rows += [[str(finding), f, r.scope, r.ours or "—", r.verdict] for f, r in mine]
@@ -253,15 +255,39 @@ def verify(dest: epath.Path, families: Sequence[str], k: int, seed: int, scratch
   return text
 
 
+README_START = "<!-- results table: generated from {path} by `python -m experiments.study --readme-table {path}` -->"
+README_END = "<!-- end of the results table -->"
+
+
+def verdict_rows(workdir: epath.Path) -> list[tuple[str, report.FindingRow]]:
+  """(family, verdict row) of every line of workdir/verdicts.csv (the index's, as written by ``index``)."""
+  with open(workdir / "verdicts.csv") as f:
+    return [(r["family"], report.FindingRow(r["finding"], r["scope"], r["ours"], r["verdict"], r["why"]))
+            for r in csv.DictReader(f)]
+
+
+def readme_table(workdir: epath.Path) -> str:
+  """The README's results table, from workdir/verdicts.csv: every family's overall verdict on each finding, between
+  the README_START and README_END markers."""
+  rows, seen = [], set()
+  for title, claim, family, verdict in summary_rows(verdict_rows(workdir)):
+    rows.append(["" if title in seen else title, "" if title in seen else claim, f"`{family}`", verdict])
+    seen.add(title)
+  table = report.Table("", "", ["finding", "study", "family", "verdict"], rows).markdown()
+  return f"{README_START.format(path=workdir)}\n\n{table}\n{README_END}"
+
+
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="python -m experiments.study", description=__doc__.splitlines()[0])
   p.add_argument("--variant", default="quick", choices=sorted(FAMILIES), help="the configs' CPU variant")
-  p.add_argument("--workdir", required=True, help="DIR: each family's sweep goes to DIR/FAMILY")
+  p.add_argument("--workdir", help="DIR: each family's sweep goes to DIR/FAMILY (required but for --readme-table)")
   p.add_argument("--families", help="comma-separated subset of the variant's families (default: all, in order)")
   p.add_argument("--parallel", type=int, default=1, help="points run at once within a family (default 1)")
   p.add_argument("--report-only", action="store_true", help="run nothing: rewrite the reports from the files")
   p.add_argument("--publish", metavar="DEST", help="copy the report-making files to DEST and report there (refused "
                  "unless every run came from one clean commit)")
+  p.add_argument("--readme-table", metavar="DIR", help="print the README's results table from DIR/verdicts.csv "
+                 "and exit")
   p.add_argument("--verify", nargs=2, metavar=("K", "DIR"), help="rerun K random finished points of the study in "
                  "DIR on this machine and compare with the recorded NLLs (writes DIR/verify.md); runs nothing else")
   p.add_argument("--verify-seed", type=int, default=0, help="which points --verify picks (default 0)")
@@ -274,6 +300,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   """The command line (module docstring). Returns the exit status."""
   p = _parser()
   args = p.parse_args(argv)
+  if args.readme_table:
+    print(readme_table(epath.Path(args.readme_table)))
+    return 0
+  if not args.workdir:
+    p.error("--workdir is required")
   families = FAMILIES[args.variant]
   if args.families:
     chosen = [f.strip() for f in args.families.split(",") if f.strip()]

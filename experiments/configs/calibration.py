@@ -7,8 +7,9 @@ reads this sweep and says both (docs/results/calibration/).
 
 CPU (`tiny`): `lr_sweep`'s setting (the study base of `common.study_base`, one epoch of 2-digit additions, 500
 held-out problems); full FT over 4 LRs and the weak method over 4 LRs, a factor 2 apart, seeds 0-2 (24 points).
+`long`: the same at 600 steps (the weak method's grid a factor 2 lower).
 
-Point arguments: `tiny`, `method=full|weak`, `lr=`, `seed=`.
+Point arguments: `tiny`, `method=full|weak`, `lr=`, `seed=`, `steps=`.
 """
 
 from __future__ import annotations
@@ -17,14 +18,15 @@ import ml_collections
 
 from experiments.configs import common, lr_sweep
 
-SWEEPS = ("tiny",)
+SWEEPS = ("tiny", "long")  # long: the same at 600 steps
 LRS = {"full": (5e-4, 1e-3, 2e-3, 4e-3), "weak": (2e-3, 4e-3, 8e-3, 1.6e-2)}
+LONG_LRS = {"full": (5e-4, 1e-3, 2e-3, 4e-3), "weak": (1e-3, 2e-3, 4e-3, 8e-3)}  # the weak optimum sat at 2e-3 (edge)
 SEEDS = (0, 1, 2)
 
 
 def get_config(arg: str = "tiny,method=full") -> ml_collections.ConfigDict:
   """One point: full FT, or the weak method (LoRA r1 on attention only), at one LR and seed."""
-  args = common.parse_arg(arg, tiny=False, method="full", lr=0.0, seed=0)
+  args = common.parse_arg(arg, tiny=False, method="full", lr=0.0, seed=0, steps=300)
   if args.method not in LRS:
     raise ValueError(f"calibration: method must be one of {sorted(LRS)}, got {args.method!r}")
   method = "full" if args.method == "full" else "lora"
@@ -32,11 +34,13 @@ def get_config(arg: str = "tiny,method=full") -> ml_collections.ConfigDict:
   config = lr_sweep.get_config(f"tiny,method={method},rank=1,lr={lr!r},seed={args.seed}")
   if args.method == "weak":
     config.lora.targets = ("attention",)
+  config.train.steps = args.steps
   return config
 
 
 def get_sweep(arg: str = "tiny") -> list[str]:
-  """Every point of the calibration (``tiny``)."""
-  if arg != "tiny":
+  """Every point of the calibration: ``tiny`` (300 steps, as the study) or ``long`` (600 steps)."""
+  if arg not in SWEEPS:
     raise ValueError(f"calibration: sweep variant {arg!r}; valid: {list(SWEEPS)}")
-  return [f"tiny,method={m},lr={lr!r},seed={s}" for m, lrs in LRS.items() for lr in lrs for s in SEEDS]
+  grid, steps = (LRS, "") if arg == "tiny" else (LONG_LRS, ",steps=600")
+  return [f"tiny,method={m},lr={lr!r},seed={s}{steps}" for m, lrs in grid.items() for lr in lrs for s in SEEDS]

@@ -12,8 +12,9 @@ given a short supervised warm-up (full FT on the training problems, `warmup.*`, 
 reward 0 nor at 1; task: every addition a+b= with operands 0-19 (400 problems, 100 held out for the greedy accuracy),
 reward 1 when the completion starts with the right sum. 16 prompts x 8 completions per step, 4 new tokens, 150 steps
 (~0.15 s a step; a point takes ~30-45 s on 2 free cores, mostly start-up and compilation). Sweep: LoRA ranks 1 and 8
-and full FT, each over 8 LRs a factor 2 apart (6.25e-5..8e-3; full FT also 1.56e-5 and 3.13e-5), one seed: 26
-points, measured 37 min on the 2 cores with other jobs sharing them (load ~10; 1-2 min a point).
+and full FT, each over 8 LRs a factor 2 apart (6.25e-5..8e-3; full FT also 1.56e-5 and 3.13e-5), seeds 0-2 (the gap
+rule needs 3 a cell): 78 points, ~50 min on 2 free cores (the one-seed sweep of 26 measured 37 min with the cores
+shared).
 
     python -m experiments.sweep --config experiments/configs/rl.py:tiny --workdir runs/rl_tiny
     python -m experiments.report runs/rl_tiny      # reward vs LR per rank, reward curves, the finding-7 verdicts
@@ -63,6 +64,7 @@ REAL_RANKS = (1, 8, 32)
 TINY_LRS = (6.25e-5, 1.25e-4, 2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3)  # The same grid for every method on CPU.
 TINY_FULL_BELOW = (1.56e-5, 3.13e-5)  # Full FT's grid reaches two steps lower: at 6.25e-5 its band was still open.
 QUICK_LRS = (2.5e-4, 1e-3, 4e-3)
+TINY_SEEDS = (0, 1, 2)  # The gap rule needs 3 seeds a cell (analysis.MIN_SEEDS).
 SWEEPS = ("tiny", "quick", "model=Qwen/Qwen3-8B-Base,task=math", "model=meta-llama/Llama-3.1-8B,task=gsm8k")
 REAL_TASKS = {  # task -> (default train source, train split, eval split, group size, max new tokens, max prompt tokens)
     "gsm8k": ("openai/gsm8k:main", "train", "test", 16, 512, 512),
@@ -183,7 +185,7 @@ def default_lr(model: str, method: str, cpu: bool) -> float:
 
 
 def get_sweep(arg: str = "tiny") -> list[str]:
-  """Points of a variant: `tiny`, `quick` or `model=HUB_ID,task=TASK` (ranks and full FT x LR grid, seed 0)."""
+  """Points of a variant: `tiny` (ranks and full FT x LR grid x 3 seeds), `quick` or `model=HUB_ID,task=TASK` (seed 0)."""
   args = common.parse_arg(arg, tiny=False, quick=False, model="", task="")
   if args.tiny or args.quick:
     prefix = "tiny" if args.tiny else "quick"
@@ -196,8 +198,11 @@ def get_sweep(arg: str = "tiny") -> list[str]:
                for m, r in [("lora", r) for r in REAL_RANKS] + [("full", 0)]]
   else:
     raise ValueError(f"rl: sweep variant {arg!r}; valid: tiny, quick, model=HUB_ID[,task=gsm8k|math]")
+  seeds = TINY_SEEDS if args.tiny else (0,)
   points = []
   for method, rank, lrs in methods:
     for lr in lrs:
-      points.append(f"{prefix},method={method}" + (f",rank={rank}" if method == "lora" else "") + f",lr={lr:g}")
+      for seed in seeds:
+        points.append(f"{prefix},method={method}" + (f",rank={rank}" if method == "lora" else "") + f",lr={lr:g}"
+                      + (f",seed={seed}" if len(seeds) > 1 else ""))
   return points
