@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -41,7 +42,7 @@ from etils import epath
 
 from experiments import analysis
 from experiments.configs import common
-from lora_jax import metrics
+from lora_jax import metrics, synthetic
 from lora_jax import train as train_lib
 
 
@@ -1478,13 +1479,19 @@ def _provenance(sweep_dir: epath.Path, meta: dict, runs: list[SweepRun]) -> list
       unknown += 1
       continue
     key = f"`{info.get('git_commit', 'unknown')}`" + (
-        f" (uncommitted changes, diff sha256 {info.get('git_diff_sha256') or '?'})" if info.get("git_dirty") else "")
+        f" (uncommitted changes, diff sha256 {info.get('git_diff_sha256') or 'not recorded'})"
+        if info.get("git_dirty") else "")
     commits[key] = commits.get(key, 0) + 1
   code = "; ".join(f"{k}: {n} point{'s' * (n != 1)}" for k, n in sorted(commits.items()))
   if unknown:
     code += ("; " if code else "") + f"{unknown} point{'s' * (unknown != 1)} without run_info.json"
   return [f"Made by `python -m experiments.report {sweep_dir}` from the sweep's files alone (rerun it to regenerate: "
           "the same files give the same bytes).", f"Sweep: {sweep}.", f"Code of the runs: {code}."]
+
+
+@functools.cache
+def _tiny_vocab() -> int:
+  return len(synthetic.char_tokenizer())
 
 
 def base_table(sweep_dir: epath.Path, conds: list[Condition]) -> Table:
@@ -1498,7 +1505,9 @@ def base_table(sweep_dir: epath.Path, conds: list[Condition]) -> Table:
     step0 = [v for c in conds if c.setting == setting for v in c.step0]
     for fp in sorted({i.get("base_fingerprint", "—") for i in infos}):
       card = next((i.get("base_card") or {} for i in infos if i.get("base_fingerprint", "—") == fp), {})
-      vocab = card.get("vocab_size")
+      # Runs from before base cards: the tiny base's vocabulary is the character tokenizer's.
+      tiny = any(r.config.get("model", {}).get("name") == "tiny" for c in conds if c.setting == setting for r in c.runs)
+      vocab = card.get("vocab_size") or (_tiny_vocab() if tiny else None)
       curve = card.get("pretrain_eval_nll_change_last_quarter")
       rows.append(([setting] if len(_settings(conds)) > 1 else []) + [
           f"`{fp}`", f"{card['parameters']:,}" if "parameters" in card else "—",

@@ -104,7 +104,8 @@ def run_commits(workdir: epath.Path, families: Sequence[str]) -> dict[str, int]:
         key = "unknown (no run_info.json)"
       else:
         key = info.get("git_commit", "unknown") + (
-            f" (uncommitted changes, diff sha256 {info.get('git_diff_sha256') or '?'})" if info.get("git_dirty") else "")
+            f" (uncommitted changes, diff sha256 {info.get('git_diff_sha256') or 'not recorded'})"
+            if info.get("git_dirty") else "")
       out[key] = out.get(key, 0) + 1
   return dict(sorted(out.items()))
 
@@ -116,7 +117,8 @@ def clean(commits: dict[str, int]) -> bool:
 
 def _family_line(workdir: epath.Path, family: str) -> str:
   meta, runs = report.load_sweep(workdir / family)
-  finished = sum(r.finished for r in runs)
+  rl = report.is_rl_sweep(runs)  # RL runs log rewards, not a final eval NLL: finished is their status
+  finished = sum(r.state == "done" if rl else r.finished for r in runs)
   failed = sum(r.failed for r in runs)
   return (f"- **{family}** ([report]({family}/report.md)): `python -m experiments.sweep --config "
           f"{meta['config']}:{meta['arg']} --workdir {workdir / family}`; {len(meta['points'])} points, "
@@ -151,8 +153,8 @@ def index(workdir: epath.Path, variant: str, families: Sequence[str]) -> str:
          "results.csv and the provenance of its runs (command, commit).\n", "## Families\n"]
   commits = run_commits(workdir, present)
   if commits and not clean(commits):
-    out.insert(1, "**Provenance warning: these runs did not all come from one clean commit** (published with "
-               "`--allow-mixed`); their code: " + "; ".join(f"`{k}`: {n}" for k, n in commits.items()) + ".\n")
+    out.insert(1, "**Provenance warning: these runs did not all come from one clean commit** (publishing them "
+               "needs `--allow-mixed`); their code: " + "; ".join(f"`{k}`: {n}" for k, n in commits.items()) + ".\n")
   out += [_family_line(workdir, f) for f in present]
   if commits:
     out += ["", "## Provenance\n", "The code of the runs (each run's `run_info.json`):\n",

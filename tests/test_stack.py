@@ -304,7 +304,7 @@ def test_a_sweep_with_and_without_stacking_gives_the_same_results(tmp_path):
   from experiments import report
 
   common = ["--config", "experiments/configs/lr_sweep.py:quick", "--only",
-            "rank=4,lr=0.002|rank=64,lr=0.00[24]|full,lr=0.001,"]
+            "rank=4,lr=0.002,seed=0|rank=16,lr=0.00[24],seed=0|full,lr=0.00141,seed=0"]
   overrides = ["--", "--config.train.steps=6", "--config.train.eval_every=3", "--config.data.eval_size=20",
                "--config.tiny_base.steps=20", "--config.tiny_base.corpus_documents=200",  # a small base, built once
                f"--config.tiny_base.cache_dir={tmp_path / 'base'}"]
@@ -333,12 +333,12 @@ def test_a_sweep_with_and_without_stacking_gives_the_same_results(tmp_path):
       assert stacked_files - {"stack.json"} == alone, point.name
       if "method=lora" in point.name:  # the lone full FT point runs as experiments.main, stacked or not
         assert json.loads((tmp_path / "stacked" / point.name / "stack.json").read_text())["state"] == "done"
-  # experiments.evaluate: the sweep's three LoRA runs in one batch (ranks 4 and 64) and its full FT run alone give
+  # experiments.evaluate: the sweep's three LoRA runs in one batch (ranks 4 and 16) and its full FT run alone give
   # the final eval NLL each run logged.
   from experiments import evaluate
 
   rows = evaluate.run([], sweep=str(tmp_path / "stacked"))
-  assert sorted((r["method"], r["rank"]) for r in rows) == [("full", ""), ("lora", 4), ("lora", 64), ("lora", 64)]
+  assert sorted((r["method"], r["rank"]) for r in rows) == [("full", ""), ("lora", 4), ("lora", 16), ("lora", 16)]
   for r in rows:
     np.testing.assert_allclose(r["eval_nll"], r["logged_nll"], rtol=1e-5, err_msg=r["workdir"])
   assert (tmp_path / "stacked" / "heldout_eval.csv").exists()

@@ -164,3 +164,15 @@ def test_study_command_line_errors(capsys):
   with pytest.raises(SystemExit):
     study.main(["--variant", "quick", "--workdir", "x", "--families", "layers"])
   assert "not in the quick study's families" in capsys.readouterr().err
+
+
+def test_the_readmes_results_table_is_generated_from_the_published_verdicts():
+  """The README's results table is exactly `study.readme_table` of the published study (every family's verdict on
+  each finding, from its verdicts.csv): regenerate it with --readme-table, never edit it by hand."""
+  readme = (ROOT / "README.md").read_text()
+  start = readme.index("<!-- results table: generated from ")
+  block = readme[start:readme.index(study.README_END, start) + len(study.README_END)]
+  path = block.split("generated from ")[1].split(" by ")[0]
+  assert block == study.readme_table(ROOT / path).replace(str(ROOT / path), path)
+  rows = study.verdict_rows(ROOT / path)
+  assert {f for f, _ in rows} <= set(study.FAMILIES["tiny"]) and block.count("| `") == len(study.summary_rows(rows))
