@@ -29,7 +29,7 @@ from experiments import provenance
 from lora_jax import data, hf, lora, optim, synthetic, train
 from lora_jax.models import transformer
 
-EVAL_SIZE = 64  # Held-out documents per pretraining source (text, chat) for the pretraining's eval NLL.
+EVAL_SIZE = 64  # Held-out documents per pretraining source (text, chat), at most a tenth of it, for its eval NLL.
 INFO_FILE = "base_info.json"  # What every report says of the base: size, pretraining, its held-out NLL curve.
 
 
@@ -108,7 +108,7 @@ def _build(c: ml_collections.ConfigDict, out: pathlib.Path) -> pathlib.Path:
   # Loss on every token, the chat records' prompts and role markers included: this is pretraining. A record longer
   # than a row (a rare long sentence pair) is skipped.
   sources = data.load([str(f) for f in files], tokenizer, seq_len=c.seq_len, train_on_inputs=True, overflow="skip")
-  parts = [data.split(source, EVAL_SIZE, seed=c.seed) for source in sources]
+  parts = [data.split(source, min(EVAL_SIZE, len(source) // 10), seed=c.seed) for source in sources]
   batches = data.BatchIterator([p[0] for p in parts], batch_size=c.batch_size, seq_len=c.seq_len, seed=c.seed,
                                process_index=jax.process_index(), process_count=jax.process_count())
   evals = data.eval_batches([p[1] for p in parts], batch_size=c.batch_size, seq_len=c.seq_len)

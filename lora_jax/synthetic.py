@@ -130,17 +130,33 @@ GRAMMAR = {
 }
 
 
-def _expand(symbol: str, rng: np.random.Generator) -> list[str]:
-  if symbol not in GRAMMAR:
+def _expand(symbol: str, rng: np.random.Generator, grammar: dict) -> list[str]:
+  if symbol not in grammar:
     return [symbol]
-  rules = GRAMMAR[symbol]
+  rules = grammar[symbol]
   expansion = rules[rng.choice(len(rules), p=[p for _, p in rules])][0]
-  return [word for part in expansion for word in _expand(part, rng)]
+  return [word for part in expansion for word in _expand(part, rng, grammar)]
 
 
-def sentence(rng: np.random.Generator) -> str:
-  """One sentence drawn from GRAMMAR."""
-  text = " ".join(_expand("S", rng))
+# A second language for fine-tuning (``dialect``): new words over the same characters, verb-first, nouns before their
+# determiners, postpositions. Nothing of it is in the pretraining corpus but its characters.
+DIALECT = {
+    "S": [(("Vt", "NP", "NP"), 0.5), (("Vi", "NP"), 0.3), (("Vt", "NP", "NP", "PP"), 0.2)],
+    "NP": [(("N", "Det"), 0.6), (("N", "Adj", "Det"), 0.3), (("Name",), 0.1)],
+    "PP": [(("NP", "P"), 1.0)],
+    "Det": [(("ka",), 0.5), (("lo",), 0.3), (("sem",), 0.1), (("vu",), 0.1)],
+    "Adj": [((w,), 1 / 6) for w in ("pirel", "tosk", "mavi", "quen", "dorub", "ilsa")],
+    "N": [((w,), 1 / 8) for w in ("zarn", "fello", "krim", "batuw", "oprel", "genni", "thask", "mumo")],
+    "Name": [((w,), 1 / 3) for w in ("aluz", "brek", "casso")],
+    "Vt": [((w,), 1 / 5) for w in ("vindra", "solke", "myrre", "padun", "ekkol")],
+    "Vi": [((w,), 1 / 4) for w in ("hushe", "tarbo", "linnu", "wessa")],
+    "P": [((w,), 1 / 4) for w in ("ur", "zet", "onna", "bi")],
+}
+
+
+def sentence(rng: np.random.Generator, grammar: dict | None = None) -> str:
+  """One sentence drawn from ``grammar`` (default GRAMMAR)."""
+  text = " ".join(_expand("S", rng, GRAMMAR if grammar is None else grammar))
   return text[0].upper() + text[1:] + "."
 
 
@@ -177,6 +193,14 @@ def dialogues(n: int, *, seed: int) -> tuple[dict[str, Any], ...]:
   return tuple(out)
 
 
+def dialect(n: int, *, seed: int, fmt: str = "chat") -> Task:
+  """n chat records "Speak Zel." -> one DIALECT sentence: a new language (words, word order) over known characters in
+  a known format, learnt as a distribution (its entropy is the NLL floor), not a skill that clicks."""
+  rng = np.random.default_rng(seed)
+  answers = [" ".join(_expand("S", rng, DIALECT)) + "." for _ in range(n)]  # lower case: every letter is known
+  return _task(["Speak Zel."] * n, answers, fmt, math.nan)
+
+
 def pretraining_corpus(n_docs: int, *, seed: int, chat_fraction: float = 0.7) -> tuple[list[dict], tuple[dict, ...]]:
   """The study base's pretraining data: (text records of grammar sentences, chat ``dialogues``), n_docs in all.
 
@@ -207,7 +231,7 @@ def char_tokenizer():
 
 
 SOURCE_PREFIX = "synthetic:"
-SOURCE_TASKS = ("facts", "arithmetic", "sums")  # sums: distinct two-digit sums (``sums``)
+SOURCE_TASKS = ("facts", "arithmetic", "sums", "dialect")  # sums: distinct two-digit sums; dialect: a new language
 
 
 def materialize(spec: str, *, n: int, seed: int, cache_dir: str | os.PathLike) -> str:
@@ -225,6 +249,8 @@ def materialize(spec: str, *, n: int, seed: int, cache_dir: str | os.PathLike) -
     records = arithmetic(n, seed=seed).records
   elif task == "sums":
     records = sums(n, seed=seed).records
+  elif task == "dialect":
+    records = dialect(n, seed=seed).records
   else:
     raise ValueError(f"unknown synthetic task {task!r} in {spec!r}; valid: {list(SOURCE_TASKS)}")
   path = pathlib.Path(cache_dir) / "synthetic" / f"{task}-n{n}-seed{seed}.jsonl"

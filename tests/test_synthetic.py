@@ -73,6 +73,20 @@ def test_sums_are_distinct_and_correct():
     synthetic.sums(101, seed=0, max_operand=9)
 
 
+def test_dialect_is_a_new_language_over_known_characters():
+  task = synthetic.dialect(300, seed=0)
+  assert task == synthetic.dialect(300, seed=0) and set(task.prompts) == {"Speak Zel."}
+  words = {w.lower() for rules in synthetic.DIALECT.values() for expansion, _ in rules for w in expansion}
+  english = {w.lower() for rules in synthetic.GRAMMAR.values() for expansion, _ in rules for w in expansion}
+  for answer in task.completions:
+    tokens = {t.lower() for t in answer.rstrip(".").split()}
+    assert tokens <= words and not tokens & english
+  text, chat = synthetic.pretraining_corpus(500, seed=0)
+  pretraining = " ".join(r["text"] for r in text) + " ".join(m["content"] for r in chat for m in r["messages"])
+  assert set("".join(task.completions)) <= set(pretraining)  # every character known
+  assert not any(f" {w} " in f" {pretraining.lower()} " for w in words - english)  # no word of it
+
+
 def test_pretraining_corpus_covers_the_fine_tuning_tokens_and_formats():
   """Every character and chat marker of the fine-tuning tasks (two-digit sums, facts) appears in pretraining, in
   other combinations: no two-digit sum and none of the fine-tuning facts' keys is in it."""

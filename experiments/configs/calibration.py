@@ -7,9 +7,14 @@ reads this sweep and says both (docs/results/calibration/).
 
 CPU (`tiny`): `lr_sweep`'s setting (the study base of `common.study_base`, one epoch of 2-digit additions, 500
 held-out problems); full FT over 4 LRs and the weak method over 4 LRs, a factor 2 apart, seeds 0-2 (24 points).
-`long`: the same at 600 steps (the weak method's grid a factor 2 lower).
+`tiny_long`: the same at 600 steps (the weak method's grid a factor 2 lower). `tiny_dialect`: the same grids on
+`synthetic:dialect` (a new language over known characters: a distribution to learn, not a skill that clicks).
+`quick`: each method at one LR, 3 seeds (a pipeline check).
 
-Point arguments: `tiny`, `method=full|weak`, `lr=`, `seed=`, `steps=`.
+    python -m experiments.sweep --config experiments/configs/calibration.py:tiny --workdir runs/calibration
+    python -m experiments.calibrate runs/calibration
+
+Point arguments: `tiny`, `method=full|weak`, `lr=`, `seed=`, `steps=`, `task=sums|dialect`.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ import ml_collections
 
 from experiments.configs import common, lr_sweep
 
-SWEEPS = ("tiny", "long")  # long: the same at 600 steps
+SWEEPS = ("tiny", "quick", "tiny_long", "tiny_dialect")  # tiny_long: 600 steps; tiny_dialect: a new language
+DIALECT_EXAMPLES = 10_500  # ~one epoch in 300 steps at batch 16 (1.7 answers a row), 500 of them held out
 LRS = {"full": (5e-4, 1e-3, 2e-3, 4e-3), "weak": (2e-3, 4e-3, 8e-3, 1.6e-2)}
 LONG_LRS = {"full": (5e-4, 1e-3, 2e-3, 4e-3), "weak": (1e-3, 2e-3, 4e-3, 8e-3)}  # the weak optimum sat at 2e-3 (edge)
 SEEDS = (0, 1, 2)
@@ -26,7 +32,9 @@ SEEDS = (0, 1, 2)
 
 def get_config(arg: str = "tiny,method=full") -> ml_collections.ConfigDict:
   """One point: full FT, or the weak method (LoRA r1 on attention only), at one LR and seed."""
-  args = common.parse_arg(arg, tiny=False, method="full", lr=0.0, seed=0, steps=300)
+  args = common.parse_arg(arg, tiny=False, method="full", lr=0.0, seed=0, steps=300, task="sums")
+  if args.task not in ("sums", "dialect"):
+    raise ValueError(f"calibration: task must be sums or dialect, got {args.task!r}")
   if args.method not in LRS:
     raise ValueError(f"calibration: method must be one of {sorted(LRS)}, got {args.method!r}")
   method = "full" if args.method == "full" else "lora"
@@ -35,12 +43,18 @@ def get_config(arg: str = "tiny,method=full") -> ml_collections.ConfigDict:
   if args.method == "weak":
     config.lora.targets = ("attention",)
   config.train.steps = args.steps
+  if args.task == "dialect":
+    config.data.train = ("synthetic:dialect",)
+    config.data.synthetic_examples = DIALECT_EXAMPLES
   return config
 
 
 def get_sweep(arg: str = "tiny") -> list[str]:
-  """Every point of the calibration: ``tiny`` (300 steps, as the study) or ``long`` (600 steps)."""
+  """Every point of the calibration: ``tiny`` (300 steps, as the study), ``tiny_long`` (600 steps), ``tiny_dialect``
+  (the dialect task) or ``quick`` (each method at one LR)."""
   if arg not in SWEEPS:
     raise ValueError(f"calibration: sweep variant {arg!r}; valid: {list(SWEEPS)}")
-  grid, steps = (LRS, "") if arg == "tiny" else (LONG_LRS, ",steps=600")
-  return [f"tiny,method={m},lr={lr!r},seed={s}{steps}" for m, lrs in grid.items() for lr in lrs for s in SEEDS]
+  if arg == "quick":  # a pipeline check: each method at its grid's second LR
+    return [f"tiny,method={m},lr={lrs[1]!r},seed={s}" for m, lrs in LRS.items() for s in SEEDS]
+  grid, extra = {"tiny": (LRS, ""), "tiny_long": (LONG_LRS, ",steps=600"), "tiny_dialect": (LRS, ",task=dialect")}[arg]
+  return [f"tiny,method={m},lr={lr!r},seed={s}{extra}" for m, lrs in grid.items() for lr in lrs for s in SEEDS]
