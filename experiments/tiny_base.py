@@ -58,18 +58,25 @@ def base_info(work: pathlib.Path, c: ml_collections.ConfigDict, params, vocab_si
           "fingerprint": provenance.fingerprint(work)}
 
 
+def cache_path(c: ml_collections.ConfigDict) -> tuple[pathlib.Path, tuple]:
+  """Where the base of these settings is cached, and its pretraining corpus: the key hashes the corpus itself, not
+  only its settings, so a changed corpus recipe builds a new base."""
+  corpus = synthetic.pretraining_corpus(c.corpus_documents, seed=c.seed, chat_fraction=c.chat_fraction)
+  key = hashlib.sha256((c.to_json(sort_keys=True) + json.dumps(corpus)).encode()).hexdigest()[:12]
+  return pathlib.Path(c.cache_dir) / key, corpus
+
+
 def pretrained(c: ml_collections.ConfigDict) -> pathlib.Path:
   """The tiny base model as an HF directory: pretrained on the synthetic corpus once, then reused from the cache.
 
   Every process takes part (on a 1-D fsdp mesh over all devices); process 0 writes the files.
   """
-  key = hashlib.sha256(c.to_json(sort_keys=True).encode()).hexdigest()[:12]
-  out = pathlib.Path(c.cache_dir) / key
+  out, corpus = cache_path(c)
   with _build_lock(out):
     if (out / "config.json").exists():
       print(f"reusing the tiny base model in {out}")
       return out
-    return _build(c, out)
+    return _build(c, out, corpus)
 
 
 @contextlib.contextmanager
@@ -91,7 +98,7 @@ def _build_lock(out: pathlib.Path):
     yield
 
 
-def _build(c: ml_collections.ConfigDict, out: pathlib.Path) -> pathlib.Path:
+def _build(c: ml_collections.ConfigDict, out: pathlib.Path, corpus) -> pathlib.Path:
   """Pretrains the tiny base into ``out`` (through ``out.partial``, whose checkpoints let a build resume)."""
   lead = jax.process_index() == 0
   print(f"pretraining the tiny base model ({c.steps} steps on a synthetic corpus) into {out}")
@@ -101,8 +108,7 @@ def _build(c: ml_collections.ConfigDict, out: pathlib.Path) -> pathlib.Path:
   files = [work / "corpus_text.jsonl", work / "corpus_chat.jsonl"]
   if lead and not all(f.exists() for f in files):
     work.mkdir(parents=True, exist_ok=True)
-    for f, records in zip(files, synthetic.pretraining_corpus(c.corpus_documents, seed=c.seed,
-                                                              chat_fraction=c.chat_fraction)):
+    for f, records in zip(files, corpus):
       f.write_text("".join(json.dumps(r) + "\n" for r in records))
   multihost_utils.sync_global_devices("tiny_base corpus written")
   # Loss on every token, the chat records' prompts and role markers included: this is pretraining. A record longer

@@ -137,3 +137,16 @@ def test_tasks_go_through_the_pipeline(tmp_path, fmt):
   expected = {"chat": task.completions[0] + "<eos>", "alpaca": task.completions[0] + "<eos>",
               "text": task.prompts[0] + task.completions[0] + "<eos>"}[fmt]
   assert loss == expected
+
+
+def test_the_tiny_bases_cache_key_follows_the_corpus_not_only_its_settings(monkeypatch):
+  from experiments import tiny_base
+  from experiments.configs import common
+
+  c = common.tiny_base_config()
+  c.corpus_documents = 50
+  path, corpus = tiny_base.cache_path(c)
+  assert tiny_base.cache_path(c)[0] == path and len(corpus[0]) + len(corpus[1]) == 50
+  real = synthetic.pretraining_corpus
+  monkeypatch.setattr(synthetic, "pretraining_corpus", lambda *a, **k: (real(*a, **k)[0], ()))  # another recipe
+  assert tiny_base.cache_path(c)[0] != path
