@@ -84,11 +84,7 @@ def test_dialect_is_a_new_language_over_known_characters():
   text, chat = synthetic.pretraining_corpus(500, seed=0)
   pretraining = " ".join(r["text"] for r in text) + " ".join(m["content"] for r in chat for m in r["messages"])
   assert set("".join(task.completions)) <= set(pretraining)  # every character known
-  glossary = {m["content"] for r in chat for m in r["messages"] if m["role"] == "assistant"} & words
-  assert glossary and {z for _, z in synthetic.GLOSSARY} >= glossary  # its words, one at a time (the glossary)
-  for r in chat:  # but never two of its words together: its word order and sentences are what fine-tuning teaches
-    answer = r["messages"][1]["content"].lower().rstrip(".").split()
-    assert sum(w in words - english for w in answer) <= 1
+  assert not any(f" {w} " in f" {pretraining.lower()} " for w in words - english)  # no word of it
 
 
 def test_pretraining_corpus_covers_the_fine_tuning_tokens_and_formats():
