@@ -379,8 +379,8 @@ RULE_BATCH = (
     f"1/n), t with the pooled df; margin = {MATCH_FRACTION:g} x the smaller of the two settings' improvements over the "
     f"base). The gap grows if the interval lies above the margin, shrinks if below minus the margin, is flat if inside "
     f"it; otherwise (or with a best LR that claims no optimum, or fewer than {MIN_SEEDS} seeds in a cell) unknown. "
-    f"Overall: disagree if some condition's gap shrinks or is flat, agree if every condition's gap grows (a higher rank "
-    f"does not remove the penalty), else inconclusive.")
+    f"Overall: disagree if some condition's gap shrinks or is flat, agree if every condition's gap grows (a higher "
+    f"rank does not remove the penalty), else inconclusive.")
 
 
 def growth_class(c: Comparison) -> str:
@@ -403,11 +403,12 @@ RULE_LAYERS = (
     f"classed as attention-only (attention, "
     f"or only q/k/v/o_proj), MLP-only (mlp, or only gate/up/down_proj) or all (all-linear), each with or without "
     f"unembed: their best-LR final eval NLLs (seed means) compared by the gap rule (an equivalence test against the "
-    f"margin, or one-sided tests beyond it; unknown when neither is decided), attention-only against MLP-only with the same unembed choice, and MLP-only against "
-    f"all (with the same unembed choice if the sweep has it, else the other). Agree if attention-only is behind "
-    f"MLP-only and MLP-only matches all; disagree if attention-only is ahead of MLP-only or MLP-only is behind all; "
-    f"else inconclusive. Overall: disagree if any rank disagrees, agree if every rank agrees, else inconclusive. "
-    f"Equal rank is not equal parameters (the table lists the trainable parameters).")
+    f"margin, or one-sided tests beyond it; unknown when neither is decided), attention-only against MLP-only with "
+    f"the same unembed choice, and MLP-only against all (with the same unembed choice if the sweep has it, else the "
+    f"other). Agree if attention-only is behind MLP-only and MLP-only matches all; disagree if attention-only is ahead "
+    f"of MLP-only or MLP-only is behind all; else inconclusive. Overall: disagree if any rank disagrees, agree if "
+    f"every rank agrees, else inconclusive. Equal rank is not equal parameters (the table lists the trainable "
+    f"parameters).")
 
 
 def verdict_layers(attention_vs_mlp: str, mlp_vs_all: str) -> Verdict:

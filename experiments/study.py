@@ -164,7 +164,8 @@ def index(workdir: epath.Path, variant: str, families: Sequence[str]) -> str:
     out += ["", "## Checked on another machine\n", verified.strip() + "\n"]
   else:
     out += ["", "## Checked on another machine\n", "Not yet: `python -m experiments.study --variant "
-            f"{variant} --workdir SCRATCH --verify K {workdir}` reruns K random points here and writes {VERIFY_FILE}.\n"]
+            f"{variant} --workdir SCRATCH --verify K {workdir}` reruns K random points here and writes "
+            f"{VERIFY_FILE}.\n"]
   missing = [f for f in families if f not in present]
   if missing:
     out.append("- not run yet: " + ", ".join(missing))

@@ -17,8 +17,8 @@ import numpy as np
 
 U32 = 2.0 ** -24  # Unit roundoff of float32 (round to nearest).
 U64 = 2.0 ** -53  # Unit roundoff of float64.
-# float64 exactness, relative to the largest |value|: float64's unit roundoff times a budget of 10^6 for the depth of the
-# computation and cancellation. float32 rounding alone (6e-8 per operation) fails it by ~600x, so a program that
+# float64 exactness, relative to the largest |value|: float64's unit roundoff times a budget of 10^6 for the depth of
+# the computation and cancellation. float32 rounding alone (6e-8 per operation) fails it by ~600x, so a program that
 # silently computes in float32, or differs by any real change (a 1e-6 change of a scale), cannot pass.
 EXACT = 1e-10
 

@@ -20,10 +20,12 @@ shared).
     python -m experiments.report runs/rl_tiny      # reward vs LR per rank, reward curves, the finding-7 verdicts
     python -m experiments.main --config experiments/configs/rl.py:tiny,method=lora,rank=1,lr=1e-3 --workdir runs/rl1
 
-Calibration of the warm-up (2-core CPU, 2026-12-01; greedy accuracy on the 100 held-out problems / mean sampled
-reward of the first round): 60 steps 0.01 / 0.05 (8 prompts a round), 150 steps 0.06 / 0.09, 300 steps 0.35 / 0.40,
-600 steps 0.85 / 0.81. 300 it is: reward ~0.4, room to rise and enough groups with mixed rewards (at 0.05 most groups
-are all-zero and give no gradient; Adam's momentum then drifts the policy, which collapsed a 60-step pilot to 0).
+Calibration of the warm-up, on the tiny base pretrained before its corpus held the tasks' tokens (it now does:
+`synthetic.pretraining_corpus`, so these figures and the measured results below are to be remeasured; 2-core CPU,
+2026-12-01; greedy accuracy on the 100 held-out problems / mean sampled reward of the first round): 60 steps 0.01 /
+0.05 (8 prompts a round), 150 steps 0.06 / 0.09, 300 steps 0.35 / 0.40, 600 steps 0.85 / 0.81. 300 it is: reward
+~0.4, room to rise and enough groups with mixed rewards (at 0.05 most groups are all-zero and give no gradient;
+Adam's momentum then drifts the policy, which collapsed a 60-step pilot to 0).
 Pilot runs at 100 steps (mean reward over the last quarter): LoRA r1 0.49 at lr 1e-3 and 0.47 at 3e-3, r8 0.52 at
 1e-3; full FT 0.48 at 1e-4, 0.50 at 3e-4 and 0.30 at 1e-3 (the grid spans both sides of every optimum).
 
@@ -185,7 +187,7 @@ def default_lr(model: str, method: str, cpu: bool) -> float:
 
 
 def get_sweep(arg: str = "tiny") -> list[str]:
-  """Points of a variant: `tiny` (ranks and full FT x LR grid x 3 seeds), `quick` or `model=HUB_ID,task=TASK` (seed 0)."""
+  """Points of a variant: `tiny` (ranks and full FT x LR grid x 3 seeds), `quick` or `model=HUB_ID,task=TASK`."""
   args = common.parse_arg(arg, tiny=False, quick=False, model="", task="")
   if args.tiny or args.quick:
     prefix = "tiny" if args.tiny else "quick"
