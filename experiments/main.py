@@ -85,7 +85,13 @@ def start_workdir(workdir: epath.Path, config: ml_collections.ConfigDict, overwr
     workdir.rmtree()
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "config.json").write_text(config_json(config) + "\n")
-  (workdir / "run_info.json").write_text(json.dumps(run_info(model_dir), indent=2) + "\n")
+  info = run_info(model_dir)
+  previous = workdir / "run_info.json"
+  if previous.exists():  # a resume: keep every earlier start's code, so a run resumed across commits says so
+    old = json.loads(previous.read_text())
+    info["earlier_starts"] = old.get("earlier_starts", []) + [
+        {k: old.get(k) for k in ("git_commit", "git_dirty", "git_diff_sha256")}]
+  previous.write_text(json.dumps(info, indent=2) + "\n")
 
 
 def run_info(model_dir=None) -> dict:

@@ -480,9 +480,9 @@ def _condition_order(c: Condition) -> tuple:
 
 
 def judged_step(run: SweepRun, fraction: float) -> int | None:
-  """The run's last evaluated step at or before ``fraction`` of its steps (> 0); None if it has none."""
+  """The run's last step with a finite eval NLL at or before ``fraction`` of its steps (> 0); None if none."""
   limit = fraction * run.config["train"]["steps"]
-  steps = [s for s in run.evals if 0 < s <= limit + 1e-9]
+  steps = [s for s, v in run.evals.items() if 0 < s <= limit + 1e-9 and math.isfinite(v)]
   return max(steps) if steps else None
 
 
@@ -907,7 +907,8 @@ def batch_part(conds: list[Condition]) -> Part | None:
       small, large = min(pairs), max(pairs)
       here = [c for c in in_line if c.setting in (settings[small], settings[large]) and c.fit is not None]
       noise = analysis.pooled_noise([c.best_values for c in here])
-      margin = min(pairs[small][1].margin, pairs[large][1].margin)
+      margins = [m for m in (pairs[small][1].margin, pairs[large][1].margin) if not math.isnan(m)]
+      margin = min(margins) if len(margins) == 2 else math.nan  # both settings need a base NLL
       (ls, fs), (ll, fl) = pairs[small], pairs[large]
       interior = all(c.fit.interior for c in (ls, fs, ll, fl))
       growth = analysis.contrast([(ll.best_values, 1.0), (fl.best_values, -1.0), (ls.best_values, -1.0),

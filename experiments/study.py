@@ -103,11 +103,19 @@ def run_commits(workdir: epath.Path, families: Sequence[str]) -> dict[str, int]:
       if info is None:
         key = "unknown (no run_info.json)"
       else:
-        key = info.get("git_commit", "unknown") + (
-            f" (uncommitted changes, diff sha256 {info.get('git_diff_sha256') or 'not recorded'})"
-            if info.get("git_dirty") else "")
+        key = _code(info)
+        earlier = {_code(e) for e in info.get("earlier_starts", [])} - {key}
+        if earlier:  # resumed under other code: never one clean commit
+          key += " (resumed; started under " + ", ".join(sorted(earlier)) + ")"
       out[key] = out.get(key, 0) + 1
   return dict(sorted(out.items()))
+
+
+def _code(info: dict) -> str:
+  """One start's code as run_commits names it: the commit, and its uncommitted changes' hash if any."""
+  return info.get("git_commit", "unknown") + (
+      f" (uncommitted changes, diff sha256 {info.get('git_diff_sha256') or 'not recorded'})"
+      if info.get("git_dirty") else "")
 
 
 def clean(commits: dict[str, int]) -> bool:
@@ -131,10 +139,10 @@ def summary_rows(rows: Sequence[tuple[str, report.FindingRow]]) -> list[list[str
   for finding in report.INDEX_ORDER:
     for family in dict.fromkeys(f for f, r in rows if r.finding == finding):
       mine = [r for f, r in rows if f == family and r.finding == finding]
-      overall = [r.verdict for r in mine if "overall" in r.scope]
+      overall = [r.verdict for r in mine if "overall" in r.scope]  # one per setting or LoRA group: all count
       judged = [r.verdict for r in mine if r.verdict in (analysis.AGREE, analysis.DISAGREE, analysis.INCONCLUSIVE,
                                                           analysis.UNSTABLE)]
-      verdict = overall[-1] if overall else analysis.combine([analysis.Verdict(v, "") for v in judged])
+      verdict = analysis.combine([analysis.Verdict(v, "") for v in (overall or judged)])
       out.append([f"{finding}: {report.INDEX_TITLES[finding]}", report.INDEX_STUDY[finding], family,
                   f"**{verdict}**"])
   return out
@@ -171,8 +179,8 @@ def index(workdir: epath.Path, variant: str, families: Sequence[str]) -> str:
     out.append("- not run yet: " + ", ".join(missing))
   summary = summary_rows(rows)
   if summary:
-    out += ["", "## Summary\n", "One line per finding and family: the family's overall verdict (its `overall` row, "
-            "else all its rows combined: disagree if any disagrees, agree if all agree, else inconclusive).\n",
+    out += ["", "## Summary\n", "One line per finding and family: the family's overall verdict (its `overall` rows, "
+            "else all its rows, combined: disagree if any disagrees, agree if all agree, else inconclusive).\n",
             report.Table("", "", ["finding", "study", "family", "verdict"], summary).markdown()]
   out += ["", "## vs the study\n",
           "Every verdict below is decided by the rule its family report prints beside it (`experiments.analysis`), "
@@ -231,6 +239,8 @@ def verify(dest: epath.Path, families: Sequence[str], k: int, seed: int, scratch
   rows = []
   for i, (family, meta, run, noise) in enumerate(chosen):
     out = scratch / family / run.name
+    if out.exists():
+      out.rmtree()  # a fresh rerun, never an earlier --verify's files
     argv = sweep.point_command(meta["config"], run.point, str(out), list(meta.get("overrides", [])))
     print(f"== verify {i + 1}/{len(chosen)}: {family} {run.point}", file=sys.stderr, flush=True)
     done = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

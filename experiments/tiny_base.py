@@ -48,8 +48,8 @@ def base_info(work: pathlib.Path, c: ml_collections.ConfigDict, params, vocab_si
   evals = {r["step"]: r["eval/nll"] for r in records if "eval/nll" in r}
   last = max(evals)
   quarter = max((s for s in evals if s <= 0.75 * last), default=0)
-  tokens = sum(r.get("train/tokens", 0) * (10 if r["step"] >= 10 else r["step"]) for r in records
-               if "train/tokens" in r)  # train/tokens is per step, logged every 10 steps
+  logged = [(r["step"], r["train/tokens"]) for r in records if "train/tokens" in r]  # per step, every 10 steps
+  tokens = sum(n * (step - before) for (step, n), before in zip(logged, [0] + [t for t, _ in logged[:-1]]))
   return {"parameters": int(sum(x.size for x in jax.tree.leaves(params))), "vocab_size": vocab_size,
           "pretrain_steps": c.steps,
           "pretrain_loss_tokens": int(tokens), "pretrain_documents": c.corpus_documents,

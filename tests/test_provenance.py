@@ -104,3 +104,36 @@ def test_run_commits_count_the_runs_of_each_commit(tmp_path):
   assert commits == {"a" * 40: 1, "b" * 40: 1}
   _sweep(tmp_path / "one", [CLEAN, CLEAN])
   assert study.run_commits(tmp_path / "one", ["lr_sweep"]) == {"a" * 40: 2}
+
+
+def test_a_run_resumed_under_other_code_is_not_one_clean_commit(tmp_path):
+  resumed = {**CLEAN, "earlier_starts": [{**CLEAN, "git_dirty": True, "git_diff_sha256": "0123456789abcdef"}]}
+  _sweep(tmp_path, [CLEAN, resumed])
+  commits = study.run_commits(tmp_path, ["lr_sweep"])
+  assert not study.clean(commits) and any("(resumed; started under " in k for k in commits)
+  same = {**CLEAN, "earlier_starts": [dict(CLEAN)]}  # resumed under the same clean commit: still clean
+  _sweep(tmp_path / "same", [CLEAN, same])
+  assert study.clean(study.run_commits(tmp_path / "same", ["lr_sweep"]))
+
+
+def test_start_workdir_keeps_every_earlier_starts_code(tmp_path, monkeypatch):
+  import ml_collections
+
+  from experiments import main as exp_main
+
+  states = iter([{**CLEAN, "git_dirty": True, "git_diff_sha256": "1111111111111111"}, CLEAN])
+  monkeypatch.setattr(exp_main.provenance, "git_state", lambda: next(states))
+  config = ml_collections.ConfigDict({"x": 1})
+  exp_main.start_workdir(tmp_path / "w", config, overwrite=False)
+  exp_main.start_workdir(tmp_path / "w", config, overwrite=False)  # the resume, after a commit
+  info = json.loads((tmp_path / "w" / "run_info.json").read_text())
+  assert info["git_dirty"] is False and info["earlier_starts"] == [
+      {"git_commit": "a" * 40, "git_dirty": True, "git_diff_sha256": "1111111111111111"}]
+
+
+def test_the_summary_combines_every_overall_row_of_a_family():
+  from experiments import report
+
+  rows = [("lr_width", report.FindingRow("3", f"hidden {w}, overall, ranks ≥ 4", "", v, ""))
+          for w, v in ((64, "disagree"), (128, "disagree"), (256, "agree"))]
+  assert study.summary_rows(rows)[0][-1] == "**disagree**"  # not the last setting's "agree"
