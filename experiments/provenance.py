@@ -33,6 +33,14 @@ def git_state(cwd=None) -> dict:
   return {"git_commit": commit, "git_dirty": dirty, "git_diff_sha256": h.hexdigest()[:16] if dirty else ""}
 
 
+def describe(info: dict, quote: str = "") -> str:
+  """A run's code as reports name it (from run_info.json's git fields): the commit (in ``quote``s), and the hash of
+  its uncommitted changes if the tree was dirty."""
+  return f"{quote}{info.get('git_commit', 'unknown')}{quote}" + (
+      f" (uncommitted changes, diff sha256 {info.get('git_diff_sha256') or 'not recorded'})"
+      if info.get("git_dirty") else "")
+
+
 def fingerprint(model_dir) -> str:
   """sha256 (16 hex digits) of a local model directory's config.json and weight files (``*.safetensors``, by name):
   which base a run fine-tuned. Weights up to FULL_HASH_LIMIT bytes are hashed whole; larger ones by name, size and

@@ -40,7 +40,7 @@ from collections.abc import Sequence
 import numpy as np
 from etils import epath
 
-from experiments import analysis
+from experiments import analysis, provenance
 from experiments.configs import common
 from lora_jax import metrics, synthetic
 from lora_jax import train as train_lib
@@ -1479,9 +1479,7 @@ def _provenance(sweep_dir: epath.Path, meta: dict, runs: list[SweepRun]) -> list
     if info is None:
       unknown += 1
       continue
-    key = f"`{info.get('git_commit', 'unknown')}`" + (
-        f" (uncommitted changes, diff sha256 {info.get('git_diff_sha256') or 'not recorded'})"
-        if info.get("git_dirty") else "")
+    key = provenance.describe(info, quote="`")
     commits[key] = commits.get(key, 0) + 1
   code = "; ".join(f"{k}: {n} point{'s' * (n != 1)}" for k, n in sorted(commits.items()))
   if unknown:

@@ -38,7 +38,7 @@ from collections.abc import Sequence
 
 from etils import epath
 
-from experiments import analysis, report, sweep
+from experiments import analysis, provenance, report, sweep
 
 FAMILIES = {  # variant -> the families it runs, in order (the LR findings first: the others build on their LRs)
     "quick": ("lr_sweep",),  # findings 3 and 4 with intervals, ~8 min with set-up on a fresh clone
@@ -103,19 +103,12 @@ def run_commits(workdir: epath.Path, families: Sequence[str]) -> dict[str, int]:
       if info is None:
         key = "unknown (no run_info.json)"
       else:
-        key = _code(info)
-        earlier = {_code(e) for e in info.get("earlier_starts", [])} - {key}
+        key = provenance.describe(info)
+        earlier = {provenance.describe(e) for e in info.get("earlier_starts", [])} - {key}
         if earlier:  # resumed under other code: never one clean commit
           key += " (resumed; started under " + ", ".join(sorted(earlier)) + ")"
       out[key] = out.get(key, 0) + 1
   return dict(sorted(out.items()))
-
-
-def _code(info: dict) -> str:
-  """One start's code as run_commits names it: the commit, and its uncommitted changes' hash if any."""
-  return info.get("git_commit", "unknown") + (
-      f" (uncommitted changes, diff sha256 {info.get('git_diff_sha256') or 'not recorded'})"
-      if info.get("git_dirty") else "")
 
 
 def clean(commits: dict[str, int]) -> bool:
