@@ -43,7 +43,6 @@ from etils import epath
 from experiments import analysis, provenance
 from experiments.configs import common
 from lora_jax import metrics, synthetic
-from lora_jax import train as train_lib
 
 
 def summarize(workdir: str | epath.PathLike) -> dict:
@@ -308,7 +307,7 @@ def load_sweep(sweep_dir: str | epath.PathLike) -> tuple[dict, list[SweepRun]]:
           run.train[r["step"]] = (float(r["train/loss"]), float(r.get("train/tokens", math.nan)))
         if "params/trainable" in r:
           run.trainable = int(r["params/trainable"])
-      path = d / method / train_lib.DIAGNOSTICS_FILE
+      path = d / method / metrics.DIAGNOSTICS_FILE
       for r in _read_records(path) if path.exists() else []:
         run.diagnostics[r["step"]] = r["modules"]
       run.state = run.state or ("done" if run.finished else "unfinished" if records else "not started")
@@ -1190,7 +1189,7 @@ NEEDS = {  # What a sweep needs for a finding to be tested (said when it is not)
     "4": "LoRA runs", "4c": f"LoRA groups that differ in lora.scaling ({' and '.join(SCALINGS)}), each with two ranks",
     "5": f"settings that differ in {' or '.join(BATCH_KEYS)}, with LoRA and full FT at each",
     "6": "LoRA groups that differ in lora.targets (attention-only, MLP-only, all layers)",
-    "9": f"finished LoRA runs of >= {analysis.BA_MIN_STEPS} steps with {train_lib.DIAGNOSTICS_FILE}"}
+    "9": f"finished LoRA runs of >= {analysis.BA_MIN_STEPS} steps with {metrics.DIAGNOSTICS_FILE}"}
 RULE_NAMES = {text: name for name, text in vars(analysis).items() if name.startswith("RULE_")}
 
 
@@ -1559,7 +1558,7 @@ SECTIONS = {  # Per finding judged across settings or groups: its report.md sect
            "lowest rank minus that of the highest at step t (train loss as logged; every step when `log_every` is "
            "1)."),
     "9": ("‖B‖ vs ‖A‖",
-          f"From `<method>/{train_lib.DIAGNOSTICS_FILE}`: the spectral norms of each adapted module's A and B at each "
+          f"From `<method>/{metrics.DIAGNOSTICS_FILE}`: the spectral norms of each adapted module's A and B at each "
           "evaluation, for the sweep's longest finished LoRA runs at each condition's best grid LR."),
 }
 FIGURE_CAPTIONS = {

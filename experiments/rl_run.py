@@ -75,7 +75,7 @@ def check_config(config: ml_collections.ConfigDict, exp_main=None) -> None:
   if learner_rows(config) % loop.grad_accum:
     raise ValueError(f"config.train.grad_accum {loop.grad_accum} must divide the completions per step "
                      f"{learner_rows(config)} (rl.prompts_per_step * rl.group_size / rl.steps_per_sample)")
-  for name in ("steps", "checkpoint_every"):
+  for name in ("steps", "checkpoint_every", "eval_every"):
     if getattr(loop, name) % cfg.steps_per_sample:
       raise ValueError(f"config.train.{name} {getattr(loop, name)} must be a multiple of config.rl.steps_per_sample "
                        f"{cfg.steps_per_sample}")

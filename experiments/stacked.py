@@ -31,7 +31,7 @@ from etils import epath
 
 from experiments import main as main_lib
 from experiments import report, tiny_base
-from lora_jax import checkpoint, hf, lora, metrics, stack, train
+from lora_jax import checkpoint, hf, lora, loop, metrics, stack, train
 from lora_jax.models import transformer
 
 # Config fields in which the points of one stack may differ (``lora.rank_pattern.*`` and ``alpha_pattern.*`` too).
@@ -108,7 +108,7 @@ def check_group(configs: Sequence[ml_collections.ConfigDict]) -> None:
 
 
 def run(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str | epath.PathLike],
-        overwrite: bool = False, vectorize: int | None = None) -> list[stack.RunResult]:
+        overwrite: bool = False, vectorize: int | None = None) -> list[loop.RunResult]:
   """Trains the points as one stack, each into its workdir with its report and ``stack.json``; returns each result.
 
   Everything is checked before any workdir is touched, as ``experiments.main.run`` does.

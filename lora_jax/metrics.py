@@ -19,6 +19,9 @@ import jax
 import numpy as np
 from etils import epath
 
+METRICS_FILE = "metrics.jsonl"  # A run's metrics, one JSON record per logged step.
+DIAGNOSTICS_FILE = "lora_diagnostics.jsonl"  # Per-module LoRA diagnostics at each evaluation, next to metrics.jsonl.
+FAILED_FILE = "stack_failed.json"  # In a stacked run's directory once it has failed: a resumed stack leaves it failed.
 
 def lora_diagnostics(params, adapters) -> dict[str, dict[str, jax.Array]]:
   """Per adapted module: ‖s·A·B‖_F/‖W‖_F and the spectral norms of A and B (the study saw B outgrow A).
@@ -56,7 +59,7 @@ class MetricWriter:
     if not self.active:
       return
     self.workdir.mkdir(parents=True, exist_ok=True)
-    self.path = self.workdir / "metrics.jsonl"
+    self.path = self.workdir / METRICS_FILE
     if tensorboard:
       from tensorboardX import SummaryWriter
 
@@ -127,7 +130,7 @@ def truncate_jsonl(path: epath.Path, step: int) -> None:
 
 def read_metrics(workdir: str | epath.PathLike) -> list[dict]:
   """All records of a run's metrics.jsonl."""
-  path = epath.Path(workdir) / "metrics.jsonl"
+  path = epath.Path(workdir) / METRICS_FILE
   return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
 
 

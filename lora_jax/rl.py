@@ -32,11 +32,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-import signal
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -45,8 +42,8 @@ import numpy as np
 import optax
 from etils import epath
 
-from lora_jax import checkpoint as ckpt_lib
 from lora_jax import generate, lora, optim, train
+from lora_jax import loop as loop_lib
 from lora_jax import metrics as metrics_lib
 
 
@@ -195,13 +192,18 @@ def make_rl_step(model: nn.Module, tx: optax.GradientTransformation, cfg: RLConf
   def rl_step(state: train.TrainState, batch):
     if grad_accum == 1:
       (loss, aux), grads = loss_and_grads(state.trainable, state.frozen, batch)
-    else:
-      micro = jax.tree.map(lambda x: x.reshape((grad_accum, x.shape[0] // grad_accum) + x.shape[1:]), batch)
-      (losses, auxes), grads = jax.lax.map(lambda mb: loss_and_grads(state.trainable, state.frozen, mb), micro)
-      grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
-      loss = jnp.mean(losses)
-      aux = {k: (jnp.max(v) if k == "ratio_max" else jnp.min(v) if k == "ratio_min" else jnp.mean(v))
-             for k, v in auxes.items()}
+    else:  # means over the micro-batches, the extreme ratios their max and min
+      def combine(carry, new):
+        total = jax.tree.map(jnp.add, carry, new)
+        total[0][1].update(ratio_max=jnp.maximum(carry[0][1]["ratio_max"], new[0][1]["ratio_max"]),
+                           ratio_min=jnp.minimum(carry[0][1]["ratio_min"], new[0][1]["ratio_min"]))
+        return total
+
+      (loss, aux), grads = train.accumulate(lambda mb, i: loss_and_grads(state.trainable, state.frozen, mb), batch,
+                                            grad_accum, combine)
+      mean = lambda x: x / grad_accum  # noqa: E731
+      grads, loss = jax.tree.map(mean, grads), mean(loss)
+      aux = {k: v if k in ("ratio_max", "ratio_min") else mean(v) for k, v in aux.items()}
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     metrics = {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads), "train/update_norm":
@@ -291,17 +293,62 @@ def evaluate(policy: Policy, state: train.TrainState, problems: Sequence[Problem
   return {"eval/accuracy": float(np.mean(rewards)), "eval/completion_length": float(np.mean(lengths))}
 
 
-def _minibatch(batch: dict, part: int, parts: int) -> dict:
-  n = batch["advantages"].shape[0] // parts
-  return {k: jnp.asarray(v[part * n:(part + 1) * n]) for k, v in batch.items()}
-
-
 @functools.lru_cache(maxsize=4)
 def _compiled(model: nn.Module, optim_config: optim.OptimConfig, cfg: RLConfig, grad_accum: int):
-  """The jitted RL step and base log-prob function of a model and settings (cached: runs in one process share them)."""
-  step = train.jit_train_step(make_rl_step(model, optim.make_optimizer(optim_config), cfg, grad_accum))
+  """The jitted RL steps (one round's ``steps_per_sample`` steps scanned in one call, ``train.jit_train_steps``) and
+  base log-prob function of a model and settings (cached: runs in one process share them)."""
+  steps = train.jit_train_steps(make_rl_step(model, optim.make_optimizer(optim_config), cfg, grad_accum))
   base = jax.jit(lambda reference, frozen, batch: token_logprobs(model, *lora.combine(reference, frozen), batch)[0])
-  return step, base
+  return steps, base
+
+
+def program(policy: Policy, state: train.TrainState, optim_config: optim.OptimConfig, cfg: RLConfig,
+            loop: train.LoopConfig, problems: Sequence[Problem], eval_problems: Sequence[Problem],
+            reward_fn: Callable[[str, str], float], *, data_seed: int = 0) -> loop_lib.Program:
+  """One RL run as the loop runs it (``loop.Program``, K = 1): a call is one sampling round, drawn from the state
+  the previous round left, and its ``steps_per_sample`` optimizer steps, each on its own part of the groups."""
+  m = cfg.steps_per_sample
+  for name in ("steps", "checkpoint_every", "eval_every"):
+    if getattr(loop, name) % m:
+      raise ValueError(f"train.{name} {getattr(loop, name)} must be a multiple of rl.steps_per_sample {m} "
+                       "(checkpoints and evaluations fall between sampling rounds)")
+  if not problems or not eval_problems:
+    raise ValueError(f"RL needs training and held-out problems; got {len(problems)} and {len(eval_problems)}")
+  rows = cfg.prompts_per_step * cfg.group_size // m
+  if rows % loop.grad_accum:
+    raise ValueError(f"train.grad_accum {loop.grad_accum} must divide the completions per step ({rows})")
+  steps_fn, base_fn = _compiled(policy.model, optim_config, cfg, loop.grad_accum)
+  reference = jax.tree.map(jnp.copy, state.trainable) if (cfg.track_base_kl or cfg.kl_coef > 0) else None
+  base_logprobs = None if reference is None else functools.partial(base_fn, reference)
+  key = jax.random.key(loop.seed)
+  trainable_finite = jax.jit(loop_lib.all_finite)
+  n_trainable = sum(x.size for x in jax.tree.leaves(state.trainable))
+
+  def draw(st, step, stopped):  # a round is never cut: SIGTERM is answered at its end
+    del stopped
+    round_index, t0 = step // m, time.time()
+    chosen = [problems[i] for i in round_indices(len(problems), cfg.prompts_per_step, data_seed, round_index)]
+    batch, sampled = sample_round(policy, st, chosen, reward_fn, cfg, jax.random.fold_in(key, round_index),
+                                  base_logprobs)
+    seconds = time.time() - t0
+    parts = {k: np.asarray(v).reshape((m, -1) + np.shape(v)[1:]) for k, v in batch.items()}
+    host = [{**sampled, "train/sample_time_s": seconds / m, "train/staleness": float(part)} for part in range(m)]
+    # Per step: the round's sampled completion tokens and the learner's token slots, shared over its steps.
+    tokens = (sampled["train/sampled_tokens"] + batch["mask"].size) / m
+    return loop_lib.Call(step + m, parts, np.ones(m, bool), tokens, host)
+
+  def train_call(st, batches, active):
+    rest, metrics = steps_fn(st.frozen, st.replace(frozen=None), batches, active)
+    return rest.replace(frozen=st.frozen), metrics
+
+  return loop_lib.Program(
+      size=1, chunk=m, draw=draw, train=train_call,
+      evaluate=lambda st: [evaluate(policy, st, eval_problems, reward_fn, cfg)],
+      split=lambda st: [st], join=lambda st, states: states[0],
+      finite=lambda st: np.array([bool(trainable_finite(st.trainable))]),
+      data_state=lambda st, k: {"round": int(st.step) // m}, restore_data=lambda data: None,
+      lr_at=[optim.schedule(optim_config)], n_trainable=[n_trainable],
+      n_total=[n_trainable + sum(x.size for x in jax.tree.leaves(state.frozen))], progress_key="train/reward")
 
 
 def fit(policy: Policy, state: train.TrainState, optim_config: optim.OptimConfig, cfg: RLConfig,
@@ -309,92 +356,14 @@ def fit(policy: Policy, state: train.TrainState, optim_config: optim.OptimConfig
         reward_fn: Callable[[str, str], float], workdir: str | epath.PathLike, *, data_seed: int = 0,
         record: dict | None = None, writer: metrics_lib.MetricWriter | None = None,
         progress: bool = True) -> tuple[train.TrainState, dict]:
-  """Trains ``state`` by policy gradient for ``loop.steps`` optimizer steps, resuming from ``workdir``'s newest
-  checkpoint (module docstring). SIGTERM finishes the round, saves and raises ``train.Preempted``; a non-finite
-  loss raises ``train.NonFiniteLoss`` without saving. Returns the final state and the last metrics."""
-  m = cfg.steps_per_sample
-  for name in ("steps", "checkpoint_every"):
-    if getattr(loop, name) % m:
-      raise ValueError(f"train.{name} {getattr(loop, name)} must be a multiple of rl.steps_per_sample {m} "
-                       "(checkpoints fall between sampling rounds)")
-  if not problems or not eval_problems:
-    raise ValueError(f"RL needs training and held-out problems; got {len(problems)} and {len(eval_problems)}")
-  workdir = epath.Path(workdir)
-  checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=loop.keep_checkpoints)
-  writer = writer or metrics_lib.MetricWriter(workdir)
-  rows = cfg.prompts_per_step * cfg.group_size // m
-  if rows % loop.grad_accum:
-    raise ValueError(f"train.grad_accum {loop.grad_accum} must divide the completions per step ({rows})")
-  step_fn, base_fn = _compiled(policy.model, optim_config, cfg, loop.grad_accum)
-  reference = jax.tree.map(jnp.copy, state.trainable) if (cfg.track_base_kl or cfg.kl_coef > 0) else None
-  base_logprobs = None if reference is None else functools.partial(base_fn, reference)
-  found = checkpointer.restore_latest(state.checkpoint_tree())
-  if found is not None:
-    state = state.replace(**found[1])
-  start = int(state.step)
-  if start % m:
-    raise ValueError(f"checkpoint at step {start} is not at a round boundary (rl.steps_per_sample {m})")
-  keep_until = start if start else -1
-  writer.truncate_after(keep_until)
-  n_trainable = sum(x.size for x in jax.tree.leaves(state.trainable))
-  lr_at = optim.schedule(optim_config)
-  key = jax.random.key(loop.seed)
-  stop = {"signal": None}
-  previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
-  bar = metrics_lib.Progress(loop.steps, start, active=None if progress else False)
-  last: dict[str, Any] = {}
-
-  def run_eval(step):
-    e = evaluate(policy, state, eval_problems, reward_fn, cfg)
-    writer.write(step, e)
-    last.update(e)
-
-  def save(step):
-    checkpointer.save(step, state.checkpoint_tree(), {"data": {"round": step // m}, **(record or {})})
-
-  try:
-    if start == 0:
-      run_eval(0)
-    batch = sampled = None
-    for step in range(start + 1, loop.steps + 1):
-      part = (step - 1) % m
-      t0 = time.time()
-      if part == 0:
-        round_index = (step - 1) // m
-        chosen = [problems[i] for i in round_indices(len(problems), cfg.prompts_per_step, data_seed, round_index)]
-        batch, sampled = sample_round(policy, state, chosen, reward_fn, cfg, jax.random.fold_in(key, round_index),
-                                      base_logprobs)
-      t1 = time.time()
-      new, metrics = step_fn(state.frozen, state.replace(frozen=None), _minibatch(batch, part, m))
-      state = new.replace(frozen=state.frozen)
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      t2 = time.time()
-      if not math.isfinite(metrics["train/loss"]) or not math.isfinite(metrics["train/grad_norm"]):
-        raise train.NonFiniteLoss(f"train/loss is {metrics['train/loss']} (grad norm {metrics['train/grad_norm']}) "
-                                  f"at step {step}; stopping without saving")
-      tokens = sampled["train/sampled_tokens"] if part == 0 else 0.0
-      metrics.update(sampled)
-      metrics.update({"train/lr": float(lr_at(step - 1)), "train/sample_time_s": t1 - t0,
-                      "train/learn_time_s": t2 - t1, "train/step_time_s": t2 - t0,
-                      "train/tokens_per_s": (tokens + batch["mask"].size / m) / max(t2 - t0, 1e-9),
-                      "train/staleness": float(part)})
-      last.update(metrics)
-      bar.update(step, reward=metrics["train/reward"])
-      if step % loop.log_every == 0 or step == loop.steps:
-        writer.write(step, {**metrics, "params/trainable": n_trainable})
-      at_boundary = step % m == 0
-      if step % loop.eval_every == 0 or step == loop.steps:
-        run_eval(step)
-      if at_boundary and (step % loop.checkpoint_every == 0 or step == loop.steps or stop["signal"] is not None):
-        save(step)
-        if stop["signal"] is not None:
-          raise train.Preempted(f"preempted by signal {stop['signal']} at step {step}; checkpoint saved in "
-                                f"{checkpointer.directory}")
-  finally:
-    bar.close()
-    signal.signal(signal.SIGTERM, previous)
-    checkpointer.close()
-  return state, last
+  """Trains ``state`` by policy gradient for ``loop.steps`` optimizer steps in ``lora_jax.loop`` (``program``),
+  resuming from ``workdir``'s newest checkpoint (module docstring). SIGTERM finishes the round, saves and raises
+  ``train.Preempted``; a non-finite loss raises ``train.NonFiniteLoss`` without saving. Returns the final state and
+  the last metrics."""
+  prog = program(policy, state, optim_config, cfg, loop, problems, eval_problems, reward_fn, data_seed=data_seed)
+  runs = loop_lib.open_runs([workdir], loop, records=[record], writers=[writer])
+  state, (result,) = loop_lib.fit(prog, state, loop, runs, fail_fast=True, progress=progress)
+  return state, result.metrics
 
 
 def tokenizer_policy(model: nn.Module, init_cache: Callable, tokenizer, width: int) -> Policy:

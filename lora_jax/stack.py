@@ -19,8 +19,9 @@ moments, zero update, zero weight decay), so each run is its unpadded self with 
 ``fit`` writes every run's directory exactly as ``train.fit`` would for that run alone (metrics.jsonl,
 lora_diagnostics.jsonl, adapter-only checkpoints at its true rank, TensorBoard), so reports, export and generation
 need not know it was stacked. A run whose loss turns non-finite or collapses stops being logged and saved (its
-result says why, and so does ``FAILED_FILE`` in its directory); the others go on. Resume restores every live run from
-the newest step all of them have checkpointed; a run that failed in an earlier attempt stays failed.
+result says why, and so does ``metrics.FAILED_FILE`` in its directory); the others go on. Resume restores every live
+run from the newest step all of them have checkpointed; a run that failed in an earlier attempt stays failed. The
+loop itself is ``lora_jax.loop``'s, shared with a run alone and RL (``program`` says what a stack's call computes).
 
 ``make_eval_runs`` evaluates finished runs' adapters (``lora.stack_adapters``) in one batch with per-row adapters
 (``experiments.evaluate`` does it for a whole sweep).
@@ -29,10 +30,7 @@ the newest step all of them have checkpointed; a run that failed in an earlier a
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import signal
-import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -43,14 +41,13 @@ import numpy as np
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lora_jax import checkpoint as ckpt_lib
 from lora_jax import lora
+from lora_jax import loop as loop_lib
 from lora_jax import metrics as metrics_lib
 from lora_jax import optim
 from lora_jax import sharding as sharding_lib
 from lora_jax import train
 
-FAILED_FILE = "stack_failed.json"  # in a run's directory once it has failed: a resumed stack leaves it failed
 RUN_AXIS = "runs"  # logical name of the run axis; sharding rules map it (e.g. {"runs": "data"}) to spread runs
 STACKABLE_SPEC = ("rank", "alpha", "scaling", "init_a", "rank_pattern", "alpha_pattern", "rank_policy")
 
@@ -309,36 +306,6 @@ def stack_shardings(s: Stack, param_shardings, mesh, rules: dict | None = None) 
           "run_batch": NamedSharding(mesh, PartitionSpec(run_axis, batch_axes or None))}
 
 
-@dataclasses.dataclass
-class RunResult:
-  """How one run of a stack ended: "done" or "failed" (with the error a separate run would have raised)."""
-
-  state: str
-  error: str | None = None
-  metrics: dict = dataclasses.field(default_factory=dict)  # the last train and eval metrics
-
-
-class _Run:
-  """One run's files and bookkeeping inside ``fit``."""
-
-  def __init__(self, workdir, keep, record, writer):
-    self.workdir = epath.Path(workdir)
-    self.checkpointer = ckpt_lib.Checkpointer(self.workdir / "checkpoints", keep=keep)
-    self.record = record or {}
-    self.writer = writer or metrics_lib.MetricWriter(self.workdir)
-    failed = self.workdir / FAILED_FILE
-    self.error = json.loads(failed.read_text())["error"] if failed.exists() else None  # failed in an earlier attempt
-    self.last = {}
-    self.zero_grad_since = None
-
-  def fail(self, error: str) -> None:
-    """Marks the run failed, on disk too (``FAILED_FILE``): a resumed stack neither trains it again nor waits for
-    checkpoints it will never write."""
-    self.error = error
-    if self.writer.active:
-      (self.workdir / FAILED_FILE).write_text(json.dumps({"error": error}) + "\n")
-
-
 def _next_batch(batches):
   """The next shared batch, or each run's next batch stacked ``[K, B, T]`` (an iterator that several runs share,
   the same object in ``batches``, is drawn from once)."""
@@ -356,180 +323,96 @@ def _data_states(batches, k: int) -> dict:
   return (batches[k] if isinstance(batches, (list, tuple)) else batches).state()
 
 
-def fit(model: nn.Module, s: Stack, loop: train.LoopConfig, batches, eval_batches: Callable[[], Iterable[dict]],
-        workdirs: Sequence[str | epath.PathLike], *, records: Sequence[dict] | None = None,
-        eval_hook: Callable[[train.TrainState], dict] | None = None,
-        writers: Sequence[metrics_lib.MetricWriter] | None = None, progress: bool = True, mesh=None,
-        param_shardings=None, rules: dict | None = None, vectorize: int | None = None) -> tuple[Stack, list[RunResult]]:
-  """Trains the K runs of ``s`` for ``loop.steps`` steps, each into its own ``workdirs[k]`` as ``train.fit`` would.
+def program(model: nn.Module, s: Stack, loop: train.LoopConfig, batches, eval_batches: Callable[[], Iterable[dict]],
+            *, mesh=None, param_shardings=None, rules: dict | None = None,
+            vectorize: int | None = None) -> tuple[loop_lib.Program, train.TrainState]:
+  """The K runs of ``s`` as the loop runs them (``loop.Program``), and the stacked state placed where it trains.
 
-  ``batches`` is one ``train.BatchIterator`` shared by every run, or a list of K (each run's own data order; runs
-  that share an order may share one iterator object, drawn once a step).
-  Resumes every run from the newest step that all of them have checkpointed. SIGTERM saves every live run and
-  raises ``train.Preempted``. Returns the final stack and each run's ``RunResult``. With a ``mesh``, the runs are
-  spread over the mesh axis that ``rules`` maps ``RUN_AXIS`` to (``stack_shardings``). ``vectorize``: runs per
-  vmapped group (``make_steps``). Each jitted call runs ``loop.chunk_steps`` steps of every run
-  (``make_train_steps``), cut at the same steps as ``train.fit`` cuts a run alone, so a resumed stack runs the same
-  calls; the host stacks the next call's batches and checks the previous call's metrics while the device works.
+  Each call runs ``loop.chunk_steps`` steps of every run (``make_train_steps``), cut at the same steps as a run alone
+  is cut, so a resumed stack runs the same calls. With a ``mesh``, the runs are spread over the mesh axis that
+  ``rules`` maps ``RUN_AXIS`` to (``stack_shardings``). ``vectorize``: runs per vmapped group (``make_steps``).
   """
   k_runs = s.size
-  if len(workdirs) != k_runs:
-    raise ValueError(f"{k_runs} runs but {len(workdirs)} workdirs")
   per_run_batches = isinstance(batches, (list, tuple))
   if per_run_batches and len(batches) != k_runs:
     raise ValueError(f"{k_runs} runs but {len(batches)} batch iterators")
-  runs = [_Run(w, loop.keep_checkpoints, (records or [None] * k_runs)[k], (writers or [None] * k_runs)[k])
-          for k, w in enumerate(workdirs)]
-  shardings = None
+  shardings, hyper = None, s.hyper
   to_device = calls_to_device = lambda b: b  # noqa: E731  (eval batches; a call's stacked batches)
+  state = s.state
   if mesh is not None:
     shardings = stack_shardings(s, param_shardings, mesh, rules)
-    s = dataclasses.replace(s, state=jax.device_put(s.state, dataclasses.replace(
-        shardings["state"], frozen=shardings["frozen"])), hyper=jax.device_put(s.hyper, shardings["hyper"]))
+    state = jax.device_put(state, dataclasses.replace(shardings["state"], frozen=shardings["frozen"]))
+    hyper = jax.device_put(hyper, shardings["hyper"])
     call_sh = train.stacked_batch_sharding(shardings["run_batch"] if per_run_batches else shardings["batch"])
     to_device = lambda b: jax.device_put(b, shardings["batch"])  # noqa: E731
     calls_to_device = lambda b: jax.device_put(b, call_sh)  # noqa: E731
   _, eval_step = make_steps(model, s.plans, loop.grad_accum, per_run_batches, shardings, vectorize)
   train_steps = make_train_steps(model, s.plans, loop.grad_accum, per_run_batches, shardings, vectorize)
-
-  # Resume: the newest step every live run has a checkpoint of (runs that failed in an earlier attempt stay failed,
-  # their files as they were; their slots train on unlogged).
-  live = [k for k, r in enumerate(runs) if r.error is None]
-  if not live:
-    for r in runs:
-      r.checkpointer.close()
-    return s, [RunResult("failed", r.error) for r in runs]
-  common = set.intersection(*(set(runs[k].checkpointer.all_steps()) for k in live))
-  start = max(common) if common else 0
-  if start:
-    states, data = [s.run_state(k) for k in range(k_runs)], {}
-    for k in live:
-      items, saved = runs[k].checkpointer.restore(start, states[k].checkpoint_tree())
-      states[k], data[k] = states[k].replace(**items), saved["data"]
-    for k in live if per_run_batches else live[:1]:
-      (batches[k] if per_run_batches else batches).restore(data[k])
-    s = with_states(s, states)
-    if mesh is not None:
-      s = dataclasses.replace(s, state=jax.device_put(s.state, dataclasses.replace(
-          shardings["state"], frozen=shardings["frozen"])))
-  keep_until = start if start else -1
-  for r in (runs[k] for k in live):
-    r.writer.truncate_after(keep_until)
-    if r.writer.active:
-      metrics_lib.truncate_jsonl(r.workdir / train.DIAGNOSTICS_FILE, keep_until)
-  diagnostics = jax.jit(lambda st: metrics_lib.lora_diagnostics(*lora.combine(st.trainable, st.frozen)))
-  runs_finite = jax.jit(jax.vmap(train.all_finite))  # [K]: one program for every run (padding is finite)
-  n_trainable = [sum(math.prod(x.shape) for x in jax.tree.leaves(like.trainable)) for like in s.like]
-  n_frozen = sum(x.size for x in jax.tree.leaves(s.state.frozen))
-  lr_at = [optim.schedule(p.optim) for p in s.plans]
-  frozen, state = s.state.frozen, s.state.replace(frozen=None)
-
-  stop = {"signal": None}
-  previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
-  bar = metrics_lib.Progress(loop.steps, start, active=None if progress else False)
-  chunk = loop.chunk_steps
-  # (first step, last step, metrics [steps, K], t0, tokens per step): a call's metrics are checked after the next
-  # call is dispatched.
-  pending = None
-  done_at = 0.0  # when the previous call's metrics arrived (a call's device time starts after it, or at dispatch)
-
-  def current() -> Stack:
-    return dataclasses.replace(s, state=state.replace(frozen=frozen))
-
+  runs_finite = jax.jit(jax.vmap(loop_lib.all_finite))  # [K]: one program for every run (padding is finite)
   # Every run's own state in one jitted call (slicing each leaf eagerly per run costs a dispatch per leaf and run).
   split = jax.jit(lambda rest: [unstack_tree(rest, k, like.replace(frozen=None)) for k, like in enumerate(s.like)])
+  n_trainable = [sum(math.prod(x.shape) for x in jax.tree.leaves(like.trainable)) for like in s.like]
+  n_frozen = sum(x.size for x in jax.tree.leaves(s.state.frozen))
 
-  def run_states() -> list[train.TrainState]:
-    return [rest.replace(frozen=frozen) for rest in split(state)]
+  def draw(_, step, stopped):
+    last, host, active = loop_lib.draw_call(lambda: _next_batch(batches), step, loop.chunk_steps, loop.steps,
+                                            stopped)
+    tokens = host["inputs"][0].size // (k_runs if per_run_batches else 1)  # token slots of one run's batch
+    return loop_lib.Call(last, calls_to_device(host), active, tokens)
 
-  def alive():
-    return [(k, r) for k, r in enumerate(runs) if r.error is None]
+  def train_call(st, call_batches, active):
+    rest, m = train_steps(st.frozen, st.replace(frozen=None), call_batches, active, hyper)
+    return rest.replace(frozen=st.frozen), m
 
-  def finish_pending():
-    nonlocal pending, done_at
-    if pending is None:
-      return
-    first, final, m, t0, tokens = pending
-    pending = None
-    m = {key: np.asarray(v, np.float64) for key, v in jax.device_get(m).items()}  # [steps of the call, K]
-    now = time.time()
-    dt = (now - max(t0, done_at)) / (final - first + 1)  # seconds per step of this call
-    done_at = now
-    for i, step in enumerate(range(first, final + 1)):
-      for k, r in alive():
-        mk = {key: float(v[i, k]) for key, v in m.items()}
-        error, r.zero_grad_since = train.check_step(mk, step, r.zero_grad_since, loop.collapse_steps, r.checkpointer)
-        if error is not None:
-          r.fail(f"{type(error).__name__}: {error}")
-          continue
-        mk.update({"train/step_time_s": dt, "train/loss_tokens_per_s": mk["train/tokens"] / max(dt, 1e-9),
-                   "train/tokens_per_s": tokens / max(dt, 1e-9)})
-        logged = step % loop.log_every == 0 or step == loop.steps
-        if logged or step == final:  # the schedule is evaluated on the host only where it is recorded
-          mk["train/lr"] = float(lr_at[k](step - 1))
-        r.last = mk
-        if logged:
-          r.writer.write(step, {**mk, "train/peak_memory_bytes": train.peak_memory_bytes(),
-                                "params/trainable": n_trainable[k], "params/total": n_trainable[k] + n_frozen})
-      live = [r.last["train/loss"] for _, r in alive() if r.last]
-      bar.update(step, loss=float(np.mean(live)) if live else float("nan"), runs=len(alive()))
-
-  def run_eval(step):
+  def evaluate(st):
     totals, counts = 0.0, 0.0
     for batch in eval_batches():
-      t, c = eval_step(frozen, state, to_device(batch), s.hyper)
+      t, c = eval_step(st.frozen, st.replace(frozen=None), to_device(batch), hyper)
       totals, counts = totals + np.asarray(t, np.float64), counts + np.asarray(c, np.float64)
     if np.any(np.asarray(counts) == 0):
       raise ValueError("the eval set has no loss tokens")
     nll = np.asarray(totals / counts)
-    own = run_states()
-    for k, r in alive():
-      m = {"eval/nll": float(nll[k]), "eval/perplexity": math.exp(min(float(nll[k]), 700.0))}
-      m.update(train.eval_extras(own[k], step, eval_hook, diagnostics, r.writer, r.workdir))
-      r.writer.write(step, m)
-      r.last.update(m)
+    return [{"eval/nll": float(x), "eval/perplexity": math.exp(min(float(x), 700.0))} for x in nll]
 
-  def save(step):
-    own, finite = run_states(), np.asarray(runs_finite(state.trainable))
-    for k, r in alive():
-      run_state = own[k]
-      if not finite[k]:
-        r.fail(f"NonFiniteLoss: the trained parameters are not finite after step {step} (train/loss at step "
-               f"{step} was {r.last.get('train/loss')}); stopping without saving. "
-               f"{train.last_good(r.checkpointer, step - 1)}")
-        continue
-      r.checkpointer.save(step, run_state.checkpoint_tree(), {"data": _data_states(batches, k), **r.record})
+  def join(st, states):
+    joined = with_states(dataclasses.replace(s, state=st), states).state
+    if mesh is None:
+      return joined
+    return jax.device_put(joined, dataclasses.replace(shardings["state"], frozen=shardings["frozen"]))
 
-  try:
-    if start == 0:
-      run_eval(0)
-    step = start
-    while step < loop.steps:
-      first = step + 1  # calls cut as train.fit cuts them (train.draw_call)
-      step, host, active = train.draw_call(lambda: _next_batch(batches), step, chunk, loop.steps,
-                                           lambda: stop["signal"] is not None)
-      tokens = host["inputs"][0].size // (k_runs if per_run_batches else 1)  # token slots of one run's batch
-      call_batches = calls_to_device(host)
-      t0 = time.time()
-      state, m = train_steps(frozen, state, call_batches, active, s.hyper)
-      finish_pending()
-      pending = (first, step, m, t0, tokens)
-      if not alive():
-        break
-      if step % loop.eval_every == 0 or step == loop.steps:
-        finish_pending()
-        run_eval(step)
-      if step % loop.checkpoint_every == 0 or step == loop.steps or stop["signal"] is not None:
-        finish_pending()
-        save(step)
-      if stop["signal"] is not None:
-        raise train.Preempted(f"preempted by signal {stop['signal']} at step {step}; checkpoints saved in "
-                              + ", ".join(str(r.checkpointer.directory) for _, r in alive()))
-    finish_pending()
-  finally:
-    bar.close()
-    signal.signal(signal.SIGTERM, previous)
-    for r in runs:
-      r.checkpointer.close()
-  results = [RunResult("done" if r.error is None else "failed", r.error, r.last) for r in runs]
-  return current(), results
+  def restore_data(data):
+    for k in data if per_run_batches else list(data)[:1]:
+      (batches[k] if per_run_batches else batches).restore(data[k])
+
+  prog = loop_lib.Program(
+      size=k_runs, chunk=loop.chunk_steps, draw=draw, train=train_call, evaluate=evaluate,
+      split=lambda st: [rest.replace(frozen=st.frozen) for rest in split(st.replace(frozen=None))], join=join,
+      finite=lambda st: np.asarray(runs_finite(st.trainable)), data_state=lambda st, k: _data_states(batches, k),
+      restore_data=restore_data, lr_at=[optim.schedule(p.optim) for p in s.plans], n_trainable=n_trainable,
+      n_total=[n + n_frozen for n in n_trainable],
+      diagnostics=jax.jit(lambda st: metrics_lib.lora_diagnostics(*lora.combine(st.trainable, st.frozen))))
+  return prog, state
+
+
+def fit(model: nn.Module, s: Stack, loop: train.LoopConfig, batches, eval_batches: Callable[[], Iterable[dict]],
+        workdirs: Sequence[str | epath.PathLike], *, records: Sequence[dict] | None = None,
+        eval_hook: Callable[[train.TrainState], dict] | None = None,
+        writers: Sequence[metrics_lib.MetricWriter] | None = None, progress: bool = True, mesh=None,
+        param_shardings=None, rules: dict | None = None,
+        vectorize: int | None = None) -> tuple[Stack, list[loop_lib.RunResult]]:
+  """Trains the K runs of ``s`` for ``loop.steps`` steps in ``lora_jax.loop`` (``program``), each into its own
+  ``workdirs[k]`` as ``train.fit`` would.
+
+  ``batches`` is one ``train.BatchIterator`` shared by every run, or a list of K (each run's own data order; runs
+  that share an order may share one iterator object, drawn once a step). Resumes every run from the newest step
+  that all of them have checkpointed. SIGTERM saves every live run and raises ``train.Preempted``. A run that fails
+  stops (its result and ``metrics.FAILED_FILE`` say why) and the others go on. Returns the final stack and each
+  run's ``loop.RunResult``.
+  """
+  if len(workdirs) != s.size:
+    raise ValueError(f"{s.size} runs but {len(workdirs)} workdirs")
+  runs = loop_lib.open_runs(workdirs, loop, records=records or (), writers=writers or (), remember_failures=True)
+  prog, state = program(model, s, loop, batches, eval_batches, mesh=mesh, param_shardings=param_shardings,
+                        rules=rules, vectorize=vectorize)
+  state, results = loop_lib.fit(prog, state, loop, runs, eval_hook=eval_hook, progress=progress)
+  return dataclasses.replace(s, state=state), results

@@ -1,4 +1,4 @@
-"""One trainer for LoRA and full fine-tuning: state, train/eval steps, the loop with resume (optimizer: ``optim``).
+"""One trainer for LoRA and full fine-tuning: state, train/eval steps, and a run as the one loop runs it (``loop``).
 
 Full fine-tuning is ``LoraSpec.full()``: no adapters and every base parameter trainable, so both methods share the
 optimizer, the step, the evaluation, the logging and the checkpoints. The frozen base lives in the state but is
@@ -12,11 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-import resource
-import signal
-import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
@@ -29,8 +25,8 @@ import optax
 from etils import epath
 from flax import traverse_util
 
-from lora_jax import checkpoint as ckpt_lib
 from lora_jax import lora
+from lora_jax import loop as loop_lib
 from lora_jax import metrics as metrics_lib
 from lora_jax import optim
 from lora_jax import sharding as sharding_lib
@@ -85,6 +81,22 @@ def nll_sum(model: nn.Module, trainable, frozen, batch, rng, train: bool, scales
   return losses.masked_nll_sum(logits, batch["targets"], batch["loss_mask"])
 
 
+def accumulate(fn: Callable, batch: dict, parts: int, combine: Callable | None = None):
+  """``fn(micro_batch, i)`` folded by ``combine(carry, new)`` (default: the sum, leaf by leaf) over the ``parts``
+  micro-batches that ``batch``'s leading axis splits into, in one ``lax.scan``: never more than one micro-batch's
+  activations and gradients at a time. Gradient accumulation for every step that has it (supervised and RL)."""
+  micro = jax.tree.map(lambda x: x.reshape((parts, x.shape[0] // parts) + x.shape[1:]), batch)
+  first = fn(jax.tree.map(lambda x: x[0], micro), 0)
+
+  def body(carry, xs):
+    mb, i = xs
+    new = fn(mb, i)
+    return (combine(carry, new) if combine else jax.tree.map(jnp.add, carry, new)), None
+
+  rest = jax.tree.map(lambda x: x[1:], micro)
+  return jax.lax.scan(body, first, (rest, jnp.arange(1, parts)))[0]
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation | Callable[[dict], optax.GradientTransformation],
                     grad_accum: int = 1) -> Callable:
   """``train_step(state, batch, hyper=None) -> (state, metrics)``; the batch's leading axis is split into
@@ -108,18 +120,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation | Callabl
     scales = hyper.pop("scales", None)
     opt = tx(hyper) if callable(tx) and not isinstance(tx, optax.GradientTransformation) else tx
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    if grad_accum == 1:
-      total, count, grads = loss_and_grads(state.trainable, state.frozen, batch, rng, scales)
-    else:
-      micro = jax.tree.map(lambda x: x.reshape((grad_accum, x.shape[0] // grad_accum) + x.shape[1:]), batch)
-
-      def body(carry, xs):
-        mb, i = xs
-        t, c, g = loss_and_grads(state.trainable, state.frozen, mb, jax.random.fold_in(rng, i), scales)
-        return jax.tree.map(jnp.add, carry, (t, c, g)), None
-
-      zero = (jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.trainable))
-      (total, count, grads), _ = jax.lax.scan(body, zero, (micro, jnp.arange(grad_accum)))
+    total, count, grads = accumulate(
+        lambda mb, i: loss_and_grads(state.trainable, state.frozen, mb, jax.random.fold_in(rng, i), scales), batch,
+        grad_accum) if grad_accum > 1 else loss_and_grads(state.trainable, state.frozen, batch, rng, scales)
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = opt.update(grads, state.opt_state, state.trainable)
@@ -153,6 +156,11 @@ def evaluate(eval_step: Callable, state: TrainState, batches: Iterable[dict]) ->
   return {"eval/nll": nll, "eval/perplexity": math.exp(min(nll, 700.0))}
 
 
+# The loop's configuration and the errors it raises, under the names the trainer's users know them by.
+LoopConfig, Preempted, NonFiniteLoss, Collapsed = (loop_lib.LoopConfig, loop_lib.Preempted, loop_lib.NonFiniteLoss,
+                                                   loop_lib.Collapsed)
+
+
 class BatchIterator(Protocol):
   """Training batches with a position that can be saved in a checkpoint and restored exactly."""
 
@@ -161,34 +169,6 @@ class BatchIterator(Protocol):
   def state(self) -> dict: ...
 
   def restore(self, state: dict) -> None: ...
-
-
-@dataclasses.dataclass(frozen=True)
-class LoopConfig:
-  """How long to train and how often to evaluate, log and checkpoint."""
-
-  steps: int  # Optimizer steps in the whole run.
-  grad_accum: int = 1  # Micro-batches per step (the batch's leading axis is split into this many).
-  log_every: int = 10  # Steps between train metric records.
-  eval_every: int = 100  # Steps between evaluations (and at the end).
-  checkpoint_every: int = 100  # Steps between checkpoints (and at the end).
-  keep_checkpoints: int = 2  # Newest checkpoints kept on disk.
-  collapse_steps: int = 20  # Stop when the gradient is exactly 0 this many steps in a row (0 = never).
-  seed: int = 0  # Seed of the per-step RNG (adapter dropout).
-  # Steps per jitted call (a lax.scan over that many batches): at small shapes the host's per-step work (dispatch,
-  # transfers, metric fetches) costs as much as the step; see ``chunk_steps``. SIGTERM waits for the call in flight.
-  steps_per_call: int = 1
-
-  def __post_init__(self):
-    if self.steps_per_call < 1:
-      raise ValueError(f"LoopConfig.steps_per_call must be >= 1, got {self.steps_per_call}")
-
-  @property
-  def chunk_steps(self) -> int:
-    """Steps per jitted call: the largest divisor of both ``eval_every`` and ``checkpoint_every`` that is at most
-    ``steps_per_call``, so that evaluations and checkpoints fall at the end of a call."""
-    every = math.gcd(self.eval_every, self.checkpoint_every)
-    return max(d for d in range(1, min(self.steps_per_call, every) + 1) if every % d == 0)
 
 
 def under_mesh(fn: Callable, batch_sharding=None) -> Callable:
@@ -264,21 +244,6 @@ def jit_train_steps(train_step: Callable, shardings: TrainState | None = None, b
   return steps
 
 
-def draw_call(draw: Callable[[], dict], step: int, chunk: int, steps: int,
-              stopped: Callable[[], bool]) -> tuple[int, dict, np.ndarray]:
-  """The host batches of the jitted call after step ``step``: ``(its last step, batches stacked [chunk, ...],
-  active mask [chunk])``. Calls end at multiples of ``chunk`` (hence at every evaluation and checkpoint) and at
-  ``steps``, so a resumed run is cut into the same calls; when ``stopped()`` turns true while a batch is drawn
-  (SIGTERM), the call ends at that step, the rest of it zero padding that ``active`` masks."""
-  rows = []
-  for _ in range(min(steps, (step // chunk + 1) * chunk) - step):
-    rows.append({k: np.asarray(v) for k, v in draw().items()})
-    if stopped():
-      break
-  pad = [{k: np.zeros_like(v) for k, v in rows[0].items()}] * (chunk - len(rows))
-  return step + len(rows), {k: np.stack([r[k] for r in rows + pad]) for k in rows[0]}, np.arange(chunk) < len(rows)
-
-
 def scan_steps(step: Callable, state, batches, active):
   """``step(state, batch) -> (state, metrics)`` over the leading axis of ``batches`` in one ``lax.scan``; where
   ``active`` is False the state stays as it was (a padded step), so a short call runs the same program as a full one.
@@ -293,13 +258,18 @@ def scan_steps(step: Callable, state, batches, active):
   return jax.lax.scan(body, state, (batches, active))
 
 
+def jit_eval_step(model: nn.Module, shardings: TrainState | None = None, batch_sharding=None) -> Callable:
+  """``make_eval_step`` jitted (with explicit in-shardings under a mesh)."""
+  in_shardings = {} if shardings is None else {"in_shardings": (shardings, batch_sharding)}
+  return jax.jit(under_mesh(make_eval_step(model), batch_sharding), **in_shardings)
+
+
 def make_steps(model: nn.Module, optim_config: optim.OptimConfig, grad_accum: int = 1,
                shardings: TrainState | None = None, batch_sharding=None) -> tuple[Callable, Callable]:
   """The jitted ``(train_step, eval_step)`` of a model (``jit_train_step``; explicit shardings under a mesh)."""
   train_step = jit_train_step(make_train_step(model, optim.make_optimizer(optim_config), grad_accum), shardings,
                               batch_sharding)
-  in_shardings = {} if shardings is None else {"in_shardings": (shardings, batch_sharding)}
-  return train_step, jax.jit(under_mesh(make_eval_step(model), batch_sharding), **in_shardings)
+  return train_step, jit_eval_step(model, shardings, batch_sharding)
 
 
 def state_shardings(state: TrainState, optim_config: optim.OptimConfig, param_shardings, mesh) -> TrainState:
@@ -330,217 +300,79 @@ def state_shardings(state: TrainState, optim_config: optim.OptimConfig, param_sh
   return TrainState(step=rep, trainable=trainable, frozen=like_params(state.frozen), opt_state=opt_state, rng=rep)
 
 
-def eval_extras(state: TrainState, step: int, eval_hook: Callable | None, diagnostics: Callable,
-                writer: metrics_lib.MetricWriter, workdir: epath.Path) -> dict:
-  """An evaluation's metrics beyond the NLL: the eval hook's and the means of the per-module LoRA diagnostics, which
-  go whole to ``workdir/lora_diagnostics.jsonl``."""
-  m = dict(eval_hook(state)) if eval_hook is not None else {}
-  diag = {k: {n: float(v) for n, v in d.items()} for k, d in jax.device_get(diagnostics(state)).items()}
-  if diag:
-    for key in ("rel_update", "norm_a", "norm_b"):
-      m[f"lora/{key}_mean"] = float(np.mean([d[key] for d in diag.values()]))
-    if writer.active:
-      metrics_lib.append_line(workdir / DIAGNOSTICS_FILE, json.dumps({"step": step, "modules": diag}))
-  return m
+def program(model: nn.Module, state: TrainState, optim_config: optim.OptimConfig, loop: loop_lib.LoopConfig,
+            train_batches: BatchIterator, eval_batches: Callable[[], Iterable[dict]], *, mesh=None,
+            param_shardings=None) -> tuple[loop_lib.Program, TrainState]:
+  """One run as the loop runs it (``loop.Program``, K = 1), and ``state`` placed where it trains.
+
+  Each call runs ``loop.chunk_steps`` steps (``jit_train_steps``). With a ``mesh``, the state is placed by
+  ``param_shardings`` (see ``state_shardings``), each host's batches become one global batch split over the data
+  axes, and the steps are compiled with explicit shardings.
+  """
+  if (mesh is None) != (param_shardings is None):
+    raise ValueError("fit needs both mesh and param_shardings, or neither")
+  shardings = batch_sharding = replicated = None
+  to_device = stacked_to_device = mask_to_device = lambda x: x  # noqa: E731
+  if mesh is not None:
+    shardings = state_shardings(state, optim_config, param_shardings, mesh)
+    state = jax.device_put(state, shardings)
+    batch_sharding, replicated = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
+    to_device = functools.partial(sharding_lib.global_batch, mesh=mesh)
+    # Global arrays, the (replicated) mask too: a multi-process jit takes no host arrays.
+    stacked_sh = stacked_batch_sharding(batch_sharding)
+    stacked_to_device = lambda batches: {k: jax.make_array_from_process_local_data(stacked_sh, v)  # noqa: E731
+                                         for k, v in batches.items()}
+    mask_to_device = functools.partial(jax.make_array_from_process_local_data, replicated)
+  chunk = loop.chunk_steps
+  train_steps = jit_train_steps(make_train_step(model, optim.make_optimizer(optim_config), loop.grad_accum),
+                                shardings, batch_sharding)
+  eval_step = jit_eval_step(model, shardings, batch_sharding)
+  diagnostics = jax.jit(lambda s: metrics_lib.lora_diagnostics(*lora.combine(s.trainable, s.frozen)),
+                        out_shardings=replicated)
+  trainable_finite = jax.jit(loop_lib.all_finite, out_shardings=replicated)
+  n_trainable = sum(x.size for x in jax.tree.leaves(state.trainable))
+
+  def draw(_, step, stopped):
+    last, batches, active = loop_lib.draw_call(lambda: next(train_batches), step, chunk, loop.steps, stopped)
+    batches = stacked_to_device(batches)
+    # Every token slot processed counts: prompt and padding included (all hosts' rows).
+    return loop_lib.Call(last, batches, mask_to_device(active), batches["inputs"].size // chunk)
+
+  def train(s, batches, active):
+    rest, m = train_steps(s.frozen, s.replace(frozen=None), batches, active)
+    return rest.replace(frozen=s.frozen), m
+
+  prog = loop_lib.Program(
+      size=1, chunk=chunk, draw=draw, train=train,
+      evaluate=lambda s: [evaluate(eval_step, s, map(to_device, eval_batches()))],
+      split=lambda s: [s], join=lambda s, states: states[0],
+      finite=lambda s: np.array([bool(trainable_finite(s.trainable))]),
+      data_state=lambda s, k: train_batches.state(), restore_data=lambda data: train_batches.restore(data[0]),
+      lr_at=[optim.schedule(optim_config)], n_trainable=[n_trainable],
+      n_total=[n_trainable + sum(x.size for x in jax.tree.leaves(state.frozen))], diagnostics=diagnostics)
+  return prog, state
 
 
-class NonFiniteLoss(FloatingPointError):
-  """Raised when the loss or the trained parameters become NaN or Inf; nothing non-finite is ever saved."""
-
-
-class Collapsed(ArithmeticError):
-  """Raised when the gradient has been exactly zero for ``LoopConfig.collapse_steps`` steps (a dead run)."""
-
-
-class Preempted(Exception):
-  """Raised after SIGTERM once a checkpoint is saved, so the whole process stops instead of starting the next run."""
-
-
-DIAGNOSTICS_FILE = "lora_diagnostics.jsonl"  # Per-module LoRA diagnostics at each evaluation, next to metrics.jsonl.
-
-
-def peak_memory_bytes() -> int:
-  """Peak device memory if the backend reports it, else the process's peak resident memory."""
-  stats = jax.local_devices()[0].memory_stats() or {}
-  if "peak_bytes_in_use" in stats:
-    return int(stats["peak_bytes_in_use"])
-  return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def all_finite(tree) -> jax.Array:
-  """Whether every entry of every leaf of ``tree`` is finite, as one scalar (jit it: one fused reduction)."""
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)] or [jnp.array(True)]))
-
-
-def fit(model: nn.Module, state: TrainState, optim_config: optim.OptimConfig, loop: LoopConfig,
+def fit(model: nn.Module, state: TrainState, optim_config: optim.OptimConfig, loop: loop_lib.LoopConfig,
         train_batches: BatchIterator, eval_batches: Callable[[], Iterable[dict]], workdir: str | epath.PathLike,
         *, record: dict | None = None, eval_hook: Callable[[TrainState], dict] | None = None,
         writer: metrics_lib.MetricWriter | None = None, progress: bool = True, mesh=None,
         param_shardings=None) -> tuple[TrainState, dict]:
-  """Trains ``state`` for ``loop.steps`` steps, resuming from the newest checkpoint in ``workdir`` if there is one.
+  """Trains ``state`` for ``loop.steps`` steps in ``lora_jax.loop`` (``program``), resuming from the newest
+  checkpoint in ``workdir`` if there is one; returns the final state and metrics.
 
   ``record`` (JSON) is stored with every checkpoint (e.g. which base model the adapters belong to).
   ``eval_hook(state)`` may add metrics (e.g. generation accuracy) at each evaluation. SIGTERM saves a checkpoint
   and raises ``Preempted``; a NaN/Inf loss or non-finite parameters raise ``NonFiniteLoss`` without saving, and an
   all-zero gradient for ``loop.collapse_steps`` steps raises ``Collapsed``; both name the newest checkpoint from
   before the failure. On resume, the logs (metrics.jsonl, lora_diagnostics.jsonl) are cut back to the restored
-  step, so no step is logged twice. Returns the final state and metrics. With a ``mesh``, the state is placed by
-  ``param_shardings`` (see ``state_shardings``), each host's batches become one global batch split over the data
-  axes, and the steps are compiled with explicit shardings.
-
-  Each jitted call runs ``loop.chunk_steps`` steps (``jit_train_steps``); the host stacks the next call's batches
-  and fetches the previous call's metrics (all its steps at once) while the device works, so nothing waits on the
-  device once per step. Every step's metrics are still checked (NaN, collapse) before any checkpoint is saved.
+  step, so no step is logged twice.
   """
-  if (mesh is None) != (param_shardings is None):
-    raise ValueError("fit needs both mesh and param_shardings, or neither")
-  workdir = epath.Path(workdir)
-  checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", keep=loop.keep_checkpoints)
-  writer = writer or metrics_lib.MetricWriter(workdir)
-  shardings = batch_sharding = None
-  to_device = lambda batch: batch  # noqa: E731
-  if mesh is not None:
-    shardings = state_shardings(state, optim_config, param_shardings, mesh)
-    state = jax.device_put(state, shardings)
-    batch_sharding = sharding_lib.batch_sharding(mesh)
-    to_device = functools.partial(sharding_lib.global_batch, mesh=mesh)
-  chunk = loop.chunk_steps
-  train_steps = jit_train_steps(make_train_step(model, optim.make_optimizer(optim_config), loop.grad_accum),
-                                shardings, batch_sharding)
-  _, eval_step = make_steps(model, optim_config, loop.grad_accum, shardings, batch_sharding)
-  stacked_to_device = mask_to_device = lambda x: x  # noqa: E731
-  if mesh is not None:  # global arrays, the (replicated) mask too: a multi-process jit takes no host arrays
-    stacked_sh, rep = stacked_batch_sharding(batch_sharding), sharding_lib.replicated(mesh)
-    stacked_to_device = lambda batches: {k: jax.make_array_from_process_local_data(stacked_sh, v)  # noqa: E731
-                                         for k, v in batches.items()}
-    mask_to_device = functools.partial(jax.make_array_from_process_local_data, rep)
-  found = checkpointer.restore_latest(state.checkpoint_tree())  # an unreadable newest one falls back, saying so
-  if found is not None:
-    _, restored, saved = found
-    state = state.replace(**restored)
-    train_batches.restore(saved["data"])
-  start = int(state.step)
-  # Records past ``start`` were written by an attempt that died before its next checkpoint; they are redone now.
-  # A fresh start redoes step 0's evaluation too, so then nothing is kept.
-  keep_until = start if start else -1
-  writer.truncate_after(keep_until)
-  if writer.active:
-    metrics_lib.truncate_jsonl(workdir / DIAGNOSTICS_FILE, keep_until)
-  replicated = None if mesh is None else sharding_lib.replicated(mesh)
-  diagnostics = jax.jit(lambda s: metrics_lib.lora_diagnostics(*lora.combine(s.trainable, s.frozen)),
-                        out_shardings=replicated)
-  trainable_finite = jax.jit(all_finite, out_shardings=replicated)
-  n_trainable = sum(x.size for x in jax.tree.leaves(state.trainable))
-  n_total = n_trainable + sum(x.size for x in jax.tree.leaves(state.frozen))
-  lr_at = optim.schedule(optim_config)
-
-  stop = {"signal": None}
-  previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
-  bar = metrics_lib.Progress(loop.steps, start, active=None if progress else False)
-  last = {}
-  # (first step, last step, stacked metrics, t0, tokens per step): a call's metrics are fetched after the next call
-  # is dispatched.
-  pending = None
-  done_at = 0.0  # when the previous call's metrics arrived (a call's device time starts after it, or at dispatch)
-  zero_grad_since = None  # first step of the current streak of exactly-zero gradients
-
-  def save(step, data_state):
-    # Only finite states are saved, so every checkpoint on disk can be resumed from.
-    if not bool(trainable_finite(state.trainable)):
-      raise NonFiniteLoss(f"the trained parameters are not finite after step {step} (train/loss at step {step} was "
-                          f"{last.get('train/loss')}); stopping without saving. {last_good(checkpointer, step - 1)}")
-    checkpointer.save(step, state.checkpoint_tree(), {"data": data_state, **(record or {})})
-
-  def finish_pending():
-    nonlocal pending, last, zero_grad_since, done_at
-    if pending is None:
-      return
-    first, final, stacked, t0, tokens = pending
-    pending = None
-    stacked = jax.device_get(stacked)
-    now = time.time()
-    dt = (now - max(t0, done_at)) / (final - first + 1)  # seconds per step of this call
-    done_at = now
-    for i, step in enumerate(range(first, final + 1)):
-      m = {k: float(v[i]) for k, v in stacked.items()}
-      error, zero_grad_since = check_step(m, step, zero_grad_since, loop.collapse_steps, checkpointer)
-      if error is not None:
-        raise error
-      m.update({"train/step_time_s": dt, "train/loss_tokens_per_s": m["train/tokens"] / max(dt, 1e-9),
-                "train/tokens_per_s": tokens / max(dt, 1e-9)})
-      logged = step % loop.log_every == 0 or step == loop.steps
-      if logged or step == final:  # the schedule is evaluated on the host only where it is recorded
-        m["train/lr"] = float(lr_at(step - 1))
-      last = m
-      bar.update(step, loss=m["train/loss"])
-      if logged:
-        writer.write(step, {**m, "train/peak_memory_bytes": peak_memory_bytes(), "params/trainable": n_trainable,
-                            "params/total": n_total})
-
-  def run_eval(step):
-    m = evaluate(eval_step, state, map(to_device, eval_batches()))
-    m.update(eval_extras(state, step, eval_hook, diagnostics, writer, workdir))
-    writer.write(step, m)
-    return m
-
-  try:
-    if start == 0:  # the curve starts at the base model (B = 0 for LoRA)
-      last.update(run_eval(0))
-    step = start
-    while step < loop.steps:
-      first = step + 1
-      step, batches, active = draw_call(lambda: next(train_batches), step, chunk, loop.steps,
-                                        lambda: stop["signal"] is not None)
-      batches, active = stacked_to_device(batches), mask_to_device(active)
-      t0 = time.time()
-      rest, m = train_steps(state.frozen, state.replace(frozen=None), batches, active)
-      state = rest.replace(frozen=state.frozen)
-      finish_pending()
-      # Every token slot processed counts: prompt and padding included (all hosts' rows).
-      pending = (first, step, m, t0, batches["inputs"].size // chunk)
-      if step % loop.eval_every == 0 or step == loop.steps:
-        finish_pending()
-        last.update(run_eval(step))
-      if step % loop.checkpoint_every == 0 or step == loop.steps or stop["signal"] is not None:
-        finish_pending()
-        save(step, train_batches.state())
-      if stop["signal"] is not None:
-        # Raised, not returned: a caller looping over runs must not start the next one on a machine going away.
-        raise Preempted(f"preempted by signal {stop['signal']} at step {step}; checkpoint saved in "
-                        f"{checkpointer.directory}")
-    finish_pending()
-  finally:
-    bar.close()
-    signal.signal(signal.SIGTERM, previous)
-    checkpointer.close()
-  return state, last
-
-
-def last_good(checkpointer: ckpt_lib.Checkpointer, upto: int) -> str:
-  """A sentence naming the newest checkpoint on disk at or before step ``upto``."""
-  steps = [s for s in checkpointer.all_steps() if s <= upto]
-  if not steps:
-    return f"No good checkpoint in {checkpointer.directory}."
-  return f"Last good checkpoint: step {steps[-1]} in {checkpointer.directory}."
-
-
-def check_step(m: dict, step: int, zero_grad_since: int | None, collapse_steps: int,
-               checkpointer: ckpt_lib.Checkpointer) -> tuple[Exception | None, int | None]:
-  """``(error, zero_grad_since)`` after step ``step``'s metrics ``m``: a ``NonFiniteLoss`` for a NaN/Inf loss or
-  gradient norm, a ``Collapsed`` after ``collapse_steps`` steps of exactly zero gradient (0: never), else None; the
-  message names the newest checkpoint that can be trusted. ``zero_grad_since`` is the first step of the current
-  streak of zero gradients (None: no streak)."""
-  # Step s's loss and gradient are those of the state saved as step s - 1, so when they are bad, the newest
-  # checkpoint that can be trusted is at step s - 2 or before.
-  if not math.isfinite(m["train/loss"]) or not math.isfinite(m["train/grad_norm"]):
-    return NonFiniteLoss(f"train/loss is {m['train/loss']} (grad norm {m['train/grad_norm']}) at step {step}; "
-                         f"stopping. {last_good(checkpointer, step - 2)}"), zero_grad_since
-  zero_grad_since = (zero_grad_since or step) if m["train/grad_norm"] == 0.0 else None
-  if collapse_steps and zero_grad_since is not None and step - zero_grad_since + 1 >= collapse_steps:
-    return Collapsed(f"train/grad_norm has been exactly 0 for {collapse_steps} steps (steps {zero_grad_since}-{step}, "
-                     f"train/loss {m['train/loss']:.6g}): the run has collapsed (learning rate too high?); stopping "
-                     f"at step {step}. {last_good(checkpointer, zero_grad_since - 2)}"), zero_grad_since
-  return None, zero_grad_since
+  prog, state = program(model, state, optim_config, loop, train_batches, eval_batches, mesh=mesh,
+                        param_shardings=param_shardings)
+  runs = loop_lib.open_runs([workdir], loop, records=[record], writers=[writer])
+  state, (result,) = loop_lib.fit(prog, state, loop, runs, eval_hook=eval_hook, fail_fast=True, progress=progress)
+  return state, result.metrics
 
 
 @dataclasses.dataclass(frozen=True)

@@ -204,7 +204,7 @@ def test_a_tiny_rl_run_raises_the_mean_reward(tmp_path):
     assert np.isfinite(first[key]), key
 
 
-TIMING = ("train/sample_time_s", "train/learn_time_s", "train/step_time_s", "train/tokens_per_s")
+TIMING = ("train/sample_time_s", "train/step_time_s", "train/tokens_per_s", "train/peak_memory_bytes")  # not bitwise
 
 
 def test_resume_is_exact_and_staleness_shows_in_the_ratio(tmp_path):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lora_jax import lora, optim, stack, train
+from lora_jax import lora, metrics, optim, stack, train
 from lora_jax.models import transformer
 from tests import _tolerance
 from tests.test_train import CONFIG, MODEL, CountingBatches, eval_batches
@@ -108,7 +108,7 @@ def test_stacked_runs_equal_separate_runs_and_write_the_same_files(tmp_path, x64
     times = [r["train/step_time_s"] for r in got if "train/loss" in r]  # one call's steps share its time
     assert len(times) == 12 and all(len(set(times[i:i + 3])) == 1 for i in range(0, 12, 3))
     if plan.spec.targets:
-      assert len(read(tmp_path / "stack" / names[k] / train.DIAGNOSTICS_FILE)) == 3  # steps 0, 6 and 12
+      assert len(read(tmp_path / "stack" / names[k] / metrics.DIAGNOSTICS_FILE)) == 3  # steps 0, 6 and 12
   # The runs really differ (rank, LR, seed): a stack is not K copies of one run.
   losses = [[r for r in read(tmp_path / "stack" / n / "metrics.jsonl") if "train/loss" in r][-1]["train/loss"]
             for n in names]
@@ -243,7 +243,7 @@ def test_a_run_that_failed_before_a_preemption_stays_failed_and_the_others_resum
 
   with pytest.raises(train.Preempted, match="at step 8"):
     stacked(tmp_path / "run", plans, names, batches=CountingBatches(on_batch=term))
-  failed = json.loads((tmp_path / "run" / "nan" / stack.FAILED_FILE).read_text())["error"]
+  failed = json.loads((tmp_path / "run" / "nan" / metrics.FAILED_FILE).read_text())["error"]
   assert "NonFiniteLoss" in failed and "at step 2" in failed
   assert not (tmp_path / "run" / "nan" / "checkpoints").exists() or \
       not list((tmp_path / "run" / "nan" / "checkpoints").iterdir())

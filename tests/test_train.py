@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tests._tolerance import assert_exact, config64
-from lora_jax import checkpoint, lora, optim, train
+from lora_jax import checkpoint, lora, metrics, optim, train
 from lora_jax.models import transformer
 
 CONFIG = transformer.ModelConfig(architecture="llama", vocab_size=24, hidden_size=32, intermediate_size=64,
@@ -249,11 +249,11 @@ def test_resumed_runs_log_each_step_once(tmp_path):
     with pytest.raises(RuntimeError, match="simulated crash"):
       run(tmp_path, "crashed", batches=CountingBatches(fail_at=fail_at), **kw)
   run(tmp_path, "crashed", **kw)
-  for name in ("metrics.jsonl", train.DIAGNOSTICS_FILE):
+  for name in ("metrics.jsonl", metrics.DIAGNOSTICS_FILE):
     steps = lambda d: [(r["step"], "train/loss" in r) for r in read(tmp_path / d, name)]  # noqa: E731
     assert steps("crashed") == steps("straight"), name
     assert len(set(steps("crashed"))) == len(steps("crashed")), name
-  assert [r["step"] for r in read(tmp_path / "crashed", train.DIAGNOSTICS_FILE)] == [0, 2, 4, 6, 8, 10]
+  assert [r["step"] for r in read(tmp_path / "crashed", metrics.DIAGNOSTICS_FILE)] == [0, 2, 4, 6, 8, 10]
 
 
 def test_mixed_precision_bf16_compute_and_base_with_fp32_trainables(tmp_path):
