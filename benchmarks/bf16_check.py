@@ -14,8 +14,8 @@ It compares the loss curves averaged over windows of ``--window`` steps: the che
 bf16 rounding moves the trajectory, and one batch's loss then differs by as much as batches differ (9.7% at one
 step of the first run here, LoRA, while its 10-step means agreed within 1.3%); a real fault, such as updates lost to
 bf16 rounding, shows as a curve that stops falling, a gap that grows window after window. The per-step gap and the
-held-out NLL at the end are reported beside it. Writes ``benchmarks/results/bf16_check.json`` and regenerates
-``benchmarks/RESULTS.md``; the last line is ``bf16 vs fp32: max relative gap of N-step loss means X (tolerance T):
+held-out NLL at the end are reported beside it. Writes ``benchmarks/results/bf16_check.json`` (``python -m
+benchmarks.results`` puts it in ``benchmarks/RESULTS.md``); the last line is ``bf16 vs fp32: max relative gap of N-step loss means X (tolerance T):
 PASS|FAIL``, and
 the exit status is 1 on FAIL.
 """
@@ -38,18 +38,18 @@ def run(method: str, dtype: str, steps: int) -> dict:
   import jax
 
   from benchmarks import overhead
-  from experiments import main
+  from experiments import run as run_lib
   from lora_jax import hf, train
 
   config, model_dir, fp32_config, sources, evals, mesh = overhead.tiny_experiment()
   model_config = fp32_config.replace(dtype=dtype, param_dtype=dtype)
-  spec, optim_config = main.make_spec(method, config, model_config), main.make_optim(method, config)
+  spec, optim_config = run_lib.make_spec(method, config, model_config), run_lib.make_optim(method, config)
   s = train.setup(model_config, spec, optim_config,
                   lambda sh: hf.load_params(model_dir, model_config, shardings=sh), mesh=mesh, seed=config.seed)
   loop = train.LoopConfig(steps=steps, log_every=1, eval_every=steps, checkpoint_every=steps,
                           steps_per_call=config.train.steps_per_call, seed=config.seed)
   with tempfile.TemporaryDirectory() as workdir:
-    _, last = train.fit(s.model, s.state, optim_config, loop, main.train_batches(config, sources), lambda: evals,
+    _, last = train.fit(s.model, s.state, optim_config, loop, run_lib.train_batches(config, sources), lambda: evals,
                         workdir, mesh=s.mesh, param_shardings=s.param_shardings, progress=False)
     records = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
   dtypes = sorted({str(x.dtype) for x in jax.tree.leaves(s.state.frozen)})
@@ -101,8 +101,6 @@ def main(argv=None):
   parser.add_argument("--tolerance", type=float, default=0.03, help="largest allowed relative gap of window means")
   parser.add_argument("--window", type=int, default=10, help="steps per window of the compared loss means")
   parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
-  parser.add_argument("--md", default=str(pathlib.Path(__file__).parent / "RESULTS.md"),
-                      help="RESULTS.md to regenerate ('' = none)")
   args = parser.parse_args(argv)
   methods = args.methods.split(",")
   if any(m not in ("lora", "full") for m in methods):
@@ -131,10 +129,6 @@ def main(argv=None):
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"recorded in {args.out}")
-    if args.md:
-      from benchmarks import speed
-
-      speed.write_markdown(args.out.parent, pathlib.Path(args.md))
   print(f"bf16 vs fp32: max relative gap of {args.window}-step loss means {worst:.2%} (tolerance "
         f"{args.tolerance:.0%}): "
         f"{'PASS' if ok else 'FAIL'}")

@@ -77,7 +77,7 @@ def plan(model: str, method: str, rank: int, batch: int, seq: int, mesh_shape: d
   import jax
   import jax.numpy as jnp
 
-  from lora_jax import hf, lora, optim, sharding, train
+  from lora_jax import hf, lora, model_lora, optim, sharding, train
   from lora_jax.models import transformer
 
   platform = devices[0].platform
@@ -90,7 +90,7 @@ def plan(model: str, method: str, rank: int, batch: int, seq: int, mesh_shape: d
   else:
     config = transformer.ModelConfig.from_preset(model, **changes)
   # Every matrix incl. the unembedding, with the MoE expert-rank rule: what experiments.main trains.
-  spec = transformer.model_spec(lora.LoraSpec(rank=rank, targets=("all-linear", "unembed")), config) \
+  spec = model_lora.model_spec(lora.LoraSpec(rank=rank, targets=("all-linear", "unembed")), config) \
       if method == "lora" else lora.LoraSpec.full()
   mesh = sharding.make_mesh(mesh_shape, devices)
   rows_split = mesh.shape["data"] * mesh.shape["fsdp"]

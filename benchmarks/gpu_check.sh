@@ -74,9 +74,10 @@ step() {  # step NAME COMMAND...: runs it with a timeout, logs to OUTDIR/log.txt
 
 {
   step speed "$PY" -m benchmarks.speed --shapes "$SHAPE" --ranks 16 --peers peft,merged --repeats "$REPEATS" \
-      --out "$OUT/speed.json" --md "$OUT/RESULTS.md"
+      --out "$OUT/speed.json"
   step bf16_check "$PY" -m benchmarks.bf16_check --steps "$BF16_STEPS" --methods "$BF16_METHODS" \
-      --out "$OUT/bf16_check.json" --md "$OUT/RESULTS.md"
+      --out "$OUT/bf16_check.json"
+  step results "$PY" -m benchmarks.results --results "$OUT" --md "$OUT/RESULTS.md"
   step tiny_experiment "$PY" -m experiments.main --config experiments/configs/finetune.py:tiny \
       --workdir "$OUT/tiny" --overwrite --config.train.steps="$TINY_STEPS" "${TINY_EXTRA[@]}"
   step mfu "$PY" -m benchmarks.speed --mfu "$OUT/speed.json"

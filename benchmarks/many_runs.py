@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import sweep, tiny_base
+from experiments import overrides, sweep, tiny_base
 from lora_jax import lora, optim, stack, train
 from lora_jax.models import transformer
 
@@ -73,7 +73,7 @@ def _setup(shape: str, k: int):
 
 def end_to_end(k: int, workdir: pathlib.Path) -> dict:
   """Wall seconds of the first ``k`` tiny study points run separately (one process each) and stacked (one)."""
-  module = sweep.load_config_module(CONFIG_FILE)
+  module = overrides.load_config_module(CONFIG_FILE)
   points = [p for p in sweep.sweep_points(module, "tiny") if "method=lora" in p.arg][:k]
   out = {"k": k, "points": [p.arg for p in points]}
   tiny_base.pretrained(module.get_config(points[0].arg).tiny_base)  # built (or found) before the clock starts
@@ -232,7 +232,7 @@ def op_breakdown(k: int, vectorize: list[int], steps: int = 5) -> dict:
 
 def step_floor(e2e: dict, steps_alone: list[dict]) -> dict:
   """(a)'s floor: the points' steps times (b)'s stacked tiny step at the same K and the default grouping."""
-  module = sweep.load_config_module(CONFIG_FILE)
+  module = overrides.load_config_module(CONFIG_FILE)
   steps = module.get_config(e2e["points"][0]).train.steps
   v = str(stack.default_vectorize(e2e["k"]))
   step = next((r for r in steps_alone if r["k"] == e2e["k"] and r["shape"] == TINY

@@ -52,14 +52,15 @@ def tiny_experiment():
   """The tiny experiment's model config, data and mesh (``finetune.py:tiny``), as ``experiments.main`` builds them."""
   from transformers import AutoTokenizer
 
-  from experiments import main, tiny_base
+  from experiments import run as run_lib
+  from experiments import tiny_base
   from experiments.configs import finetune
   from lora_jax import sharding
 
   config = finetune.get_config("tiny")
   model_dir = tiny_base.pretrained(config.tiny_base)
-  model_config = main.load_model_config(config, model_dir)
-  sources, evals = main.load_data(config, AutoTokenizer.from_pretrained(str(model_dir)))
+  model_config = run_lib.load_model_config(config, model_dir)
+  sources, evals = run_lib.load_data(config, AutoTokenizer.from_pretrained(str(model_dir)))
   return config, model_dir, model_config, sources, evals, sharding.make_mesh(config.mesh.to_dict())
 
 
@@ -67,11 +68,11 @@ def measure(method: str, steps: int, steps_per_call: int, experiment) -> dict:
   """One interleaved pair for ``method``: the compiled step's seconds per step and ``fit``'s seconds per step."""
   import jax
 
-  from experiments import main
+  from experiments import run as run_lib
   from lora_jax import hf, sharding, train
 
   config, model_dir, model_config, sources, evals, mesh = experiment
-  spec, optim_config = main.make_spec(method, config, model_config), main.make_optim(method, config)
+  spec, optim_config = run_lib.make_spec(method, config, model_config), run_lib.make_optim(method, config)
 
   def fresh():
     return train.setup(model_config, spec, optim_config, lambda sh: hf.load_params(model_dir, model_config,
@@ -79,7 +80,7 @@ def measure(method: str, steps: int, steps_per_call: int, experiment) -> dict:
                        mesh=mesh, seed=config.seed)
 
   s = fresh()
-  data = main.train_batches(config, sources)
+  data = run_lib.train_batches(config, sources)
   batches = [sharding.global_batch(next(data), mesh) for _ in range(10)]
   frozen, state = s.state.frozen, s.state.replace(frozen=None)
   state, m = s.train_step(frozen, state, batches[0])  # compile
@@ -100,7 +101,7 @@ def measure(method: str, steps: int, steps_per_call: int, experiment) -> dict:
     kw["steps_per_call"] = steps_per_call
   elif steps_per_call != 1:
     raise SystemExit("this trainer has no LoopConfig.steps_per_call; measure it with --steps-per-call 1")
-  stamped = _Stamped(main.train_batches(config, sources))
+  stamped = _Stamped(run_lib.train_batches(config, sources))
   with tempfile.TemporaryDirectory() as workdir:
     train.fit(s.model, s.state, optim_config, train.LoopConfig(**kw), stamped, lambda: evals, workdir,
               mesh=s.mesh, param_shardings=s.param_shardings, progress=False)

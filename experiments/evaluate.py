@@ -28,9 +28,9 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from experiments import main as main_lib
+from experiments import run as run_lib
 from experiments import tiny_base
-from lora_jax import checkpoint, hf, lora, metrics, stack, train
+from lora_jax import checkpoint, lora, metrics, stack, train
 from lora_jax.models import transformer
 
 FIELDS = ("workdir", "method", "rank", "lr", "seed", "step", "eval_nll", "logged_nll", "difference")
@@ -92,11 +92,11 @@ def evaluate_group(runs: list[epath.Path], runs_per_batch: int) -> list[dict]:
   model_dir = tiny_base.pretrained(config.tiny_base) if config.model.name == "tiny" else config.model.name
   from transformers import AutoTokenizer
 
-  _, evals = main_lib.load_data(config, AutoTokenizer.from_pretrained(str(model_dir)))
+  _, evals = run_lib.load_data(config, AutoTokenizer.from_pretrained(str(model_dir)))
   opened = [checkpoint.open_run(r) for r in runs]
   try:
     record = opened[0].record
-    model_config, params = hf.load_run_base(runs[0], record)
+    model_config, params = checkpoint.load_run_base(runs[0], record)
     model = transformer.CausalLM(model_config)
     layouts = lora.trace_layouts(model, jnp.zeros((1, 8), jnp.int32))
     for run, o in zip(runs, opened):

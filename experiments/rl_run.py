@@ -27,6 +27,7 @@ import numpy as np
 from etils import epath
 
 from experiments import report, tiny_base
+from experiments import run as run_lib
 from lora_jax import checkpoint, data, hf, lora, metrics, optim, rewards, rl, sharding, synthetic, train
 from lora_jax.models import transformer
 
@@ -45,22 +46,13 @@ def learner_rows(config: ml_collections.ConfigDict) -> int:
   return r.prompts_per_step * r.group_size // r.steps_per_sample
 
 
-def _main_module(exp_main):
-  """experiments.main's module (passed in by it: when it runs as __main__, importing it again would redefine flags)."""
-  if exp_main is None:
-    from experiments import main as exp_main
-  return exp_main
-
-
-def check_config(config: ml_collections.ConfigDict, exp_main=None) -> None:
+def check_config(config: ml_collections.ConfigDict) -> None:
   """Checks an RL config without model or data; raises ValueError naming the field and what was expected."""
   from experiments.configs import common
 
-  exp_main = _main_module(exp_main)
-
-  unknown = [m for m in config.methods if m not in exp_main.METHODS]
+  unknown = [m for m in config.methods if m not in run_lib.METHODS]
   if not config.methods or unknown:
-    raise ValueError(f"config.methods {tuple(config.methods)}: give one or both of {list(exp_main.METHODS)}")
+    raise ValueError(f"config.methods {tuple(config.methods)}: give one or both of {list(run_lib.METHODS)}")
   if not config.model.name:
     raise ValueError("config.model.name is empty: give an HF directory or hub id (or use the 'tiny' config arg)")
   cfg = rl_config(config)
@@ -70,7 +62,7 @@ def check_config(config: ml_collections.ConfigDict, exp_main=None) -> None:
       raise ValueError(f"config.lora.dropout must be 0 for RL (the importance ratio compares the learner with the "
                        f"sampler, which has no dropout), got {spec.dropout}")
   for method in config.methods:
-    exp_main.make_optim(method, config)
+    run_lib.make_optim(method, config)
   loop = train.LoopConfig(**config.train.to_dict(), seed=config.seed)
   if learner_rows(config) % loop.grad_accum:
     raise ValueError(f"config.train.grad_accum {loop.grad_accum} must divide the completions per step "
@@ -222,22 +214,19 @@ def warmed_base(config: ml_collections.ConfigDict) -> pathlib.Path:
 
 # -- The run -----------------------------------------------------------------------------------------------------------
 
-def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, overwrite: bool = False,
-        exp_main=None) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, overwrite: bool = False) -> dict:
   """Runs every method of an RL config into ``workdir`` (checked before anything is written); returns a summary
-  (method -> last metrics). ``exp_main``: the experiments.main module calling it."""
-  exp_main = _main_module(exp_main)
-
+  (method -> last metrics)."""
   workdir = epath.Path(workdir)
-  conflict = exp_main.workdir_conflict(workdir, config)
+  conflict = run_lib.workdir_conflict(workdir, config)
   if conflict and not overwrite:
     raise SystemExit(conflict)
   try:
-    check_config(config, exp_main)
+    check_config(config)
     model_dir = warmed_base(config) if config.model.name == "tiny" else config.model.name
-    model_config = exp_main.load_model_config(config, model_dir)
+    model_config = run_lib.load_model_config(config, model_dir)
     mesh = None if jax.device_count() == 1 else dict(config.mesh.to_dict())
-    plans = {m: (exp_main.make_spec(m, config, model_config), exp_main.make_optim(m, config)) for m in config.methods}
+    plans = {m: (run_lib.make_spec(m, config, model_config), run_lib.make_optim(m, config)) for m in config.methods}
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -246,7 +235,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, overwr
     cfg = rl_config(config)
   except ValueError as e:
     raise SystemExit(f"not started, {workdir} untouched: {e}") from e
-  exp_main.start_workdir(workdir, config, overwrite=conflict is not None, model_dir=model_dir)
+  run_lib.start_workdir(workdir, config, overwrite=conflict is not None, model_dir=model_dir)
   print(f"RL on {config.data.task}: {len(train_problems)} training and {len(eval_problems)} held-out problems, "
         f"prompts padded to {width} tokens")
   base = {}

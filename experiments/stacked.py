@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections.abc import Sequence
 
@@ -29,8 +28,8 @@ import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
-from experiments import main as main_lib
-from experiments import report, tiny_base
+from experiments import run as run_lib
+from experiments import overrides, report, tiny_base
 from lora_jax import checkpoint, hf, lora, loop, metrics, stack, train
 from lora_jax.models import transformer
 
@@ -53,43 +52,8 @@ def stack_key(config: ml_collections.ConfigDict) -> str | None:
     return None
   if "methods" not in config or "lora" not in config or len(config.methods) != 1 or config.lora.init_a == "pissa":
     return None
-  flat = report.flatten(json.loads(main_lib.config_json(config)))
+  flat = report.flatten(json.loads(run_lib.config_json(config)))
   return json.dumps({k: v for k, v in sorted(flat.items()) if not _stackable(k)}, sort_keys=True)
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
-  """``config`` with ``--config.KEY=VALUE`` overrides set, each value parsed as the field's type (as the flags do)."""
-  import ast
-
-  config = ml_collections.ConfigDict(config.to_dict(), type_safe=True)
-  for text in overrides:
-    m = re.fullmatch(r"--config\.([\w.]+)=(.*)", text, flags=re.S)
-    if not m:
-      raise ValueError(f"override {text!r}: expected --config.KEY=VALUE")
-    *parents, name = m[1].split(".")
-    node = config
-    for part in parents:
-      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-        raise ValueError(f"override {text!r}: the config has no field {m[1]!r}")
-      node = node[part]
-    if not isinstance(node, ml_collections.ConfigDict) or name not in node:
-      raise ValueError(f"override {text!r}: the config has no field {m[1]!r}")
-    try:
-      value = ast.literal_eval(m[2])
-    except (ValueError, SyntaxError):
-      value = m[2]
-    kind = node.get_type(name)
-    if kind is bool and isinstance(value, str):
-      value = value.lower() in ("1", "true", "yes")
-    elif kind is float and isinstance(value, int) and not isinstance(value, bool):
-      value = float(value)
-    elif kind is tuple and isinstance(value, (list, str)):
-      value = tuple(value) if isinstance(value, list) else (value,)
-    try:
-      node[name] = value
-    except TypeError as e:
-      raise ValueError(f"override {text!r}: {e}") from e
-  return config
 
 
 def check_group(configs: Sequence[ml_collections.ConfigDict]) -> None:
@@ -98,9 +62,9 @@ def check_group(configs: Sequence[ml_collections.ConfigDict]) -> None:
     if stack_key(c) is None:
       raise ValueError(f"point {i} cannot be stacked: it has methods {tuple(c.methods)} and init_a "
                        f"{c.lora.init_a!r} (a stack needs one method per point and no pissa init)")
-  ref = report.flatten(json.loads(main_lib.config_json(configs[0])))
+  ref = report.flatten(json.loads(run_lib.config_json(configs[0])))
   for i, c in enumerate(configs[1:], 1):
-    flat = report.flatten(json.loads(main_lib.config_json(c)))
+    flat = report.flatten(json.loads(run_lib.config_json(c)))
     diff = sorted(k for k in set(ref) | set(flat) if not _stackable(k) and ref.get(k) != flat.get(k))
     if diff:
       raise ValueError(f"point {i} cannot be stacked with point 0: they differ in {diff}; the points of a stack may "
@@ -116,7 +80,7 @@ def run(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str | e
   workdirs = [epath.Path(w) for w in workdirs]
   if len(configs) != len(workdirs) or not configs:
     raise SystemExit(f"give one workdir per point: {len(configs)} point(s), {len(workdirs)} workdir(s)")
-  conflicts = [main_lib.workdir_conflict(w, c) for w, c in zip(workdirs, configs)]
+  conflicts = [run_lib.workdir_conflict(w, c) for w, c in zip(workdirs, configs)]
   if any(conflicts) and not overwrite:
     raise SystemExit(next(c for c in conflicts if c))
   if jax.process_count() > 1:
@@ -125,28 +89,28 @@ def run(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str | e
   try:
     check_group(configs)
     for c in configs:
-      main_lib.check_config(c)
+      run_lib.check_config(c)
     model_dir = tiny_base.pretrained(config.tiny_base) if config.model.name == "tiny" else config.model.name
-    model_config = main_lib.load_model_config(config, model_dir)
+    model_config = run_lib.load_model_config(config, model_dir)
     method = config.methods[0]
-    plans = [stack.RunPlan(main_lib.make_spec(method, c, model_config), main_lib.make_optim(method, c), c.seed)
+    plans = [stack.RunPlan(run_lib.make_spec(method, c, model_config), run_lib.make_optim(method, c), c.seed)
              for c in configs]
     stack.check_stackable(plans)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    sources, evals = main_lib.load_data(config, tokenizer)
+    sources, evals = run_lib.load_data(config, tokenizer)
     # One iterator per data order (data_seed): shared by every run when they all agree, else a list with each
     # run's iterator, runs of one order sharing theirs (drawn once a step).
     by_seed = {}
     for c in configs:
       if c.data_seed not in by_seed:
-        by_seed[c.data_seed] = main_lib.train_batches(c, sources)
+        by_seed[c.data_seed] = run_lib.train_batches(c, sources)
     batches = by_seed[config.data_seed] if len(by_seed) == 1 else [by_seed[c.data_seed] for c in configs]
   except ValueError as e:
     raise SystemExit(f"not started, {', '.join(map(str, workdirs))} untouched: {e}") from e
   for w, c, conflict in zip(workdirs, configs, conflicts):
-    main_lib.start_workdir(w, c, overwrite=conflict is not None, model_dir=model_dir)
+    run_lib.start_workdir(w, c, overwrite=conflict is not None, model_dir=model_dir)
   params = hf.load_params(model_dir, model_config)
   model = transformer.CausalLM(model_config)
   layouts = lora.trace_layouts(model, jnp.zeros((1, 8), jnp.int32))
@@ -169,7 +133,7 @@ def run(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str | e
   names = [w.name for w in workdirs]
   try:
     _, results = stack.fit(model, s, loop, batches, lambda: evals, run_dirs, records=records, writers=writers,
-                           eval_hook=main_lib.arithmetic_accuracy_hook(config, model, tokenizer), vectorize=vectorize)
+                           eval_hook=run_lib.arithmetic_accuracy_hook(config, model, tokenizer), vectorize=vectorize)
   except train.Preempted:
     for w in workdirs:
       report.write(w)
@@ -199,7 +163,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
   """The command line (module docstring); returns the exit status."""
-  from experiments import sweep
 
   p = _parser()
   args = p.parse_args(argv)
@@ -208,15 +171,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.vectorize is not None and args.vectorize < 1:
     p.error(f"--vectorize must be >= 1, got {args.vectorize}")
   try:
-    module = sweep.load_config_module(args.config)
-    configs = [apply_overrides(module.get_config(point), args.overrides) for point in args.point]
+    module = overrides.load_config_module(args.config)
+    configs = [overrides.apply(module.get_config(point), args.overrides) for point in args.point]
   except ValueError as e:
     p.error(str(e))
   try:
     results = run(configs, args.workdir, args.overwrite, args.vectorize)
   except train.Preempted as e:
     print(f"{e}; rerun the same command to resume.", flush=True)
-    return main_lib.EXIT_PREEMPTED
+    return run_lib.EXIT_PREEMPTED
   return 0 if all(r.state == "done" for r in results) else EXIT_FAILED
 
 

@@ -49,7 +49,6 @@ import argparse
 import dataclasses
 import datetime
 import hashlib
-import importlib.util
 import json
 import os
 import pathlib
@@ -65,6 +64,7 @@ from typing import Callable, Sequence
 import ml_collections
 from etils import epath
 
+from experiments import overrides as overrides_lib
 from experiments import provenance
 from experiments.configs import common
 
@@ -111,19 +111,6 @@ def point_name(point: str) -> str:
   return name
 
 
-def load_config_module(path: str):
-  """Imports a config file by path, as experiments.main does."""
-  if not os.path.isfile(path):
-    raise ValueError(f"config file {path!r} not found")
-  spec = importlib.util.spec_from_file_location(f"_sweep_config_{pathlib.Path(path).stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  for fn in ("get_config", "get_sweep"):
-    if not callable(getattr(module, fn, None)):
-      raise ValueError(f"config file {path!r} does not define {fn}()")
-  return module
-
-
 def sweep_points(module, arg: str) -> list[Point]:
   """The points of ``module.get_sweep(arg)`` (``get_sweep()`` when ``arg`` is empty) with their names."""
   try:
@@ -154,18 +141,19 @@ def check_points(module, points: Sequence[Point], overrides: Sequence[str]) -> N
       config = module.get_config(p.arg)
     except Exception as e:  # the point would fail the same way in its run: say so now
       raise ValueError(f"point [{p.index}] {p.arg!r}: get_config raised {type(e).__name__}: {e}") from e
-    for override in overrides:
-      key = override.removeprefix("--config.").partition("=")[0]
-      if isinstance(config, ml_collections.ConfigDict) and not _has_field(config, key):
-        raise ValueError(f"override {override!r}: point [{p.index}] {p.arg!r} has no config field {key!r}")
+    if isinstance(config, ml_collections.ConfigDict):
+      try:
+        overrides_lib.apply(config, overrides)
+      except ValueError as e:
+        raise ValueError(f"point [{p.index}] {p.arg!r}: {e}") from e
 
 
 def stack_groups(module, points: Sequence[Point], overrides: Sequence[str], size: int | str) -> list[list[Point]]:
   """The points in groups that run as one stack (``experiments.stacked.stack_key`` equal, at most ``size`` each, in
   sweep order); ``size`` "auto" is ``AUTO_STACK`` when every point trains the tiny base, else 1."""
-  from experiments import stacked
+  from experiments import stacked  # imports jax: only when stacking
 
-  configs = [stacked.apply_overrides(module.get_config(p.arg), overrides) for p in points]
+  configs = [overrides_lib.apply(module.get_config(p.arg), overrides) for p in points]
   if size == "auto":
     size = AUTO_STACK if all(c.get("model", {}).get("name") == "tiny" for c in configs) else 1
   if size <= 1:
@@ -183,15 +171,6 @@ def stack_groups(module, points: Sequence[Point], overrides: Sequence[str], size
       order.append(groups[-1])
     groups[-1].append(p)
   return order
-
-
-def _has_field(config: ml_collections.ConfigDict, key: str) -> bool:
-  node = config
-  for part in key.split("."):
-    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-      return False
-    node = node[part]
-  return True
 
 
 def _is_local(path: epath.Path) -> bool:
@@ -554,7 +533,7 @@ def main(argv: Sequence[str] | None = None, command: PointCommand = point_comman
   p = _parser()
   args = p.parse_args(argv)
   config_file, _, arg = args.config.partition(":")
-  bad = [o for o in args.overrides if not re.fullmatch(r"--config\.[\w.]+=.*", o, flags=re.S)]
+  bad = overrides_lib.bad_syntax(args.overrides)
   if bad:
     p.error(f"unexpected arguments {bad}: after --, give config overrides --config.KEY=VALUE")
   if args.parallel < 1:
@@ -562,7 +541,7 @@ def main(argv: Sequence[str] | None = None, command: PointCommand = point_comman
   try:
     if args.only is not None:
       re.compile(args.only)
-    module = load_config_module(config_file)
+    module = overrides_lib.load_config_module(config_file, needs=("get_config", "get_sweep"))
     every = sweep_points(module, arg)
     points = select(every, args.shard, args.only)
     if not points:

@@ -17,8 +17,12 @@ import os
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
+
+from lora_jax import hf, lora
+from lora_jax.models import transformer
 
 RECORD_FORMAT = 2  # Version of the record's layout; bumped when what a checkpoint holds changes.
 
@@ -30,8 +34,6 @@ class CheckpointError(RuntimeError):
 def describe_run(base_model: str | os.PathLike, model_config, spec) -> dict:
   """The part of a checkpoint's record that makes it self-describing: the base model (absolute path or hub id,
   fingerprint), the model's layout (``ModelConfig`` fields incl. ``scan_layers``) and the LoRA spec."""
-  from lora_jax import hf
-
   return {"format": RECORD_FORMAT, **hf.base_identity(base_model), "model_config": dataclasses.asdict(model_config),
           "lora_spec": spec.to_dict()}
 
@@ -160,8 +162,6 @@ def restore_trained(run: OpenRun, params, layouts=None) -> tuple[Any, Any]:
   Only the ``trainable`` item is read (never the optimizer state), into a template built from the recorded spec:
   whatever optimizer, clipping or schedule the run used, its trained parameters read the same way.
   """
-  from lora_jax import lora
-
   checkpointer, step, record = run
   spec = lora.LoraSpec.from_dict(record["lora_spec"])
   base, adapters = lora.create(params, spec, jax.random.key(0), layouts=layouts)
@@ -175,3 +175,48 @@ def restore_trained(run: OpenRun, params, layouts=None) -> tuple[Any, Any]:
                           f"{saved.get(diff[0])}, base {got.get(diff[0])}); is it the base the run was trained on?")
   restored, _ = checkpointer.restore(step, {"trainable": trainable})
   return lora.combine(restored["trainable"], frozen)
+
+
+# Trained runs on their base.
+
+
+class BaseMismatch(ValueError):
+  """A run's adapters applied to a base other than the one it was trained from."""
+
+
+def load_run_base(run_dir: str | os.PathLike, record: dict, base: str | None = None, *, force: bool = False,
+                  dtype=None) -> tuple[hf.ModelConfig, dict[str, Any]]:
+  """``(config, params)`` of the base a run was trained from, as its checkpoint ``record`` names it (or ``base``):
+  the run's layout (``scan_layers``), the same shapes, and the recorded fingerprint unless ``force``."""
+  recorded, trained_on = record["base_model"], record["model_config"]
+  name = str(base) if base else recorded
+  root = hf.resolve_checkpoint(name)
+  config = hf.load_config(root, scan_layers=bool(trained_on.get("scan_layers", False)))
+  differ = [f"{k} {trained_on.get(k)} -> {v}" for k, v in hf.model_fields(config).items() if trained_on.get(k) != v]
+  if differ:
+    raise BaseMismatch(f"run {run_dir} was trained on {recorded}, a model of other shapes or settings than {name} "
+                       f"({', '.join(differ)}); its adapters can't be applied to it")
+  found = hf.fingerprint(root)
+  if found != record["base_fingerprint"] and not force:
+    raise BaseMismatch(f"run {run_dir} was trained on {recorded} (fingerprint {record['base_fingerprint']}), "
+                       f"but {name} has fingerprint {found}: other weights, so the adapters would compute garbage. "
+                       "Give the base it was trained on, or force it (--force) if you know better")
+  return config, hf.load_params(root, config, dtype)
+
+
+def load_trained(run_dir: str | os.PathLike, base: str | None = None, *, force: bool = False,
+                 dtype=None) -> tuple[hf.ModelConfig, dict[str, Any], Any, dict]:
+  """``(config, params, adapters, record)``: a run's trained parameters on the base it was trained from.
+
+  The base is the one the run's checkpoint records (an absolute path or hub id) unless ``base`` names another; its
+  fingerprint must equal the recorded one (``force`` applies the adapters to a different base anyway, but never to
+  one of other shapes). The layout (``scan_layers``) is the run's. Only the trained parameters are read.
+  """
+  run = open_run(run_dir)
+  try:
+    config, params = load_run_base(run_dir, run.record, base, force=force, dtype=dtype)
+    layouts = lora.trace_layouts(transformer.CausalLM(config), jnp.zeros((1, 8), jnp.int32))
+    params, adapters = restore_trained(run, params, layouts)
+  finally:
+    run.checkpointer.close()
+  return config, params, adapters, run.record

@@ -1,8 +1,8 @@
 """Export a trained run for serving, and check adapter directories the way vLLM loads them.
 
-    python -m lora_jax.export --run RUN_DIR --out OUT --merged [--base MODEL_DIR_OR_ID [--force]]
-    python -m lora_jax.export --run RUN_DIR --out OUT --peft [--for-serving]
-    python -m lora_jax.export --check ADAPTER_DIR [--base MODEL_DIR_OR_ID]
+    python -m lora_jax.cli.export --run RUN_DIR --out OUT --merged [--base MODEL_DIR_OR_ID [--force]]
+    python -m lora_jax.cli.export --run RUN_DIR --out OUT --peft [--for-serving]
+    python -m lora_jax.cli.export --check ADAPTER_DIR [--base MODEL_DIR_OR_ID]
 
 `--merged` writes an HF model directory with W + s·A·B folded into the weights (plus the base's tokenizer);
 `--peft` writes a PEFT LoRA directory (`peft_io.save_peft`), `--for-serving` one that vLLM and SGLang compute exactly
@@ -15,14 +15,11 @@ fingerprint: another `--base` is refused unless `--force`), the layout and the L
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import re
-import sys
 
-from lora_jax import checkpoint, hf, lora, peft_io
-from lora_jax.models import transformer
+from lora_jax import checkpoint, hf, lora, model_lora, peft_io
 
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
@@ -45,13 +42,13 @@ def export_run(run_dir: str | pathlib.Path, base: str | None, out: str | pathlib
   The base is the one the run recorded unless `base` names another (checked by fingerprint; `force` overrides).
   """
   out = pathlib.Path(out)
-  config, params, adapters, record = hf.load_trained(run_dir, base, force=force)
+  config, params, adapters, record = checkpoint.load_trained(run_dir, base, force=force)
   base_name = str(base) if base else record["base_model"]
   if merged:
     # A tied model's unembed adapter is on the output side only: written as an untied model with its own lm_head.
     untied = config.tie_word_embeddings and any(ad.layout.tied for _, ad in lora.adapter_items(adapters))
     if untied:
-      config, params, adapters = transformer.untie_embeddings(config, params, adapters)
+      config, params, adapters = model_lora.untie_embeddings(config, params, adapters)
     params, errors = lora.merge(params, adapters)
     hf.save_params(params, config, out)
     tokenizer = _copy_tokenizer(hf.resolve_checkpoint(base_name), out)
@@ -141,66 +138,3 @@ def check_adapter(adapter_dir: str | pathlib.Path, architecture: str | None = No
 
 def _natural_key(name: str):
   return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", name)]
-
-
-def _architecture(adapter_dir: pathlib.Path, base: str | None) -> str | None:
-  """The base model's architecture: from --base, else from a local base_model_name_or_path, else unknown."""
-  if base:
-    return hf.load_config(base).architecture
-  try:
-    name = json.loads((adapter_dir / peft_io.PEFT_CONFIG_FILE).read_text()).get("base_model_name_or_path")
-  except (OSError, ValueError):
-    return None
-  if name and (pathlib.Path(name) / "config.json").exists():
-    return hf.load_config(name).architecture
-  return None
-
-
-def main(argv: list[str] | None = None) -> int:
-  """Command line entry point; returns the exit status."""
-  parser = argparse.ArgumentParser(prog="python -m lora_jax.export", description=__doc__.split("\n\n")[0])
-  parser.add_argument("--run", help="Run directory written by experiments.main (its checkpoints/ describe themselves).")
-  parser.add_argument("--base", help="Base model: local HF directory or hub id (default: the one the run recorded).")
-  parser.add_argument("--out", help="Output directory.")
-  mode = parser.add_mutually_exclusive_group()
-  mode.add_argument("--merged", action="store_true", help="Write an HF model with the adapters merged in.")
-  mode.add_argument("--peft", action="store_true", help="Write a PEFT LoRA adapter directory.")
-  mode.add_argument("--check", metavar="ADAPTER_DIR", help="Check an adapter directory for vLLM.")
-  parser.add_argument("--force", action="store_true",
-                      help="Apply the run's adapters to a --base whose weights differ from the recorded one.")
-  parser.add_argument("--for-serving", action="store_true",
-                      help="With --peft: fold scales into B, pad ranks to a vLLM rank, drop patterns and rsLoRA.")
-  args = parser.parse_args(argv)
-
-  if args.check:
-    adapter_dir = pathlib.Path(args.check)
-    architecture = _architecture(adapter_dir, args.base)
-    problems = check_adapter(adapter_dir, architecture)
-    for p in problems:
-      print(f"PROBLEM: {p}")
-    if problems:
-      print(f"{adapter_dir}: {len(problems)} problem(s) for vLLM")
-      return 1
-    with open(adapter_dir / peft_io.PEFT_CONFIG_FILE) as f:
-      r = json.load(f)["r"]
-    print(f"{adapter_dir}: OK for vLLM ({architecture or 'architecture not checked'}); serve with "
-          f"--enable-lora --max-lora-rank {r} or more")
-    return 0
-  if not (args.merged or args.peft):
-    parser.error("choose one of --merged, --peft or --check")
-  if args.for_serving and not args.peft:
-    parser.error("--for-serving goes with --peft")
-  missing = [f"--{k}" for k in ("run", "out") if not getattr(args, k)]
-  if missing:
-    parser.error(f"{', '.join(missing)} required with --merged/--peft")
-  try:
-    print(export_run(args.run, args.base, args.out, merged=args.merged, for_serving=args.for_serving,
-                     force=args.force))
-  except (hf.BaseMismatch, checkpoint.CheckpointError, FileNotFoundError) as err:
-    print(f"error: {err}", file=sys.stderr)
-    return 2
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

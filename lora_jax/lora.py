@@ -890,7 +890,7 @@ def _fold(params, adapters, sign: float):
     raise ValueError(
         f"adapters {tied} sit on one side of a tied embedding (lookup or output head); folding them into the "
         "shared weight would change the other side too. Untie the embedding first (a separate output kernel "
-        "E^T; for this project's models models.transformer.untie_embeddings) and merge into that.")
+        "E^T; for this project's models model_lora.untie_embeddings) and merge into that.")
   flat = dict(traverse_util.flatten_dict(params))
   errors = {}
   for key, ad in adapter_items(adapters):

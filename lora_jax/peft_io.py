@@ -94,7 +94,7 @@ def serving_rank(rank: int) -> int:
     if rank <= allowed:
       return allowed
   raise ValueError(f"rank {rank} is above 512, the largest LoRA rank vLLM serves; merge the adapter instead "
-                   "(python -m lora_jax.export --merged)")
+                   "(python -m lora_jax.cli.export --merged)")
 
 
 def _json_number(x: float):

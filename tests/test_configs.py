@@ -6,6 +6,7 @@ import pathlib
 import pytest
 
 from experiments import main as exp_main
+from experiments import run as run_lib
 from experiments.configs import common
 
 FAMILIES = sorted(p.stem for p in (pathlib.Path(__file__).parents[1] / "experiments" / "configs").glob("*.py")
@@ -24,7 +25,7 @@ def test_every_point_of_every_sweep_builds_a_valid_config(family):
       config = module.get_config(point)
       exp_main.check_config(config)
       assert len(config.methods) == 1, point  # one run per point
-      assert exp_main.make_optim(config.methods[0], config).lr == config.optim.lr  # the point's LR is the LR used
+      assert run_lib.make_optim(config.methods[0], config).lr == config.optim.lr  # the point's LR is the LR used
       if "lr=" in point:
         assert config.optim.lr == float(point.split("lr=")[1].split(",")[0])
   with pytest.raises(ValueError, match="unknown config argument"):
@@ -70,7 +71,7 @@ def test_real_scale_points_lower_and_compile_from_abstract_shapes():
     model_config = common.preset(model, scan_layers=True, remat=config.model.remat,
                                  param_dtype=config.model.param_dtype).replace(dtype=config.model.dtype)
     mesh = sharding.make_mesh(config.mesh.to_dict(), jax.devices()[:1])
-    s = exp_main.abstract_setups(config, model_config, mesh)[method]
+    s = run_lib.abstract_setups(config, model_config, mesh)[method]
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=s.batch_sharding)
     batch_tree = {"inputs": tokens, "targets": tokens,
                   "loss_mask": jax.ShapeDtypeStruct((batch, seq), jnp.float32, sharding=s.batch_sharding)}

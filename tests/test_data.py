@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from lora_jax import data, synthetic
+from lora_jax.cli import validate as validate_cli
 from lora_jax.data import validate as validate_module
 
 
@@ -493,12 +494,12 @@ def test_validate_report(tok, tmp_path):
 def test_validate_cli(tok, tmp_path, capsys):
   tok.save_pretrained(str(tmp_path / "tok"))
   path = data.write_jsonl(str(tmp_path / "a.jsonl"), synthetic.arithmetic(8, seed=0).records)
-  code = validate_module.main(["--data", f"{path}:1", "--tokenizer", str(tmp_path / "tok"), "--seq-len", "32",
+  code = validate_cli.main(["--data", f"{path}:1", "--tokenizer", str(tmp_path / "tok"), "--seq-len", "32",
                                "--batch-size", "2", "--steps", "10", "--json"])
   report = json.loads(capsys.readouterr().out)
   assert code == 0 and report["errors"] == [] and report["examples"] == 8 and report["sources"][0]["weight"] == 1
   bad = write(tmp_path, "bad.jsonl", ["{"])
-  assert validate_module.main(["--data", bad, "--tokenizer", str(tmp_path / "tok"), "--seq-len", "32",
+  assert validate_cli.main(["--data", bad, "--tokenizer", str(tmp_path / "tok"), "--seq-len", "32",
                                "--batch-size", "2"]) == 1
   assert f"{bad}:1: invalid JSON" in capsys.readouterr().out
 
@@ -512,12 +513,12 @@ def test_validate_cli_from_an_experiment_config(tmp_path, capsys):
       f"  c.data.cache_dir = {str(tmp_path / 'cache')!r}\n"
       "  c.data.synthetic_examples = 100\n"
       "  return c\n")
-  assert validate_module.main(["--config", f"{config}:tiny"]) == 0
+  assert validate_cli.main(["--config", f"{config}:tiny"]) == 0
   out = capsys.readouterr().out
   assert "arithmetic-n100-seed0.jsonl (chat): 100 records, 100 examples, 0 bad" in out
   assert "batch 16" in out and "300 steps = " in out
   with pytest.raises(SystemExit):
-    validate_module.main(["--seq-len", "8"])  # neither --config nor the data flags
+    validate_cli.main(["--seq-len", "8"])  # neither --config nor the data flags
 
 
 def test_synthetic_sources_are_materialized_once_by_task_size_and_seed(tmp_path):

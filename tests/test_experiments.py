@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from experiments import main as exp_main
-from experiments import report
+from experiments import run as run_lib
+from experiments import overrides, report
 from experiments.configs import common, finetune
 from lora_jax import checkpoint, data, lora, synthetic
 
@@ -36,13 +37,7 @@ def small_config(tmp_path, **changes):
   config.train.eval_every = 10
   config.train.checkpoint_every = 10
   config.optim.lr = 3e-3
-  for key, value in changes.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return overrides.apply(config, changes)
 
 
 def test_every_config_builds_at_every_sweep_point():
@@ -52,7 +47,7 @@ def test_every_config_builds_at_every_sweep_point():
     common.lora_spec(config.lora)  # a valid spec
     exp_main.check_config(config)
     if len(config.methods) == 1:  # a single-method point trains at exactly its config's LR
-      assert exp_main.make_optim(config.methods[0], config).lr == config.optim.lr
+      assert run_lib.make_optim(config.methods[0], config).lr == config.optim.lr
   with pytest.raises(ValueError, match="unknown config argument 'rnk'"):
     finetune.get_config("tiny,rnk=4")
 
@@ -60,13 +55,13 @@ def test_every_config_builds_at_every_sweep_point():
 def test_a_sweep_points_lr_is_the_lr_its_run_uses():
   for arg, method in (("tiny,method=full,lr=1e-3", "full"), ("tiny,method=lora,lr=1e-3", "lora"),
                       ("model=m,method=full,lr=1e-3", "full"), ("tiny,lr=1e-3", "lora")):
-    assert exp_main.make_optim(method, finetune.get_config(arg)).lr == 1e-3, arg
+    assert run_lib.make_optim(method, finetune.get_config(arg)).lr == 1e-3, arg
   both = finetune.get_config("tiny,lr=1e-3")  # the `both` default: full FT at lr * full_lr_ratio
-  assert exp_main.make_optim("full", both).lr == pytest.approx(1e-3 * both.optim.full_lr_ratio)
+  assert run_lib.make_optim("full", both).lr == pytest.approx(1e-3 * both.optim.full_lr_ratio)
   # Without lr=, a full-only point trains at the LR full FT gets in the default `both` experiment.
   for prefix in ("tiny,", "model=m,"):
-    assert exp_main.make_optim("full", finetune.get_config(prefix + "method=full")).lr == \
-        pytest.approx(exp_main.make_optim("full", finetune.get_config(prefix.rstrip(","))).lr)
+    assert run_lib.make_optim("full", finetune.get_config(prefix + "method=full")).lr == \
+        pytest.approx(run_lib.make_optim("full", finetune.get_config(prefix.rstrip(","))).lr)
 
 
 def _parse_flags(*overrides):
@@ -120,8 +115,8 @@ def test_seed_data_seed_and_eval_seed_each_drive_one_thing(tmp_path):
 
   def parts(**changes):
     config = small_config(tmp_path, **changes)
-    train_sources, evals = exp_main.load_data(config, tokenizer)
-    return evals[0]["inputs"], next(exp_main.train_batches(config, train_sources))["inputs"]
+    train_sources, evals = run_lib.load_data(config, tokenizer)
+    return evals[0]["inputs"], next(run_lib.train_batches(config, train_sources))["inputs"]
 
   evals, first = parts()
   other_order = parts(data_seed=1)
@@ -136,9 +131,9 @@ def test_data_overflow_is_a_config_key(tmp_path):
   tokenizer = synthetic.char_tokenizer()
   config = small_config(tmp_path, **{"data.seq_len": 12})  # most sums' chat prompts are 12 tokens
   with pytest.raises(data.DataError, match="overflow='skip' \\(in an experiment config: data.overflow\\)"):
-    exp_main.load_data(config, tokenizer)
+    run_lib.load_data(config, tokenizer)
   config.data.overflow = "skip"
-  train_sources, _ = exp_main.load_data(config, tokenizer)
+  train_sources, _ = run_lib.load_data(config, tokenizer)
   assert train_sources[0].stats["skipped"] > 0 and len(train_sources[0]) > 0
 
 
@@ -165,18 +160,19 @@ def test_tiny_run_fine_tunes_with_lora_and_full_and_reports(tmp_path, capsys):
   assert record["method"] == "lora" and record["base_model"].startswith(str(tmp_path.parent / "tiny_base_cache"))
 
   # The run's adapters go on: a merged HF export (base read from the run's record) and the generation CLI.
-  from lora_jax import export, generate
+  from lora_jax.cli import export as export_cli
+  from lora_jax.cli import generate as generate_cli
 
-  assert export.main(["--run", str(tmp_path / "run" / "lora"), "--out", str(tmp_path / "merged"), "--merged"]) == 0
+  assert export_cli.main(["--run", str(tmp_path / "run" / "lora"), "--out", str(tmp_path / "merged"), "--merged"]) == 0
   assert (tmp_path / "merged" / "config.json").exists() and (tmp_path / "merged" / "tokenizer.json").exists()
-  generate.main(["--model", record["base_model"], "--adapter", str(tmp_path / "run" / "lora"), "--prompt", "2+3=",
+  generate_cli.main(["--model", record["base_model"], "--adapter", str(tmp_path / "run" / "lora"), "--prompt", "2+3=",
                  "--prompt", "40+1=", "--max-new-tokens", "4"])
   merged_out = capsys.readouterr().out
-  generate.main(["--model", str(tmp_path / "merged"), "--prompt", "2+3=", "--prompt", "40+1=", "--max-new-tokens", "4"])
+  generate_cli.main(["--model", str(tmp_path / "merged"), "--prompt", "2+3=", "--prompt", "40+1=", "--max-new-tokens", "4"])
   assert "### 2+3=" in merged_out and capsys.readouterr().out.split("### 2+3=")[1] == merged_out.split("### 2+3=")[1]
-  assert export.main(["--run", str(tmp_path / "run" / "lora"), "--out", str(tmp_path / "peft"), "--peft"]) == 0
+  assert export_cli.main(["--run", str(tmp_path / "run" / "lora"), "--out", str(tmp_path / "peft"), "--peft"]) == 0
   capsys.readouterr()
-  generate.main(["--model", record["base_model"], "--adapter", str(tmp_path / "peft"), "--prompt", "2+3=",
+  generate_cli.main(["--model", record["base_model"], "--adapter", str(tmp_path / "peft"), "--prompt", "2+3=",
                  "--prompt", "40+1=", "--max-new-tokens", "4"])
   assert capsys.readouterr().out.split("### 2+3=")[1] == merged_out.split("### 2+3=")[1]  # PEFT dir: same output
 
@@ -262,7 +258,7 @@ def test_sigterm_during_lora_stops_the_whole_experiment_and_the_report_says_unfi
     out = proc.communicate(timeout=300)[0]
   finally:
     proc.kill()
-  assert proc.returncode == exp_main.EXIT_PREEMPTED, out[-3000:]
+  assert proc.returncode == run_lib.EXIT_PREEMPTED, out[-3000:]
   assert "preempted by signal 15" in out and "the remaining runs were not started" in out
   assert not (workdir / "full").exists()  # full FT never started
   step = checkpoint.Checkpointer(workdir / "lora" / "checkpoints").latest_step()
@@ -333,7 +329,7 @@ def _restore_like(workdir):
   config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
   base = checkpoint.Checkpointer(workdir / "lora" / "checkpoints").restore_record(30)["base_model"]
   model_config = hf.load_config(base)
-  s = train.setup(model_config, exp_main.make_spec("lora", config, model_config), exp_main.make_optim("lora", config),
+  s = train.setup(model_config, run_lib.make_spec("lora", config, model_config), run_lib.make_optim("lora", config),
                   hf.load_params(base, model_config), seed=config.seed)
   return s.state.checkpoint_tree()
 
@@ -400,13 +396,13 @@ def test_moe_rank_per_expert_is_total_rank_over_active_experts():
   ranks = {}
   for rule, expected in (("total/active", 4), ("same", 8)):
     config.moe_expert_rank = rule
-    _, adapters = lora.create(params, exp_main.make_spec("lora", config, moe), jax.random.key(0), layouts=layouts)
+    _, adapters = lora.create(params, run_lib.make_spec("lora", config, moe), jax.random.key(0), layouts=layouts)
     ranks = {"/".join(p): a.rank for p, a in lora.adapter_items(adapters)}
     assert ranks["model/layers/mlp/experts/up_proj"] == expected
     assert ranks["model/layers/self_attn/q_proj"] == 8
   config.moe_expert_rank = "half"
   with pytest.raises(ValueError, match="moe_expert_rank 'half'"):
-    exp_main.make_spec("lora", config, moe)
+    run_lib.make_spec("lora", config, moe)
   with pytest.raises(ValueError, match="moe_expert_rank 'half'"):
     exp_main.check_config(config)
 

@@ -20,6 +20,7 @@ peft = pytest.importorskip("peft")
 
 from _tolerance import assert_close, model_bound  # noqa: E402
 from lora_jax import export, hf, lora, optim, peft_io, synthetic, train  # noqa: E402
+from lora_jax.cli import export as export_cli  # noqa: E402
 from lora_jax import checkpoint as ckpt_lib  # noqa: E402
 from lora_jax.models.transformer import CausalLM, ModelConfig  # noqa: E402
 
@@ -302,16 +303,16 @@ def test_merged_and_peft_export_of_a_run(bases, tmp_path, capsys):
                                        optim_config=optim.OptimConfig(lr=1.0, grad_clip_norm=1.0))
   ours = _logits(model, params, adapters)
 
-  assert export.main(["--run", str(run), "--out", str(tmp_path / "merged"), "--merged"]) == 0  # base: recorded
+  assert export_cli.main(["--run", str(run), "--out", str(tmp_path / "merged"), "--merged"]) == 0  # base: recorded
   merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", attn_implementation="eager")
   assert_close(_torch_logits(merged.eval()), ours, TORCH)
   assert transformers.AutoTokenizer.from_pretrained(tmp_path / "merged").get_vocab() == \
       transformers.AutoTokenizer.from_pretrained(base).get_vocab()
 
-  assert export.main(["--run", str(run), "--base", str(base), "--out", str(tmp_path / "serve"), "--peft",
+  assert export_cli.main(["--run", str(run), "--base", str(base), "--out", str(tmp_path / "serve"), "--peft",
                       "--for-serving"]) == 0
   assert_close(_peft_logits(base, tmp_path / "serve"), ours, TORCH)
-  assert export.main(["--check", str(tmp_path / "serve")]) == 0
+  assert export_cli.main(["--check", str(tmp_path / "serve")]) == 0
   assert "OK for vLLM (llama)" in capsys.readouterr().out
 
 
@@ -323,11 +324,11 @@ def test_a_tied_scanned_run_with_the_default_spec_exports_merged_and_peft(bases,
   model, params, adapters = _write_run(run, base, spec, scan=True)
   assert "embed_tokens@attend" in adapters["model"]
   ours = _logits(model, params, adapters)
-  assert export.main(["--run", str(run), "--out", str(tmp_path / "merged"), "--merged"]) == 0
+  assert export_cli.main(["--run", str(run), "--out", str(tmp_path / "merged"), "--merged"]) == 0
   merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", attn_implementation="eager")
   assert not merged.config.tie_word_embeddings  # the output head has its own weights now
   assert_close(_torch_logits(merged.eval()), ours, TORCH)
-  assert export.main(["--run", str(run), "--out", str(tmp_path / "peft"), "--peft"]) == 0
+  assert export_cli.main(["--run", str(run), "--out", str(tmp_path / "peft"), "--peft"]) == 0
   assert_close(_peft_logits(base, tmp_path / "peft"), ours, TORCH)
 
 
@@ -340,18 +341,18 @@ def test_a_run_refuses_another_base_unless_forced(bases, tmp_path, capsys, monke
   config, params = hf.load(other)
   hf.save_params(jax.tree.map(lambda x: x * 1.01, params), config, other)
   out = tmp_path / "out"
-  assert export.main(["--run", str(run), "--base", str(other), "--out", str(out), "--merged"]) == 2
+  assert export_cli.main(["--run", str(run), "--base", str(other), "--out", str(out), "--merged"]) == 2
   err = capsys.readouterr().err
   assert "fingerprint" in err and str(base) in err and "--force" in err and not out.exists()
-  assert export.main(["--run", str(run), "--base", str(other), "--out", str(out), "--merged", "--force"]) == 0
+  assert export_cli.main(["--run", str(run), "--base", str(other), "--out", str(out), "--merged", "--force"]) == 0
   # A base of other shapes: one clear line, even when forced.
-  assert export.main(["--run", str(run), "--base", str(bases["llama_wide"]), "--out", str(tmp_path / "w"),
+  assert export_cli.main(["--run", str(run), "--base", str(bases["llama_wide"]), "--out", str(tmp_path / "w"),
                       "--merged", "--force"]) == 2
   err = capsys.readouterr().err
   assert "hidden_size 32 -> 48" in err and len(err.strip().splitlines()) == 1
   # The base is recorded as an absolute path: the run exports from any working directory.
   monkeypatch.chdir(tmp_path / "run")
-  assert export.main(["--run", ".", "--out", str(tmp_path / "elsewhere"), "--peft"]) == 0
+  assert export_cli.main(["--run", ".", "--out", str(tmp_path / "elsewhere"), "--peft"]) == 0
   assert json.loads((tmp_path / "elsewhere" / peft_io.PEFT_CONFIG_FILE).read_text())["base_model_name_or_path"] \
       == str(base.resolve())
 
@@ -382,7 +383,7 @@ def _edit(path, out, config_changes=None, tensors=None):
 def test_check_flags_each_vllm_problem(bases, tmp_path, capsys):
   clean = _clean_adapter(bases, tmp_path / "clean")
   assert export.check_adapter(clean, "llama") == []
-  assert export.main(["--check", str(clean)]) == 0
+  assert export_cli.main(["--check", str(clean)]) == 0
   t = _tensors(clean)
   foo = {**t, "base_model.model.model.layers.0.self_attn.foo_proj.lora_A.weight": np.zeros((8, 32), np.float32),
          "base_model.model.model.layers.0.self_attn.foo_proj.lora_B.weight": np.zeros((32, 8), np.float32)}
@@ -403,7 +404,7 @@ def test_check_flags_each_vllm_problem(bases, tmp_path, capsys):
     problems = export.check_adapter(path, "llama")
     assert any(message in p for p in problems), (name, problems)
     assert len(problems) == (2 if name == "rank 12" else 1), problems  # r=12 also differs from the tensors' 8
-    assert export.main(["--check", str(path), "--base", str(bases["llama"])]) == 1
+    assert export_cli.main(["--check", str(path), "--base", str(bases["llama"])]) == 1
   everything = _edit(clean, tmp_path / "all", {"r": 12, "use_dora": True, "bias": "all",
                                                "rank_pattern": {"q_proj": 4}}, foo)
   assert len(export.check_adapter(everything, "llama")) == 6  # each problem reported, not just the first

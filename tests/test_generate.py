@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from lora_jax import generate, lora
+from lora_jax.cli import generate as generate_cli
 from lora_jax.models import transformer
 from tests import _tolerance
 from tests._noise import perturbed
@@ -186,7 +187,7 @@ def test_cli_generates_from_a_scanned_run_and_refuses_another_base(tmp_path, cap
   ck.save(5, state.checkpoint_tree(), {**checkpoint.describe_run(bases[0], config, spec), "data": {}})
   ck.close()
 
-  generate.main(["--adapter", str(tmp_path / "run"), "--prompt", "2+3=", "--max-new-tokens", "4", "--no-chat"])
+  generate_cli.main(["--adapter", str(tmp_path / "run"), "--prompt", "2+3=", "--max-new-tokens", "4", "--no-chat"])
   want = generate.generate_text(model, params, adapters, tokenizer, ["2+3="], max_new_tokens=4,
                                 init_cache=functools.partial(transformer.init_cache, config))
   assert capsys.readouterr().out == f"### 2+3=\n{want[0]}\n"
@@ -196,7 +197,7 @@ def test_cli_generates_from_a_scanned_run_and_refuses_another_base(tmp_path, cap
   ck.save(5, state.replace(trainable={**state.trainable, "lora": other}).checkpoint_tree(),
           {**checkpoint.describe_run(bases[0], config, spec), "data": {}})
   ck.close()
-  generate.main(["--adapter", str(tmp_path / "run"), "--adapter", str(tmp_path / "run2"), "--prompt", "2+3=",
+  generate_cli.main(["--adapter", str(tmp_path / "run"), "--adapter", str(tmp_path / "run2"), "--prompt", "2+3=",
                  "--prompt", "1+1=", "--max-new-tokens", "4", "--no-chat"])
   expected = ""
   for run, trees in (("run", adapters), ("run2", other)):
@@ -205,4 +206,4 @@ def test_cli_generates_from_a_scanned_run_and_refuses_another_base(tmp_path, cap
     expected += "".join(f"### [{tmp_path / run}] {p}\n{t}\n" for p, t in zip(["2+3=", "1+1="], texts))
   assert capsys.readouterr().out == expected
   with pytest.raises(SystemExit, match="fingerprint"):
-    generate.main(["--model", str(bases[1]), "--adapter", str(tmp_path / "run"), "--prompt", "1+1="])
+    generate_cli.main(["--model", str(bases[1]), "--adapter", str(tmp_path / "run"), "--prompt", "1+1="])

@@ -119,13 +119,13 @@ def test_a_run_resumed_under_other_code_is_not_one_clean_commit(tmp_path):
 def test_start_workdir_keeps_every_earlier_starts_code(tmp_path, monkeypatch):
   import ml_collections
 
-  from experiments import main as exp_main
+  from experiments import run as run_lib
 
   states = iter([{**CLEAN, "git_dirty": True, "git_diff_sha256": "1111111111111111"}, CLEAN])
-  monkeypatch.setattr(exp_main.provenance, "git_state", lambda: next(states))
+  monkeypatch.setattr(run_lib.provenance, "git_state", lambda: next(states))
   config = ml_collections.ConfigDict({"x": 1})
-  exp_main.start_workdir(tmp_path / "w", config, overwrite=False)
-  exp_main.start_workdir(tmp_path / "w", config, overwrite=False)  # the resume, after a commit
+  run_lib.start_workdir(tmp_path / "w", config, overwrite=False)
+  run_lib.start_workdir(tmp_path / "w", config, overwrite=False)  # the resume, after a commit
   info = json.loads((tmp_path / "w" / "run_info.json").read_text())
   assert info["git_dirty"] is False and info["earlier_starts"] == [
       {"git_commit": "a" * 40, "git_dirty": True, "git_diff_sha256": "1111111111111111"}]

@@ -39,9 +39,9 @@ def get_sweep(arg):
 POINT = f"""
 import json, math, os, signal, sys, time
 sys.path.insert(0, {str(ROOT)!r})
-from experiments import sweep
+from experiments import overrides
 config_file, point, workdir = sys.argv[1:4]
-config = sweep.load_config_module(config_file).get_config(point)
+config = overrides.load_config_module(config_file).get_config(point)
 method, lr, seed = config.methods[0], config.optim.lr, config.seed
 os.makedirs(os.path.join(workdir, method), exist_ok=True)
 open(os.path.join(workdir, "config.json"), "w").write(config.to_json_best_effort(indent=2, sort_keys=True))

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from experiments import overrides
+
 ROOT = Path(__file__).resolve().parent.parent
 # Paths on the TPU VM workers, left unquoted in remote commands so that the remote shell expands `~`.
 REMOTE_DIR = "~/lora_jax"
@@ -97,7 +99,7 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
 def parse_with_overrides(p: argparse.ArgumentParser, argv) -> tuple[argparse.Namespace, list[str]]:
   """Parse argv, collecting `--config.KEY=VALUE` overrides; any other unknown flag is an error."""
   args, extra = p.parse_known_args(argv)
-  bad = [a for a in extra if not (a.startswith("--config.") and "=" in a)]
+  bad = overrides.bad_syntax(extra)
   if bad:
     p.error(f"unrecognized arguments: {' '.join(bad)} (config overrides take the form --config.KEY=VALUE)")
   return args, extra

@@ -10,6 +10,7 @@ VMs by giving each its own `--shard I/N`.
 import re
 import shlex
 
+from experiments import overrides as overrides_lib
 from experiments import sweep as experiments_sweep
 from tpu import common
 
@@ -40,7 +41,7 @@ def main(argv=None) -> None:
   try:  # the points are checked here, before any worker is touched
     if args.only is not None:
       re.compile(args.only)
-    module = experiments_sweep.load_config_module(str(common.ROOT / file))
+    module = overrides_lib.load_config_module(str(common.ROOT / file), needs=("get_config", "get_sweep"))
     points = experiments_sweep.select(experiments_sweep.sweep_points(module, arg), args.shard, args.only)
     if not points:
       raise ValueError(f"no point selected (--shard {args.shard}, --only {args.only!r})")

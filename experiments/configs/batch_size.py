@@ -34,7 +34,7 @@ import math
 
 import ml_collections
 
-from experiments.configs import common, lr_sweep
+from experiments.configs import common, finetune, lr_sweep
 
 ROWS = 4800  # Training rows every CPU point sees (batch x steps).
 REAL_ROWS = 16384  # Rows every real point sees: ~one epoch of the 10k subset in 4096-token rows (NOT STATED).
@@ -50,7 +50,7 @@ def get_config(arg: str = "tiny,method=lora") -> ml_collections.ConfigDict:
   args = common.parse_arg(arg, tiny=False, quick=False, model="", batch=16, method="lora", rank=16, lr=0.0, seed=0)
   cpu = args.tiny or args.quick
   lr = args.lr or centre_lr(args.model, args.method, args.batch, cpu)
-  config = common.study_point(cpu, args.model, args.method, args.rank, lr, args.seed)
+  config = finetune.study_point(cpu, args.model, args.method, args.rank, lr, args.seed)
   rows = ROWS if cpu else REAL_ROWS
   if rows % args.batch:
     raise ValueError(f"batch_size: batch {args.batch} does not divide the {rows} rows every point trains on")

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments.configs import common, lr_sweep
+from experiments.configs import common, finetune, lr_sweep
 
 TINY_FACTS = 300  # 1,200 bits.
 TINY_RANKS = (1, 4, 16, 64)
@@ -55,7 +55,7 @@ def get_config(arg: str = "tiny,method=lora") -> ml_collections.ConfigDict:
                           facts=TINY_FACTS, steps=600)
   cpu = args.tiny or args.quick
   lr = args.lr or (1e-3 if cpu else lr_sweep.default_lr(args.model, args.method, cpu=False))
-  config = common.study_point(cpu, args.model, args.method, args.rank, lr, args.seed)
+  config = finetune.study_point(cpu, args.model, args.method, args.rank, lr, args.seed)
   if cpu:
     config.data.train = ("synthetic:facts",)
     config.data.synthetic_examples = args.facts

@@ -119,34 +119,6 @@ def cookbook_lr(architecture: str, hidden_size: int, lora: bool) -> float:
   return 5e-5 * (10.0 if lora else 1.0) * (2000.0 / hidden_size) ** COOKBOOK_LR_EXPONENT[architecture]
 
 
-def study_point(cpu: bool, model: str, method: str, rank: int, lr: float, seed: int) -> ml_collections.ConfigDict:
-  """One run of a study family: ``finetune``'s config for one method at one rank, LR and seed, with the study's CPU
-  setting when ``cpu`` (the tiny base widened to hidden 128, 500 held-out problems; see ``lr_sweep``'s docstring)."""
-  from experiments.configs import finetune  # finetune imports this module
-
-  if method not in ("lora", "full"):
-    raise ValueError(f"method must be lora or full (one run per sweep point), got {method!r}")
-  config = finetune.get_config(("tiny," if cpu else f"model={model},") + f"method={method},rank={rank},lr={lr}")
-  config.seed = seed  # Adapter init and dropout.
-  config.data_seed = seed  # Training order: a seed is one draw of both.
-  config.eval_seed = 0  # The held-out set is the same for every point.
-  if cpu:
-    study_base(config.tiny_base)
-    # 9,500 distinct two-digit sums: 500 held out (never trained on), 9,000 trained on, ~3 epochs in 300 steps (the
-    # two-digit space holds 10,000 problems: one epoch would be ~100 steps).
-    config.data.train = ("synthetic:sums",)
-    config.data.synthetic_examples = 9500
-    config.data.eval_size = 500  # Held-out problems: the NLL's sampling error well below the seed noise.
-    config.eval.arithmetic_examples = 0  # The study's metric is held-out NLL.
-    config.train.eval_every = 25  # 50% and 75% of the steps are evaluations (analysis.RULE_STABLE)
-    config.train.checkpoint_every = 1000  # Points are short: a checkpoint at the end (always) and every 1000 steps.
-  else:  # GPU/TPU: bf16 base and compute (trained values and Adam moments stay fp32), scanned and rematerialised
-    config.model.dtype = config.model.param_dtype = "bfloat16"  # layers, as benchmarks/fit.py plans memory for
-    config.model.scan_layers = True
-    config.model.remat = "full"  # Keep only each layer's input; recompute the layer in the backward pass.
-  return config
-
-
 def study_base(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The CPU study's base recipe, one for every family (in place, returned): the tiny base widened to hidden 128 (rank
   64 is half the width) and pretrained until its held-out NLL has flattened (1,200 steps on 20,000 documents, ~1M loss

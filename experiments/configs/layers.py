@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments.configs import common, lr_sweep
+from experiments.configs import common, finetune, lr_sweep
 
 TARGETS = {"attention": ("attention",), "mlp": ("mlp",), "all": ("all-linear",),
            "attention+unembed": ("attention", "unembed"), "mlp+unembed": ("mlp", "unembed"),
@@ -54,7 +54,7 @@ def get_config(arg: str = "tiny,layers=mlp") -> ml_collections.ConfigDict:
   cpu = args.tiny or args.quick
   rank = args.rank or (TINY_RANKS if cpu else REAL_RANKS)[args.layers]
   lr = args.lr or lr_sweep.default_lr(args.model, "lora", cpu)
-  config = common.study_point(cpu, args.model, "lora", rank, lr, args.seed)
+  config = finetune.study_point(cpu, args.model, "lora", rank, lr, args.seed)
   config.lora.targets = TARGETS[args.layers]
   return config
 

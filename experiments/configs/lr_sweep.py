@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments.configs import common
+from experiments.configs import common, finetune
 
 TINY_RANKS = (1, 4, 16, 64)
 REAL_RANKS = (1, 4, 16, 64, 256)
@@ -53,7 +53,7 @@ def get_config(arg: str = "tiny,method=lora") -> ml_collections.ConfigDict:
     raise ValueError(f"lr_sweep: method must be lora or full (one run per point), got {args.method!r}")
   cpu = args.tiny or args.quick
   lr = args.lr or default_lr(args.model, args.method, cpu)
-  return common.study_point(cpu, args.model, args.method, args.rank, lr, args.seed)
+  return finetune.study_point(cpu, args.model, args.method, args.rank, lr, args.seed)
 
 
 def default_lr(model: str, method: str, cpu: bool) -> float:

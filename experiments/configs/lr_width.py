@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments.configs import common, lr_sweep
+from experiments.configs import common, finetune, lr_sweep
 
 TINY_WIDTHS = (64, 128, 256)
 QUICK_WIDTHS = (64, 128)
@@ -44,7 +44,7 @@ def get_config(arg: str = "tiny,method=lora") -> ml_collections.ConfigDict:
                           lr=0.0, seed=0)
   cpu = args.tiny or args.quick
   lr = args.lr or centre_lr(args.model, args.method, args.hidden, cpu)
-  config = common.study_point(cpu, args.model, args.method, args.rank, lr, args.seed)
+  config = finetune.study_point(cpu, args.model, args.method, args.rank, lr, args.seed)
   if cpu:
     config.tiny_base.hidden_size = args.hidden
     config.tiny_base.intermediate_size = 3 * args.hidden

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from experiments.configs import common, lr_sweep
+from experiments.configs import common, finetune, lr_sweep
 
 SCALINGS = {"r": "alpha/r", "sqrt": "alpha/sqrt(r)"}  # Point spelling -> lora.scaling (a point cannot hold "/").
 TINY_RANKS = (4, 64)  # 16x apart as the study's 16 and 256; 64 = the K/V projections' width, the most they take
@@ -48,7 +48,7 @@ def get_config(arg: str = "tiny,scaling=r") -> ml_collections.ConfigDict:
     raise ValueError(f"parametrization: scaling={args.scaling!r}; valid: {sorted(SCALINGS)} (alpha/r, alpha/sqrt(r))")
   cpu = args.tiny or args.quick
   lr = args.lr or lr_sweep.default_lr(args.model, "lora", cpu) / 2
-  config = common.study_point(cpu, args.model, "lora", args.rank, lr, args.seed)
+  config = finetune.study_point(cpu, args.model, "lora", args.rank, lr, args.seed)
   config.lora.scaling = SCALINGS[args.scaling]
   config.train.steps = args.steps
   if args.steps <= EARLY_STEPS:  # an early-curve run: every step's train loss, evaluated at the end

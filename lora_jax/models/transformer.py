@@ -631,7 +631,6 @@ class CausalLM(nn.Module):
 
   def hidden_states(self, input_ids, positions=None, segment_ids=None, cache=None):
     """Final-normed hidden states [B, T, D] and the new cache (None without one); see the class docstring."""
-    c = self.config
     B, T = input_ids.shape
     index = jnp.zeros((), jnp.int32) if cache is None else cache["index"]
     if positions is None:
@@ -718,39 +717,3 @@ def logical_axes(config: ModelConfig) -> dict[str, Any]:
 def param_count(config: ModelConfig) -> int:
   """Number of parameters of the model described by `config`."""
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_params(config)))
-
-
-def expert_rank_pattern(config: ModelConfig, rank: int) -> dict[str, int]:
-  """The study's MoE rule as a LoRA ``rank_pattern``: each expert gets rank // experts-per-token (at least 1), so
-  the active experts together hold the total rank. Empty for dense models."""
-  if not config.num_experts:
-    return {}
-  return {r"(.*/)?experts/(gate|up|down)_proj": max(1, rank // config.num_experts_per_tok)}
-
-
-MOE_EXPERT_RANKS = ("total/active", "same")
-
-
-def model_spec(spec, config: ModelConfig, moe_expert_rank: str = "total/active"):
-  """The LoRA spec to use on a model of ``config``: the one place that applies model-dependent rules.
-
-  ``moe_expert_rank="total/active"`` (the study's) gives each expert ``rank // experts-per-token`` through
-  ``rank_pattern`` (explicit entries win); ``"same"`` keeps ``spec.rank``. A tied model's ``unembed`` target needs
-  no rule here: ``lora.create`` with ``trace_layouts`` puts it on the output (``attend``) side of the embedding.
-  """
-  if moe_expert_rank not in MOE_EXPERT_RANKS:
-    raise ValueError(f"moe_expert_rank {moe_expert_rank!r}; valid: {list(MOE_EXPERT_RANKS)}")
-  if spec.is_full or moe_expert_rank == "same" or not config.num_experts:
-    return spec
-  return dataclasses.replace(spec, rank_pattern={**spec.rank_pattern, **expert_rank_pattern(config, spec.rank)})
-
-
-def untie_embeddings(config: ModelConfig, params, adapters=None):
-  """A tied model as an untied one computing the same function: ``lm_head = embed_tokens^T``, the output-side
-  (``unembed``) adapter moved to ``lm_head``; returns ``(config, params, adapters)`` (adapters may be merged then)."""
-  from lora_jax import lora
-
-  if not config.tie_word_embeddings:
-    return config, params, adapters
-  params, adapters = lora.untie(params, adapters or {}, ("model", "embed_tokens"), ("lm_head",))
-  return config.replace(tie_word_embeddings=False), params, adapters

@@ -1,0 +1,74 @@
+"""The project's layering, read from the source: the library (``lora_jax``) imports nothing above it and defines no
+command line (those live in ``lora_jax/cli/``, which the library never imports), and no two modules import each
+other (module-level or inside a function)."""
+
+import ast
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PACKAGES = ("lora_jax", "experiments", "benchmarks", "tpu")
+
+
+def _module_name(path: pathlib.Path) -> str:
+  parts = path.relative_to(ROOT).with_suffix("").parts
+  return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _sources() -> dict[str, ast.Module]:
+  return {_module_name(p): ast.parse(p.read_text(), str(p)) for package in PACKAGES
+          for p in sorted((ROOT / package).rglob("*.py"))}
+
+
+def _imports(name: str, tree: ast.Module, known: set[str]) -> set[str]:
+  """The project modules ``name`` imports anywhere in its file (``from a import b`` counts a.b when b is a module)."""
+  found = set()
+  package = name if name in {n for n in known if any(k.startswith(n + ".") for k in known)} else name.rpartition(".")[0]
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      found |= {a.name for a in node.names}
+    elif isinstance(node, ast.ImportFrom):
+      base = node.module or ""
+      if node.level:
+        base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+      found.add(base)
+      found |= {f"{base}.{a.name}" for a in node.names}
+  return {m for m in found if m in known and m != name}
+
+
+def _graph() -> dict[str, set[str]]:
+  sources = _sources()
+  known = set(sources)
+  return {name: _imports(name, tree, known) - {p for p in PACKAGES} for name, tree in sources.items()}
+
+
+def test_the_library_imports_nothing_above_it_and_never_its_cli():
+  bad = [f"{m} imports {d}" for m, deps in _graph().items() if m.startswith("lora_jax") and not
+         m.startswith("lora_jax.cli") for d in deps if not d.startswith("lora_jax") or d.startswith("lora_jax.cli")]
+  assert not bad, bad
+
+
+def test_command_lines_live_outside_the_library():
+  bad = []
+  for name, tree in _sources().items():
+    if not name.startswith("lora_jax") or name.startswith("lora_jax.cli"):
+      continue
+    for node in ast.walk(tree):
+      if isinstance(node, (ast.Import, ast.ImportFrom)) and "argparse" in (
+          [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]):
+        bad.append(f"{name} imports argparse")
+      if isinstance(node, ast.Compare) and isinstance(node.left, ast.Name) and node.left.id == "__name__":
+        bad.append(f"{name} has a __main__ block")
+  assert not bad, bad
+
+
+def test_no_two_modules_import_each_other():
+  graph = _graph()
+  pairs = sorted({tuple(sorted((a, b))) for a, deps in graph.items() for b in deps if a in graph.get(b, ())})
+  assert not pairs, pairs
+
+
+def test_the_checker_sees_function_level_and_relative_imports():
+  tree = ast.parse("def f():\n  from lora_jax import hf\nfrom . import lora\nimport lora_jax.train\n")
+  known = {"lora_jax", "lora_jax.hf", "lora_jax.lora", "lora_jax.train", "lora_jax.checkpoint"}
+  assert _imports("lora_jax.checkpoint", tree, known) == {"lora_jax", "lora_jax.hf", "lora_jax.lora",
+                                                          "lora_jax.train"}
