@@ -50,11 +50,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   """Checks an RL config without model or data; raises ValueError naming the field and what was expected."""
   from experiments.configs import common
 
-  unknown = [m for m in config.methods if m not in run_lib.METHODS]
-  if not config.methods or unknown:
-    raise ValueError(f"config.methods {tuple(config.methods)}: give one or both of {list(run_lib.METHODS)}")
-  if not config.model.name:
-    raise ValueError("config.model.name is empty: give an HF directory or hub id (or use the 'tiny' config arg)")
+  run_lib.check_methods_and_model(config)
   cfg = rl_config(config)
   if "lora" in config.methods:
     spec = common.lora_spec(config.lora)

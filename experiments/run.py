@@ -152,14 +152,19 @@ def load_model_config(config: ml_collections.ConfigDict, model_dir) -> transform
 EVAL_SPLITS = ("held_out", "train")
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """Checks what needs no model or data: methods, LoRA spec, optimizer, loop, data settings, mesh and sharding
-  rules; raises ValueError naming the field (an RL config, with an ``rl`` section, is ``rl_run``'s)."""
+def check_methods_and_model(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError unless ``config.methods`` names one or both of ``METHODS`` and ``config.model.name`` is set."""
   unknown = [m for m in config.methods if m not in METHODS]
   if not config.methods or unknown:
     raise ValueError(f"config.methods {tuple(config.methods)}: give one or both of {list(METHODS)}")
   if not config.model.name:
     raise ValueError("config.model.name is empty: give an HF directory or hub id (or use the 'tiny' config arg)")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Checks what needs no model or data: methods, LoRA spec, optimizer, loop, data settings, mesh and sharding
+  rules; raises ValueError naming the field (an RL config, with an ``rl`` section, is ``rl_run``'s)."""
+  check_methods_and_model(config)
   if "lora" in config.methods:
     common.lora_spec(config.lora)
     if config.moe_expert_rank not in model_lora.MOE_EXPERT_RANKS:

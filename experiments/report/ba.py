@@ -82,6 +82,4 @@ def plot_ba(stem: epath.Path, part: Part) -> None:
     ax.plot(steps, [norms[t][1] for t in steps], linestyle="-", color=color, label=f"{scope}: ‖B‖")
   _finish_axes(ax, "step", "spectral norm, mean over adapted modules", "‖A‖ and ‖B‖ of the longest LoRA runs")
   ax.set_xscale("linear")
-  fig.tight_layout()
   _save(fig, stem)
-  plt.close(fig)

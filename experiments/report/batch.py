@@ -104,6 +104,4 @@ def plot_batch(stem: epath.Path, part: Part) -> None:
   batches = sorted({b for _, _, means, _ in part.plot for b in means})
   for ax in (left, right):
     _value_ticks(ax, batches)
-  fig.tight_layout()
   _save(fig, stem)
-  plt.close(fig)

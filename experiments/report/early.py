@@ -104,6 +104,4 @@ def plot_early(stem: epath.Path, part: Part) -> None:
   left.set_xscale("linear")
   _finish_axes(right, "step", "d(t) = train loss(low rank) − train loss(high rank)",
                f"d(t) per scaling (dotted: step {analysis.EARLY_STEPS}, the end of the judged window)")
-  fig.tight_layout()
   _save(fig, stem)
-  plt.close(fig)

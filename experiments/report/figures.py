@@ -32,10 +32,13 @@ def _colors(conds: list[Condition]) -> dict:
 
 
 def _save(fig, stem: epath.Path) -> None:
+  """Lays ``fig`` out, writes it as stem.png and stem.pdf (the same bytes every time) and closes it."""
+  fig.tight_layout()
   with (stem.parent / f"{stem.name}.png").open("wb") as f:
     fig.savefig(f, format="png", dpi=120)
   with (stem.parent / f"{stem.name}.pdf").open("wb") as f:
     fig.savefig(f, format="pdf", metadata={"CreationDate": None})  # no timestamp: regenerating gives the same bytes
+  _pyplot().close(fig)
 
 
 def _panels(conds: list[Condition]):
@@ -61,9 +64,7 @@ def plot_lr_curves(stem: epath.Path, conds: list[Condition]) -> None:
         ax.plot([c.fit.lr], [a * c.fit.log_lr ** 2 + b * c.fit.log_lr + k], marker="v", color=colors[c.name])
     _finish_axes(ax, "learning rate", "final eval NLL per loss token",
                  setting or "loss vs LR (dashed: quadratic fit, ▼ optimum)")
-  fig.tight_layout()
   _save(fig, stem)
-  plt.close(fig)
 
 
 def _finish_axes(ax, xlabel: str, ylabel: str, title: str) -> None:
@@ -91,9 +92,7 @@ def plot_learning_curves(stem: epath.Path, conds: list[Condition]) -> None:
         ax.plot(steps, values, marker="o", markersize=3, color=colors[c.name], label=c.name)
     _finish_axes(ax, "step", "eval NLL, min over LRs of the seed mean",
                  setting or "learning curves (pointwise min over LRs)")
-  fig.tight_layout()
   _save(fig, stem)
-  plt.close(fig)
 
 
 def _value_ticks(ax, values: list) -> None:

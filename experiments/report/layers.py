@@ -135,6 +135,4 @@ def plot_layers(stem: epath.Path, part: Part) -> None:
                 linestyle=("-", "--", ":", "-.")[ranks.index(rank) % 4], label=c.name)
     _finish_axes(ax, "learning rate", "final eval NLL per loss token",
                  _prefix(scope) + "loss vs LR by adapted layers")
-  fig.tight_layout()
   _save(fig, stem)
-  plt.close(fig)

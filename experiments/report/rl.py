@@ -208,9 +208,7 @@ def plot_rl_peak(stem: epath.Path, conds: list[RLCondition], threshold_of: dict)
         ax.axhline(threshold_of[setting], color="gray", linestyle=":", linewidth=1, label="good-LR threshold")
     _finish_axes(ax, "learning rate", f"mean reward, last {analysis.FINAL_FRACTION:.0%} of steps",
                  setting or "final reward vs LR")
-  fig.tight_layout()
   _save(fig, stem)
-  plt.close(fig)
 
 
 def plot_rl_curves(stem: epath.Path, conds: list[RLCondition]) -> None:
@@ -229,9 +227,7 @@ def plot_rl_curves(stem: epath.Path, conds: list[RLCondition]) -> None:
     _finish_axes(ax, "step", "reward", (f"{setting}: " if setting else "") + f"at the best LR (line: train reward, "
                  f"{RL_CURVE_WINDOW}-step mean; dots: greedy held-out)")
     ax.set_xscale("linear")
-  fig.tight_layout()
   _save(fig, stem)
-  plt.close(fig)
 
 
 def _rl_csv(family: str, runs: list[SweepRun], records: dict) -> str:

@@ -110,6 +110,4 @@ def plot_width(stem: epath.Path, part: Part) -> None:
                    for w in by_width})
   for ax in (left, right):
     _value_ticks(ax, widths)
-  fig.tight_layout()
   _save(fig, stem)
-  plt.close(fig)
