@@ -15,9 +15,8 @@ bf16 rounding moves the trajectory, and one batch's loss then differs by as much
 step of the first run here, LoRA, while its 10-step means agreed within 1.3%); a real fault, such as updates lost to
 bf16 rounding, shows as a curve that stops falling, a gap that grows window after window. The per-step gap and the
 held-out NLL at the end are reported beside it. Writes ``benchmarks/results/bf16_check.json`` (``python -m
-benchmarks.results`` puts it in ``benchmarks/RESULTS.md``); the last line is ``bf16 vs fp32: max relative gap of N-step loss means X (tolerance T):
-PASS|FAIL``, and
-the exit status is 1 on FAIL.
+benchmarks.results`` puts it in ``benchmarks/RESULTS.md``); the last line is ``bf16 vs fp32: max relative gap of
+N-step loss means X (tolerance T): PASS|FAIL``, and the exit status is 1 on FAIL.
 """
 
 from __future__ import annotations

@@ -266,7 +266,7 @@ def main(argv=None):
       run_table(args.table, args.rank, args.mesh, args.table_limit_s, args.only)
     return
   if args.platform == "cpu" and "jax" not in sys.modules:
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.devices}"
   devices = devices_for(args.platform, args.devices, args.topology)
   r = plan(args.model, args.method, args.rank, args.batch, args.seq, parse_mesh(args.mesh), devices,
            attention=args.attention, loss_chunk_size=args.loss_chunk_size, remat=args.remat,

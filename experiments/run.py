@@ -139,7 +139,8 @@ def abstract_setups(config: ml_collections.ConfigDict, model_config: transformer
                          seed=config.seed, grad_accum=config.train.grad_accum) for m in config.methods}
 
 
-MODEL_FIELDS = ("scan_layers", "remat", "param_dtype", "dtype", "attention", "loss_chunk_size")  # config.model -> ModelConfig
+# config.model fields that go to the ModelConfig.
+MODEL_FIELDS = ("scan_layers", "remat", "param_dtype", "dtype", "attention", "loss_chunk_size")
 
 
 def load_model_config(config: ml_collections.ConfigDict, model_dir) -> transformer.ModelConfig:

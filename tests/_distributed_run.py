@@ -199,7 +199,8 @@ def restore(pid, n, ckpt_dir, out):
 if __name__ == "__main__":
   mode, args = sys.argv[1], sys.argv[2:]
   devices = 8 if mode == "meshes" else 2
-  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  flags = os.environ.get("XLA_FLAGS", "")
+  os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
   sys.path.insert(0, str(pathlib.Path(__file__).parents[1]))
   if mode == "meshes":
     main_meshes(args[0])

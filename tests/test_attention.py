@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import _devices
 from _tolerance import U32, assert_close, gamma, model_bound
 from lora_jax.models import transformer
 from lora_jax.models.transformer import CausalLM, MaskInfo, ModelConfig
@@ -180,8 +181,7 @@ def test_trainer_steps_run_splash_under_their_mesh():
 
   here = pathlib.Path(__file__).parent
   path = os.pathsep.join(filter(None, [str(here), os.environ.get("PYTHONPATH")]))  # for `from _tolerance import`
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-         "PYTHONPATH": path}
+  env = {**_devices.env_with_devices(8), "PYTHONPATH": path}
   code = "from tests.test_attention import trainer_steps_lower_splash_for_a_tpu_mesh as f; f()"
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
                        cwd=here.parent)

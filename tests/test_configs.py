@@ -54,6 +54,7 @@ def _real_points() -> dict[tuple, tuple[str, str]]:
   return out
 
 
+@pytest.mark.slow
 def test_real_scale_points_lower_and_compile_from_abstract_shapes():
   """The GPU/TPU points build the real train step from shapes alone (nothing downloaded or allocated): every
   distinct program lowers through experiments.main's own set-up, and one per architecture compiles."""

@@ -92,6 +92,7 @@ def test_a_dotted_override_of_a_per_module_rank_or_alpha_works_and_typos_fail():
     _parse_flags("--config.lora.rank_pattern.kproj=8")
 
 
+@pytest.mark.slow
 def test_two_jobs_asking_for_the_tiny_base_at_once_build_it_once(tmp_path):
   """As the first two points of `experiments.sweep --parallel 2` on a fresh machine: one builds, the other waits on
   the lock and reuses it (without the lock both build into the same directory)."""
@@ -168,7 +169,8 @@ def test_tiny_run_fine_tunes_with_lora_and_full_and_reports(tmp_path, capsys):
   generate_cli.main(["--model", record["base_model"], "--adapter", str(tmp_path / "run" / "lora"), "--prompt", "2+3=",
                  "--prompt", "40+1=", "--max-new-tokens", "4"])
   merged_out = capsys.readouterr().out
-  generate_cli.main(["--model", str(tmp_path / "merged"), "--prompt", "2+3=", "--prompt", "40+1=", "--max-new-tokens", "4"])
+  generate_cli.main(["--model", str(tmp_path / "merged"), "--prompt", "2+3=", "--prompt", "40+1=",
+                     "--max-new-tokens", "4"])
   assert "### 2+3=" in merged_out and capsys.readouterr().out.split("### 2+3=")[1] == merged_out.split("### 2+3=")[1]
   assert export_cli.main(["--run", str(tmp_path / "run" / "lora"), "--out", str(tmp_path / "peft"), "--peft"]) == 0
   capsys.readouterr()

@@ -48,6 +48,7 @@ def test_cli_on_eight_fake_devices_shards_the_arguments(tiny_dir):
   assert bad.returncode != 0 and "--batch 4 is not divisible by the data x fsdp mesh size 8" in bad.stderr
 
 
+@pytest.mark.slow
 def test_chunked_loss_and_remat_policies_change_the_planned_temporaries(tmp_path):
   import jax
 

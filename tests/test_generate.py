@@ -70,6 +70,7 @@ def run_adapters(rank, seed, params=PARAMS, model=MODEL, dtype="float32"):
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["layers", "scanned"])
+@pytest.mark.slow
 def test_per_row_adapters_equal_one_adapter_at_a_time(scan, x64):
   """Row i under run rows[i] of stacked adapters (ranks 2, 4, 8; embed, attention, MLP and unembedding adapters)
   gives the logits and the generation of that run's adapters alone (in float64: the claim is exactness)."""

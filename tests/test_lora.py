@@ -191,6 +191,7 @@ def test_no_full_size_weight_gradient_in_the_backward_pass():
   assert produced & kernel_shapes
 
 
+@pytest.mark.slow
 def test_multihead_densegeneral_and_einsum_with_shared_axis(x64):
   model = MultiHead()
   x = jax.random.normal(jax.random.key(3), (3, 4, 12), jnp.float64)

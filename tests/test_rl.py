@@ -207,6 +207,7 @@ def test_a_tiny_rl_run_raises_the_mean_reward(tmp_path):
 TIMING = ("train/sample_time_s", "train/step_time_s", "train/tokens_per_s", "train/peak_memory_bytes")  # not bitwise
 
 
+@pytest.mark.slow
 def test_resume_is_exact_and_staleness_shows_in_the_ratio(tmp_path):
   """Full FT through the same step, two optimizer steps per sampling round: the second learns from one-step-stale
   samples (ratio != 1). A run stopped at step 2 and resumed equals an uninterrupted one, bitwise, logs included."""

@@ -17,6 +17,7 @@ from lora_jax.models import transformer
 
 HERE = pathlib.Path(__file__).parent
 sys.path.insert(0, str(HERE))
+import _devices  # noqa: E402
 import _distributed_run  # noqa: E402
 
 # float32 sharded and one-device runs differ by reduction order (which also differs between CPUs). Measured after 3
@@ -184,10 +185,8 @@ def test_two_processes_equal_one_device_and_checkpoints_move_between_process_cou
 
 @pytest.mark.slow
 def test_the_cli_runs_on_two_processes_and_only_process_0_writes(tmp_path):
-  import os
-
   port = _free_port()
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  env = _devices.env_with_devices(2)
   cmd = [sys.executable, "-m", "experiments.main", "--config", "experiments/configs/finetune.py:tiny",
          "--workdir", str(tmp_path / "run"), "--config.methods=('lora',)", "--config.train.steps=6",
          "--config.train.eval_every=3", "--config.train.checkpoint_every=3", "--config.train.log_every=1",

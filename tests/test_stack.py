@@ -10,7 +10,7 @@ import pytest
 
 from lora_jax import lora, metrics, optim, stack, train
 from lora_jax.models import transformer
-from tests import _tolerance
+from tests import _devices, _tolerance
 from tests.test_train import CONFIG, MODEL, CountingBatches, eval_batches
 
 
@@ -81,6 +81,7 @@ def order(start):
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.slow
 def test_stacked_runs_equal_separate_runs_and_write_the_same_files(tmp_path, x64, method):  # noqa: F811
   """LoRA: three runs with their own data orders, two of them sharing one iterator (drawn once a step, as
   experiments.stacked passes runs of one data_seed); full FT: two runs on one shared batch."""
@@ -183,6 +184,7 @@ def test_runs_that_differ_beyond_the_stackable_fields_are_refused():
     stack.stack_trees([{"a": jnp.zeros(2)}, {"b": jnp.zeros(2)}])
 
 
+@pytest.mark.slow
 def test_a_killed_or_preempted_stack_resumes_bitwise(tmp_path):
   import os
   import signal
@@ -282,17 +284,18 @@ def spread_over_eight_devices(tmp_path):
     _tolerance.assert_exact(a, b)
 
 
+@pytest.mark.slow
 def test_runs_spread_over_eight_devices(tmp_path):
-  import os
   import subprocess
   import sys
 
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+  env = _devices.env_with_devices(8)
   code = f"import pathlib; from tests.test_stack import spread_over_eight_devices as f; f(pathlib.Path({str(tmp_path)!r}))"
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_a_sweep_with_and_without_stacking_gives_the_same_results(tmp_path):
   """experiments.sweep --stack (three real tiny LoRA points, two ranks and two LRs, in one experiments.stacked
   process, and a full FT point) and --stack 1 (four experiments.main processes) leave the same results.csv within

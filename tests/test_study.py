@@ -99,6 +99,7 @@ def micro(tmp_path_factory):
   return tmp / "study", first, again.stderr
 
 
+@pytest.mark.slow
 def test_the_runner_resumes_the_interrupted_point_and_records_the_failing_one(micro):
   workdir, first, second = micro
   d = workdir / "lr_sweep"

@@ -358,6 +358,7 @@ def test_width_sweep_with_a_constant_ratio_agrees(tmp_path):
 BATCHES = {4: 400, 16: 200, 64: 100}  # batch size -> steps (the steps follow the batch, as in a fixed-data sweep)
 
 
+@pytest.mark.slow
 def test_batch_sweep_with_a_growing_gap_agrees_and_regenerates(tmp_path):
   """LoRA r4 and r16 fall further behind full FT as the batch grows; every condition does best at batch 4."""
   gaps = {4: {4: 0.02, 16: 0.01}, 16: {4: 0.12, 16: 0.11}, 64: {4: 0.32, 16: 0.31}}

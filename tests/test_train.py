@@ -256,6 +256,7 @@ def test_resumed_runs_log_each_step_once(tmp_path):
   assert [r["step"] for r in read(tmp_path / "crashed", metrics.DIAGNOSTICS_FILE)] == [0, 2, 4, 6, 8, 10]
 
 
+@pytest.mark.slow
 def test_mixed_precision_bf16_compute_and_base_with_fp32_trainables(tmp_path):
   config = CONFIG.replace(dtype="bfloat16", param_dtype="bfloat16")
   model = transformer.CausalLM(config)
@@ -383,6 +384,7 @@ def test_several_steps_per_call_train_as_one_step_per_call(tmp_path, x64):
   assert int(chunked.step) == 10 and last["train/lr"] == OPTIM.lr  # the last call is short (steps 9-10)
 
 
+@pytest.mark.slow
 def test_resume_inside_a_call_of_several_steps_is_exact(tmp_path):
   straight, _ = run(tmp_path, "straight", **CHUNKED)
   with pytest.raises(RuntimeError, match="simulated crash"):  # dies fetching step 6's batch, inside call 5-8

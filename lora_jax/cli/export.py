@@ -34,7 +34,8 @@ def _architecture(adapter_dir: pathlib.Path, base: str | None) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
   """Command line entry point; returns the exit status."""
-  parser = argparse.ArgumentParser(prog="python -m lora_jax.cli.export", description=__doc__.split("\n\n")[0].strip('"'))
+  parser = argparse.ArgumentParser(prog="python -m lora_jax.cli.export",
+                                   description=__doc__.split("\n\n")[0].strip('"'))
   parser.add_argument("--run", help="Run directory written by experiments.main (its checkpoints/ describe themselves).")
   parser.add_argument("--base", help="Base model: local HF directory or hub id (default: the one the run recorded).")
   parser.add_argument("--out", help="Output directory.")

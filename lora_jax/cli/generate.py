@@ -27,7 +27,8 @@ def main(argv=None):
   """CLI: generate from a base model (an HF directory or hub id) with optional LoRA adapters."""
   from transformers import AutoTokenizer
 
-  p = argparse.ArgumentParser(prog="python -m lora_jax.cli.generate", description="Generate text with a base model and optional LoRA adapters.")
+  p = argparse.ArgumentParser(prog="python -m lora_jax.cli.generate",
+                              description="Generate text with a base model and optional LoRA adapters.")
   p.add_argument("--model", help="Hugging Face directory or hub id of the base model (default with a run "
                  "directory: the base it recorded)")
   p.add_argument("--adapter", action="append", default=[],
