@@ -49,7 +49,7 @@ def run(method: str, dtype: str, steps: int) -> dict:
                           steps_per_call=config.train.steps_per_call, seed=config.seed)
   with tempfile.TemporaryDirectory() as workdir:
     _, last = train.fit(s.model, s.state, optim_config, loop, run_lib.train_batches(config, sources), lambda: evals,
-                        workdir, mesh=s.mesh, param_shardings=s.param_shardings, progress=False)
+                        workdir, setup=s, progress=False)
     records = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
   dtypes = sorted({str(x.dtype) for x in jax.tree.leaves(s.state.frozen)})
   return {"losses": [r["train/loss"] for r in records if "train/loss" in r], "eval_nll": last["eval/nll"],

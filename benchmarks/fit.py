@@ -75,7 +75,6 @@ def plan(model: str, method: str, rank: int, batch: int, seq: int, mesh_shape: d
   traces its step under the mesh (``train.under_mesh``), as in a real run.
   """
   import jax
-  import jax.numpy as jnp
 
   from lora_jax import hf, lora, model_lora, optim, sharding, train
   from lora_jax.models import transformer
@@ -99,10 +98,7 @@ def plan(model: str, method: str, rank: int, batch: int, seq: int, mesh_shape: d
   # The trainer's own set-up, from abstract params: an abstract state with its shardings, nothing allocated.
   params = transformer.abstract_params(config)
   s = train.setup(config, spec, optim.OptimConfig(lr=1e-4), params, mesh=mesh)
-  tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=s.batch_sharding)
-  batch_tree = {"inputs": tokens, "targets": tokens,
-                "loss_mask": jax.ShapeDtypeStruct((batch, seq), jnp.float32, sharding=s.batch_sharding)}
-  lowered = s.train_step.lower(s.state.frozen, s.state.replace(frozen=None), batch_tree)
+  lowered = train.lower_steps(s, batch, seq)  # the call the loop runs, one step of it
   with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # what the step, traced under this mesh, ran
     ran = transformer.resolve_attention(config, seq, False)
   out = {"trainable": sum(x.size for x in jax.tree.leaves(s.state.trainable)), "attention": ran}

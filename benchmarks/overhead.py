@@ -104,7 +104,7 @@ def measure(method: str, steps: int, steps_per_call: int, experiment) -> dict:
   stamped = _Stamped(run_lib.train_batches(config, sources))
   with tempfile.TemporaryDirectory() as workdir:
     train.fit(s.model, s.state, optim_config, train.LoopConfig(**kw), stamped, lambda: evals, workdir,
-              mesh=s.mesh, param_shardings=s.param_shardings, progress=False)
+              setup=s, progress=False)
   lo, hi = 20, steps - 20
   (t_lo, c_lo, h_lo), (t_hi, c_hi, h_hi) = stamped.stamps[lo], stamped.stamps[hi]
   # The host thread's CPU time per step (the Python loop: data, dispatch, metric fetches, logs; XLA computes on

@@ -23,14 +23,13 @@ import time
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
 
 from experiments import run as run_lib
 from experiments import tiny_base
-from lora_jax import checkpoint, lora, metrics, stack, train
+from lora_jax import checkpoint, lora, metrics, model_lora, stack, train
 from lora_jax.models import transformer
 
 FIELDS = ("workdir", "method", "rank", "lr", "seed", "step", "eval_nll", "logged_nll", "difference")
@@ -98,7 +97,7 @@ def evaluate_group(runs: list[epath.Path], runs_per_batch: int) -> list[dict]:
     record = opened[0].record
     model_config, params = checkpoint.load_run_base(runs[0], record)
     model = transformer.CausalLM(model_config)
-    layouts = lora.trace_layouts(model, jnp.zeros((1, 8), jnp.int32))
+    layouts = model_lora.layouts(model_config)
     for run, o in zip(runs, opened):
       if o.record.get("base_fingerprint") != record["base_fingerprint"]:
         raise SystemExit(f"{run} was trained on another base ({o.record.get('base_model')}) than {runs[0]} "

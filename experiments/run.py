@@ -273,8 +273,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, overwr
       writer = metrics.MetricWriter(run_dir, wandb=wandb)
       try:
         train.fit(s.model, s.state, optim_config, loop, batches, lambda: evals, run_dir, record=record,
-                  writer=writer, eval_hook=arithmetic_accuracy_hook(config, s.model, tokenizer), mesh=s.mesh,
-                  param_shardings=s.param_shardings)
+                  writer=writer, eval_hook=arithmetic_accuracy_hook(config, s.model, tokenizer), setup=s)
       finally:
         writer.close()
       del s  # free this run's state before the next one is set up

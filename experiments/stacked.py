@@ -24,13 +24,12 @@ import sys
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from etils import epath
 
 from experiments import run as run_lib
 from experiments import overrides, report, tiny_base
-from lora_jax import checkpoint, hf, lora, loop, metrics, stack, train
+from lora_jax import checkpoint, hf, lora, loop, metrics, model_lora, stack, train
 from lora_jax.models import transformer
 
 # Config fields in which the points of one stack may differ (``lora.rank_pattern.*`` and ``alpha_pattern.*`` too).
@@ -113,7 +112,7 @@ def run(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str | e
     run_lib.start_workdir(w, c, overwrite=conflict is not None, model_dir=model_dir)
   params = hf.load_params(model_dir, model_config)
   model = transformer.CausalLM(model_config)
-  layouts = lora.trace_layouts(model, jnp.zeros((1, 8), jnp.int32))
+  layouts = model_lora.layouts(model_config)
   s = stack.init(params, plans, layouts)
   del params
   run_dirs = [w / method for w in workdirs]

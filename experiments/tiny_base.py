@@ -123,7 +123,7 @@ def _build(c: ml_collections.ConfigDict, out: pathlib.Path, corpus) -> pathlib.P
                   lambda _: transformer.init_params(config, jax.random.key(c.seed)), mesh={"fsdp": -1}, seed=c.seed)
   loop = train.LoopConfig(steps=c.steps, log_every=10, eval_every=max(1, c.steps // 8), checkpoint_every=c.steps)
   state, last = train.fit(s.model, s.state, optim_config, loop, batches, lambda: evals, work / "pretrain",
-                          mesh=s.mesh, param_shardings=s.param_shardings)
+                          setup=s)
   params, _ = lora.combine(state.trainable, state.frozen)
   params = multihost_utils.process_allgather(params, tiled=True)  # tiny: every process holds it whole
   if lead:

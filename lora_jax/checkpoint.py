@@ -17,12 +17,10 @@ import os
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 
-from lora_jax import hf, lora
-from lora_jax.models import transformer
+from lora_jax import hf, lora, model_lora
 
 RECORD_FORMAT = 2  # Version of the record's layout; bumped when what a checkpoint holds changes.
 
@@ -215,7 +213,7 @@ def load_trained(run_dir: str | os.PathLike, base: str | None = None, *, force: 
   run = open_run(run_dir)
   try:
     config, params = load_run_base(run_dir, run.record, base, force=force, dtype=dtype)
-    layouts = lora.trace_layouts(transformer.CausalLM(config), jnp.zeros((1, 8), jnp.int32))
+    layouts = model_lora.layouts(config)
     params, adapters = restore_trained(run, params, layouts)
   finally:
     run.checkpointer.close()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
+
 from lora_jax import lora
 from lora_jax.models import transformer
 
@@ -41,3 +43,9 @@ def untie_embeddings(config: transformer.ModelConfig, params, adapters=None):
     return config, params, adapters
   params, adapters = lora.untie(params, adapters or {}, ("model", "embed_tokens"), ("lm_head",))
   return config.replace(tie_word_embeddings=False), params, adapters
+
+
+def layouts(config: transformer.ModelConfig) -> dict:
+  """``lora.trace_layouts`` of a ``CausalLM`` of ``config`` (kernels with more than two axes, tied heads), traced on
+  a dummy batch: what ``lora.create`` needs for this project's models."""
+  return lora.trace_layouts(transformer.CausalLM(config), jnp.zeros((1, 8), jnp.int32))

@@ -287,7 +287,7 @@ def stack_shardings(s: Stack, param_shardings, mesh, rules: dict | None = None) 
   rules = dict(sharding_lib.DEFAULT_RULES if rules is None else rules)
   run_axis = rules.get(RUN_AXIS)
   one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), s.state.replace(frozen=None))
-  per_run = train.state_shardings(one.replace(frozen=s.state.frozen), None, param_shardings, mesh)
+  per_run = train.state_shardings(one.replace(frozen=s.state.frozen), param_shardings, mesh)
   used = {a for a in ([run_axis] if isinstance(run_axis, str) else run_axis or [])}
 
   def with_run_axis(sh):

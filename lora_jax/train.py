@@ -265,14 +265,15 @@ def jit_eval_step(model: nn.Module, shardings: TrainState | None = None, batch_s
 
 
 def make_steps(model: nn.Module, optim_config: optim.OptimConfig, grad_accum: int = 1,
-               shardings: TrainState | None = None, batch_sharding=None) -> tuple[Callable, Callable]:
-  """The jitted ``(train_step, eval_step)`` of a model (``jit_train_step``; explicit shardings under a mesh)."""
-  train_step = jit_train_step(make_train_step(model, optim.make_optimizer(optim_config), grad_accum), shardings,
-                              batch_sharding)
-  return train_step, jit_eval_step(model, shardings, batch_sharding)
+               shardings: TrainState | None = None, batch_sharding=None) -> tuple[Callable, Callable, Callable]:
+  """The jitted ``(train_step, train_steps, eval_step)`` of a model: one step (``jit_train_step``), the steps of one
+  call of the loop (``jit_train_steps``) and the evaluation; explicit shardings under a mesh."""
+  step = make_train_step(model, optim.make_optimizer(optim_config), grad_accum)
+  return (jit_train_step(step, shardings, batch_sharding), jit_train_steps(step, shardings, batch_sharding),
+          jit_eval_step(model, shardings, batch_sharding))
 
 
-def state_shardings(state: TrainState, optim_config: optim.OptimConfig, param_shardings, mesh) -> TrainState:
+def state_shardings(state: TrainState, param_shardings, mesh) -> TrainState:
   """Where each part of the state lives: base params by ``param_shardings``, adapters like their kernels, the
   optimizer moments like what they track, counters and RNG replicated."""
   flat = traverse_util.flatten_dict(param_shardings)
@@ -296,25 +297,32 @@ def state_shardings(state: TrainState, optim_config: optim.OptimConfig, param_sh
     return rep
 
   opt_state = jax.tree_util.tree_map_with_path(place, state.opt_state)
-  del optim_config
   return TrainState(step=rep, trainable=trainable, frozen=like_params(state.frozen), opt_state=opt_state, rng=rep)
 
 
 def program(model: nn.Module, state: TrainState, optim_config: optim.OptimConfig, loop: loop_lib.LoopConfig,
             train_batches: BatchIterator, eval_batches: Callable[[], Iterable[dict]], *, mesh=None,
-            param_shardings=None) -> tuple[loop_lib.Program, TrainState]:
+            param_shardings=None, setup: Setup | None = None) -> tuple[loop_lib.Program, TrainState]:
   """One run as the loop runs it (``loop.Program``, K = 1), and ``state`` placed where it trains.
 
   Each call runs ``loop.chunk_steps`` steps (``jit_train_steps``). With a ``mesh``, the state is placed by
   ``param_shardings`` (see ``state_shardings``), each host's batches become one global batch split over the data
-  axes, and the steps are compiled with explicit shardings.
+  axes, and the steps are compiled with explicit shardings. With a ``setup`` (``train.setup``), its mesh, placements
+  and compiled steps are the ones used: nothing is derived or compiled again.
   """
+  if setup is not None:
+    if mesh is not None or param_shardings is not None:
+      raise ValueError("fit takes a setup, or a mesh and param_shardings: the setup has its own")
+    if setup.grad_accum != loop.grad_accum:
+      raise ValueError(f"the setup's steps accumulate {setup.grad_accum} micro-batches, the loop asks for "
+                       f"{loop.grad_accum}")
+    mesh, param_shardings = setup.mesh, setup.param_shardings
   if (mesh is None) != (param_shardings is None):
     raise ValueError("fit needs both mesh and param_shardings, or neither")
   shardings = batch_sharding = replicated = None
   to_device = stacked_to_device = mask_to_device = lambda x: x  # noqa: E731
   if mesh is not None:
-    shardings = state_shardings(state, optim_config, param_shardings, mesh)
+    shardings = setup.state_shardings if setup is not None else state_shardings(state, param_shardings, mesh)
     state = jax.device_put(state, shardings)
     batch_sharding, replicated = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
     to_device = functools.partial(sharding_lib.global_batch, mesh=mesh)
@@ -324,9 +332,10 @@ def program(model: nn.Module, state: TrainState, optim_config: optim.OptimConfig
                                          for k, v in batches.items()}
     mask_to_device = functools.partial(jax.make_array_from_process_local_data, replicated)
   chunk = loop.chunk_steps
-  train_steps = jit_train_steps(make_train_step(model, optim.make_optimizer(optim_config), loop.grad_accum),
-                                shardings, batch_sharding)
-  eval_step = jit_eval_step(model, shardings, batch_sharding)
+  if setup is not None:
+    train_steps, eval_step = setup.train_steps, setup.eval_step
+  else:
+    _, train_steps, eval_step = make_steps(model, optim_config, loop.grad_accum, shardings, batch_sharding)
   diagnostics = jax.jit(lambda s: metrics_lib.lora_diagnostics(*lora.combine(s.trainable, s.frozen)),
                         out_shardings=replicated)
   trainable_finite = jax.jit(loop_lib.all_finite, out_shardings=replicated)
@@ -357,9 +366,10 @@ def fit(model: nn.Module, state: TrainState, optim_config: optim.OptimConfig, lo
         train_batches: BatchIterator, eval_batches: Callable[[], Iterable[dict]], workdir: str | epath.PathLike,
         *, record: dict | None = None, eval_hook: Callable[[TrainState], dict] | None = None,
         writer: metrics_lib.MetricWriter | None = None, progress: bool = True, mesh=None,
-        param_shardings=None) -> tuple[TrainState, dict]:
+        param_shardings=None, setup: Setup | None = None) -> tuple[TrainState, dict]:
   """Trains ``state`` for ``loop.steps`` steps in ``lora_jax.loop`` (``program``), resuming from the newest
-  checkpoint in ``workdir`` if there is one; returns the final state and metrics.
+  checkpoint in ``workdir`` if there is one; returns the final state and metrics. ``setup``: a ``train.setup``
+  whose placements and compiled steps to use (``fit(s.model, s.state, ..., setup=s)``).
 
   ``record`` (JSON) is stored with every checkpoint (e.g. which base model the adapters belong to).
   ``eval_hook(state)`` may add metrics (e.g. generation accuracy) at each evaluation. SIGTERM saves a checkpoint
@@ -369,7 +379,7 @@ def fit(model: nn.Module, state: TrainState, optim_config: optim.OptimConfig, lo
   step, so no step is logged twice.
   """
   prog, state = program(model, state, optim_config, loop, train_batches, eval_batches, mesh=mesh,
-                        param_shardings=param_shardings)
+                        param_shardings=param_shardings, setup=setup)
   runs = loop_lib.open_runs([workdir], loop, records=[record], writers=[writer])
   state, (result,) = loop_lib.fit(prog, state, loop, runs, eval_hook=eval_hook, fail_fast=True, progress=progress)
   return state, result.metrics
@@ -386,7 +396,11 @@ class Setup:
   param_shardings: Any  # NamedShardings of the base params (None without a mesh)
   state_shardings: TrainState | None  # NamedShardings of every part of the state (None without a mesh)
   batch_sharding: Any  # NamedSharding of a [B, T] batch (None without a mesh)
+  grad_accum: int  # micro-batches per step, in both compiled steps
   train_step: Callable  # step(frozen, state_without_frozen, batch) -> (state_without_frozen, metrics), jitted
+  # What the loop runs (``fit(..., setup=s)``), and what benchmarks/fit.py plans the memory of: the steps of one call,
+  # steps(frozen, state_without_frozen, batches [k, B, T], active [k]) -> (state_without_frozen, metrics [k]).
+  train_steps: Callable
   eval_step: Callable  # eval_step(state, batch) -> (sum NLL, token count), jitted
 
 
@@ -400,10 +414,11 @@ def setup(model_config, spec: lora.LoraSpec, optim_config: optim.OptimConfig, pa
   allocated and the state is abstract, with shardings, for lowering the step ahead of time (``benchmarks/fit.py``)
   or checking a config. ``mesh`` is a ``Mesh``, a shape for ``sharding.make_mesh`` or None (one device); ``rules``
   map logical axes to mesh axes (default ``sharding.DEFAULT_RULES``). ``seed`` draws the adapters' init and is the
-  state's RNG seed (adapter dropout). ``fit(s.model, s.state, ..., mesh=s.mesh, param_shardings=s.param_shardings)``
-  trains the result.
+  state's RNG seed (adapter dropout). ``fit(s.model, s.state, ..., setup=s)`` trains the result with the steps
+  compiled here.
   """
-  from lora_jax.models import transformer  # the trainer itself works on any Flax model; set-up knows this one
+  from lora_jax import model_lora  # the trainer itself works on any Flax model; set-up knows this one
+  from lora_jax.models import transformer
 
   model = transformer.CausalLM(model_config)
   param_sh = state_sh = batch_sh = None
@@ -416,7 +431,7 @@ def setup(model_config, spec: lora.LoraSpec, optim_config: optim.OptimConfig, pa
     batch_sh = sharding_lib.batch_sharding(mesh)
   if callable(params):
     params = params(param_sh)
-  layouts = lora.trace_layouts(model, jnp.zeros((1, 8), jnp.int32))
+  layouts = model_lora.layouts(model_config)
 
   def make_state(p):
     base, adapters = lora.create(p, spec, jax.random.key(seed), layouts=layouts)
@@ -424,7 +439,7 @@ def setup(model_config, spec: lora.LoraSpec, optim_config: optim.OptimConfig, pa
 
   shapes = jax.eval_shape(make_state, params)  # checks spec against the model before anything is allocated
   if mesh is not None:
-    state_sh = state_shardings(shapes, optim_config, param_sh, mesh)
+    state_sh = state_shardings(shapes, param_sh, mesh)
   if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
     state = shapes if mesh is None else jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, state_sh)
@@ -432,6 +447,19 @@ def setup(model_config, spec: lora.LoraSpec, optim_config: optim.OptimConfig, pa
     state = make_state(params)
     if mesh is not None:
       state = jax.device_put(state, state_sh)
-  train_step, eval_step = make_steps(model, optim_config, grad_accum, state_sh, batch_sh)
+  train_step, train_steps, eval_step = make_steps(model, optim_config, grad_accum, state_sh, batch_sh)
   return Setup(model=model, spec=spec, state=state, mesh=mesh, param_shardings=param_sh, state_shardings=state_sh,
-               batch_sharding=batch_sh, train_step=train_step, eval_step=eval_step)
+               batch_sharding=batch_sh, grad_accum=grad_accum, train_step=train_step, train_steps=train_steps,
+               eval_step=eval_step)
+
+
+def lower_steps(s: Setup, batch: int, seq: int, steps: int = 1):
+  """``s.train_steps`` (the loop's call) lowered for ``steps`` batches of ``[batch, seq]`` tokens from shapes alone:
+  nothing is allocated. ``.compile().memory_analysis()`` is what a run of that shape needs per device."""
+  rows = stacked_batch_sharding(s.batch_sharding) if s.batch_sharding is not None else None
+  token = jax.ShapeDtypeStruct((steps, batch, seq), jnp.int32, sharding=rows)
+  batches = {"inputs": token, "targets": token,
+             "loss_mask": jax.ShapeDtypeStruct((steps, batch, seq), jnp.float32, sharding=rows)}
+  active = jax.ShapeDtypeStruct((steps,), jnp.bool_, sharding=(sharding_lib.replicated(s.mesh) if s.mesh is not None
+                                                                else None))
+  return s.train_steps.lower(s.state.frozen, s.state.replace(frozen=None), batches, active)

@@ -79,7 +79,7 @@ def run(config, method, mesh_shape, workdir, process_index=0, process_count=1, s
   held_out.index = 1000
   evals = [next(held_out)]
   state, last = train.fit(s.model, s.state, optim, loop, Batches(config.vocab_size, process_index, process_count),
-                          lambda: evals, workdir, progress=False, mesh=s.mesh, param_shardings=s.param_shardings)
+                          lambda: evals, workdir, progress=False, setup=s)
   trainable = multihost_utils.process_allgather(state.trainable, tiled=True) if process_count > 1 else \
       jax.device_get(state.trainable)
   return last["train/loss"], [np.asarray(x) for x in jax.tree.leaves(trainable)]

@@ -1,5 +1,5 @@
-"""Session set-up for the whole suite: a persistent XLA compilation cache shared by every test and subprocess, a
-cheaper XLA CPU back end, and the slow tests scheduled first.
+"""Session set-up for the whole suite: a persistent XLA compilation cache and one small tiny base (``_base``) shared by
+every test and subprocess, a cheaper XLA CPU back end, and the slow tests scheduled first.
 
 Many tests compile the same programs (the same tiny model's train step in a straight, a crashed and a resumed run; the
 same CLI run in several subprocesses). The cache lives in a fresh directory per session (results are the same
@@ -17,14 +17,16 @@ import tempfile
 
 import pytest
 
-_OWN_DIR = None
+_OWN_DIRS = []
 
 
 def pytest_configure(config):
-  global _OWN_DIR
-  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-    _OWN_DIR = tempfile.mkdtemp(prefix="lora_jax_xla_cache_")
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_DIR  # read by subprocesses' JAX at import
+  # Set before the workers and subprocesses start, so they inherit them: one compilation cache and one tiny base.
+  for name, prefix in (("JAX_COMPILATION_CACHE_DIR", "lora_jax_xla_cache_"),
+                       ("LORA_JAX_TEST_BASE_CACHE", "lora_jax_tiny_base_")):  # tests/_base.py
+    if not os.environ.get(name):
+      _OWN_DIRS.append(tempfile.mkdtemp(prefix=prefix))
+      os.environ[name] = _OWN_DIRS[-1]
   if os.environ.get("LORA_JAX_TEST_XLA_OPT") != "1" and "xla_backend_optimization_level" not in os.environ.get(
       "XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
@@ -44,8 +46,8 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_unconfigure(config):
-  if _OWN_DIR is not None:
-    shutil.rmtree(_OWN_DIR, ignore_errors=True)
+  for path in _OWN_DIRS:
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -59,9 +59,8 @@ def test_real_scale_points_lower_and_compile_from_abstract_shapes():
   """The GPU/TPU points build the real train step from shapes alone (nothing downloaded or allocated): every
   distinct program lowers through experiments.main's own set-up, and one per architecture compiles."""
   import jax
-  import jax.numpy as jnp
 
-  from lora_jax import sharding
+  from lora_jax import sharding, train
 
   points = _real_points()
   assert {m for m, *_ in points} == set(common.REAL_MODELS)  # every study model is swept somewhere
@@ -73,10 +72,7 @@ def test_real_scale_points_lower_and_compile_from_abstract_shapes():
                                  param_dtype=config.model.param_dtype).replace(dtype=config.model.dtype)
     mesh = sharding.make_mesh(config.mesh.to_dict(), jax.devices()[:1])
     s = run_lib.abstract_setups(config, model_config, mesh)[method]
-    tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=s.batch_sharding)
-    batch_tree = {"inputs": tokens, "targets": tokens,
-                  "loss_mask": jax.ShapeDtypeStruct((batch, seq), jnp.float32, sharding=s.batch_sharding)}
-    lowered = s.train_step.lower(s.state.frozen, s.state.replace(frozen=None), batch_tree)
+    lowered = train.lower_steps(s, batch, seq)
     if model_config.architecture not in compiled:  # ~10 s each on 2 cores: one per architecture
       assert lowered.compile().memory_analysis().argument_size_in_bytes > 0, point
       compiled.add(model_config.architecture)

@@ -20,6 +20,7 @@ from experiments import run as run_lib
 from experiments import overrides, report
 from experiments.configs import common, finetune
 from lora_jax import checkpoint, data, lora, synthetic
+from tests import _base
 
 ROOT = pathlib.Path(__file__).parents[1]
 
@@ -27,9 +28,7 @@ ROOT = pathlib.Path(__file__).parents[1]
 def small_config(tmp_path, **changes):
   """The tiny config shrunk further so a test runs in seconds; the base is cached per test session."""
   config = finetune.get_config("tiny")
-  config.tiny_base.steps = 40
-  config.tiny_base.corpus_documents = 400
-  config.tiny_base.cache_dir = str(tmp_path.parent / "tiny_base_cache")
+  _base.shrink(config)
   config.data.synthetic_examples = 200
   config.data.eval_size = 32
   config.data.cache_dir = str(tmp_path / "tok")
@@ -158,7 +157,7 @@ def test_tiny_run_fine_tunes_with_lora_and_full_and_reports(tmp_path, capsys):
   assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["steps"] == 20
   assert "model/layers_0/mlp/down_proj/kernel" in (tmp_path / "run" / "lora" / "summary.txt").read_text()
   record = checkpoint.Checkpointer(tmp_path / "run" / "lora" / "checkpoints").restore_record(20)
-  assert record["method"] == "lora" and record["base_model"].startswith(str(tmp_path.parent / "tiny_base_cache"))
+  assert record["method"] == "lora" and record["base_model"].startswith(_base.cache_dir())
 
   # The run's adapters go on: a merged HF export (base read from the run's record) and the generation CLI.
   from lora_jax.cli import export as export_cli
@@ -227,8 +226,7 @@ def test_cli_rejects_a_mistyped_config_key(tmp_path):
 
 
 def _cli(tmp_path, workdir, *extra, methods="('lora',)", steps=30, checkpoint_every=5):
-  overrides = ["--config.tiny_base.steps=40", "--config.tiny_base.corpus_documents=400",
-               f"--config.tiny_base.cache_dir={tmp_path.parent / 'tiny_base_cache'}",
+  overrides = [*_base.overrides(),
                "--config.data.synthetic_examples=200", "--config.data.eval_size=32",
                f"--config.data.cache_dir={tmp_path / 'tok'}", f"--config.train.steps={steps}",
                f"--config.train.checkpoint_every={checkpoint_every}", "--config.train.eval_every=10",

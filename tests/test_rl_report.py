@@ -15,6 +15,7 @@ from experiments import main as exp_main
 from experiments.configs import rl as rl_configs
 from lora_jax import lora, optim, rl, train
 from lora_jax.models import transformer
+from tests import _base
 from tests._tolerance import assert_exact, config64
 
 LRS = (1e-4, 2e-4, 4e-4, 8e-4, 1.6e-3)
@@ -163,9 +164,7 @@ def test_an_rl_experiment_end_to_end_through_experiments_main(tmp_path):
   from experiments import report as report_lib
 
   config = rl_configs.get_config("tiny,method=lora,rank=1,lr=1e-3")
-  config.tiny_base.steps = 40
-  config.tiny_base.corpus_documents = 400
-  config.tiny_base.cache_dir = str(tmp_path.parent / "tiny_base_cache")
+  _base.shrink(config)
   config.warmup.steps = 10
   config.warmup.cache_dir = str(tmp_path / "warmup")
   config.data.max_operand = 9

@@ -17,6 +17,7 @@ from lora_jax.models import transformer
 
 HERE = pathlib.Path(__file__).parent
 sys.path.insert(0, str(HERE))
+import _base  # noqa: E402
 import _devices  # noqa: E402
 import _distributed_run  # noqa: E402
 
@@ -190,7 +191,7 @@ def test_the_cli_runs_on_two_processes_and_only_process_0_writes(tmp_path):
   cmd = [sys.executable, "-m", "experiments.main", "--config", "experiments/configs/finetune.py:tiny",
          "--workdir", str(tmp_path / "run"), "--config.methods=('lora',)", "--config.train.steps=6",
          "--config.train.eval_every=3", "--config.train.checkpoint_every=3", "--config.train.log_every=1",
-         f"--config.tiny_base.cache_dir={tmp_path / 'base'}", "--config.tiny_base.steps=6",
+         *_base.overrides(),
          f"--config.data.cache_dir={tmp_path / 'tok'}", "--config.data.synthetic_examples=300",
          "--config.eval.arithmetic_examples=4", "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2"]
   procs = [subprocess.Popen(cmd + ["--process_id", str(i)], cwd=HERE.parent, env=env, stdout=subprocess.PIPE,

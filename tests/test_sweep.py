@@ -13,6 +13,7 @@ import pytest
 
 from experiments import sweep
 from experiments.configs import common
+from tests import _base
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -201,7 +202,7 @@ def test_logs_elsewhere_are_copied_next_to_the_results(fake, tmp_path):
     (["--only", "zzz"], "no point selected"),
     (["--only", "("], "missing ), unterminated subpattern"),
     (["--", "--train.steps=2"], "give config overrides --config.KEY=VALUE"),
-    (["--", "--config.train.stepz=2"], "has no config field 'train.stepz'"),
+    (["--", "--config.train.stepz=2"], "has no field 'train.stepz'"),
     (["--parallel", "0"], "--parallel 0: give at least 1"),
 ])
 def test_argument_errors(argv, message, fake, tmp_path, capsys):
@@ -263,10 +264,9 @@ def test_finetune_sweep_variants():
 @pytest.mark.slow
 def test_real_point_runs_through_experiments_main(tmp_path):
   d = tmp_path / "s"
-  tiny = ["--config.train.steps=4", "--config.train.eval_every=2", "--config.tiny_base.steps=10",
-          "--config.tiny_base.corpus_documents=200", "--config.data.synthetic_examples=100",
-          "--config.data.eval_size=16", "--config.eval.arithmetic_examples=0",
-          f"--config.tiny_base.cache_dir={tmp_path / 'base'}", f"--config.data.cache_dir={tmp_path / 'data'}"]
+  tiny = ["--config.train.steps=4", "--config.train.eval_every=2", *_base.overrides(),
+          "--config.data.synthetic_examples=100", "--config.data.eval_size=16", "--config.eval.arithmetic_examples=0",
+          f"--config.data.cache_dir={tmp_path / 'data'}"]
   argv = [sys.executable, "-m", "experiments.sweep", "--config", "experiments/configs/finetune.py:tiny",
           "--workdir", str(d), "--only", "rank=4$", "--", *tiny]
   result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300,

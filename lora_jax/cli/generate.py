@@ -16,9 +16,8 @@ import pathlib
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 
-from lora_jax import checkpoint, hf, lora, peft_io
+from lora_jax import checkpoint, hf, lora, model_lora, peft_io
 from lora_jax.generate import SamplingConfig, generate_text
 from lora_jax.models import transformer
 
@@ -82,7 +81,7 @@ def _load_adapters(adapter_dirs: Sequence[str], model: str | None, force: bool):
     return None, None, None, None
   else:
     config, params = hf.load(model)
-  layouts = lora.trace_layouts(transformer.CausalLM(config), jnp.zeros((1, 8), jnp.int32))
+  layouts = model_lora.layouts(config)
   for i, d in enumerate(adapter_dirs):
     if i in trees:
       continue
