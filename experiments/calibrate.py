@@ -65,10 +65,15 @@ def write(sweep_dir: str | epath.PathLike) -> str:
                                            "pooled seed noise", "separation (noise units)",
                                            "weak - full by the gap rule"], rows)
   base = next(t for t in a.tables if t.name == "base")
+  _, runs = report.load_sweep(sweep_dir)
+  screen = all(len({r.lr for r in runs if r.method == m}) == 1 for m in {r.method for r in runs})
+  verdict = (f"**A screen, not a calibration**: one LR per method, so no optimum and no verdict; the separation below "
+             f"says whether a calibration of this setting (each method over an LR grid) is worth its compute."
+             if screen else f"**{'Usable' if usable else 'Not usable'}** by the rule below.")
   text = "\n".join([
       f"# Calibration: {sweep_dir.name}\n",
       f"Made by `python -m experiments.calibrate {sweep_dir}` from the sweep's files ([its report](report.md)).\n",
-      f"**{'Usable' if usable else 'Not usable'}** by the rule below.\n", "## The base model\n", base.markdown(),
+      verdict + "\n", "## The base model\n", base.markdown(),
       "## Strong vs weak\n", table.markdown(), f"Rule (`calibrate.RULE_CALIBRATION`): {RULE_CALIBRATION}\n"])
   (sweep_dir / "calibration.md").write_text(text)
   return text

@@ -13,26 +13,45 @@ the whole experiment with exit status 143; the same command resumes it.
 
 from __future__ import annotations
 
+import argparse
 import sys
+from collections.abc import Sequence
 
 import ml_collections
-from absl import app, flags, logging
+from absl import logging
 from etils import epath
-from ml_collections import config_flags
 
-from experiments import rl_run
+from experiments import overrides, rl_run
 from experiments import run as run_lib
 from lora_jax import distributed, train
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file[:arg].", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for this experiment's runs and report.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Delete a workdir that holds a run of a different config.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for a manual multi-process "
-                                   "run (TPU pods and tpu.gpu_launch need none).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of a manual multi-process run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a manual multi-process run.")
-_INIT_TIMEOUT = flags.DEFINE_integer("initialization_timeout", 300, "Seconds a multi-process run waits for all its "
-                                     "processes before failing with the coordinator's address.")
+
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, ml_collections.ConfigDict]:
+  """The command line's flags and its config: ``--config FILE[:ARG]`` built by the file's ``get_config(ARG)``, then
+  every ``--config.KEY=VALUE`` applied (``overrides.apply``: typed by the field; a key that names no field is an
+  error naming it)."""
+  p = argparse.ArgumentParser(prog="python -m experiments.main", description=__doc__.splitlines()[0])
+  p.add_argument("--config", required=True, metavar="FILE[:ARG]", help="config file and its get_config argument")
+  p.add_argument("--workdir", required=True, help="directory for this experiment's runs and report")
+  p.add_argument("--overwrite", action="store_true", help="delete a workdir that holds a run of a different config")
+  p.add_argument("--coordinator_address", help="host:port of process 0 for a manual multi-process run (TPU pods "
+                 "and tpu.gpu_launch need none)")
+  p.add_argument("--num_processes", type=int, help="processes of a manual multi-process run")
+  p.add_argument("--process_id", type=int, help="this process's index in a manual multi-process run")
+  p.add_argument("--initialization_timeout", type=int, default=300, help="seconds a multi-process run waits for all "
+                 "its processes before failing with the coordinator's address")
+  args, extra = p.parse_known_args(argv)
+  extra = [a for a in extra if a != "--"]
+  bad = overrides.bad_syntax(extra)
+  if bad:
+    p.error(f"unrecognized arguments: {' '.join(bad)} (config overrides take the form --config.KEY=VALUE)")
+  path, _, arg = args.config.partition(":")
+  try:
+    module = overrides.load_config_module(path)
+    config = overrides.apply(module.get_config(arg) if arg else module.get_config(), extra)
+  except ValueError as e:
+    p.error(f"--config {args.config}: {e}")
+  return args, config
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -47,20 +66,18 @@ def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, overwr
   return (rl_run if "rl" in config else run_lib).run(config, workdir, overwrite)
 
 
-def main(argv):
+def main(argv: Sequence[str] | None = None) -> int:
+  """``python -m experiments.main``; returns the exit status (143 after a preemption: rerun to resume)."""
   logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if _WORKDIR.value is None:
-    raise app.UsageError("--workdir is required")
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _INIT_TIMEOUT.value)
+  args, config = parse_args(sys.argv[1:] if argv is None else argv)
+  distributed.initialize(args.coordinator_address, args.num_processes, args.process_id, args.initialization_timeout)
   try:
-    run(_CONFIG.value, _WORKDIR.value, _OVERWRITE.value)
+    run(config, args.workdir, args.overwrite)
   except train.Preempted as e:
     print(f"{e}; the remaining runs were not started. Rerun the same command to resume.", flush=True)
-    sys.exit(run_lib.EXIT_PREEMPTED)
+    return run_lib.EXIT_PREEMPTED
+  return 0
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("config")
-  app.run(main)
+  sys.exit(main())

@@ -1,10 +1,9 @@
 """Config files and ``--config.KEY=VALUE`` overrides: the one loader and parser every command uses.
 
-``experiments.main`` (through ml_collections' ``config_flags``, which types values the same way), ``stacked``,
-``sweep``, ``tpu.run`` / ``tpu.sweep`` and the tests all go through ``apply`` / ``load_config_module``: a value is
-parsed as a Python literal when it is one and converted to the field's type (``1`` for a float field is 1.0, ``true``
-for a bool, a list or a single string for a tuple); a key that names no field, or a value of the wrong type, is an
-error naming the override.
+``experiments.main``, ``stacked``, ``sweep``, ``tpu.run`` / ``tpu.sweep`` and the tests all go through ``apply`` /
+``load_config_module``: a value is parsed as a Python literal when it is one and converted to the field's type (``1``
+for a float field is 1.0, ``true`` for a bool, a list or a single string for a tuple); a key that names no field, or
+a value of the wrong type, is an error naming the override.
 """
 
 from __future__ import annotations
@@ -76,8 +75,8 @@ def apply(config: ml_collections.ConfigDict, overrides: Sequence[str] | Mapping[
 
 
 def load_config_module(path: str | os.PathLike, needs: Sequence[str] = ("get_config",)):
-  """Imports a config file by path (as ``config_flags`` does for experiments.main); raises ValueError when it is
-  missing or lacks one of the functions ``needs`` names."""
+  """Imports a config file by path; raises ValueError when it is missing or lacks one of the functions ``needs``
+  names."""
   path = str(path)
   if not os.path.isfile(path):
     raise ValueError(f"config file {path!r} not found")

@@ -194,7 +194,8 @@ def load_data(config: ml_collections.ConfigDict, tokenizer) -> tuple[list[data.T
   """The training part of every source and the held-out eval batches (``eval_seed`` picks the held-out examples;
   synthetic sources are generated from ``data.synthetic_seed``)."""
   d = config.data
-  specs = [synthetic.materialize(s, n=d.synthetic_examples, seed=d.synthetic_seed, cache_dir=d.cache_dir)
+  specs = [synthetic.materialize(s, n=d.synthetic_examples, seed=d.synthetic_seed, cache_dir=d.cache_dir,
+                                 max_operand=d.get("synthetic_max_operand", 99))
            for s in d.train]
   sources = data.load(specs, tokenizer, seq_len=d.seq_len, template=d.template, train_on_inputs=d.train_on_inputs,
                       overflow=d.overflow, cache_dir=d.cache_dir)

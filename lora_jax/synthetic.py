@@ -236,11 +236,12 @@ SOURCE_PREFIX = "synthetic:"
 SOURCE_TASKS = ("facts", "arithmetic", "sums", "dialect")  # sums: distinct two-digit sums; dialect: a new language
 
 
-def materialize(spec: str, *, n: int, seed: int, cache_dir: str | os.PathLike) -> str:
+def materialize(spec: str, *, n: int, seed: int, cache_dir: str | os.PathLike, max_operand: int = 99) -> str:
   """Turns a ``synthetic:TASK[:weight]`` source spec into a JSONL file (written once) and its ``path[:weight]``.
 
-  The file name depends only on task, size and seed, so every run with the same settings reads the same path (a
-  data split seeded by the source name then agrees between runs). Other specs come back unchanged.
+  The file name depends only on task, size, seed (and ``max_operand``, the largest operand of ``sums``, when it is
+  not 99), so every run with the same settings reads the same path (a data split seeded by the source name then
+  agrees between runs). Other specs come back unchanged.
   """
   if not spec.startswith(SOURCE_PREFIX):
     return spec
@@ -250,12 +251,13 @@ def materialize(spec: str, *, n: int, seed: int, cache_dir: str | os.PathLike) -
   elif task == "arithmetic":
     records = arithmetic(n, seed=seed).records
   elif task == "sums":
-    records = sums(n, seed=seed).records
+    records = sums(n, seed=seed, max_operand=max_operand).records
   elif task == "dialect":
     records = dialect(n, seed=seed).records
   else:
     raise ValueError(f"unknown synthetic task {task!r} in {spec!r}; valid: {list(SOURCE_TASKS)}")
-  path = pathlib.Path(cache_dir) / "synthetic" / f"{task}-n{n}-seed{seed}.jsonl"
+  suffix = f"-max{max_operand}" if task == "sums" and max_operand != 99 else ""
+  path = pathlib.Path(cache_dir) / "synthetic" / f"{task}-n{n}-seed{seed}{suffix}.jsonl"
   if not path.exists():
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")

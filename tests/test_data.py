@@ -534,6 +534,16 @@ def test_synthetic_sources_are_materialized_once_by_task_size_and_seed(tmp_path)
     synthetic.materialize("synthetic:fcts", n=10, seed=3, cache_dir=tmp_path)
 
 
+def test_sums_with_smaller_operands_are_their_own_file(tmp_path):
+  default = synthetic.materialize("synthetic:sums", n=50, seed=0, cache_dir=tmp_path)
+  small = synthetic.materialize("synthetic:sums", n=50, seed=0, cache_dir=tmp_path, max_operand=9)
+  assert default.endswith("sums-n50-seed0.jsonl") and small.endswith("sums-n50-seed0-max9.jsonl")
+  prompts = [json.loads(line)["messages"][0]["content"] for line in open(small)]
+  assert len(set(prompts)) == 50 and all(max(map(int, p.rstrip("=").split("+"))) <= 9 for p in prompts)
+  with pytest.raises(ValueError, match="only 100 exist"):
+    synthetic.materialize("synthetic:sums", n=101, seed=0, cache_dir=tmp_path, max_operand=9)
+
+
 def test_split_does_not_depend_on_the_directory(tok, tmp_path):
   records = [{"text": f"document number {i}"} for i in range(40)]
   parts = []

@@ -5,7 +5,7 @@ A setting can carry the study's verdicts only if it separates full fine-tuning a
 deviations, and if that separation holds at 50%, 75% and 100% of the steps. `python -m experiments.calibrate DIR`
 reads this sweep and says both (docs/results/calibration/).
 
-CPU (`tiny`): `lr_sweep`'s setting (the study base of `common.study_base`, one epoch of 2-digit additions, 500
+CPU (`tiny`): `lr_sweep`'s setting (the study base of `common.study_base`, ~3 epochs of 2-digit additions, 500
 held-out problems); full FT over 4 LRs and the weak method over 4 LRs, a factor 2 apart, seeds 0-2 (24 points).
 `tiny_long`: the same at 600 steps (the weak method's grid a factor 2 lower). `tiny_dialect`: the same grids on
 `synthetic:dialect` (a new language over known characters: a distribution to learn, not a skill that clicks).
@@ -14,7 +14,14 @@ held-out problems); full FT over 4 LRs and the weak method over 4 LRs, a factor 
     python -m experiments.sweep --config experiments/configs/calibration.py:tiny --workdir runs/calibration
     python -m experiments.calibrate runs/calibration
 
-Point arguments: `tiny`, `method=full|weak`, `lr=`, `seed=`, `steps=`, `task=sums|dialect`.
+`tiny_screen_*`: each method at its best LR of the 300-step calibration, 3 seeds, on a candidate setting (a pilot
+that says whether a full calibration is worth its compute): `tiny_screen_sums` the study's setting (packed rows: ~3
+epochs of the 9,000 sums in 300 steps), `tiny_screen_sums49` sums with operands up to 49 (2,000 problems trained on,
+~13 epochs: a skill small enough to be learnt), `tiny_screen_batch32` batch 32 (twice the tokens, half the gradient
+noise).
+
+Point arguments: `tiny`, `method=full|weak`, `lr=`, `seed=`, `steps=`, `task=sums|dialect`, `batch=` (rows per step),
+`operands=` (the sums' largest operand).
 """
 
 from __future__ import annotations
@@ -23,7 +30,10 @@ import ml_collections
 
 from experiments.configs import common, lr_sweep
 
-SWEEPS = ("tiny", "quick", "tiny_long", "tiny_dialect")  # tiny_long: 600 steps; tiny_dialect: a new language
+SWEEPS = ("tiny", "quick", "tiny_long", "tiny_dialect", "tiny_screen_sums", "tiny_screen_sums49", "tiny_screen_batch32")
+# Each candidate's point arguments beyond the study's setting.
+SCREENS = {"tiny_screen_sums": "", "tiny_screen_sums49": ",operands=49", "tiny_screen_batch32": ",batch=32"}
+SCREEN_LRS = {"full": 2e-3, "weak": 2e-3}  # both methods' best grid LR at 300 steps (docs/results/calibration)
 DIALECT_EXAMPLES = 10_500  # ~one epoch in 300 steps at batch 16 (1.7 answers a row), 500 of them held out
 LRS = {"full": (5e-4, 1e-3, 2e-3, 4e-3), "weak": (2e-3, 4e-3, 8e-3, 1.6e-2)}
 LONG_LRS = {"full": (5e-4, 1e-3, 2e-3, 4e-3), "weak": (1e-3, 2e-3, 4e-3, 8e-3)}  # the weak optimum sat at 2e-3 (edge)
@@ -32,7 +42,8 @@ SEEDS = (0, 1, 2)
 
 def get_config(arg: str = "tiny,method=full") -> ml_collections.ConfigDict:
   """One point: full FT, or the weak method (LoRA r1 on attention only), at one LR and seed."""
-  args = common.parse_arg(arg, tiny=False, method="full", lr=0.0, seed=0, steps=300, task="sums")
+  args = common.parse_arg(arg, tiny=False, method="full", lr=0.0, seed=0, steps=300, task="sums", batch=16,
+                          operands=99)
   if args.task not in ("sums", "dialect"):
     raise ValueError(f"calibration: task must be sums or dialect, got {args.task!r}")
   if args.method not in LRS:
@@ -43,6 +54,10 @@ def get_config(arg: str = "tiny,method=full") -> ml_collections.ConfigDict:
   if args.method == "weak":
     config.lora.targets = ("attention",)
   config.train.steps = args.steps
+  config.data.batch_size = args.batch
+  if args.operands != 99:  # (operands + 1)^2 distinct problems: 500 held out, the rest trained on
+    config.data.synthetic_max_operand = args.operands
+    config.data.synthetic_examples = min(config.data.synthetic_examples, (args.operands + 1) ** 2)
   if args.task == "dialect":
     config.data.train = ("synthetic:dialect",)
     config.data.synthetic_examples = DIALECT_EXAMPLES
@@ -56,5 +71,7 @@ def get_sweep(arg: str = "tiny") -> list[str]:
     raise ValueError(f"calibration: sweep variant {arg!r}; valid: {list(SWEEPS)}")
   if arg == "quick":  # a pipeline check: each method at its grid's second LR
     return [f"tiny,method={m},lr={lrs[1]!r},seed={s}" for m, lrs in LRS.items() for s in SEEDS]
+  if arg in SCREENS:  # each method at its best LR of the 300-step calibration, on a candidate setting
+    return [f"tiny,method={m},lr={lr!r},seed={s}{SCREENS[arg]}" for m, lr in SCREEN_LRS.items() for s in SEEDS]
   grid, extra = {"tiny": (LRS, ""), "tiny_long": (LONG_LRS, ",steps=600"), "tiny_dialect": (LRS, ",task=dialect")}[arg]
   return [f"tiny,method={m},lr={lr!r},seed={s}{extra}" for m, lrs in grid.items() for lr in lrs for s in SEEDS]

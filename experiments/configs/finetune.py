@@ -72,6 +72,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   config.data.cache_dir = ".cache/lora_jax/tokenized"  # Where tokenised data is cached.
   config.data.synthetic_examples = 3000  # Records generated for synthetic:* sources.
   config.data.synthetic_seed = 0  # Seed of those records, i.e. of the data itself (+ 1: the accuracy eval's sums).
+  config.data.synthetic_max_operand = 99  # Largest operand of synthetic:sums problems.
 
   config.lora = common.lora_defaults(rank=args.rank)  # lora.LoraSpec fields.
   config.moe_expert_rank = "total/active"  # MoE: rank per expert = rank / experts per token (the study's) | "same".

@@ -69,6 +69,7 @@ def _from_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> N
   config = module.get_config(arg) if arg else module.get_config()
   d = config.data
   args.data = args.data or [synthetic.materialize(s, n=d.synthetic_examples, seed=d.synthetic_seed,
+                                                  max_operand=d.get("synthetic_max_operand", 99),
                                                   cache_dir=d.cache_dir) for s in d.train]
   if args.tokenizer is None:
     args.tokenizer = synthetic.char_tokenizer() if config.model.name == "tiny" else config.model.name
