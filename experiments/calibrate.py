@@ -67,8 +67,8 @@ def write(sweep_dir: str | epath.PathLike) -> str:
   base = next(t for t in a.tables if t.name == "base")
   _, runs = report.load_sweep(sweep_dir)
   screen = all(len({r.lr for r in runs if r.method == m}) == 1 for m in {r.method for r in runs})
-  verdict = (f"**A screen, not a calibration**: one LR per method, so no optimum and no verdict; the separation below "
-             f"says whether a calibration of this setting (each method over an LR grid) is worth its compute."
+  verdict = ("**A screen, not a calibration**: one LR per method, so no optimum and no verdict; the separation below "
+             "says whether a calibration of this setting (each method over an LR grid) is worth its compute."
              if screen else f"**{'Usable' if usable else 'Not usable'}** by the rule below.")
   text = "\n".join([
       f"# Calibration: {sweep_dir.name}\n",
