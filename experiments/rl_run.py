@@ -28,7 +28,7 @@ from etils import epath
 
 from experiments import report, tiny_base
 from experiments import run as run_lib
-from lora_jax import checkpoint, data, hf, lora, metrics, optim, rewards, rl, sharding, synthetic, train
+from lora_jax import data, hf, lora, optim, rewards, rl, sharding, synthetic, train
 from lora_jax.models import transformer
 
 TASKS = ("arithmetic", "gsm8k", "math")
@@ -248,16 +248,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, overwr
       s = train.setup(model_config, spec, optim_config, load_base, mesh=mesh, rules=config.sharding_rules.to_dict(),
                       seed=config.seed)
       run_dir = workdir / method
-      run_dir.mkdir(parents=True, exist_ok=True)
-      (run_dir / "summary.txt").write_text(lora.summary(*lora.combine(s.state.trainable, s.state.frozen), spec)
-                                           + "\n")
-      (run_dir / "lora_spec.json").write_text(spec.to_json() + "\n")
+      record, writer = run_lib.start_run_dir(run_dir, s.state, spec, method, model_dir, model_config, config,
+                                             f"{workdir.name}/{method}")
       loop = train.LoopConfig(**config.train.to_dict(), seed=config.seed)
       print(f"== {method}: lr {optim_config.lr:g}, {sum(x.size for x in jax.tree.leaves(s.state.trainable)):,} "
             "trainable")
-      record = {**checkpoint.describe_run(model_dir, model_config, spec), "method": method}
       policy = rl.tokenizer_policy(s.model, functools.partial(transformer.init_cache, model_config), tokenizer, width)
-      writer = metrics.MetricWriter(run_dir)
       try:
         _, last = rl.fit(policy, s.state, optim_config, cfg, loop, train_problems, eval_problems, reward_fn, run_dir,
                          data_seed=config.data_seed, record=record, writer=writer)

@@ -153,6 +153,22 @@ def load_model_config(config: ml_collections.ConfigDict, model_dir) -> transform
 EVAL_SPLITS = ("held_out", "train")
 
 
+def start_run_dir(run_dir: epath.Path, state: train.TrainState, spec: lora.LoraSpec, method: str, model_dir,
+                  model_config: transformer.ModelConfig, config: ml_collections.ConfigDict,
+                  name: str) -> tuple[dict, metrics.MetricWriter]:
+  """A method's run directory, its evidence written once (on process 0): ``summary.txt`` (what was adapted) and
+  ``lora_spec.json``; returns the record every checkpoint carries (base model, layout, spec, method) and the metric
+  writer (W&B run ``name`` when ``config.wandb.project`` is set)."""
+  if jax.process_index() == 0:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "summary.txt").write_text(lora.summary(*lora.combine(state.trainable, state.frozen), spec) + "\n")
+    (run_dir / "lora_spec.json").write_text(spec.to_json() + "\n")
+  record = {**checkpoint.describe_run(model_dir, model_config, spec), "method": method}
+  wandb = ({"project": config.wandb.project, "name": name, "config": config.to_dict()}
+           if config.get("wandb", {}).get("project") else None)
+  return record, metrics.MetricWriter(run_dir, wandb=wandb)
+
+
 def check_methods_and_model(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError unless ``config.methods`` names one or both of ``METHODS`` and ``config.model.name`` is set."""
   unknown = [m for m in config.methods if m not in METHODS]
@@ -259,19 +275,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, overwr
       s = train.setup(model_config, spec, optim_config, load_base, mesh=mesh, rules=rules, seed=config.seed,
                       grad_accum=config.train.grad_accum)
       run_dir = workdir / method
-      if jax.process_index() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "summary.txt").write_text(lora.summary(*lora.combine(s.state.trainable, s.state.frozen), spec)
-                                             + "\n")
-        (run_dir / "lora_spec.json").write_text(spec.to_json() + "\n")
+      record, writer = start_run_dir(run_dir, s.state, spec, method, model_dir, model_config, config,
+                                     f"{workdir.name}/{method}")
       batches = train_batches(config, train_sources)
       loop = train.LoopConfig(**config.train.to_dict(), seed=config.seed)
       print(f"== {method}: lr {optim_config.lr:g}, {sum(x.size for x in jax.tree.leaves(s.state.trainable)):,} "
             "trainable")
-      record = {**checkpoint.describe_run(model_dir, model_config, spec), "method": method}
-      wandb = {"project": config.wandb.project, "name": f"{workdir.name}/{method}",
-               "config": config.to_dict()} if config.wandb.project else None
-      writer = metrics.MetricWriter(run_dir, wandb=wandb)
       try:
         train.fit(s.model, s.state, optim_config, loop, batches, lambda: evals, run_dir, record=record,
                   writer=writer, eval_hook=arithmetic_accuracy_hook(config, s.model, tokenizer), setup=s)

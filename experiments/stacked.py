@@ -29,7 +29,7 @@ from etils import epath
 
 from experiments import run as run_lib
 from experiments import overrides, report, tiny_base
-from lora_jax import checkpoint, hf, lora, loop, metrics, model_lora, stack, train
+from lora_jax import hf, loop, model_lora, stack, train
 from lora_jax.models import transformer
 
 # Config fields in which the points of one stack may differ (``lora.rank_pattern.*`` and ``alpha_pattern.*`` too).
@@ -116,15 +116,9 @@ def run(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str | e
   s = stack.init(params, plans, layouts)
   del params
   run_dirs = [w / method for w in workdirs]
-  for k, d in enumerate(run_dirs):
-    d.mkdir(parents=True, exist_ok=True)
-    own = s.run_state(k)
-    (d / "summary.txt").write_text(lora.summary(*lora.combine(own.trainable, own.frozen), plans[k].spec) + "\n")
-    (d / "lora_spec.json").write_text(plans[k].spec.to_json() + "\n")
-  records = [{**checkpoint.describe_run(model_dir, model_config, p.spec), "method": method} for p in plans]
-  writers = [metrics.MetricWriter(d, wandb={"project": c.wandb.project, "name": f"{w.name}/{method}",
-                                            "config": c.to_dict()} if c.wandb.project else None)
-             for d, c, w in zip(run_dirs, configs, workdirs)]
+  records, writers = zip(*(run_lib.start_run_dir(d, s.run_state(k), plans[k].spec, method, model_dir, model_config,
+                                                  c, f"{w.name}/{method}")
+                           for k, (d, c, w) in enumerate(zip(run_dirs, configs, workdirs))))
   loop = train.LoopConfig(**config.train.to_dict(), seed=config.seed)
   print(f"== stack of {len(plans)} {method} run(s): " + ", ".join(
       f"lr {p.optim.lr:g}" + (f" r{p.spec.rank}" if method == "lora" else "") + f" seed {c.seed}"
