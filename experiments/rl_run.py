@@ -214,9 +214,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, overwr
   """Runs every method of an RL config into ``workdir`` (checked before anything is written); returns a summary
   (method -> last metrics)."""
   workdir = epath.Path(workdir)
-  conflict = run_lib.workdir_conflict(workdir, config)
-  if conflict and not overwrite:
-    raise SystemExit(conflict)
+  conflict = run_lib.refuse_conflict(workdir, config, overwrite)
   try:
     check_config(config)
     model_dir = warmed_base(config) if config.model.name == "tiny" else config.model.name

@@ -153,6 +153,14 @@ def load_model_config(config: ml_collections.ConfigDict, model_dir) -> transform
 EVAL_SPLITS = ("held_out", "train")
 
 
+def refuse_conflict(workdir: epath.Path, config: ml_collections.ConfigDict, overwrite: bool) -> str | None:
+  """``workdir_conflict`` of the workdir with this config; raises SystemExit naming it unless ``overwrite``."""
+  conflict = workdir_conflict(workdir, config)
+  if conflict and not overwrite:
+    raise SystemExit(conflict)
+  return conflict
+
+
 def start_run_dir(run_dir: epath.Path, state: train.TrainState, spec: lora.LoraSpec, method: str, model_dir,
                   model_config: transformer.ModelConfig, config: ml_collections.ConfigDict,
                   name: str) -> tuple[dict, metrics.MetricWriter]:
@@ -240,9 +248,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, overwr
   with a checkpoint and raises ``train.Preempted`` without starting the next one (the report marks it unfinished).
   """
   workdir = epath.Path(workdir)
-  conflict = workdir_conflict(workdir, config)
-  if conflict and not overwrite:
-    raise SystemExit(conflict)
+  conflict = refuse_conflict(workdir, config, overwrite)
   try:
     check_config(config)
     model_dir = tiny_base.pretrained(config.tiny_base) if config.model.name == "tiny" else config.model.name
