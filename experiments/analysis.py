@@ -398,17 +398,17 @@ def verdict_batch(classes: Mapping[str, str]) -> Verdict:
 
 
 RULE_LAYERS = (
-    f"Within a setting, per LoRA rank (or, when no rank has both attention-only and MLP-only, across the ranks as "
-    f"swept: parameter-matched by design, e.g. attention r=2k vs MLP r=k), LoRA conditions that differ in targets "
-    f"classed as attention-only (attention, "
-    f"or only q/k/v/o_proj), MLP-only (mlp, or only gate/up/down_proj) or all (all-linear), each with or without "
-    f"unembed: their best-LR final eval NLLs (seed means) compared by the gap rule (an equivalence test against the "
-    f"margin, or one-sided tests beyond it; unknown when neither is decided), attention-only against MLP-only with "
-    f"the same unembed choice, and MLP-only against all (with the same unembed choice if the sweep has it, else the "
-    f"other). Agree if attention-only is behind MLP-only and MLP-only matches all; disagree if attention-only is ahead "
-    f"of MLP-only or MLP-only is behind all; else inconclusive. Overall: disagree if any rank disagrees, agree if "
-    f"every rank agrees, else inconclusive. Equal rank is not equal parameters (the table lists the trainable "
-    f"parameters).")
+    "Within a setting, per LoRA rank (or, when no rank has both attention-only and MLP-only, across the ranks as "
+    "swept: parameter-matched by design, e.g. attention r=2k vs MLP r=k), LoRA conditions that differ in targets "
+    "classed as attention-only (attention, "
+    "or only q/k/v/o_proj), MLP-only (mlp, or only gate/up/down_proj) or all (all-linear), each with or without "
+    "unembed: their best-LR final eval NLLs (seed means) compared by the gap rule (an equivalence test against the "
+    "margin, or one-sided tests beyond it; unknown when neither is decided), attention-only against MLP-only with "
+    "the same unembed choice, and MLP-only against all (with the same unembed choice if the sweep has it, else the "
+    "other). Agree if attention-only is behind MLP-only and MLP-only matches all; disagree if attention-only is ahead "
+    "of MLP-only or MLP-only is behind all; else inconclusive. Overall: disagree if any rank disagrees, agree if "
+    "every rank agrees, else inconclusive. Equal rank is not equal parameters (the table lists the trainable "
+    "parameters).")
 
 
 def verdict_layers(attention_vs_mlp: str, mlp_vs_all: str) -> Verdict:
