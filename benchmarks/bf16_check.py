@@ -1,6 +1,6 @@
 """bf16 compute against fp32 on the same run: the mixed-precision path's loss curves must stay close.
 
-    python -m benchmarks.bf16_check [--steps 40] [--methods lora,full] [--tolerance 0.03]
+    python -m benchmarks.bf16_check [--steps 40] [--methods lora,full] [--tolerance 0.03] [--config.KEY=VALUE ...]
 
 Trains the tiny experiment (``finetune.py:tiny``: the tiny pretrained base, synthetic additions, batch 16 x 64, its
 LRs) twice per method through ``train.fit`` from the same base, adapters and batches:
@@ -32,7 +32,7 @@ import time
 RESULTS = pathlib.Path(__file__).parent / "results" / "bf16_check.json"
 
 
-def run(method: str, dtype: str, steps: int) -> dict:
+def run(method: str, dtype: str, steps: int, config_overrides=()) -> dict:
   """One tiny-experiment run of ``method`` with compute dtype ``dtype``: per-step train loss and the final eval NLL."""
   import jax
 
@@ -40,7 +40,7 @@ def run(method: str, dtype: str, steps: int) -> dict:
   from experiments import run as run_lib
   from lora_jax import hf, train
 
-  config, model_dir, fp32_config, sources, evals, mesh = overhead.tiny_experiment()
+  config, model_dir, fp32_config, sources, evals, mesh = overhead.tiny_experiment(config_overrides)
   model_config = fp32_config.replace(dtype=dtype, param_dtype=dtype)
   spec, optim_config = run_lib.make_spec(method, config, model_config), run_lib.make_optim(method, config)
   s = train.setup(model_config, spec, optim_config,
@@ -100,7 +100,12 @@ def main(argv=None):
   parser.add_argument("--tolerance", type=float, default=0.03, help="largest allowed relative gap of window means")
   parser.add_argument("--window", type=int, default=10, help="steps per window of the compared loss means")
   parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
-  args = parser.parse_args(argv)
+  args, config_overrides = parser.parse_known_args(argv)
+  from experiments import overrides
+
+  if overrides.bad_syntax(config_overrides):
+    parser.error(f"unrecognized arguments: {' '.join(overrides.bad_syntax(config_overrides))} (the tiny experiment's "
+                 "config takes --config.KEY=VALUE overrides)")
   methods = args.methods.split(",")
   if any(m not in ("lora", "full") for m in methods):
     raise SystemExit(f"--methods {args.methods!r}: give lora and/or full")
@@ -114,7 +119,7 @@ def main(argv=None):
             "methods": {}}
   ok = True
   for method in methods:
-    fp32, bf16 = run(method, "float32", args.steps), run(method, "bfloat16", args.steps)
+    fp32, bf16 = (run(method, dtype, args.steps, config_overrides) for dtype in ("float32", "bfloat16"))
     c = compare(fp32, bf16, args.window)
     ok &= c["max_window_gap"] <= args.tolerance
     result["methods"][method] = {"fp32": fp32, "bf16": bf16, "comparison": c}

@@ -33,7 +33,10 @@ START=$(date +%s)
 if [[ $DRY == 1 ]]; then
   PY=${PYTHON:-.venv/bin/python}
   export JAX_PLATFORMS=cpu
-  SHAPE=tiny; REPEATS=1; BF16_STEPS=3; BF16_METHODS=lora; TINY_STEPS=3; TINY_EXTRA=(--config.eval.arithmetic_examples=0)
+  SHAPE=tiny; REPEATS=1; BF16_STEPS=3; BF16_METHODS=lora; TINY_STEPS=3
+  # a small tiny base (built once, in OUTDIR) for the bf16 check and the tiny experiment alike
+  BASE=(--config.tiny_base.steps=20 --config.tiny_base.corpus_documents=200 "--config.tiny_base.cache_dir=$OUT/base")
+  TINY_EXTRA=(--config.eval.arithmetic_examples=0 "${BASE[@]}")
   TIMEOUT=600
   echo "dry run on CPU with $PY: toy sizes, nothing installed"
 else
@@ -56,7 +59,7 @@ else
       "peft==$(grep '^peft==' requirements-test.txt | cut -d= -f3)"
   $PY -m pip install -q --no-deps -e .
   $PY -c "import jax, torch; assert jax.default_backend() == 'gpu', jax.devices(); assert torch.cuda.is_available(); print('jax', jax.__version__, jax.devices(), '| torch', torch.__version__, torch.cuda.get_device_name())"
-  SHAPE=1b; REPEATS=5; BF16_STEPS=40; BF16_METHODS=lora,full; TINY_STEPS=100; TINY_EXTRA=()
+  SHAPE=1b; REPEATS=5; BF16_STEPS=40; BF16_METHODS=lora,full; TINY_STEPS=100; BASE=(); TINY_EXTRA=()
   TIMEOUT=300
   echo "installed in $(( $(date +%s) - START )) s"
 fi
@@ -76,7 +79,7 @@ step() {  # step NAME COMMAND...: runs it with a timeout, logs to OUTDIR/log.txt
   step speed "$PY" -m benchmarks.speed --shapes "$SHAPE" --ranks 16 --peers peft,merged --repeats "$REPEATS" \
       --out "$OUT/speed.json"
   step bf16_check "$PY" -m benchmarks.bf16_check --steps "$BF16_STEPS" --methods "$BF16_METHODS" \
-      --out "$OUT/bf16_check.json"
+      --out "$OUT/bf16_check.json" "${BASE[@]}"
   step results "$PY" -m benchmarks.results --results "$OUT" --md "$OUT/RESULTS.md"
   step tiny_experiment "$PY" -m experiments.main --config experiments/configs/finetune.py:tiny \
       --workdir "$OUT/tiny" --overwrite --config.train.steps="$TINY_STEPS" "${TINY_EXTRA[@]}"

@@ -48,8 +48,9 @@ class _Stamped:
     self.inner.restore(state)
 
 
-def tiny_experiment():
-  """The tiny experiment's model config, data and mesh (``finetune.py:tiny``), as ``experiments.main`` builds them."""
+def tiny_experiment(config_overrides=()):
+  """The tiny experiment's model config, data and mesh (``finetune.py:tiny`` with ``--config.KEY=VALUE``
+  overrides), as ``experiments.main`` builds them."""
   from transformers import AutoTokenizer
 
   from experiments import run as run_lib
@@ -57,7 +58,9 @@ def tiny_experiment():
   from experiments.configs import finetune
   from lora_jax import sharding
 
-  config = finetune.get_config("tiny")
+  from experiments import overrides
+
+  config = overrides.apply(finetune.get_config("tiny"), config_overrides)
   model_dir = tiny_base.pretrained(config.tiny_base)
   model_config = run_lib.load_model_config(config, model_dir)
   sources, evals = run_lib.load_data(config, AutoTokenizer.from_pretrained(str(model_dir)))
