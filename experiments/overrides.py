@@ -9,6 +9,7 @@ a value of the wrong type, is an error naming the override.
 from __future__ import annotations
 
 import ast
+import copy
 import importlib.util
 import os
 import pathlib
@@ -26,16 +27,21 @@ def bad_syntax(items: Sequence[str]) -> list[str]:
   return [i for i in items if not PATTERN.fullmatch(i)]
 
 
+TRUE, FALSE = ("1", "true", "t", "yes", "y"), ("0", "false", "f", "no", "n")  # what a bool field accepts
+
+
 def _parse(text: str, kind: type | None) -> Any:
+  if kind is bool:
+    if text.lower() not in TRUE + FALSE:
+      raise ValueError(f"expected a bool ({'/'.join(TRUE)} or {'/'.join(FALSE)}), got {text!r}")
+    return text.lower() in TRUE
   try:
     value = ast.literal_eval(text)
   except (ValueError, SyntaxError):
     value = text
-  if kind is bool and isinstance(value, str):
-    return value.lower() in ("1", "true", "yes")
   if kind is float and isinstance(value, int) and not isinstance(value, bool):
     return float(value)
-  if kind is tuple and isinstance(value, (list, str)):
+  if kind is tuple and not isinstance(value, tuple):
     return tuple(value) if isinstance(value, list) else (value,)
   return value
 
@@ -55,7 +61,7 @@ def _node(config: ml_collections.ConfigDict, key: str, what: str) -> tuple[ml_co
 def apply(config: ml_collections.ConfigDict, overrides: Sequence[str] | Mapping[str, Any]) -> ml_collections.ConfigDict:
   """A type-safe copy of ``config`` with the overrides set: ``--config.KEY=VALUE`` strings (values parsed as the
   field's type), or a ``{dotted key: value}`` mapping of Python values. Raises ValueError naming a bad override."""
-  config = ml_collections.ConfigDict(config.to_dict(), type_safe=True)
+  config = copy.deepcopy(config)  # keeps every field's declared type, placeholders' too
   items = overrides.items() if isinstance(overrides, Mapping) else overrides
   for item in items:
     if isinstance(item, str):
@@ -63,7 +69,10 @@ def apply(config: ml_collections.ConfigDict, overrides: Sequence[str] | Mapping[
       if not m:
         raise ValueError(f"override {item!r}: expected --config.KEY=VALUE")
       node, name = _node(config, m[1], f"override {item!r}")
-      value = _parse(m[2], node.get_type(name))
+      try:
+        value = _parse(m[2], node.get_type(name))
+      except ValueError as e:
+        raise ValueError(f"override {item!r}: {e}") from e
     else:
       key, value = item
       node, name = _node(config, key, f"override {key}={value!r}")

@@ -84,6 +84,7 @@ class Call(NamedTuple):
   active: Any  # [chunk] bools: False marks padding after a SIGTERM (those steps leave the state as it was)
   tokens: float  # token slots one run processes per step (for tokens_per_s)
   host_metrics: Sequence[dict] = ()  # per step of the call, merged into its metrics (e.g. an RL round's rewards)
+  draw_seconds: float = 0.0  # host time spent drawing it that the device did not overlap (an RL round's sampling)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +92,6 @@ class Program:
   """What the loop runs for one client: K runs' state transitions; every file on disk is the loop's."""
 
   size: int  # K runs
-  chunk: int  # steps per call; calls end at multiples of it and at the last step
   # draw(state, step, stopped) -> Call after ``step``; ``stopped()`` turns true on SIGTERM.
   draw: Callable[[Any, int, Callable[[], bool]], Call]
   train: Callable[[Any, Any, Any], tuple[Any, dict]]  # (state, batches, active) -> (state, metrics {name: [chunk, K]})
@@ -106,6 +106,9 @@ class Program:
   n_total: Sequence[int]  # each run's parameters, frozen base included
   diagnostics: Callable[[Any], dict] | None = None  # one run's state -> per-module LoRA diagnostics (None: none)
   progress_key: str = "train/loss"  # the metric the progress line shows
+  # True when ``draw`` reads the state (an RL round samples from it): the previous call's metrics are then fetched
+  # before the next draw, so a call's time is its own (its draw_seconds plus its device time).
+  draw_reads_state: bool = False
 
 
 @dataclasses.dataclass
@@ -177,15 +180,15 @@ def check_step(m: dict, step: int, zero_grad_since: int | None, collapse_steps: 
   """``(error, zero_grad_since)`` after step ``step``'s metrics ``m``: a ``NonFiniteLoss`` for a NaN/Inf loss or
   gradient norm, a ``Collapsed`` after ``collapse_steps`` steps of exactly zero gradient (0: never), else None; the
   message names the newest checkpoint that can be trusted. ``zero_grad_since`` is the first step of the current
-  streak of zero gradients (None: no streak). A step whose batch had no learning signal (an RL round in which every
-  group's rewards were equal: ``train/groups_with_signal`` 0) has a zero gradient by design and breaks no streak."""
+  streak of zero gradients (None: no streak). A step whose batch had no learning signal (an RL step whose groups all
+  had equal rewards: ``train/groups_with_signal`` 0) has a zero gradient by design: it ends a streak, never counts."""
   # Step s's loss and gradient are those of the state saved as step s - 1, so when they are bad, the newest
   # checkpoint that can be trusted is at step s - 2 or before.
   if not math.isfinite(m["train/loss"]) or not math.isfinite(m["train/grad_norm"]):
     return NonFiniteLoss(f"train/loss is {m['train/loss']} (grad norm {m['train/grad_norm']}) at step {step}; "
                          f"stopping. {last_good(checkpointer, step - 2)}"), zero_grad_since
   if m.get("train/groups_with_signal", 1.0) == 0.0:
-    return None, zero_grad_since
+    return None, None  # a collapse is consecutive zero gradients of steps that had something to learn
   zero_grad_since = (zero_grad_since or step) if m["train/grad_norm"] == 0.0 else None
   if collapse_steps and zero_grad_since is not None and step - zero_grad_since + 1 >= collapse_steps:
     return Collapsed(f"train/grad_norm has been exactly 0 for {collapse_steps} steps (steps {zero_grad_since}-{step}, "
@@ -280,7 +283,8 @@ def _train(program: Program, state, loop: LoopConfig, runs: list[Run], start: in
     pending = None
     m = {key: np.asarray(v, np.float64).reshape(-1, program.size) for key, v in jax.device_get(m).items()}
     now = time.time()
-    dt = (now - max(t0, done_at)) / (call.last_step - first + 1)  # seconds per step of this call
+    n = call.last_step - first + 1
+    dt = (now - max(t0, done_at) + call.draw_seconds) / n  # seconds per step of this call
     done_at = now
     for i, step in enumerate(range(first, call.last_step + 1)):
       for k, r in alive():
@@ -330,9 +334,13 @@ def _train(program: Program, state, loop: LoopConfig, runs: list[Run], start: in
       run_eval(0)
     step = start
     while step < loop.steps:
-      first, t0 = step + 1, time.time()
+      if program.draw_reads_state:
+        finish_pending()
+        if not alive():
+          break
+      first = step + 1
       call = program.draw(state, step, lambda: stop["signal"] is not None)
-      step = call.last_step
+      step, t0 = call.last_step, time.time()  # the device's part of the call starts at dispatch
       state, m = program.train(state, call.batches, call.active)
       finish_pending()
       pending = (first, call, m, t0)

@@ -326,29 +326,36 @@ def program(policy: Policy, state: train.TrainState, optim_config: optim.OptimCo
 
   def draw(st, step, stopped):  # a round is never cut: SIGTERM is answered at its end
     del stopped
+    if step % m:
+      raise ValueError(f"the run is at step {step}, not at a round boundary (rl.steps_per_sample {m}): its "
+                       "checkpoint was written with another steps_per_sample")
     round_index, t0 = step // m, time.time()
     chosen = [problems[i] for i in round_indices(len(problems), cfg.prompts_per_step, data_seed, round_index)]
     batch, sampled = sample_round(policy, st, chosen, reward_fn, cfg, jax.random.fold_in(key, round_index),
                                   base_logprobs)
     seconds = time.time() - t0
     parts = {k: np.asarray(v).reshape((m, -1) + np.shape(v)[1:]) for k, v in batch.items()}
-    host = [{**sampled, "train/sample_time_s": seconds / m, "train/staleness": float(part)} for part in range(m)]
+    # Each step learns from its own part of the groups: its signal is that part's (groups whose rewards differ).
+    signal_parts = np.any(parts["advantages"].reshape(m, -1, cfg.group_size) != 0, axis=-1).mean(axis=-1)
+    host = [{**sampled, "train/groups_with_signal": float(signal_parts[part]), "train/sample_time_s": seconds / m,
+             "train/staleness": float(part)} for part in range(m)]
     # Per step: the round's sampled completion tokens and the learner's token slots, shared over its steps.
     tokens = (sampled["train/sampled_tokens"] + batch["mask"].size) / m
-    return loop_lib.Call(step + m, parts, np.ones(m, bool), tokens, host)
+    return loop_lib.Call(step + m, parts, np.ones(m, bool), tokens, host, draw_seconds=seconds)
 
   def train_call(st, batches, active):
     rest, metrics = steps_fn(st.frozen, st.replace(frozen=None), batches, active)
     return rest.replace(frozen=st.frozen), metrics
 
   return loop_lib.Program(
-      size=1, chunk=m, draw=draw, train=train_call,
+      size=1, draw=draw, train=train_call,
       evaluate=lambda st: [evaluate(policy, st, eval_problems, reward_fn, cfg)],
       split=lambda st: [st], join=lambda st, states: states[0],
       finite=lambda st: np.array([bool(trainable_finite(st.trainable))]),
       data_state=lambda st, k: {"round": int(st.step) // m}, restore_data=lambda data: None,
       lr_at=[optim.schedule(optim_config)], n_trainable=[n_trainable],
-      n_total=[n_trainable + sum(x.size for x in jax.tree.leaves(state.frozen))], progress_key="train/reward")
+      n_total=[n_trainable + sum(x.size for x in jax.tree.leaves(state.frozen))], progress_key="train/reward",
+      draw_reads_state=True)
 
 
 def fit(policy: Policy, state: train.TrainState, optim_config: optim.OptimConfig, cfg: RLConfig,

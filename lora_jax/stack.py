@@ -385,7 +385,7 @@ def program(model: nn.Module, s: Stack, loop: train.LoopConfig, batches, eval_ba
       (batches[k] if per_run_batches else batches).restore(data[k])
 
   prog = loop_lib.Program(
-      size=k_runs, chunk=loop.chunk_steps, draw=draw, train=train_call, evaluate=evaluate,
+      size=k_runs, draw=draw, train=train_call, evaluate=evaluate,
       split=lambda st: [rest.replace(frozen=st.frozen) for rest in split(st.replace(frozen=None))], join=join,
       finite=lambda st: np.asarray(runs_finite(st.trainable)), data_state=lambda st, k: _data_states(batches, k),
       restore_data=restore_data, lr_at=[optim.schedule(p.optim) for p in s.plans], n_trainable=n_trainable,
@@ -411,8 +411,8 @@ def fit(model: nn.Module, s: Stack, loop: train.LoopConfig, batches, eval_batche
   """
   if len(workdirs) != s.size:
     raise ValueError(f"{s.size} runs but {len(workdirs)} workdirs")
-  runs = loop_lib.open_runs(workdirs, loop, records=records or (), writers=writers or (), remember_failures=True)
   prog, state = program(model, s, loop, batches, eval_batches, mesh=mesh, param_shardings=param_shardings,
                         rules=rules, vectorize=vectorize)
+  runs = loop_lib.open_runs(workdirs, loop, records=records or (), writers=writers or (), remember_failures=True)
   state, results = loop_lib.fit(prog, state, loop, runs, eval_hook=eval_hook, progress=progress)
   return dataclasses.replace(s, state=state), results

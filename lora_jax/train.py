@@ -352,7 +352,7 @@ def program(model: nn.Module, state: TrainState, optim_config: optim.OptimConfig
     return rest.replace(frozen=s.frozen), m
 
   prog = loop_lib.Program(
-      size=1, chunk=chunk, draw=draw, train=train,
+      size=1, draw=draw, train=train,
       evaluate=lambda s: [evaluate(eval_step, s, map(to_device, eval_batches()))],
       split=lambda s: [s], join=lambda s, states: states[0],
       finite=lambda s: np.array([bool(trainable_finite(s.trainable))]),

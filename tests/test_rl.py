@@ -263,3 +263,24 @@ def test_sampling_in_chunks_scores_every_completion():
   assert 0 <= metrics["train/reward"] <= 1 and metrics["train/completion_length"] > 0
   with pytest.raises(ValueError, match="sample_batch_size 5 must be 0 or divide"):
     rl.RLConfig(group_size=4, prompts_per_step=4, sample_batch_size=5)
+
+
+def test_steps_without_signal_never_count_towards_a_collapse(tmp_path):
+  """A step whose groups all had equal rewards has a zero gradient by design: it ends a streak of zero gradients and
+  never counts in one; consecutive zero gradients of steps with signal do collapse."""
+  from lora_jax import loop as loop_lib
+
+  ck = checkpoint.Checkpointer(tmp_path / "checkpoints")
+  zero = {"train/loss": 0.0, "train/grad_norm": 0.0}
+  since = None
+  for step in range(1, 4):  # two zero-gradient steps with signal, then one without, then two more with signal
+    error, since = loop_lib.check_step({**zero, "train/groups_with_signal": 0.5 if step != 3 else 0.0}, step,
+                                       since, 3, ck)
+    assert error is None
+  assert since is None
+  for step in (4, 5):
+    error, since = loop_lib.check_step({**zero, "train/groups_with_signal": 0.5}, step, since, 3, ck)
+    assert error is None
+  error, since = loop_lib.check_step({**zero, "train/groups_with_signal": 0.5}, 6, since, 3, ck)
+  assert isinstance(error, loop_lib.Collapsed) and "steps 4-6" in str(error)
+  ck.close()
