@@ -1,4 +1,4 @@
-"""Tests for PEFT adapters in and out (lora_jax.peft_io.save_peft / load_peft) and the lora_jax.export CLI.
+"""Tests for PEFT adapters in and out (lora_jax.peft_io.save_peft / load_peft) and the lora_jax.cli.export CLI.
 
 Reference models are tiny random HF models built with torch; PyTorch PEFT loads what we write and writes what we
 read, and the logits of both sides are compared.
