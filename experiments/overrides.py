@@ -31,6 +31,8 @@ TRUE, FALSE = ("1", "true", "t", "yes", "y"), ("0", "false", "f", "no", "n")  # 
 
 
 def _parse(text: str, kind: type | None) -> Any:
+  if kind is str:  # text stays text, even when it reads as a number or None
+    return text
   if kind is bool:
     if text.lower() not in TRUE + FALSE:
       raise ValueError(f"expected a bool ({'/'.join(TRUE)} or {'/'.join(FALSE)}), got {text!r}")

@@ -138,3 +138,7 @@ def check_adapter(adapter_dir: str | pathlib.Path, architecture: str | None = No
 
 def _natural_key(name: str):
   return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", name)]
+
+
+if __name__ == "__main__":  # the command line moved: say where, rather than run nothing and exit 0
+  raise SystemExit("python -m lora_jax.export moved: run python -m lora_jax.cli.export")

@@ -140,3 +140,7 @@ def generate_text(model, params, adapters, tokenizer, texts: Sequence[str], *, m
                  init_cache=init_cache, pad_id=tokenizer.pad_token_id or 0, sampling=sampling, rng=rng, rows=rows)
   return [tokenizer.decode(t[: n - int(n > 0 and t[n - 1] == tokenizer.eos_token_id)], skip_special_tokens=True)
           for t, n in zip(out.tokens, out.lengths)]
+
+
+if __name__ == "__main__":  # the command line moved: say where, rather than run nothing and exit 0
+  raise SystemExit("python -m lora_jax.generate moved: run python -m lora_jax.cli.generate")

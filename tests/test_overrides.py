@@ -16,6 +16,8 @@ def test_values_take_the_fields_declared_types_placeholders_included():
   assert got.model.scan_layers is True and got.data.packing is False
   assert overrides.apply(config, ["--config.lora.layers=[0,1]"]).lora.layers == (0, 1)
   assert overrides.apply(config, {"train.steps": 7}).train.steps == 7  # a mapping of Python values
+  text = overrides.apply(config, ["--config.wandb.project=2024", "--config.model.name=None"])
+  assert text.wandb.project == "2024" and text.model.name == "None"  # a text field keeps the text
   assert config.optim.grad_clip_norm is None and config.train.steps != 7  # the input is left as it was
 
 

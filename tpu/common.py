@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from experiments import overrides
-
 ROOT = Path(__file__).resolve().parent.parent
 # Paths on the TPU VM workers, left unquoted in remote commands so that the remote shell expands `~`.
 REMOTE_DIR = "~/lora_jax"
@@ -98,6 +96,8 @@ def add_experiment_args(p: argparse.ArgumentParser) -> None:
 
 def parse_with_overrides(p: argparse.ArgumentParser, argv) -> tuple[argparse.Namespace, list[str]]:
   """Parse argv, collecting `--config.KEY=VALUE` overrides; any other unknown flag is an error."""
+  from experiments import overrides  # only here: the other tpu commands need nothing but the standard library
+
   args, extra = p.parse_known_args(argv)
   bad = overrides.bad_syntax(extra)
   if bad:

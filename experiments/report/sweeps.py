@@ -55,7 +55,7 @@ class SweepRun:
 
   @property
   def lr(self) -> float | None:
-    """The LR this run trained at (``experiments.main.make_optim``'s rule)."""
+    """The LR this run trained at (``experiments.run.make_optim``'s rule)."""
     if not self.config:
       return None
     o = self.config["optim"]

@@ -24,7 +24,8 @@ from lora_jax.data.validate import format_report, validate
 def main(argv: Sequence[str] | None = None) -> int:
   """Command-line entry point."""
   parser = argparse.ArgumentParser(prog="python -m lora_jax.cli.validate",
-                                   description=__doc__.split("\n")[0].strip('"'))
+                                   description="Check training data before a run: bad records with file:line, "
+                                   "token counts, packed rows, steps and epochs.")
   parser.add_argument("--config", help="experiment config FILE[:ARG]: take data, tokenizer, lengths and steps from it")
   parser.add_argument("--data", nargs="+", help="FILE[:weight] (jsonl, json, parquet or hub name)")
   parser.add_argument("--tokenizer", help="tokenizer directory or hub name")

@@ -9,7 +9,7 @@
 
 Modules: ``formats`` (record → ids and mask), ``sources`` (reading files and hub datasets), ``dataset`` (tokenised
 sources, disk cache, train/eval split), ``pack`` (mixing, shuffling, packing, host slices, iterator state),
-``validate`` (the data checker, ``python -m lora_jax.cli.validate``; not imported here so that ``-m`` runs cleanly).
+``validate`` (the data checker; its command line is ``python -m lora_jax.cli.validate``).
 """
 
 from lora_jax.data.dataset import OVERFLOW, TokenizedSource, load, split, tokenize, tokenizer_fingerprint

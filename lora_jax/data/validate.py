@@ -80,3 +80,7 @@ def format_report(report: dict[str, Any], max_errors: int = 20) -> str:
   if "steps" in report:
     lines.append(f"{report['steps']} steps = {report['epochs']:.2f} epochs")
   return "\n".join(lines)
+
+
+if __name__ == "__main__":  # the command line moved: say where, rather than run nothing and exit 0
+  raise SystemExit("python -m lora_jax.data.validate moved: run python -m lora_jax.cli.validate")
