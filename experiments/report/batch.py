@@ -10,7 +10,7 @@ from etils import epath
 from experiments import analysis
 from experiments.report.figures import _finish_axes, _pyplot, _save, _value_ticks
 from experiments.report.findings import FindingRow, _gap, _scope
-from experiments.report.parts import Part, _lora_names, _pick, _prefix, axis_lines
+from experiments.report.parts import Part, _pick, _prefix, axis_lines, lines_with_full
 from experiments.report.sweeps import Condition
 from experiments.report.text import Table, _lr, _mean_std
 
@@ -23,12 +23,7 @@ def batch_part(conds: list[Condition]) -> Part | None:
   to the largest batch (the verdict), and which batch size each condition does best at."""
   key, lines = axis_lines(conds, BATCH_KEYS)
   rows, table, notes, plot = [], [], [], []
-  for rest, settings in lines:
-    in_line = [c for c in conds if c.setting in settings.values()]
-    fulls = {b: _pick(conds, s, "full") for b, s in settings.items()}
-    names = _lora_names(in_line)
-    if not names or not any(fulls.values()):
-      continue
+  for rest, settings, in_line, fulls, names in lines_with_full(conds, lines):
     classes, gaps = {}, {}
     for b, s in settings.items():
       for name in ["full", *names]:

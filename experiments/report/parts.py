@@ -50,6 +50,17 @@ def axis_lines(conds: list[Condition], keys: Sequence[str]) -> tuple[str | None,
                if len(by) > 1]
 
 
+def lines_with_full(conds: list[Condition], lines: list[tuple[str, dict]]):
+  """Of ``axis_lines``' lines, those with LoRA conditions and a full-FT run: (rest, {value: setting}, the line's
+  conditions, {value: its full-FT condition or None}, the LoRA condition names)."""
+  for rest, settings in lines:
+    in_line = [c for c in conds if c.setting in settings.values()]
+    fulls = {v: _pick(conds, s, "full") for v, s in settings.items()}
+    names = _lora_names(in_line)
+    if names and any(fulls.values()):
+      yield rest, settings, in_line, fulls, names
+
+
 def _prefix(scope: str) -> str:
   return f"{scope}: " if scope else ""
 

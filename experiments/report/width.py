@@ -11,7 +11,7 @@ from experiments import analysis
 from experiments.configs import common
 from experiments.report.figures import _finish_axes, _pyplot, _save, _value_ticks
 from experiments.report.findings import FindingRow, _scope, ratio_of
-from experiments.report.parts import Part, _lora_names, _optimum, _pick, _prefix, _slope, axis_lines
+from experiments.report.parts import Part, _optimum, _pick, _prefix, _slope, axis_lines, lines_with_full
 from experiments.report.sweeps import Condition
 from experiments.report.text import Table, _interval, _ratio
 
@@ -25,12 +25,7 @@ def width_part(conds: list[Condition]) -> Part | None:
   and each method's power-law exponent of lr* against width."""
   key, lines = axis_lines(conds, WIDTH_KEYS)
   rows, table, notes, plot = [], [], [], []
-  for rest, settings in lines:
-    in_line = [c for c in conds if c.setting in settings.values()]
-    fulls = {w: _pick(conds, s, "full") for w, s in settings.items()}
-    names = _lora_names(in_line)
-    if not names or not any(fulls.values()):
-      continue
+  for rest, settings, in_line, fulls, names in lines_with_full(conds, lines):
     optima = {}  # condition -> {width: lr*} at widths with an interior optimum
     for name in ["full", *names]:
       optima[name] = {w: c.fit.lr for w, s in settings.items()
