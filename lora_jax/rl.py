@@ -199,8 +199,13 @@ def make_rl_step(model: nn.Module, tx: optax.GradientTransformation, cfg: RLConf
                            ratio_min=jnp.minimum(carry[0][1]["ratio_min"], new[0][1]["ratio_min"]))
         return total
 
+      def init(zeros):  # the identities of the sum, max and min
+        zeros[0][1].update(ratio_max=jnp.full_like(zeros[0][1]["ratio_max"], -jnp.inf),
+                           ratio_min=jnp.full_like(zeros[0][1]["ratio_min"], jnp.inf))
+        return zeros
+
       (loss, aux), grads = train.accumulate(lambda mb, i: loss_and_grads(state.trainable, state.frozen, mb), batch,
-                                            grad_accum, combine)
+                                            grad_accum, combine, init)
       mean = lambda x: x / grad_accum  # noqa: E731
       grads, loss = jax.tree.map(mean, grads), mean(loss)
       aux = {k: v if k in ("ratio_max", "ratio_min") else mean(v) for k, v in aux.items()}

@@ -81,20 +81,23 @@ def nll_sum(model: nn.Module, trainable, frozen, batch, rng, train: bool, scales
   return losses.masked_nll_sum(logits, batch["targets"], batch["loss_mask"])
 
 
-def accumulate(fn: Callable, batch: dict, parts: int, combine: Callable | None = None):
+def accumulate(fn: Callable, batch: dict, parts: int, combine: Callable | None = None,
+               init: Callable | None = None):
   """``fn(micro_batch, i)`` folded by ``combine(carry, new)`` (default: the sum, leaf by leaf) over the ``parts``
-  micro-batches that ``batch``'s leading axis splits into, in one ``lax.scan``: never more than one micro-batch's
-  activations and gradients at a time. Gradient accumulation for every step that has it (supervised and RL)."""
+  micro-batches that ``batch``'s leading axis splits into, in one ``lax.scan`` (``fn`` is in the program once): never
+  more than one micro-batch's activations and gradients at a time. The fold starts from zeros shaped like ``fn``'s
+  result, or ``init(zeros)`` (the identity of another ``combine``). Gradient accumulation for every step that has it
+  (supervised and RL)."""
   micro = jax.tree.map(lambda x: x.reshape((parts, x.shape[0] // parts) + x.shape[1:]), batch)
-  first = fn(jax.tree.map(lambda x: x[0], micro), 0)
+  shapes = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], micro), 0)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
   def body(carry, xs):
     mb, i = xs
     new = fn(mb, i)
     return (combine(carry, new) if combine else jax.tree.map(jnp.add, carry, new)), None
 
-  rest = jax.tree.map(lambda x: x[1:], micro)
-  return jax.lax.scan(body, first, (rest, jnp.arange(1, parts)))[0]
+  return jax.lax.scan(body, zeros if init is None else init(zeros), (micro, jnp.arange(parts)))[0]
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation | Callable[[dict], optax.GradientTransformation],
