@@ -61,8 +61,12 @@ def base_info(work: pathlib.Path, c: ml_collections.ConfigDict, params, vocab_si
 def cache_path(c: ml_collections.ConfigDict) -> tuple[pathlib.Path, tuple]:
   """Where the base of these settings is cached, and its pretraining corpus: the key hashes the corpus itself, not
   only its settings, so a changed corpus recipe builds a new base."""
-  corpus = synthetic.pretraining_corpus(c.corpus_documents, seed=c.seed, chat_fraction=c.chat_fraction)
-  key = hashlib.sha256((c.to_json(sort_keys=True) + json.dumps(corpus)).encode()).hexdigest()[:12]
+  corpus = synthetic.pretraining_corpus(c.corpus_documents, seed=c.seed, chat_fraction=c.chat_fraction,
+                                        dialect_fraction=c.dialect_fraction)
+  settings = c.to_dict()
+  if not settings["dialect_fraction"]:  # added later: a base without dialect text keeps the key it was built under
+    del settings["dialect_fraction"]
+  key = hashlib.sha256((json.dumps(settings, sort_keys=True) + json.dumps(corpus)).encode()).hexdigest()[:12]
   return pathlib.Path(c.cache_dir) / key, corpus
 
 

@@ -154,6 +154,14 @@ DIALECT = {
 }
 
 
+# The dialect's plain register, for pretraining (``pretraining_corpus(dialect_fraction=...)``): DIALECT's words and word
+# order, shorter sentences (fewer adjectives, objects and postpositions). A base that has read it knows the language;
+# fine-tuning on ``dialect`` (chat answers in the full register) is then a shift of format and style, not new words.
+DIALECT_PLAIN = {**DIALECT,
+                 "S": [(("Vt", "NP", "NP"), 0.35), (("Vi", "NP"), 0.6), (("Vt", "NP", "NP", "PP"), 0.05)],
+                 "NP": [(("N", "Det"), 0.8), (("N", "Adj", "Det"), 0.1), (("Name",), 0.1)]}
+
+
 def sentence(rng: np.random.Generator, grammar: dict | None = None) -> str:
   """One sentence drawn from ``grammar`` (default GRAMMAR)."""
   text = " ".join(_expand("S", rng, GRAMMAR if grammar is None else grammar))
@@ -203,15 +211,28 @@ def dialect(n: int, *, seed: int, fmt: str = "chat") -> Task:
   return _task(["Speak Zel."] * n, answers, fmt, math.nan)
 
 
-def pretraining_corpus(n_docs: int, *, seed: int, chat_fraction: float = 0.7) -> tuple[list[dict], tuple[dict, ...]]:
+def dialect_text(n_docs: int, *, seed: int, max_sentences: int = 4) -> list[dict[str, str]]:
+  """Text records of 1..max_sentences DIALECT_PLAIN sentences each, lower case as the ``dialect`` task writes them."""
+  rng = np.random.default_rng(seed)
+  return [{"text": " ".join(" ".join(_expand("S", rng, DIALECT_PLAIN)) + "."
+                            for _ in range(rng.integers(1, max_sentences + 1)))} for _ in range(n_docs)]
+
+
+def pretraining_corpus(n_docs: int, *, seed: int, chat_fraction: float = 0.7,
+                       dialect_fraction: float = 0.0) -> tuple[list[dict], tuple[dict, ...]]:
   """The study base's pretraining data: (text records of grammar sentences, chat ``dialogues``), n_docs in all.
 
   Every token and format of the fine-tuning tasks (digits, '+', '=', the chat template's role markers, facts' keys and
   values) appears here in other combinations, so fine-tuning teaches new skills and facts (two-digit sums, the
-  fine-tuning facts), not new tokens.
+  fine-tuning facts), not new tokens. ``dialect_fraction`` of the text records are in the dialect's plain register
+  (``dialect_text``), after the grammar's: the base then knows the language the ``dialect`` task answers in.
   """
   n_chat = int(round(chat_fraction * n_docs))
-  return corpus(n_docs - n_chat, seed=seed), dialogues(n_chat, seed=seed + 1)
+  n_dialect = int(round(dialect_fraction * (n_docs - n_chat)))
+  text = corpus(n_docs - n_chat - n_dialect, seed=seed)
+  if n_dialect:
+    text += dialect_text(n_dialect, seed=seed + 2)
+  return text, dialogues(n_chat, seed=seed + 1)
 
 
 def char_tokenizer():

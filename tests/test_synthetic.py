@@ -104,6 +104,22 @@ def test_pretraining_corpus_covers_the_fine_tuning_tokens_and_formats():
   assert {p for p in prompts if "-" in p} and {p for p in prompts if "*" in p}
 
 
+def test_a_base_can_read_the_dialect_in_its_plain_register():
+  """dialect_fraction of the text documents are DIALECT_PLAIN text: the dialect's words, shorter sentences; the
+  grammar's documents and the dialogues are those of the corpus without it."""
+  text, chat = synthetic.pretraining_corpus(3000, seed=0, dialect_fraction=0.3)
+  plain_text, plain_chat = synthetic.pretraining_corpus(3000, seed=0)
+  assert chat == plain_chat and len(text) == 900 and text[:630] == synthetic.corpus(630, seed=0)
+  dialect_words = {w for rules in synthetic.DIALECT.values() for expansion, _ in rules for w in expansion
+                   if w not in synthetic.DIALECT}
+  words = {w.strip(".") for r in text[630:] for w in r["text"].split()}
+  assert words <= dialect_words and len(words) > 30  # the whole vocabulary of the dialect, nothing else
+  tuned = " ".join(synthetic.dialect(2000, seed=0).completions).split()
+  plain = " ".join(r["text"] for r in text[630:]).split()
+  assert np.mean([len(s.split()) for s in " ".join(tuned).split(".")[:-1]]) > \
+      np.mean([len(s.split()) for s in " ".join(plain).split(".")[:-1]]) + 0.5  # the fine-tuning register is longer
+
+
 def test_char_tokenizer_round_trip_and_save(tmp_path):
   from transformers import AutoTokenizer
 

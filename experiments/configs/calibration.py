@@ -18,10 +18,11 @@ held-out problems); full FT over 4 LRs and the weak method over 4 LRs, a factor 
 that says whether a full calibration is worth its compute): `tiny_screen_sums` the study's setting (packed rows: ~3
 epochs of the 9,000 sums in 300 steps), `tiny_screen_sums49` sums with operands up to 49 (2,000 problems trained on,
 ~13 epochs: a skill small enough to be learnt), `tiny_screen_batch32` batch 32 (twice the tokens, half the gradient
-noise).
+noise), `tiny_screen_dialect_known` the dialect on a base that has read the dialect's plain register (30% of its
+text documents: `common.tiny_base_config().dialect_fraction`), so fine-tuning shifts format and style, not words.
 
 Point arguments: `tiny`, `method=full|weak`, `lr=`, `seed=`, `steps=`, `task=sums|dialect`, `batch=` (rows per step),
-`operands=` (the sums' largest operand).
+`operands=` (the sums' largest operand), `known=` (the base's share of text documents in the dialect).
 """
 
 from __future__ import annotations
@@ -30,10 +31,13 @@ import ml_collections
 
 from experiments.configs import common, lr_sweep
 
-SWEEPS = ("tiny", "quick", "tiny_long", "tiny_dialect", "tiny_screen_sums", "tiny_screen_sums49", "tiny_screen_batch32")
+SWEEPS = ("tiny", "quick", "tiny_long", "tiny_dialect", "tiny_screen_sums", "tiny_screen_sums49", "tiny_screen_batch32",
+          "tiny_screen_dialect_known")
 # Each candidate's point arguments beyond the study's setting.
-SCREENS = {"tiny_screen_sums": "", "tiny_screen_sums49": ",operands=49", "tiny_screen_batch32": ",batch=32"}
+SCREENS = {"tiny_screen_sums": "", "tiny_screen_sums49": ",operands=49", "tiny_screen_batch32": ",batch=32",
+           "tiny_screen_dialect_known": ",task=dialect,known=0.3"}
 SCREEN_LRS = {"full": 2e-3, "weak": 2e-3}  # both methods' best grid LR at 300 steps (docs/results/calibration)
+DIALECT_SCREEN_LRS = {"full": 2e-3, "weak": 4e-3}  # the same on the dialect (dialect_newwords at 100%)
 DIALECT_EXAMPLES = 10_500  # ~one epoch in 300 steps at batch 16 (1.7 answers a row), 500 of them held out
 LRS = {"full": (5e-4, 1e-3, 2e-3, 4e-3), "weak": (2e-3, 4e-3, 8e-3, 1.6e-2)}
 LONG_LRS = {"full": (5e-4, 1e-3, 2e-3, 4e-3), "weak": (1e-3, 2e-3, 4e-3, 8e-3)}  # the weak optimum sat at 2e-3 (edge)
@@ -43,7 +47,7 @@ SEEDS = (0, 1, 2)
 def get_config(arg: str = "tiny,method=full") -> ml_collections.ConfigDict:
   """One point: full FT, or the weak method (LoRA r1 on attention only), at one LR and seed."""
   args = common.parse_arg(arg, tiny=False, method="full", lr=0.0, seed=0, steps=300, task="sums", batch=16,
-                          operands=99)
+                          operands=99, known=0.0)
   if args.task not in ("sums", "dialect"):
     raise ValueError(f"calibration: task must be sums or dialect, got {args.task!r}")
   if args.method not in LRS:
@@ -58,6 +62,9 @@ def get_config(arg: str = "tiny,method=full") -> ml_collections.ConfigDict:
   if args.operands != 99:  # (operands + 1)^2 distinct problems: 500 held out, the rest trained on
     config.data.synthetic_max_operand = args.operands
     config.data.synthetic_examples = min(config.data.synthetic_examples, (args.operands + 1) ** 2)
+  if not 0.0 <= args.known < 1.0:
+    raise ValueError(f"calibration: known (a share of the base's text documents) must be in [0, 1), got {args.known}")
+  config.tiny_base.dialect_fraction = args.known
   if args.task == "dialect":
     config.data.train = ("synthetic:dialect",)
     config.data.synthetic_examples = DIALECT_EXAMPLES
@@ -72,6 +79,7 @@ def get_sweep(arg: str = "tiny") -> list[str]:
   if arg == "quick":  # a pipeline check: each method at its grid's second LR
     return [f"tiny,method={m},lr={lrs[1]!r},seed={s}" for m, lrs in LRS.items() for s in SEEDS]
   if arg in SCREENS:  # each method at its best LR of the 300-step calibration, on a candidate setting
-    return [f"tiny,method={m},lr={lr!r},seed={s}{SCREENS[arg]}" for m, lr in SCREEN_LRS.items() for s in SEEDS]
+    lrs = DIALECT_SCREEN_LRS if "task=dialect" in SCREENS[arg] else SCREEN_LRS
+    return [f"tiny,method={m},lr={lr!r},seed={s}{SCREENS[arg]}" for m, lr in lrs.items() for s in SEEDS]
   grid, extra = {"tiny": (LRS, ""), "tiny_long": (LONG_LRS, ",steps=600"), "tiny_dialect": (LRS, ",task=dialect")}[arg]
   return [f"tiny,method={m},lr={lr!r},seed={s}{extra}" for m, lrs in grid.items() for lr in lrs for s in SEEDS]

@@ -85,6 +85,7 @@ def tiny_base_config() -> ml_collections.ConfigDict:
   c.num_kv_heads = 2  # Key/value heads.
   c.corpus_documents = 3000  # Pretraining documents: grammar text and chat dialogues.
   c.chat_fraction = 0.7  # The chat dialogues' share of them.
+  c.dialect_fraction = 0.0  # The share of the text documents in the dialect's plain register (synthetic.dialect_text).
   c.steps = 150  # Pretraining steps (full training from random init).
   c.lr = 3e-3  # Pretraining LR.
   c.batch_size = 16  # Pretraining rows per step.
