@@ -18,8 +18,9 @@ held-out problems); full FT over 4 LRs and the weak method over 4 LRs, a factor 
 that says whether a full calibration is worth its compute): `tiny_screen_sums` the study's setting (packed rows: ~3
 epochs of the 9,000 sums in 300 steps), `tiny_screen_sums49` sums with operands up to 49 (2,000 problems trained on,
 ~13 epochs: a skill small enough to be learnt), `tiny_screen_batch32` batch 32 (twice the tokens, half the gradient
-noise), `tiny_screen_dialect_known` the dialect on a base that has read the dialect's plain register (30% of its
-text documents: `common.tiny_base_config().dialect_fraction`), so fine-tuning shifts format and style, not words.
+noise), `tiny_screen_dialect_knownNN` the dialect on a base that has read the dialect's plain register in NN% (30, 10,
+3) of its text documents (`common.tiny_base_config().dialect_fraction`), so fine-tuning shifts format and style, not
+words.
 
 Point arguments: `tiny`, `method=full|weak`, `lr=`, `seed=`, `steps=`, `task=sums|dialect`, `batch=` (rows per step),
 `operands=` (the sums' largest operand), `known=` (the base's share of text documents in the dialect).
@@ -32,10 +33,10 @@ import ml_collections
 from experiments.configs import common, lr_sweep
 
 SWEEPS = ("tiny", "quick", "tiny_long", "tiny_dialect", "tiny_screen_sums", "tiny_screen_sums49", "tiny_screen_batch32",
-          "tiny_screen_dialect_known")
+          "tiny_screen_dialect_known30", "tiny_screen_dialect_known10", "tiny_screen_dialect_known03")
 # Each candidate's point arguments beyond the study's setting.
 SCREENS = {"tiny_screen_sums": "", "tiny_screen_sums49": ",operands=49", "tiny_screen_batch32": ",batch=32",
-           "tiny_screen_dialect_known": ",task=dialect,known=0.3"}
+           **{f"tiny_screen_dialect_known{p:02d}": f",task=dialect,known={p / 100}" for p in (30, 10, 3)}}
 SCREEN_LRS = {"full": 2e-3, "weak": 2e-3}  # both methods' best grid LR at 300 steps (docs/results/calibration)
 DIALECT_SCREEN_LRS = {"full": 2e-3, "weak": 4e-3}  # the same on the dialect (dialect_newwords at 100%)
 DIALECT_EXAMPLES = 10_500  # ~one epoch in 300 steps at batch 16 (1.7 answers a row), 500 of them held out
