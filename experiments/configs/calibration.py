@@ -9,6 +9,8 @@ CPU (`tiny`): `lr_sweep`'s setting (the study base of `common.study_base`, ~3 ep
 held-out problems); full FT over 4 LRs and the weak method over 4 LRs, a factor 2 apart, seeds 0-2 (24 points).
 `tiny_long`: the same at 600 steps (the weak method's grid a factor 2 lower). `tiny_dialect`: the same grids on
 `synthetic:dialect` (a new language over known characters: a distribution to learn, not a skill that clicks).
+`tiny_dialect_known10`: the dialect on a base that read the dialect's plain register in 10% of its text documents
+(the screen that passed), 5 LRs a factor 2 apart per method, seeds 0-2 (30 points).
 `quick`: each method at one LR, 3 seeds (a pipeline check).
 
     python -m experiments.sweep --config experiments/configs/calibration.py:tiny --workdir runs/calibration
@@ -33,7 +35,8 @@ import ml_collections
 from experiments.configs import common, lr_sweep
 
 SWEEPS = ("tiny", "quick", "tiny_long", "tiny_dialect", "tiny_screen_sums", "tiny_screen_sums49", "tiny_screen_batch32",
-          "tiny_screen_dialect_known30", "tiny_screen_dialect_known10", "tiny_screen_dialect_known03")
+          "tiny_screen_dialect_known30", "tiny_screen_dialect_known10", "tiny_screen_dialect_known03",
+          "tiny_dialect_known10")
 # Each candidate's point arguments beyond the study's setting.
 SCREENS = {"tiny_screen_sums": "", "tiny_screen_sums49": ",operands=49", "tiny_screen_batch32": ",batch=32",
            **{f"tiny_screen_dialect_known{p:02d}": f",task=dialect,known={p / 100}" for p in (30, 10, 3)}}
@@ -42,6 +45,8 @@ DIALECT_SCREEN_LRS = {"full": 2e-3, "weak": 4e-3}  # the same on the dialect (di
 DIALECT_EXAMPLES = 10_500  # ~one epoch in 300 steps at batch 16 (1.7 answers a row), 500 of them held out
 LRS = {"full": (5e-4, 1e-3, 2e-3, 4e-3), "weak": (2e-3, 4e-3, 8e-3, 1.6e-2)}
 LONG_LRS = {"full": (5e-4, 1e-3, 2e-3, 4e-3), "weak": (1e-3, 2e-3, 4e-3, 8e-3)}  # the weak optimum sat at 2e-3 (edge)
+# One more LR each way than LRS: on the dialect both optima sat at their grid's edge at some fraction of the steps.
+KNOWN_LRS = {"full": (5e-4, 1e-3, 2e-3, 4e-3, 8e-3), "weak": (2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2)}
 SEEDS = (0, 1, 2)
 
 
@@ -74,7 +79,8 @@ def get_config(arg: str = "tiny,method=full") -> ml_collections.ConfigDict:
 
 def get_sweep(arg: str = "tiny") -> list[str]:
   """Every point of the calibration: ``tiny`` (300 steps, as the study), ``tiny_long`` (600 steps), ``tiny_dialect``
-  (the dialect task) or ``quick`` (each method at one LR)."""
+  (the dialect task), ``tiny_dialect_known10`` (the dialect on a base that read it in 10% of its text, 5 LRs a
+  method), a screen (``SCREENS``) or ``quick`` (each method at one LR)."""
   if arg not in SWEEPS:
     raise ValueError(f"calibration: sweep variant {arg!r}; valid: {list(SWEEPS)}")
   if arg == "quick":  # a pipeline check: each method at its grid's second LR
@@ -82,5 +88,6 @@ def get_sweep(arg: str = "tiny") -> list[str]:
   if arg in SCREENS:  # each method at its best LR of the 300-step calibration, on a candidate setting
     lrs = DIALECT_SCREEN_LRS if "task=dialect" in SCREENS[arg] else SCREEN_LRS
     return [f"tiny,method={m},lr={lr!r},seed={s}{SCREENS[arg]}" for m, lr in lrs.items() for s in SEEDS]
-  grid, extra = {"tiny": (LRS, ""), "tiny_long": (LONG_LRS, ",steps=600"), "tiny_dialect": (LRS, ",task=dialect")}[arg]
+  grid, extra = {"tiny": (LRS, ""), "tiny_long": (LONG_LRS, ",steps=600"), "tiny_dialect": (LRS, ",task=dialect"),
+                 "tiny_dialect_known10": (KNOWN_LRS, ",task=dialect,known=0.1")}[arg]
   return [f"tiny,method={m},lr={lr!r},seed={s}{extra}" for m, lrs in grid.items() for lr in lrs for s in SEEDS]
