@@ -211,9 +211,14 @@ def warmed_base(config: ml_collections.ConfigDict) -> pathlib.Path:
 # -- The run -----------------------------------------------------------------------------------------------------------
 
 def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, overwrite: bool = False) -> dict:
-  """Runs every method of an RL config into ``workdir`` (checked before anything is written); returns a summary
-  (method -> last metrics)."""
+  """Runs every method of an RL config into ``workdir`` (checked before anything is written; one writer:
+  ``run.one_writer``); returns a summary (method -> last metrics)."""
   workdir = epath.Path(workdir)
+  with run_lib.one_writer([workdir]):
+    return _run(config, workdir, overwrite)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: epath.Path, overwrite: bool) -> dict:
   conflict = run_lib.refuse_conflict(workdir, config, overwrite)
   try:
     check_config(config)

@@ -9,12 +9,14 @@ data have been checked.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.metadata
 import json
 import pathlib
 import platform
 import sys
+from collections.abc import Sequence
 
 import jax
 import ml_collections
@@ -24,8 +26,8 @@ from jax.experimental import multihost_utils
 
 from experiments import provenance, report, tiny_base
 from experiments.configs import common
-from lora_jax import (checkpoint, data, generate, hf, lora, metrics, model_lora, optim, sharding, synthetic,
-                      train)
+from lora_jax import (checkpoint, data, generate, hf, lock, lora, metrics, model_lora, optim, sharding,
+                      synthetic, train)
 from lora_jax.models import transformer
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "datasets", "numpy",
@@ -239,6 +241,19 @@ def train_batches(config: ml_collections.ConfigDict, sources: list[data.Tokenize
                             packing=d.packing, process_index=jax.process_index(), process_count=jax.process_count())
 
 
+@contextlib.contextmanager
+def one_writer(workdirs: Sequence[epath.Path]):
+  """Holds each workdir's one-writer lock (``lora_jax.lock``, process 0) for the block; another process writing one
+  of them stops this command before it writes anything (SystemExit naming the holder)."""
+  with contextlib.ExitStack() as held:
+    try:
+      for w in workdirs:
+        held.enter_context(lock.hold(w, enabled=jax.process_index() == 0))
+    except lock.DirectoryLocked as e:
+      raise SystemExit(f"not started: {e}") from e
+    yield
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, overwrite: bool = False) -> dict:
   """Runs every method of ``config`` into ``workdir`` (local or gs://), writes the report; returns its summary
   (``report.summarize``) on process 0.
@@ -246,8 +261,14 @@ def run(config: ml_collections.ConfigDict, workdir: str | epath.PathLike, overwr
   Everything is checked before the workdir is touched (config values, each method's spec and state shapes against
   the model, shardings, data); ``config.json`` is written only when training starts. SIGTERM ends the current run
   with a checkpoint and raises ``train.Preempted`` without starting the next one (the report marks it unfinished).
+  A second process on the same workdir stops at once (``one_writer``).
   """
   workdir = epath.Path(workdir)
+  with one_writer([workdir]):
+    return _run(config, workdir, overwrite)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: epath.Path, overwrite: bool) -> dict:
   conflict = refuse_conflict(workdir, config, overwrite)
   try:
     check_config(config)

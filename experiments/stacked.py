@@ -74,11 +74,18 @@ def run(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[str | e
         overwrite: bool = False, vectorize: int | None = None) -> list[loop.RunResult]:
   """Trains the points as one stack, each into its workdir with its report and ``stack.json``; returns each result.
 
-  Everything is checked before any workdir is touched, as ``experiments.main.run`` does.
+  Everything is checked before any workdir is touched, as ``experiments.main.run`` does (one writer per workdir:
+  ``run.one_writer``).
   """
   workdirs = [epath.Path(w) for w in workdirs]
   if len(configs) != len(workdirs) or not configs:
     raise SystemExit(f"give one workdir per point: {len(configs)} point(s), {len(workdirs)} workdir(s)")
+  with run_lib.one_writer(workdirs):
+    return _run(configs, workdirs, overwrite, vectorize)
+
+
+def _run(configs: Sequence[ml_collections.ConfigDict], workdirs: list[epath.Path], overwrite: bool,
+         vectorize: int | None) -> list[loop.RunResult]:
   conflicts = [run_lib.workdir_conflict(w, c) for w, c in zip(workdirs, configs)]
   if any(conflicts) and not overwrite:
     raise SystemExit(next(c for c in conflicts if c))

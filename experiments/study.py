@@ -39,6 +39,7 @@ from collections.abc import Sequence
 from etils import epath
 
 from experiments import analysis, provenance, report, sweep
+from lora_jax import lock
 
 FAMILIES = {  # variant -> the families it runs, in order (the LR findings first: the others build on their LRs)
     "quick": ("lr_sweep",),  # findings 3 and 4 with intervals, ~8 min with set-up on a fresh clone
@@ -325,7 +326,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(verify(epath.Path(dest), families, int(k), args.verify_seed, epath.Path(args.workdir) / "verify"))
     return 0
   workdir = epath.Path(args.workdir)
-  code = 0 if args.report_only else run_families(workdir, args.variant, families, args.parallel)
+  if args.report_only:
+    code = 0
+  else:
+    try:
+      with lock.hold(workdir):  # one study runner per directory (each family's sweep locks its own too)
+        code = run_families(workdir, args.variant, families, args.parallel)
+    except lock.DirectoryLocked as e:
+      p.error(str(e))
   if code == sweep.EXIT_INTERRUPTED:
     return code
   text = index(workdir, args.variant, families)

@@ -46,6 +46,7 @@ machine they share its cores.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -67,6 +68,7 @@ from etils import epath
 from experiments import overrides as overrides_lib
 from experiments import provenance
 from experiments.configs import common
+from lora_jax import lock
 
 EXIT_FAILED = 1  # a point failed
 EXIT_INTERRUPTED = 143  # signalled (as experiments.main's EXIT_PREEMPTED): the same command resumes
@@ -569,18 +571,25 @@ def main(argv: Sequence[str] | None = None, command: PointCommand = point_comman
         print(f"[{pt.index}] {pt.arg} -> {pt.name} ({state})")
       print(f"    {shlex.join(sweep.argv(group))}")
     return 0
-  if conflict:
-    if not args.overwrite:
-      p.error(conflict)
-    workdir.rmtree()
-  workdir.mkdir(parents=True, exist_ok=True)
-  _write_json(workdir / "sweep.json", {
-      **identity, "points": [{"index": q.index, "point": q.arg, "name": q.name} for q in every],
-      "argv": [sys.executable, "-m", "experiments.sweep", *(sys.argv[1:] if argv is None else argv)],
-      "shard": args.shard, "only": args.only, "parallel": args.parallel, "stack": args.stack,
-      "host": socket.gethostname(),
-      "started": _now(), **provenance.git_state()})
-  return sweep.run()
+  # One runner per sweep directory (per shard: shards share the directory, never a point); each point's own run
+  # locks its directory too.
+  with contextlib.ExitStack() as held:
+    try:
+      held.enter_context(lock.hold(workdir, tag=f"shard-{args.shard[0]}-of-{args.shard[1]}" if args.shard else ""))
+    except lock.DirectoryLocked as e:
+      p.error(str(e))
+    if conflict:
+      if not args.overwrite:
+        p.error(conflict)
+      workdir.rmtree()
+    workdir.mkdir(parents=True, exist_ok=True)
+    _write_json(workdir / "sweep.json", {
+        **identity, "points": [{"index": q.index, "point": q.arg, "name": q.name} for q in every],
+        "argv": [sys.executable, "-m", "experiments.sweep", *(sys.argv[1:] if argv is None else argv)],
+        "shard": args.shard, "only": args.only, "parallel": args.parallel, "stack": args.stack,
+        "host": socket.gethostname(),
+        "started": _now(), **provenance.git_state()})
+    return sweep.run()
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ model's layout (``model_config``, incl. ``scan_layers``), the LoRA spec, and whi
 holds (``describe_run`` and ``Checkpointer.save``). Readers of trained parameters restore the ``trainable`` item
 alone: they never rebuild the optimizer. Orbax writes each step to a temporary directory and renames it only when
 complete, so an interrupted save leaves the previous checkpoint as it was; ``latest_step`` only sees finished
-ones, and ``restore_latest`` falls back to an older checkpoint when the newest can't be read.
+ones, and ``restore_latest`` falls back to an older checkpoint when the newest can't be read (a reader leaves the
+directory as it is; a resuming trainer moves the unreadable one aside with ``set_aside``).
 """
 
 from __future__ import annotations
@@ -99,6 +100,22 @@ class Checkpointer:
         continue
       return step, items, record
     return None
+
+  def set_aside(self, step: int) -> epath.Path:
+    """Renames the unreadable checkpoint ``step`` to ``<step>.corrupt`` (``.corrupt-2``, ... if taken), kept for a
+    person to look at and out of the way of a rerun that saves that step again; returns the new path."""
+    old, suffix, n = self.directory / str(step), ".corrupt", 1
+    while (new := self.directory / f"{step}{suffix}").exists():
+      n += 1
+      suffix = f".corrupt-{n}"
+    old.rename(new)
+    self._manager.reload()
+    return new
+
+  def delete(self, step: int) -> None:
+    """Deletes checkpoint ``step`` (one a resumed run will write again)."""
+    self._manager.delete(int(step))
+    self._manager.reload()
 
   def restore_record(self, step: int) -> dict:
     """Only the JSON record of a step (e.g. to see which base model an adapter checkpoint belongs to)."""

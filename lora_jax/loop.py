@@ -3,10 +3,10 @@
     program = train.program(...) | stack.program(...) | rl.program(...)   # what one call computes, per client
     state, results = loop.fit(program, state, loop_config, loop.open_runs(workdirs, loop_config))
 
-The loop owns everything around the arithmetic, once for every client: resuming every live run from the newest
-step all of them have checkpointed (falling back past an unreadable newest one), cutting the logs back to it,
-SIGTERM (finish the call, save, raise ``Preempted``), the progress line, fetching a call's metrics while the next
-call runs, the per-step checks (a NaN/Inf loss or gradient: ``NonFiniteLoss``; an all-zero gradient for
+The loop owns everything around the arithmetic, once for every client: one writer per run directory (``lock.hold``),
+resuming every live run from the newest step all of them have checkpointed (moving an unreadable newer one aside),
+cutting the logs back to it, SIGTERM (finish the call, save, raise ``Preempted``), the progress line, fetching a
+call's metrics while the next call runs, the per-step checks (a NaN/Inf loss or gradient: ``NonFiniteLoss``; an all-zero gradient for
 ``LoopConfig.collapse_steps`` steps: ``Collapsed``), evaluation (the program's metrics, an eval hook's and the
 per-module LoRA diagnostics), logging and checkpoints (only finite states are saved). A ``Program`` says what a call
 is: how its batches are drawn (a data iterator, or an RL sampler reading the current state), the jitted steps,
@@ -33,6 +33,7 @@ import numpy as np
 from etils import epath
 
 from lora_jax import checkpoint as ckpt_lib
+from lora_jax import lock
 from lora_jax import metrics as metrics_lib
 
 
@@ -213,24 +214,43 @@ def draw_call(draw: Callable[[], dict], step: int, chunk: int, steps: int,
 
 
 def _resume(program: Program, state, runs: list[Run]) -> tuple[Any, int]:
-  """The state restored from the newest step every live run has a readable checkpoint of (older common steps are
-  tried when one can't be read, saying so), and that step (0: a fresh start)."""
+  """The state restored from the newest step every live run has a readable checkpoint of, and that step (0: a fresh
+  start). Newer checkpoints that can't be read (truncated files, a missing ``_METADATA``) are moved aside to
+  ``<step>.corrupt`` and the others past the step deleted (the resumed runs write them again), each said; when none
+  can be read (also what a changed model or optimizer looks like) the error is raised and nothing is touched."""
   live = [k for k, r in enumerate(runs) if r.error is None]
   common = sorted(set.intersection(*(set(runs[k].checkpointer.all_steps()) for k in live)))
-  for i, step in enumerate(reversed(common)):
+  unreadable = []  # (run index, step, error)
+  for step in reversed(common):
     states, data = program.split(state), {}
     try:
       for k in live:
         items, saved = runs[k].checkpointer.restore(step, states[k].checkpoint_tree())
         states[k], data[k] = states[k].replace(**items), saved["data"]
     except ckpt_lib.CheckpointError as err:
-      if i + 1 == len(common):
-        raise
-      print(f"WARNING: {err}\nfalling back to the previous checkpoint, step {common[-i - 2]}")
+      unreadable.append((k, step, err))
       continue
+    _clear_newer(runs, live, step, unreadable)
     program.restore_data(data)
     return program.join(state, states), step
+  if unreadable:
+    k, step, err = unreadable[-1]
+    raise ckpt_lib.CheckpointError(f"{err}\nno checkpoint of {runs[k].checkpointer.directory} can be read (a changed "
+                                   "model, LoRA spec or optimizer reads as this too); move it aside to start over")
+  _clear_newer(runs, live, 0, [])
   return state, 0
+
+
+def _clear_newer(runs: list[Run], live: list[int], step: int, unreadable: list) -> None:
+  """Moves the unreadable checkpoints aside and deletes every other one past ``step`` of the live runs (steps one run
+  of a stack saved before a kill, or newer than an unreadable one), so that the resumed runs can save them again."""
+  for k, bad, err in unreadable:
+    print(f"WARNING: {err}\nmoved it aside to {runs[k].checkpointer.set_aside(bad)}; resuming from step {step}")
+  for k in live:
+    for newer in [s for s in runs[k].checkpointer.all_steps() if s > step]:
+      print(f"deleting checkpoint {runs[k].checkpointer.directory / str(newer)}: the run resumes from step {step} and "
+            "writes it again")
+      runs[k].checkpointer.delete(newer)
 
 
 def fit(program: Program, state, loop: LoopConfig, runs: Sequence[Run], *, eval_hook: Callable | None = None,
@@ -241,21 +261,27 @@ def fit(program: Program, state, loop: LoopConfig, runs: Sequence[Run], *, eval_
   if len(runs) != program.size:
     raise ValueError(f"{program.size} runs but {len(runs)} run directories")
   try:
-    if all(r.error is not None for r in runs):  # every run failed in an earlier attempt
-      return state, [RunResult("failed", r.error) for r in runs]
-    state, start = _resume(program, state, runs)
-    # Records past ``start`` were written by an attempt that died before its next checkpoint; they are redone now.
-    # A fresh start redoes step 0's evaluation too, so then nothing is kept.
-    keep_until = start if start else -1
-    for r in runs:
-      if r.error is None:
-        r.writer.truncate_after(keep_until)
-        if r.writer.active:
-          metrics_lib.truncate_jsonl(r.workdir / metrics_lib.DIAGNOSTICS_FILE, keep_until)
-    return _train(program, state, loop, runs, start, eval_hook, fail_fast, progress)
+    with lock.hold_all([r.workdir for r in runs], enabled=jax.process_index() == 0):  # one writer per run directory
+      return _fit(program, state, loop, runs, eval_hook, fail_fast, progress)
   finally:
     for r in runs:
       r.checkpointer.close()
+
+
+def _fit(program: Program, state, loop: LoopConfig, runs: list[Run], eval_hook, fail_fast: bool,
+         progress: bool) -> tuple[Any, list[RunResult]]:
+  if all(r.error is not None for r in runs):  # every run failed in an earlier attempt
+    return state, [RunResult("failed", r.error) for r in runs]
+  state, start = _resume(program, state, runs)
+  # Records past ``start`` were written by an attempt that died before its next checkpoint; they are redone now.
+  # A fresh start redoes step 0's evaluation too, so then nothing is kept.
+  keep_until = start if start else -1
+  for r in runs:
+    if r.error is None:
+      r.writer.truncate_after(keep_until)
+      if r.writer.active:
+        metrics_lib.truncate_jsonl(r.workdir / metrics_lib.DIAGNOSTICS_FILE, keep_until)
+  return _train(program, state, loop, runs, start, eval_hook, fail_fast, progress)
 
 
 def _train(program: Program, state, loop: LoopConfig, runs: list[Run], start: int, eval_hook, fail_fast: bool,

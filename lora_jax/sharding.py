@@ -19,23 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lora_jax import lora
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")  # the batch is split over both: FSDP is data parallelism with sharded weights
-
-# Logical axis -> mesh axis. FSDP shards the model (embed) dimension of every matrix; tensor parallelism shards the
-# MLP, head and vocabulary dimensions; layers and per-head widths stay whole.
-DEFAULT_RULES: dict[str, str | None] = {
-    "batch": "data",
-    "embed": "fsdp",
-    "mlp": "tensor",
-    "heads": "tensor",
-    "kv_heads": "tensor",
-    "vocab": "tensor",
-    "experts": None,
-    "layers": None,
-    "head_dim": None,
-    "norm": None,
-}
+from lora_jax.rules import BATCH_AXES, DEFAULT_RULES, MESH_AXES  # noqa: F401 (sharding.DEFAULT_RULES etc.)
 
 
 def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -2,6 +2,7 @@
 selves; each run writes its own run directory; a killed stack resumes bitwise; runs spread over devices."""
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -193,6 +194,11 @@ def test_a_killed_or_preempted_stack_resumes_bitwise(tmp_path):
   full, _ = stacked(tmp_path / "straight", plans, names)
   with pytest.raises(RuntimeError, match="simulated crash"):  # dies fetching step 10's batch, inside call 10-12
     stacked(tmp_path / "killed", plans, names, batches=CountingBatches(fail_at=9))
+  # As if killed between the two runs' saves: b lacks a's newest checkpoint. The stack resumes from the step both
+  # have; a's newer one is deleted and written again (it used to stop with StepAlreadyExistsError there).
+  saved = sorted(int(p.name) for p in (tmp_path / "killed" / "b" / "checkpoints").iterdir() if p.name.isdigit())
+  assert len(saved) >= 2, saved
+  shutil.rmtree(tmp_path / "killed" / "b" / "checkpoints" / str(saved[-1]))
   resumed, results = stacked(tmp_path / "killed", plans, names)
   assert [r.state for r in results] == ["done"] * 2
 
@@ -298,26 +304,29 @@ def test_runs_spread_over_eight_devices(tmp_path):
 @pytest.mark.slow
 def test_a_sweep_with_and_without_stacking_gives_the_same_results(tmp_path):
   """experiments.sweep --stack (two real tiny LoRA points of two ranks and two LRs in one experiments.stacked
-  process, and a full FT point) and --stack 1 (three experiments.main processes) leave the same results.csv within
-  float32 tolerance, and the same files in every point directory."""
+  process, and a full FT point, which runs as experiments.main either way) and --stack 1 (the LoRA points as two
+  experiments.main processes) leave the same results.csv rows within float32 tolerance, and the same files in every
+  point directory."""
   import csv
   import subprocess
   import sys
 
   from experiments import report
 
-  common = ["--config", "experiments/configs/lr_sweep.py:quick", "--only",
-            "rank=4,lr=0.002,seed=0|rank=16,lr=0.004,seed=0|full,lr=0.00141,seed=0"]
+  lora_points = "rank=4,lr=0.002,seed=0|rank=16,lr=0.004,seed=0"
   overrides = ["--", "--config.train.steps=6", "--config.train.eval_every=3", "--config.data.eval_size=20",
                *_base.overrides()]
-  for name, stack_arg in (("stacked", "auto"), ("separate", "1")):
-    out = subprocess.run([sys.executable, "-m", "experiments.sweep", *common, "--workdir", str(tmp_path / name),
-                          "--stack", stack_arg, *overrides], capture_output=True, text=True, timeout=900)
+  for name, stack_arg, only in (("stacked", "auto", f"{lora_points}|full,lr=0.00141,seed=0"),
+                                ("separate", "1", lora_points)):
+    out = subprocess.run([sys.executable, "-m", "experiments.sweep", "--config", "experiments/configs/lr_sweep.py:quick",
+                          "--only", only, "--workdir", str(tmp_path / name), "--stack", stack_arg, *overrides],
+                         capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     report.write_sweep(tmp_path / name)
   status = json.loads((tmp_path / "stacked" / "quick_method=lora_rank=4_lr=0.002_seed=0" / "status.json").read_text())
   assert len(status["stacked_with"]) == 2 and "experiments.stacked" in status["command"]
   rows = {name: list(csv.DictReader(open(tmp_path / name / "results.csv"))) for name in ("stacked", "separate")}
+  rows["stacked"] = [r for r in rows["stacked"] if r["method"] == "lora"]
   assert len(rows["stacked"]) == len(rows["separate"]) > 3
   for a, b in zip(rows["stacked"], rows["separate"]):
     assert {k: v for k, v in a.items() if k not in ("eval_nll", "train_loss")} == \
@@ -333,8 +342,10 @@ def test_a_sweep_with_and_without_stacking_gives_the_same_results(tmp_path):
                        for p in (tmp_path / "stacked" / point.name).rglob("*")
                        if "checkpoints/" not in p.as_posix() and "tensorboard" not in p.as_posix()}
       assert stacked_files - {"stack.json"} == alone, point.name
-      if "method=lora" in point.name:  # the lone full FT point runs as experiments.main, stacked or not
-        assert json.loads((tmp_path / "stacked" / point.name / "stack.json").read_text())["state"] == "done"
+      assert json.loads((tmp_path / "stacked" / point.name / "stack.json").read_text())["state"] == "done"
+  full = "quick_method=full_lr=0.00141_seed=0"  # the lone full FT point runs as experiments.main, stacked or not
+  assert "experiments.main" in json.loads((tmp_path / "stacked" / full / "status.json").read_text())["command"]
+  assert not (tmp_path / "stacked" / full / "stack.json").exists()
   # experiments.evaluate: the sweep's two LoRA runs in one batch (ranks 4 and 16) and its full FT run alone give
   # the final eval NLL each run logged.
   from experiments import evaluate

@@ -85,3 +85,37 @@ def test_the_checker_sees_function_level_and_relative_imports():
   known = {"lora_jax", "lora_jax.hf", "lora_jax.lora", "lora_jax.train", "lora_jax.checkpoint"}
   assert _imports("lora_jax.checkpoint", tree, known) == {"lora_jax", "lora_jax.hf", "lora_jax.lora",
                                                           "lora_jax.train"}
+
+
+def test_no_input_can_become_code():
+  """No shell strings run locally (subprocess with shell=True, os.system/popen), nothing unpickled, no eval/exec, and
+  HF loading never passes trust_remote_code: a config value or a file in a run directory stays data."""
+  found = []
+  for name, tree in _sources().items():
+    for node in ast.walk(tree):
+      if isinstance(node, ast.Call):
+        func = ast.unparse(node.func)
+        if func in ("eval", "exec", "os.system", "os.popen", "torch.load") or func.startswith(("pickle.", "cloudpickle.", "dill.")):
+          found.append(f"{name}: {func}()")
+        for kw in node.keywords:
+          if kw.arg in ("shell", "trust_remote_code", "allow_pickle") and not (isinstance(kw.value, ast.Constant) and
+                                                                kw.value.value is False):
+            found.append(f"{name}: {func}({kw.arg}=...)")
+      elif isinstance(node, (ast.Import, ast.ImportFrom)):
+        names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
+        found += [f"{name}: imports {n}" for n in names if n in ("pickle", "cloudpickle", "dill", "marshal")]
+  assert not found, found
+
+
+def test_configs_the_sweep_runner_and_launchers_start_without_jax():
+  """Config modules, the override parser, the sweep runner and the TPU launchers import no JAX (they start in a
+  fraction of a second; a sweep's every point process and the study's fake points load configs)."""
+  import subprocess
+  import sys
+
+  modules = [f"experiments.configs.{p.stem}" for p in sorted((ROOT / "experiments" / "configs").glob("*.py"))]
+  modules += ["experiments.overrides", "experiments.sweep", "tpu.run", "tpu.sweep", "lora_jax.spec", "lora_jax.lock"]
+  code = (f"import importlib, sys\nfor m in {modules!r}:\n  importlib.import_module(m)\n"
+          "  assert 'jax' not in sys.modules and 'flax' not in sys.modules, m\n")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]

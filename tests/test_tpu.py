@@ -9,6 +9,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -383,3 +384,35 @@ def test_missing_gcloud_is_a_clear_error(tmp_path, monkeypatch):
   monkeypatch.setenv("PATH", str(tmp_path))
   with pytest.raises(SystemExit, match="command not found: 'gcloud'"):
     delete.main(NODE)
+
+
+EVIL = ["x; touch pwned", "$(touch pwned)", "`touch pwned`", "a'b\"c && touch pwned", "x\ntouch pwned"]
+
+
+def test_config_values_never_become_shell_code(tmp_path, config_file, capsys):
+  """Values from the command line and configs reach the remote python as single arguments, verbatim, through the real
+  remote shell string (run here by bash with a fake venv python); nothing they spell is executed. The sweep runner
+  builds each point's command as an argument list (no shell at all)."""
+  home = tmp_path / "home"
+  venv = home / "lora_jax" / ".venv" / "bin"
+  venv.mkdir(parents=True)
+  (venv / "python").write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\0" "$a"; done > "$HOME/args.partial"\n'
+                               'mv "$HOME/args.partial" "$HOME/args"\n')
+  (venv / "python").chmod(0o755)
+  for evil in EVIL:
+    override = f"--config.wandb.project={evil}"
+    only = f"lora|{evil}"  # a regex that still selects a point
+    for module, argv in ((run, ["--config", f"{config_file}:tiny", "--workdir", "gs://b/r"]),
+                         (sweep, ["--config", str(config_file), "--workdir", "gs://b/s", "--only", only])):
+      module.main([*NODE, *argv, override, "--dry-run"])
+      cmd = shlex.split("\n".join(l for l in capsys.readouterr().out.splitlines() if not l.startswith("#")))
+      subprocess.run(["bash", "-c", remote(cmd)], cwd=tmp_path, env={**os.environ, "HOME": str(home)}, check=True)
+      for _ in range(200):  # the remote command runs detached (nohup ... &)
+        if (home / "args").exists():
+          break
+        time.sleep(0.05)
+      args = (home / "args").read_text().split("\0")[:-1]
+      (home / "args").unlink()
+      assert override in args and (module is run or f"--only={only}" in args), args
+      assert not list(tmp_path.rglob("pwned")), evil
+    assert override in experiments_sweep.point_command("c.py", "tiny", "w", [override])

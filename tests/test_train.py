@@ -4,6 +4,8 @@ collapse and SIGTERM, logs without repeats after a resume, and golden values of 
 import dataclasses
 import json
 import os
+import re
+import shutil
 import signal
 
 import flax.linen as nn
@@ -133,6 +135,52 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, spec):
   records = lambda d: [json.loads(l) for l in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in records("crashed")] == [r["step"] for r in records("straight")]  # no duplicates
   assert [r.get("train/loss") for r in records("crashed")] == [r.get("train/loss") for r in records("straight")]
+
+
+# Each kind of file an Orbax checkpoint is made of, damaged one at a time: (glob under the checkpoint, damage).
+CHECKPOINT_DAMAGE = [("_CHECKPOINT_METADATA", "delete"), ("record/metadata", "truncate"),
+                     ("trainable/_METADATA", "delete"), ("trainable/manifest.ocdbt", "delete"),
+                     ("trainable/ocdbt.process_0/manifest.ocdbt", "truncate"), ("trainable/d/*", "truncate"),
+                     ("trainable/ocdbt.process_0/d/*", "truncate"), ("opt_state/d/*", "truncate"),
+                     ("step/_METADATA", "truncate")]
+
+
+def test_a_corrupt_newest_checkpoint_is_moved_aside_and_the_rerun_finishes_bitwise(tmp_path, capsys):
+  straight, _ = run(tmp_path, "straight", steps=9)
+  with pytest.raises(RuntimeError, match="simulated crash"):
+    run(tmp_path, "crashed", steps=9, batches=CountingBatches(fail_at=8))
+  assert checkpoint.Checkpointer(tmp_path / "crashed" / "checkpoints").all_steps() == [3, 6]
+  set_aside = []
+  for pattern, damage in CHECKPOINT_DAMAGE:
+    work = tmp_path / pattern.replace("/", "_").replace("*", "x")
+    shutil.copytree(tmp_path / "crashed", work)
+    files = [f for f in (work / "checkpoints" / "6").glob(pattern) if f.is_file()]
+    assert files, pattern
+    for f in files:
+      f.unlink() if damage == "delete" else f.write_bytes(f.read_bytes()[:len(f.read_bytes()) // 2])
+    capsys.readouterr()
+    resumed, _ = run(tmp_path, work.name, steps=9)  # used to stop with StepAlreadyExistsError at step 6
+    for a, b in zip(leaves(straight), leaves(resumed)):
+      np.testing.assert_array_equal(a, b)
+    out = capsys.readouterr().out
+    if (work / "checkpoints" / "6.corrupt").is_dir():
+      set_aside.append(pattern)
+      assert re.search(r"checkpoints/6 can't be read.*\nmoved it aside to .*checkpoints/6\.corrupt; resuming from "
+                       r"step 3", out), out
+    assert checkpoint.Checkpointer(work / "checkpoints").all_steps() == [6, 9]
+  # The array data, its index and the metadata are read on restore: damaging them is caught and set aside.
+  assert {"trainable/_METADATA", "trainable/d/*", "opt_state/d/*", "record/metadata"} <= set(set_aside), set_aside
+  print("set aside:", set_aside)
+
+
+def test_no_readable_checkpoint_is_an_error_that_touches_nothing(tmp_path):
+  with pytest.raises(RuntimeError, match="simulated crash"):
+    run(tmp_path, "crashed", steps=9, batches=CountingBatches(fail_at=8))
+  ckpt = tmp_path / "crashed" / "checkpoints"
+  before = sorted(p.name for p in ckpt.iterdir())
+  with pytest.raises(checkpoint.CheckpointError, match="no checkpoint of .*checkpoints can be read .*move it aside"):
+    run(tmp_path, "crashed", spec=lora.LoraSpec(rank=8, targets=("all-linear", "unembed")), steps=9)  # other shapes
+  assert sorted(p.name for p in ckpt.iterdir()) == before
 
 
 def test_sigterm_saves_a_checkpoint_and_raises_preempted_and_a_rerun_resumes(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from lora_jax import lora
+from lora_jax.spec import LoraSpec
 
 
 def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
@@ -46,14 +46,14 @@ def point_arg(point: str | dict) -> str:
 
 # Module names (and the embed/unembed presets) that `rank_pattern` / `alpha_pattern` have a config field for, so
 # `--config.lora.rank_pattern.k_proj=32` works on a locked config. A kernel matches at most one of them, so their
-# order does not matter; regex patterns need `lora.LoraSpec(rank_pattern=...)` itself.
+# order does not matter; regex patterns need `LoraSpec(rank_pattern=...)` itself.
 PATTERN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed", "unembed")
 
 
 def lora_defaults(rank: int = 16) -> ml_collections.ConfigDict:
   """Every ``lora.LoraSpec`` field (see its comments and the README's table), adapting every weight matrix incl.
   the unembedding as the study's main runs did; alpha 32, alpha/r, uniform A and B = 0 are the spec's defaults."""
-  fields = lora.LoraSpec(rank=rank, targets=("all-linear", "unembed")).to_dict()
+  fields = LoraSpec(rank=rank, targets=("all-linear", "unembed")).to_dict()
   config = ml_collections.ConfigDict({k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()
                                       if k not in ("layers", "rank_pattern", "alpha_pattern")})
   config.layers = ml_collections.config_dict.placeholder(tuple)  # None = every layer.
@@ -66,12 +66,12 @@ def _per_module(kind: type) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict({name: ml_collections.config_dict.placeholder(kind) for name in PATTERN_MODULES})
 
 
-def lora_spec(config: ml_collections.ConfigDict) -> lora.LoraSpec:
+def lora_spec(config: ml_collections.ConfigDict) -> LoraSpec:
   """The ``lora.LoraSpec`` of a config's ``lora`` fields (per-module ranks and alphas left at None dropped)."""
   fields = config.to_dict()
   for name in ("rank_pattern", "alpha_pattern"):
     fields[name] = {k: v for k, v in fields[name].items() if v is not None}
-  return lora.LoraSpec.from_dict(fields)
+  return LoraSpec.from_dict(fields)
 
 
 def tiny_base_config() -> ml_collections.ConfigDict:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import ml_collections
 
 from experiments.configs import common
-from lora_jax import sharding
+from lora_jax import rules
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
@@ -104,7 +104,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   config.train.steps_per_call = 10 if args.tiny else 1
 
   config.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})  # Device mesh; -1 = the rest.
-  config.sharding_rules = ml_collections.ConfigDict(sharding.DEFAULT_RULES)  # Logical axis -> mesh axis (or None).
+  config.sharding_rules = ml_collections.ConfigDict(rules.DEFAULT_RULES)  # Logical axis -> mesh axis (or None).
 
   config.eval = ml_collections.ConfigDict()
   config.eval.arithmetic_examples = 64 if args.tiny else 0  # Greedy exact-match accuracy on held-out sums; 0 = off.

@@ -59,7 +59,7 @@ from __future__ import annotations
 import ml_collections
 
 from experiments.configs import common
-from lora_jax import sharding
+from lora_jax import rules
 
 TINY_RANKS = (1, 8)
 REAL_RANKS = (1, 8, 32)
@@ -170,7 +170,7 @@ def get_config(arg: str = "tiny,method=lora,rank=1") -> ml_collections.ConfigDic
   config.train.collapse_steps = 0  # Unused by RL (a zero gradient is normal when every group has one reward).
 
   config.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})  # Device mesh; -1 = the rest.
-  config.sharding_rules = ml_collections.ConfigDict(sharding.DEFAULT_RULES)  # Logical axis -> mesh axis.
+  config.sharding_rules = ml_collections.ConfigDict(rules.DEFAULT_RULES)  # Logical axis -> mesh axis.
   config.tiny_base = common.tiny_base_config()  # Used when model.name == "tiny".
   config.wandb = ml_collections.ConfigDict({"project": ""})  # W&B project; empty = off.
   return config
