@@ -313,7 +313,7 @@ def test_a_sweep_with_and_without_stacking_gives_the_same_results(tmp_path):
 
   from experiments import report
 
-  lora_points = "rank=4,lr=0.002,seed=0|rank=16,lr=0.004,seed=0"
+  lora_points = "rank=4,lr=0.00283,seed=0|rank=16,lr=0.00566,seed=0"
   overrides = ["--", "--config.train.steps=6", "--config.train.eval_every=3", "--config.data.eval_size=20",
                *_base.overrides()]
   for name, stack_arg, only in (("stacked", "auto", f"{lora_points}|full,lr=0.00141,seed=0"),
@@ -323,7 +323,7 @@ def test_a_sweep_with_and_without_stacking_gives_the_same_results(tmp_path):
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     report.write_sweep(tmp_path / name)
-  status = json.loads((tmp_path / "stacked" / "quick_method=lora_rank=4_lr=0.002_seed=0" / "status.json").read_text())
+  status = json.loads((tmp_path / "stacked" / "quick_method=lora_rank=4_lr=0.00283_seed=0" / "status.json").read_text())
   assert len(status["stacked_with"]) == 2 and "experiments.stacked" in status["command"]
   rows = {name: list(csv.DictReader(open(tmp_path / name / "results.csv"))) for name in ("stacked", "separate")}
   rows["stacked"] = [r for r in rows["stacked"] if r["method"] == "lora"]

@@ -5,22 +5,23 @@ the optimal LR barely moves with rank (< 2x between ranks 4 and 512; rank 1 pref
 one run (one method, one rank, one LR, one seed); `python -m experiments.report DIR` fits each method's optimum
 (quadratic in log LR around the grid minimum, bootstrap over seeds) and gives the verdicts.
 
-CPU (`tiny`): the study base (`common.study_base`: hidden 128, 2 layers, pretrained on a corpus holding every token
-and format of the task; step-0 held-out NLL 2.37 nats vs ln(vocab) 4.65); 9,500 distinct 2-digit sums (500 held out),
-300 steps at batch 16 (~3 epochs: the 2-digit space has 10,000 problems), eval NLL on the 500 held-out problems every
-25 steps; ranks 1, 4, 16, 64 and full FT, each over 7 LRs sqrt(2) apart around its pilot optimum (LoRA 1e-3..8e-3,
-full FT 7.1e-4..5.7e-3), seeds 0-2: 105 points, ~20 min on 2 cores with `--stack auto`.
+CPU (`tiny`): the calibrated setting (docs/results/calibration/dialect_known10): the study base (`common.study_base`:
+hidden 128, 2 layers, pretrained on a corpus holding every token and format of the task and the dialect's plain
+register in 10% of its text; step-0 held-out NLL 2.17 nats vs ln(vocab) 4.65) fine-tuned on the dialect task (10,000
+answers, ~one epoch in 300 steps at batch 16, 500 held out), eval NLL on the held-out answers every 25 steps; ranks
+1, 4, 16, 64 and full FT, each over 7 LRs sqrt(2) apart around its pilot optimum (LoRA 1e-3..8e-3, full FT
+5e-4..4e-3), seeds 0-2: 105 points, ~35 min on 2 cores with `--stack auto`.
 
     python -m experiments.sweep --config experiments/configs/lr_sweep.py:tiny --workdir runs/lr_sweep
-    python -m experiments.sweep --config experiments/configs/lr_sweep.py:quick --workdir runs/lr_quick   # ~4 min
+    python -m experiments.sweep --config experiments/configs/lr_sweep.py:quick --workdir runs/lr_quick   # ~5 min
 
 `quick` is a subset (ranks 4 and 16 and full FT, 3 LRs a factor 2 apart around the same optima, seeds 0 and 1) that
-gives findings 3 and 4 with seed-bootstrap intervals. Pilot (2026-12-07, seed 0, 300 steps; runs/pilot, not
-published): LoRA r4 and r64 both best at 2e-3 on {1e-3, ..., 1.6e-2} (r4 1.309, r64 1.153 final NLL), unstable at
->= 8e-3 (~2.2); full FT best at 1e-3-2e-3 (calibration sweep, 3 seeds: 0.95-1.0). Calibration
-(docs/results/calibration/): not usable yet at 300 steps (full FT
-still learning: separation from a weak LoRA 5.6-19.8 seed standard deviations, the rule asks >= 10 at 50/75/100% of
-the steps) nor at 600 (7.4 at half the steps); the old measurements on the old base are in docs/results/tiny/.
+gives findings 3 and 4 with seed-bootstrap intervals. Pilot (2026-12-07, seed 0, 300 steps, commit 53d737b; not
+published): full FT best at 1e-3 on {7.1e-4, ..., 5.7e-3} (final NLL 0.449; 0.450 at 1.41e-3), LoRA r4 and r64 best
+at 4e-3 and 2.83e-3 on {1e-3, ..., 8e-3} (0.471, 0.458), unstable at 8e-3 (r4 1.88). At a constant LR (the study's
+schedule) single runs at the higher LRs spike late (full FT 4e-3: 0.524 at half the steps, 0.669 at the end), so the
+verdicts lean on the 3 seeds and on the 50/75/100% stability rule. The sums' measurements on the old base are in
+docs/results/tiny/.
 
 Real scale (GPU/TPU VMs): `model=meta-llama/Llama-3.2-1B`, `model=meta-llama/Llama-3.1-8B` or
 `model=Qwen/Qwen3-8B-Base` on Tulu3 (the study's SFT data), 780 steps at batch 128, ranks 1-256 and full FT over 7
@@ -37,9 +38,9 @@ from experiments.configs import common, finetune
 
 TINY_RANKS = (1, 4, 16, 64)
 REAL_RANKS = (1, 4, 16, 64, 256)
-TINY_CENTRE = {"lora": 2.83e-3, "full": 2e-3}  # Grid centres: the pilot optima, half a step up (see the docstring).
+TINY_CENTRE = {"lora": 2e-3 * 2**0.5, "full": 1e-3 * 2**0.5}  # Grid centres: the pilot optima (see the docstring).
 SEEDS = (0, 1, 2)
-QUICK_CENTRE = {"lora": 2e-3, "full": 1.41e-3}  # The study base's pilot optima at 300 steps (see the docstring).
+QUICK_CENTRE = {"lora": 2e-3 * 2**0.5, "full": 1e-3 * 2**0.5}  # The pilot optima at 300 steps (see the docstring).
 QUICK_SEEDS = (0, 1)  # Two seeds: enough for the bootstrap intervals of findings 3 and 4.
 SWEEPS = ("tiny", "quick", "model=meta-llama/Llama-3.2-1B", "model=meta-llama/Llama-3.1-8B",
           "model=Qwen/Qwen3-8B-Base")  # The variants get_sweep knows.
