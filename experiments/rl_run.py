@@ -140,6 +140,10 @@ def task_pairs(config: ml_collections.ConfigDict) -> tuple[list, list]:
     if missing:
       raise ValueError(f"{source} ({split}): records lack {missing} (task {d.task} reads {q!r} and {a!r}); "
                        f"fields: {sorted(records[0])}")
+    bad = [(i, why) for i, r in enumerate(records) if (why := rewards.unscorable(d.task, r[a])) is not None]
+    if bad:
+      raise ValueError(f"{source} ({split}): record {bad[0][0]}'s {a!r} cannot be scored by the {d.task} reward: "
+                       f"{bad[0][1]} ({len(bad)} of {len(records)} records)")
     out.append([(d.prompt_template.format(question=r[q]), r[a]) for r in records])
   train_pairs, eval_pairs = out
   if not d.eval:  # one source: hold out eval_size of it
@@ -222,6 +226,7 @@ def _run(config: ml_collections.ConfigDict, workdir: epath.Path, overwrite: bool
   conflict = run_lib.refuse_conflict(workdir, config, overwrite)
   try:
     check_config(config)
+    task_pairs(config)  # the data's errors (a missing field, an answer no reward can score) before any model is built
     model_dir = warmed_base(config) if config.model.name == "tiny" else config.model.name
     model_config = run_lib.load_model_config(config, model_dir)
     mesh = None if jax.device_count() == 1 else dict(config.mesh.to_dict())

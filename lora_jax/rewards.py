@@ -167,6 +167,26 @@ def math(completion: str, answer: str) -> float:
 REWARDS: dict[str, Callable[[str, str], float]] = {"arithmetic": arithmetic, "gsm8k": gsm8k, "math": math}
 
 
+def unscorable(task: str, answer) -> str | None:
+  """Why a reference ``answer`` can never earn a reward under ``task`` (no number to compare, no answer at all), or
+  None when it can: checked on every record before an RL run starts, not discovered as a reward stuck at 0."""
+  if not isinstance(answer, str) or not answer.strip():
+    return f"the reference answer is {answer!r}, not text"
+  if task in ("arithmetic", "gsm8k"):
+    reference = answer
+    if task == "gsm8k" and "####" in answer:
+      m = _GSM_MARK.search(answer)
+      reference = m[1].strip() if m else ""
+    if parse_number(reference) is None:
+      return (f"no number in the reference answer {answer[-80:]!r} (expected a number, or a solution ending in "
+              "'#### N')")
+  elif task == "math":
+    boxed = last_boxed(answer)
+    if boxed is not None and not boxed.strip():
+      return f"the reference's \\boxed{{}} is empty in {answer[-80:]!r}"
+  return None
+
+
 def get(name: str) -> Callable[[str, str], float]:
   """The reward function of a task name (``REWARDS``)."""
   if name not in REWARDS:
