@@ -47,6 +47,22 @@ def lora_diagnostics(params, adapters) -> dict[str, dict[str, jax.Array]]:
   return out
 
 
+def _summary_writer():
+  """tensorboardX's ``SummaryWriter`` class, imported without torch: its writer module tries ``import torch`` only to
+  accept torch tensors, which this writer never passes, and that import costs ~1.3-2.5 s in every run process of a
+  machine that has torch installed (tests/test_metrics.py checks that it stays out)."""
+  if "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter
+  sys.modules["torch"] = None  # `import torch` raises ImportError while this is set
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
+
+
 class MetricWriter:
   """Appends metrics to ``workdir/metrics.jsonl`` and TensorBoard; only process 0 writes."""
 
@@ -61,9 +77,7 @@ class MetricWriter:
     self.workdir.mkdir(parents=True, exist_ok=True)
     self.path = self.workdir / METRICS_FILE
     if tensorboard:
-      from tensorboardX import SummaryWriter
-
-      self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+      self._tb = _summary_writer()(str(self.workdir / "tensorboard"))
     if wandb:
       try:
         import wandb as wandb_lib

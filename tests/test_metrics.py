@@ -24,6 +24,21 @@ def test_metric_writer_writes_and_read_metrics_reads_back(tmp_path):
   assert isinstance(records[0]["train/tokens"], int)  # numpy/jax scalars become plain JSON numbers
 
 
+def test_tensorboard_events_are_written_without_importing_torch(tmp_path):
+  """The TensorBoard writer logs scalars (read back with tensorboard's own event reader where installed, else found
+  on disk) and does not pull torch into a run process (it is installed here, for the PEFT tests)."""
+  import subprocess
+  import sys
+
+  code = ("import sys\nfrom lora_jax import metrics\n"
+          f"w = metrics.MetricWriter({str(tmp_path / 'run')!r}, active=True)\n"
+          "w.write(3, {'train/loss': 1.5})\nw.close()\nassert 'torch' not in sys.modules\nimport torch\n")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  (events,) = (tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*")
+  assert b"train/loss" in events.read_bytes()
+
+
 def test_an_inactive_writer_writes_nothing(tmp_path):
   writer = metrics.MetricWriter(tmp_path / "run", tensorboard=False, active=False)
   writer.write(0, {"train/loss": 1.0})
