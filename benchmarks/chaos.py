@@ -1,0 +1,197 @@
+"""Chaos harness: kill each layer a user runs at random moments, rerun the same command, compare bitwise.
+
+    python -m benchmarks.chaos [--layers run,stack,sweep,rl] [--kills 10] [--seed 0] [--signals KILL,TERM]
+                               [--workdir runs/chaos]
+
+For each layer (a single ``experiments.main`` run, an ``experiments.stacked`` stack of 3 runs, an
+``experiments.sweep --parallel 2`` sweep of 3 points, an RL run) it first runs the command uninterrupted and records
+its outcome: every metrics file's losses, NLLs, rewards and accuracies (not timings) and the newest checkpoint's
+trainable arrays. Then, per kill, it starts the command in a fresh directory, sends the signal to the command and
+every process under it (as a VM that dies takes all of them) at a moment drawn uniformly over the reference's wall
+time, reruns the same command until it exits 0 (a SIGTERM exits 143: "rerun to resume"), and compares the outcome
+with the reference bitwise. Each kill prints its seed (``--seed S --kills 1 --layers L`` with the printed seed
+replays it); the last line is ``kills survived: X/Y, bitwise: X/Y``. The runs are tiny (the small test base, a few
+dozen steps), so a layer takes ~1-3 minutes per kill on 2 cores. tests/test_chaos.py runs one kill of the single run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import pathlib
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+LAYERS = ("run", "stack", "sweep", "rl")
+SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM}
+# Metric keys never compared: how fast a run ran and how much memory it took (everything it computes is compared).
+DROPPED = ("time", "per_s", "memory", "peak", "mfu")
+# A small base shared by every layer (built once, by the reference of the first layer).
+BASE = ["--config.tiny_base.steps=20", "--config.tiny_base.corpus_documents=200"]
+SFT = ["--config.train.steps=24", "--config.train.checkpoint_every=4", "--config.train.eval_every=8",
+       "--config.train.log_every=1", "--config.data.synthetic_examples=200", "--config.data.eval_size=16",
+       "--config.eval.arithmetic_examples=0"]
+
+
+def commands(layer: str, workdir: pathlib.Path, cache: pathlib.Path) -> list[list[str]]:
+  """The command of a layer into ``workdir`` (run from the repository root)."""
+  py = [sys.executable, "-m"]
+  common = [*BASE, f"--config.tiny_base.cache_dir={cache / 'base'}", f"--config.data.cache_dir={cache / 'data'}"]
+  if layer == "run":
+    return py + ["experiments.main", "--config", "experiments/configs/finetune.py:tiny,method=lora,rank=4",
+                 "--workdir", str(workdir), *SFT, *common]
+  if layer == "stack":
+    points = [a for k, lr in enumerate((2e-3, 4e-3, 8e-3))
+              for a in ("--point", f"tiny,method=lora,rank=4,lr={lr}", "--workdir", str(workdir / f"p{k}"))]
+    return py + ["experiments.stacked", "--config", "experiments/configs/finetune.py", *points, "--", *SFT, *common]
+  if layer == "sweep":
+    return py + ["experiments.sweep", "--config", "experiments/configs/finetune.py:tiny", "--only", "rank=(1|4|16)$",
+                 "--parallel", "2", "--stack", "1", "--workdir", str(workdir), "--", *SFT, *common]
+  if layer == "rl":
+    return py + ["experiments.main", "--config", "experiments/configs/rl.py:quick,method=lora,rank=1",
+                 "--workdir", str(workdir), "--config.train.steps=8", "--config.train.eval_every=4",
+                 "--config.train.checkpoint_every=2", "--config.warmup.steps=20", *common]
+  raise ValueError(f"unknown layer {layer!r}; valid: {list(LAYERS)}")
+
+
+def _kept(key: str) -> bool:
+  return not key.endswith("_s") and not any(k in key for k in DROPPED)
+
+
+def outcome(workdir: pathlib.Path) -> dict:
+  """What a finished command left: per metrics file, its records without timings and memory; per run, a hash of the
+  newest checkpoint's trainable arrays."""
+  import numpy as np
+  import orbax.checkpoint as ocp
+
+  out = {}
+  for path in sorted(workdir.rglob("metrics.jsonl")):
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out[str(path.relative_to(workdir))] = [{k: v for k, v in r.items() if _kept(k)} for r in records]
+  for ckpts in sorted(workdir.rglob("checkpoints")):
+    steps = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+    if not steps:
+      continue
+    tree = ocp.StandardCheckpointer().restore(ckpts / str(steps[-1]) / "trainable")
+    digest = hashlib.sha256()
+    leaves, _ = __import__("jax").tree_util.tree_flatten_with_path(tree)
+    for path, leaf in leaves:
+      digest.update(str(path).encode())
+      digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    out[str(ckpts.relative_to(workdir))] = [steps[-1], digest.hexdigest()]
+  return out
+
+
+def _descendants(pid: int) -> list[int]:
+  """``pid`` and every process under it (read from /proc; the sweep starts its points in their own sessions)."""
+  children: dict[int, list[int]] = {}
+  for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+    try:
+      fields = stat.read_text().rsplit(")", 1)[1].split()
+    except OSError:
+      continue
+    children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+  out, todo = [], [pid]
+  while todo:
+    p = todo.pop()
+    out.append(p)
+    todo += children.get(p, [])
+  return out
+
+
+def _run(argv: list[str], log: pathlib.Path, kill_at: float | None = None, sig: int = signal.SIGKILL) -> int:
+  """Runs ``argv`` (output appended to ``log``); with ``kill_at`` sends ``sig`` to it and everything under it after
+  that many seconds. Returns its exit status (negative: killed by a signal)."""
+  with open(log, "a") as f:
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    if kill_at is None:
+      return proc.wait()
+    try:
+      return proc.wait(timeout=kill_at)  # it finished before the kill
+    except subprocess.TimeoutExpired:
+      pass
+    if sig == signal.SIGTERM:
+      os.killpg(proc.pid, sig)  # as a preemption notice: the runner passes it on to its children
+    else:
+      for p in _descendants(proc.pid):
+        try:
+          os.kill(p, sig)
+        except ProcessLookupError:
+          pass
+    return proc.wait()
+
+
+def chaos(layers: Sequence[str], kills: int, seed: int, signals: Sequence[str], workdir: pathlib.Path,
+          stream=sys.stdout) -> tuple[int, int, int]:
+  """Runs the harness (module docstring); returns (kills, survived, bitwise)."""
+  cache = workdir / "cache"
+  total = survived = bitwise = 0
+  for layer in layers:
+    ref_dir = workdir / layer / "reference"
+    shutil.rmtree(ref_dir, ignore_errors=True)
+    t0 = time.monotonic()
+    code = _run(commands(layer, ref_dir, cache), workdir / layer / "reference.log")
+    wall = time.monotonic() - t0
+    if code != 0:
+      raise SystemExit(f"chaos: the uninterrupted {layer} run failed (exit {code}); see {workdir / layer}/reference.log")
+    reference = outcome(ref_dir)
+    print(f"[{layer}] reference: {wall:.1f} s, {len(reference)} metrics files and checkpoints", file=stream, flush=True)
+    for i in range(kills):
+      kill_seed = seed * 1000 + i
+      rng = random.Random(f"{layer}:{kill_seed}")
+      sig_name = signals[i % len(signals)]
+      kill_at = rng.uniform(0.05, 0.95) * wall
+      d = workdir / layer / f"kill{i}"
+      shutil.rmtree(d, ignore_errors=True)
+      d.mkdir(parents=True)
+      argv = commands(layer, d / "run", cache)
+      first = _run(argv, d / "log.txt", kill_at, SIGNALS[sig_name])
+      reruns, code = 0, first
+      while code != 0 and reruns < 3:  # a rerun resumes; a SIGTERM'd run asks for one (143)
+        code = _run(argv, d / "log.txt")
+        reruns += 1
+      total += 1
+      ok = code == 0
+      same = ok and outcome(d / "run") == reference
+      survived += ok
+      bitwise += same
+      print(f"[{layer}] kill {i + 1}/{kills} (seed {kill_seed}): SIG{sig_name} at {kill_at:.1f} s (exit {first}), "
+            f"{reruns} rerun(s) -> {'finished' if ok else f'FAILED (exit {code})'}"
+            f"{', bitwise equal' if same else (', DIFFERENT' if ok else '')}", file=stream, flush=True)
+      if same:
+        shutil.rmtree(d, ignore_errors=True)  # keep only what needs looking at
+  print(f"kills survived: {survived}/{total}, bitwise: {bitwise}/{total}", file=stream, flush=True)
+  return total, survived, bitwise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """The command line (module docstring); exit status 1 unless every kill was survived bitwise."""
+  p = argparse.ArgumentParser(prog="python -m benchmarks.chaos", description=__doc__.splitlines()[0])
+  p.add_argument("--layers", default=",".join(LAYERS), help=f"comma-separated, of {list(LAYERS)}")
+  p.add_argument("--kills", type=int, default=10, help="kills per layer (default 10)")
+  p.add_argument("--seed", type=int, default=0, help="kill i of a layer uses seed SEED*1000+i")
+  p.add_argument("--signals", default="KILL,TERM", help="signals used in turn: KILL, TERM or KILL,TERM")
+  p.add_argument("--workdir", default="runs/chaos", help="where the runs go (kept only for kills that failed)")
+  args = p.parse_args(argv)
+  layers = [x.strip() for x in args.layers.split(",") if x.strip()]
+  signals = [x.strip().upper() for x in args.signals.split(",") if x.strip()]
+  if unknown := [x for x in layers if x not in LAYERS]:
+    p.error(f"--layers {unknown}: valid layers are {list(LAYERS)}")
+  if bad := [x for x in signals if x not in SIGNALS]:
+    p.error(f"--signals {bad}: valid signals are {list(SIGNALS)}")
+  if args.kills < 1:
+    p.error(f"--kills must be >= 1, got {args.kills}")
+  total, survived, bitwise = chaos(layers, args.kills, args.seed, signals, pathlib.Path(args.workdir).absolute())
+  return 0 if survived == bitwise == total else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,31 @@
+"""The chaos harness (benchmarks/chaos.py), small: one random SIGKILL of a single run, rerun, compared bitwise."""
+
+import pytest
+
+from benchmarks import chaos
+
+
+@pytest.mark.slow
+def test_a_run_killed_at_a_random_moment_finishes_bitwise_equal(tmp_path, capsys):
+  total, survived, bitwise = chaos.chaos(["run"], kills=1, seed=0, signals=["KILL"], workdir=tmp_path)
+  out = capsys.readouterr().out
+  assert (total, survived, bitwise) == (1, 1, 1), out
+  assert "[run] kill 1/1 (seed 0): SIGKILL at" in out and out.strip().endswith("kills survived: 1/1, bitwise: 1/1")
+
+
+def test_the_outcome_keeps_computed_values_and_drops_timings(tmp_path):
+  run = tmp_path / "lora"
+  run.mkdir()
+  (run / "metrics.jsonl").write_text('{"step": 1, "train/loss": 1.5, "train/step_time_s": 0.2, "eval/nll": 2.0, '
+                                     '"train/tokens_per_s": 9.0, "train/peak_memory_bytes": 7, "train/tokens": 24}\n')
+  assert chaos.outcome(tmp_path) == {"lora/metrics.jsonl": [
+      {"step": 1, "train/loss": 1.5, "eval/nll": 2.0, "train/tokens": 24}]}
+
+
+def test_bad_arguments_name_the_culprit(capsys):
+  for argv, message in ((["--layers", "run,nope"], "--layers ['nope']: valid layers are"),
+                        (["--signals", "HUP"], "--signals ['HUP']: valid signals are"),
+                        (["--kills", "0"], "--kills must be >= 1")):
+    with pytest.raises(SystemExit):
+      chaos.main(argv)
+    assert message in capsys.readouterr().err
