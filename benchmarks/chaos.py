@@ -110,6 +110,7 @@ def _descendants(pid: int) -> list[int]:
 def _run(argv: list[str], log: pathlib.Path, kill_at: float | None = None, sig: int = signal.SIGKILL) -> int:
   """Runs ``argv`` (output appended to ``log``); with ``kill_at`` sends ``sig`` to it and everything under it after
   that many seconds. Returns its exit status (negative: killed by a signal)."""
+  log.parent.mkdir(parents=True, exist_ok=True)
   with open(log, "a") as f:
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     if kill_at is None:
@@ -130,8 +131,10 @@ def _run(argv: list[str], log: pathlib.Path, kill_at: float | None = None, sig: 
 
 
 def chaos(layers: Sequence[str], kills: int, seed: int, signals: Sequence[str], workdir: pathlib.Path,
-          stream=sys.stdout) -> tuple[int, int, int]:
-  """Runs the harness (module docstring); returns (kills, survived, bitwise)."""
+          stream=None) -> tuple[int, int, int]:
+  """Runs the harness (module docstring), printing to ``stream`` (default stdout); returns (kills, survived,
+  bitwise)."""
+  stream = sys.stdout if stream is None else stream
   cache = workdir / "cache"
   total = survived = bitwise = 0
   for layer in layers:
