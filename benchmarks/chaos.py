@@ -5,8 +5,8 @@
 
 For each layer (a single ``experiments.main`` run, an ``experiments.stacked`` stack of 3 runs, an
 ``experiments.sweep --parallel 2`` sweep of 3 points, an RL run) it first runs the command uninterrupted and records
-its outcome: every metrics file's losses, NLLs, rewards and accuracies (not timings) and the newest checkpoint's
-trainable arrays. Then, per kill, it starts the command in a fresh directory, sends the signal to the command and
+its outcome: every metrics file's records (losses, NLLs, rewards, accuracies, norms; not timings) and the newest
+checkpoint's arrays (trainable, optimizer state, step, RNG) and data position. Then, per kill, it starts the command in a fresh directory, sends the signal to the command and
 every process under it (as a VM that dies takes all of them) at a moment drawn uniformly over the reference's wall
 time, reruns the same command until it exits 0 (a SIGTERM exits 143: "rerun to resume"), and compares the outcome
 with the reference bitwise. Each kill prints its seed (``--seed S --kills 1 --layers L`` with the printed seed
@@ -41,10 +41,12 @@ SFT = ["--config.train.steps=24", "--config.train.checkpoint_every=4", "--config
        "--config.eval.arithmetic_examples=0"]
 
 
-def commands(layer: str, workdir: pathlib.Path, cache: pathlib.Path) -> list[list[str]]:
-  """The command of a layer into ``workdir`` (run from the repository root)."""
+def commands(layer: str, workdir: pathlib.Path, cache: pathlib.Path, base: Sequence[str] | None = None) -> list[str]:
+  """The command of a layer into ``workdir`` (run from the repository root); ``base`` overrides replace the small
+  base's (e.g. a test suite's shared one)."""
   py = [sys.executable, "-m"]
-  common = [*BASE, f"--config.tiny_base.cache_dir={cache / 'base'}", f"--config.data.cache_dir={cache / 'data'}"]
+  base = [*BASE, f"--config.tiny_base.cache_dir={cache / 'base'}"] if base is None else list(base)
+  common = [*base, f"--config.data.cache_dir={cache / 'data'}"]
   if layer == "run":
     return py + ["experiments.main", "--config", "experiments/configs/finetune.py:tiny,method=lora,rank=4",
                  "--workdir", str(workdir), *SFT, *common]
@@ -67,8 +69,9 @@ def _kept(key: str) -> bool:
 
 
 def outcome(workdir: pathlib.Path) -> dict:
-  """What a finished command left: per metrics file, its records without timings and memory; per run, a hash of the
-  newest checkpoint's trainable arrays."""
+  """What a finished command left: per metrics file, its records without timings and memory; per run, the newest
+  checkpoint's step, a hash of every array it holds (trainable, optimizer state, step, RNG) and the data position."""
+  import jax
   import numpy as np
   import orbax.checkpoint as ocp
 
@@ -80,13 +83,15 @@ def outcome(workdir: pathlib.Path) -> dict:
     steps = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
     if not steps:
       continue
-    tree = ocp.StandardCheckpointer().restore(ckpts / str(steps[-1]) / "trainable")
+    newest = ckpts / str(steps[-1])
     digest = hashlib.sha256()
-    leaves, _ = __import__("jax").tree_util.tree_flatten_with_path(tree)
-    for path, leaf in leaves:
-      digest.update(str(path).encode())
-      digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
-    out[str(ckpts.relative_to(workdir))] = [steps[-1], digest.hexdigest()]
+    for item in sorted(p.name for p in newest.iterdir() if p.is_dir() and p.name != "record"):
+      leaves, _ = jax.tree_util.tree_flatten_with_path(ocp.StandardCheckpointer().restore(newest / item))
+      for path, leaf in leaves:  # trainable arrays, optimizer state, step, RNG
+        digest.update(f"{item}{path}".encode())
+        digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    data = json.loads((newest / "record" / "metadata").read_text()).get("data")  # the data iterator's position
+    out[str(ckpts.relative_to(workdir))] = [steps[-1], digest.hexdigest(), data]
   return out
 
 
@@ -131,7 +136,7 @@ def _run(argv: list[str], log: pathlib.Path, kill_at: float | None = None, sig: 
 
 
 def chaos(layers: Sequence[str], kills: int, seed: int, signals: Sequence[str], workdir: pathlib.Path,
-          stream=None) -> tuple[int, int, int]:
+          stream=None, base: Sequence[str] | None = None) -> tuple[int, int, int]:
   """Runs the harness (module docstring), printing to ``stream`` (default stdout); returns (kills, survived,
   bitwise)."""
   stream = sys.stdout if stream is None else stream
@@ -139,9 +144,11 @@ def chaos(layers: Sequence[str], kills: int, seed: int, signals: Sequence[str], 
   total = survived = bitwise = 0
   for layer in layers:
     ref_dir = workdir / layer / "reference"
+    if layer == layers[0] and base is None:  # build the small base first: every kill finds it built
+      _run([*commands(layer, workdir / "warmup", cache, base), "--config.train.steps=1"], workdir / "warmup.log")
     shutil.rmtree(ref_dir, ignore_errors=True)
     t0 = time.monotonic()
-    code = _run(commands(layer, ref_dir, cache), workdir / layer / "reference.log")
+    code = _run(commands(layer, ref_dir, cache, base), workdir / layer / "reference.log")
     wall = time.monotonic() - t0
     if code != 0:
       raise SystemExit(f"chaos: the uninterrupted {layer} run failed (exit {code}); see {workdir / layer}/reference.log")
@@ -155,8 +162,9 @@ def chaos(layers: Sequence[str], kills: int, seed: int, signals: Sequence[str], 
       d = workdir / layer / f"kill{i}"
       shutil.rmtree(d, ignore_errors=True)
       d.mkdir(parents=True)
-      argv = commands(layer, d / "run", cache)
+      argv = commands(layer, d / "run", cache, base)
       first = _run(argv, d / "log.txt", kill_at, SIGNALS[sig_name])
+      saved = sorted(int(p.name) for c in (d / "run").rglob("checkpoints") for p in c.iterdir() if p.name.isdigit())
       reruns, code = 0, first
       while code != 0 and reruns < 3:  # a rerun resumes; a SIGTERM'd run asks for one (143)
         code = _run(argv, d / "log.txt")
@@ -166,8 +174,9 @@ def chaos(layers: Sequence[str], kills: int, seed: int, signals: Sequence[str], 
       same = ok and outcome(d / "run") == reference
       survived += ok
       bitwise += same
-      print(f"[{layer}] kill {i + 1}/{kills} (seed {kill_seed}): SIG{sig_name} at {kill_at:.1f} s (exit {first}), "
-            f"{reruns} rerun(s) -> {'finished' if ok else f'FAILED (exit {code})'}"
+      left = f"checkpoints at steps {sorted(set(saved))}" if saved else "no checkpoint"
+      print(f"[{layer}] kill {i + 1}/{kills} (seed {kill_seed}): SIG{sig_name} at {kill_at:.1f} s (exit {first}, "
+            f"{left}), {reruns} rerun(s) -> {'finished' if ok else f'FAILED (exit {code})'}"
             f"{', bitwise equal' if same else (', DIFFERENT' if ok else '')}", file=stream, flush=True)
       if same:
         shutil.rmtree(d, ignore_errors=True)  # keep only what needs looking at

@@ -1,16 +1,25 @@
 """The chaos harness (benchmarks/chaos.py), small: one random SIGKILL of a single run, rerun, compared bitwise."""
 
+import re
+
 import pytest
 
 from benchmarks import chaos
+from tests import _base
 
 
 @pytest.mark.slow
 def test_a_run_killed_at_a_random_moment_finishes_bitwise_equal(tmp_path, capsys):
-  total, survived, bitwise = chaos.chaos(["run"], kills=1, seed=0, signals=["KILL"], workdir=tmp_path)
+  """One SIGKILL of a run at a random moment (seed 11: 70% of the reference's wall time, which may fall before or
+  after its first checkpoint), then the rerun: the same metrics records (each step once), arrays (trainable,
+  optimizer state, step, RNG) and data position as the uninterrupted run. A kill mid-run after a checkpoint, every
+  time: tests/test_experiments.py::test_sigkill_mid_run_then_resume_equals_uninterrupted."""
+  total, survived, bitwise = chaos.chaos(["run"], kills=1, seed=11, signals=["KILL"], workdir=tmp_path,
+                                        base=_base.overrides())  # the suite's shared small base
   out = capsys.readouterr().out
   assert (total, survived, bitwise) == (1, 1, 1), out
-  assert "[run] kill 1/1 (seed 0): SIGKILL at" in out and out.strip().endswith("kills survived: 1/1, bitwise: 1/1")
+  assert re.search(r"\[run\] kill 1/1 \(seed 11000\): SIGKILL at [\d.]+ s \(exit ", out), out
+  assert out.strip().endswith("kills survived: 1/1, bitwise: 1/1")
 
 
 def test_the_outcome_keeps_computed_values_and_drops_timings(tmp_path):

@@ -301,12 +301,26 @@ def test_runs_spread_over_eight_devices(tmp_path):
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
 
+def test_the_sweep_stacks_what_can_share_a_step():
+  """--stack auto groups points that can share a step (any rank, LR and seed of one method; at most AUTO_STACK a
+  stack, in sweep order) and never mixes LoRA with full FT; --stack 1 stacks nothing."""
+  from experiments import sweep
+  from experiments.configs import lr_sweep
+
+  points = sweep.sweep_points(lr_sweep, "quick")
+  groups = sweep.stack_groups(lr_sweep, points, [], "auto")
+  assert [p for g in groups for p in g] == points and all(len(g) <= sweep.AUTO_STACK for g in groups)
+  assert all(len({p.arg.split(",")[1] for p in g}) == 1 for g in groups)  # one method a stack
+  assert [len(g) for g in groups] == [8, 4, 6]  # 12 LoRA points (ranks 4 and 16 together), 6 full FT points
+  assert len({p.arg.split(",rank=")[1].split(",")[0] for p in groups[0]}) == 2
+  assert sweep.stack_groups(lr_sweep, points, [], 1) == [[p] for p in points]
+
+
 @pytest.mark.slow
 def test_a_sweep_with_and_without_stacking_gives_the_same_results(tmp_path):
   """experiments.sweep --stack (two real tiny LoRA points of two ranks and two LRs in one experiments.stacked
-  process, and a full FT point, which runs as experiments.main either way) and --stack 1 (the LoRA points as two
-  experiments.main processes) leave the same results.csv rows within float32 tolerance, and the same files in every
-  point directory."""
+  process) and --stack 1 (two experiments.main processes) leave the same results.csv rows within float32 tolerance,
+  and the same files in every point directory (which points share a stack: test_the_sweep_stacks_what_can_share_a_step)."""
   import csv
   import subprocess
   import sys
@@ -316,8 +330,7 @@ def test_a_sweep_with_and_without_stacking_gives_the_same_results(tmp_path):
   lora_points = "rank=4,lr=0.00283,seed=0|rank=16,lr=0.00566,seed=0"
   overrides = ["--", "--config.train.steps=6", "--config.train.eval_every=3", "--config.data.eval_size=20",
                *_base.overrides()]
-  for name, stack_arg, only in (("stacked", "auto", f"{lora_points}|full,lr=0.00141,seed=0"),
-                                ("separate", "1", lora_points)):
+  for name, stack_arg, only in (("stacked", "auto", lora_points), ("separate", "1", lora_points)):
     out = subprocess.run([sys.executable, "-m", "experiments.sweep", "--config", "experiments/configs/lr_sweep.py:quick",
                           "--only", only, "--workdir", str(tmp_path / name), "--stack", stack_arg, *overrides],
                          capture_output=True, text=True, timeout=900)
@@ -343,15 +356,12 @@ def test_a_sweep_with_and_without_stacking_gives_the_same_results(tmp_path):
                        if "checkpoints/" not in p.as_posix() and "tensorboard" not in p.as_posix()}
       assert stacked_files - {"stack.json"} == alone, point.name
       assert json.loads((tmp_path / "stacked" / point.name / "stack.json").read_text())["state"] == "done"
-  full = "quick_method=full_lr=0.00141_seed=0"  # the lone full FT point runs as experiments.main, stacked or not
-  assert "experiments.main" in json.loads((tmp_path / "stacked" / full / "status.json").read_text())["command"]
-  assert not (tmp_path / "stacked" / full / "stack.json").exists()
-  # experiments.evaluate: the sweep's two LoRA runs in one batch (ranks 4 and 16) and its full FT run alone give
-  # the final eval NLL each run logged.
+  # experiments.evaluate: the sweep's two LoRA runs in one batch (ranks 4 and 16) give the final eval NLL each run
+  # logged.
   from experiments import evaluate
 
   rows = evaluate.run([], sweep=str(tmp_path / "stacked"))
-  assert sorted((r["method"], r["rank"]) for r in rows) == [("full", ""), ("lora", 4), ("lora", 16)]
+  assert sorted((r["method"], r["rank"]) for r in rows) == [("lora", 4), ("lora", 16)]
   for r in rows:
     np.testing.assert_allclose(r["eval_nll"], r["logged_nll"], rtol=1e-5, err_msg=r["workdir"])
   assert (tmp_path / "stacked" / "heldout_eval.csv").exists()
