@@ -112,18 +112,29 @@ def _descendants(pid: int) -> list[int]:
   return out
 
 
-def _run(argv: list[str], log: pathlib.Path, kill_at: float | None = None, sig: int = signal.SIGKILL) -> int:
-  """Runs ``argv`` (output appended to ``log``); with ``kill_at`` sends ``sig`` to it and everything under it after
-  that many seconds. Returns its exit status (negative: killed by a signal)."""
+def _saved_steps(workdir: pathlib.Path) -> list[int]:
+  """The steps of every checkpoint under ``workdir``."""
+  return sorted(int(p.name) for c in workdir.rglob("checkpoints") for p in c.iterdir() if p.name.isdigit())
+
+
+def _run(argv: list[str], log: pathlib.Path, kill_at=None, sig: int = signal.SIGKILL) -> int:
+  """Runs ``argv`` (output appended to ``log``); with ``kill_at`` (seconds, or a function that says when) sends
+  ``sig`` to it and everything under it then. Returns its exit status (negative: killed by a signal)."""
   log.parent.mkdir(parents=True, exist_ok=True)
   with open(log, "a") as f:
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     if kill_at is None:
       return proc.wait()
-    try:
-      return proc.wait(timeout=kill_at)  # it finished before the kill
-    except subprocess.TimeoutExpired:
-      pass
+    if callable(kill_at):
+      while proc.poll() is None and not kill_at():
+        time.sleep(0.02)
+      if proc.poll() is not None:
+        return proc.returncode  # it finished before the kill
+    else:
+      try:
+        return proc.wait(timeout=kill_at)  # it finished before the kill
+      except subprocess.TimeoutExpired:
+        pass
     if sig == signal.SIGTERM:
       os.killpg(proc.pid, sig)  # as a preemption notice: the runner passes it on to its children
     else:
@@ -136,9 +147,10 @@ def _run(argv: list[str], log: pathlib.Path, kill_at: float | None = None, sig: 
 
 
 def chaos(layers: Sequence[str], kills: int, seed: int, signals: Sequence[str], workdir: pathlib.Path,
-          stream=None, base: Sequence[str] | None = None) -> tuple[int, int, int]:
+          stream=None, base: Sequence[str] | None = None, after_checkpoint: int | None = None) -> tuple[int, int, int]:
   """Runs the harness (module docstring), printing to ``stream`` (default stdout); returns (kills, survived,
-  bitwise)."""
+  bitwise). ``after_checkpoint`` replaces the random moment by "as soon as a checkpoint of that step exists" (a
+  test's deterministic kill mid-run)."""
   stream = sys.stdout if stream is None else stream
   cache = workdir / "cache"
   total = survived = bitwise = 0
@@ -158,13 +170,21 @@ def chaos(layers: Sequence[str], kills: int, seed: int, signals: Sequence[str], 
       kill_seed = seed * 1000 + i
       rng = random.Random(f"{layer}:{kill_seed}")
       sig_name = signals[i % len(signals)]
-      kill_at = rng.uniform(0.05, 0.95) * wall
       d = workdir / layer / f"kill{i}"
       shutil.rmtree(d, ignore_errors=True)
       d.mkdir(parents=True)
+      if after_checkpoint is None:
+        kill_at, moment = rng.uniform(0.05, 0.95) * wall, None
+      else:
+        kill_at = lambda: after_checkpoint in _saved_steps(d / "run")  # noqa: E731
+        moment = f"once checkpoint {after_checkpoint} was saved"
       argv = commands(layer, d / "run", cache, base)
+      t0 = time.monotonic()
       first = _run(argv, d / "log.txt", kill_at, SIGNALS[sig_name])
-      saved = sorted(int(p.name) for c in (d / "run").rglob("checkpoints") for p in c.iterdir() if p.name.isdigit())
+      moment = moment or f"at {kill_at:.1f} s"
+      if after_checkpoint is not None:
+        moment += f" ({time.monotonic() - t0:.1f} s)"
+      saved = _saved_steps(d / "run")
       reruns, code = 0, first
       while code != 0 and reruns < 3:  # a rerun resumes; a SIGTERM'd run asks for one (143)
         code = _run(argv, d / "log.txt")
@@ -175,7 +195,7 @@ def chaos(layers: Sequence[str], kills: int, seed: int, signals: Sequence[str], 
       survived += ok
       bitwise += same
       left = f"checkpoints at steps {sorted(set(saved))}" if saved else "no checkpoint"
-      print(f"[{layer}] kill {i + 1}/{kills} (seed {kill_seed}): SIG{sig_name} at {kill_at:.1f} s (exit {first}, "
+      print(f"[{layer}] kill {i + 1}/{kills} (seed {kill_seed}): SIG{sig_name} {moment} (exit {first}, "
             f"{left}), {reruns} rerun(s) -> {'finished' if ok else f'FAILED (exit {code})'}"
             f"{', bitwise equal' if same else (', DIFFERENT' if ok else '')}", file=stream, flush=True)
       if same:

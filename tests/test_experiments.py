@@ -229,13 +229,6 @@ def _cli(tmp_path, workdir, *extra, methods="('lora',)", steps=30, checkpoint_ev
           "--workdir", str(workdir), *overrides, *extra]
 
 
-def _final(workdir):
-  ck = checkpoint.Checkpointer(workdir / "lora" / "checkpoints")
-  step = ck.latest_step()
-  path = ck.directory / str(step) / "state"
-  return step, sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()), ck
-
-
 @pytest.mark.slow
 def test_sigterm_during_lora_stops_the_whole_experiment_and_the_report_says_unfinished(tmp_path):
   workdir = tmp_path / "run"
@@ -275,57 +268,6 @@ def test_report_marks_unfinished_and_not_started_runs(tmp_path):
   assert "| lora | 0.001 | 10 | 2.5000 | 12.200 | - | 7 of 10 (unfinished; eval NLL at step 5) |" in table
   assert "| full | - | - | - | - | - | not started |" in table
   assert "**Unfinished: lora, full.**" in (tmp_path / "report.md").read_text()
-
-
-@pytest.mark.slow
-def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
-  # No accuracy eval (generation): resume is about the state, the data position and the logs.
-  no_generation = "--config.eval.arithmetic_examples=0"
-  straight, killed = tmp_path / "straight", tmp_path / "killed"
-  proc = subprocess.Popen(_cli(tmp_path, killed, no_generation), cwd=ROOT, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  ckdir = killed / "lora" / "checkpoints"
-  deadline = time.time() + 300
-  while time.time() < deadline and not (ckdir / "10").exists():
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert (ckdir / "10").exists()
-  assert not (ckdir / "30").exists(), "the run finished before it could be killed"
-  # The uninterrupted run goes on beside the resume (both only read the base and the tokenised data by now).
-  with open(tmp_path / "straight.log", "w") as log:
-    reference = subprocess.Popen(_cli(tmp_path, straight, no_generation), cwd=ROOT, stdout=log,
-                                 stderr=subprocess.STDOUT)
-    try:
-      subprocess.run(_cli(tmp_path, killed, no_generation), cwd=ROOT, check=True, capture_output=True, timeout=600)
-      reference.wait(timeout=600)
-    finally:
-      reference.kill()
-  assert reference.returncode == 0, (tmp_path / "straight.log").read_text()[-3000:]
-
-  like = _restore_like(straight)
-  s_state, _ = checkpoint.Checkpointer(straight / "lora" / "checkpoints").restore(30, like)
-  k_state, k_record = checkpoint.Checkpointer(killed / "lora" / "checkpoints").restore(30, like)
-  for a, b in zip(jax.tree.leaves(s_state), jax.tree.leaves(k_state)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # bitwise, data position included
-  assert k_record["data"] == checkpoint.Checkpointer(straight / "lora" / "checkpoints").restore_record(30)["data"]
-  steps = [json.loads(l)["step"] for l in (killed / "lora" / "metrics.jsonl").read_text().splitlines()
-           if "train/loss" in l]
-  assert steps == list(range(1, 31))  # no gaps, no duplicates after the resume
-
-
-def _restore_like(workdir):
-  """A template tree for restoring a LoRA checkpoint of the CLI's tiny run, set up the way main sets it up."""
-  import ml_collections
-
-  from lora_jax import hf, train
-
-  config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-  base = checkpoint.Checkpointer(workdir / "lora" / "checkpoints").restore_record(30)["base_model"]
-  model_config = hf.load_config(base)
-  s = train.setup(model_config, run_lib.make_spec("lora", config, model_config), run_lib.make_optim("lora", config),
-                  hf.load_params(base, model_config), seed=config.seed)
-  return s.state.checkpoint_tree()
 
 
 def _tree(value):
