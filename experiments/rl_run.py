@@ -154,10 +154,11 @@ def task_pairs(config: ml_collections.ConfigDict) -> tuple[list, list]:
   return train_pairs, eval_pairs[:d.eval_size]
 
 
-def problems(config: ml_collections.ConfigDict, tokenizer) -> tuple[list[rl.Problem], list[rl.Problem], int]:
-  """Tokenised (train, held-out) problems and the prompt width; prompts over data.max_prompt_tokens are skipped
-  (too many skipped is an error)."""
-  train_pairs, eval_pairs = task_pairs(config)
+def problems(config: ml_collections.ConfigDict, tokenizer,
+             pairs: tuple[list, list]) -> tuple[list[rl.Problem], list[rl.Problem], int]:
+  """Tokenised (train, held-out) problems of ``task_pairs``' pairs and the prompt width; prompts over
+  data.max_prompt_tokens are skipped (too many skipped is an error)."""
+  train_pairs, eval_pairs = pairs
   cap = config.data.max_prompt_tokens
   out = []
   for pairs in (train_pairs, eval_pairs):
@@ -226,7 +227,7 @@ def _run(config: ml_collections.ConfigDict, workdir: epath.Path, overwrite: bool
   conflict = run_lib.refuse_conflict(workdir, config, overwrite)
   try:
     check_config(config)
-    task_pairs(config)  # the data's errors (a missing field, an answer no reward can score) before any model is built
+    pairs = task_pairs(config)  # the data's errors (a missing field, an unscorable answer) before any model is built
     model_dir = warmed_base(config) if config.model.name == "tiny" else config.model.name
     model_config = run_lib.load_model_config(config, model_dir)
     mesh = None if jax.device_count() == 1 else dict(config.mesh.to_dict())
@@ -234,7 +235,7 @@ def _run(config: ml_collections.ConfigDict, workdir: epath.Path, overwrite: bool
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    train_problems, eval_problems, width = problems(config, tokenizer)
+    train_problems, eval_problems, width = problems(config, tokenizer, pairs)
     reward_fn = rewards.get(config.data.task)
     cfg = rl_config(config)
   except ValueError as e:

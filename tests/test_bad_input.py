@@ -8,6 +8,7 @@ Each case runs the command's ``main(argv)`` in-process. Cases covered elsewhere:
 
 from __future__ import annotations
 
+import importlib
 import json
 import pathlib
 
@@ -17,40 +18,13 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 LR_SWEEP = f"{ROOT}/experiments/configs/lr_sweep.py"
 
 
-def _study(argv):
-  from experiments import study
-
-  return study.main(argv)
-
-
-def _sweep(argv):
-  from experiments import sweep
-
-  return sweep.main(argv)
+def _cli(module: str):
+  """The ``main(argv)`` of a command's module, imported when a case runs."""
+  return lambda argv: importlib.import_module(module).main(argv)
 
 
-def _stacked(argv):
-  from experiments import stacked
-
-  return stacked.main(argv)
-
-
-def _evaluate(argv):
-  from experiments import evaluate
-
-  return evaluate.main(argv)
-
-
-def _main(argv):
-  from experiments import main
-
-  return main.main(argv)
-
-
-def _tpu_run(argv):
-  from tpu import run
-
-  return run.main(argv)
+_study, _sweep, _stacked = _cli("experiments.study"), _cli("experiments.sweep"), _cli("experiments.stacked")
+_evaluate, _main, _tpu_run = _cli("experiments.evaluate"), _cli("experiments.main"), _cli("tpu.run")
 
 
 # (command, argv with {tmp} for the test's directory, a piece of the message, what must not exist afterwards)
