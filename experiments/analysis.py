@@ -372,7 +372,9 @@ def verdict_width(ratios: Mapping[float, float]) -> Verdict:
 
 GROWS, SHRINKS, FLAT = "grows", "shrinks", "flat"
 RULE_BATCH = (
-    f"Per LoRA condition, over settings that differ only in data.batch_size (and the fields it fixes): gap(B) = final "
+    f"Per LoRA condition, over settings that differ only in data.batch_size (and the fields it fixes; a sweep that "
+    f"trains a batch size for several step counts gives two kinds of line, one per fixed train.steps and one per "
+    f"fixed number of rows = batch x steps, each judged on its own): gap(B) = final "
     f"eval NLL of LoRA minus that of full FT at batch B, each the seed mean at its best grid LR; growth = gap(largest "
     f"B) - gap(smallest B), a contrast of four cells tested as in the gap rule (its {TEST_LEVEL:.0%} interval from the "
     f"seed noise pooled over the best-LR cells of every condition at those two batch sizes, se = noise * sqrt(sum "

@@ -1,7 +1,7 @@
 """The study in one command: every family's sweep of one variant, each family's report, and an index of verdicts.
 
     python -m experiments.study --variant quick --workdir runs/study          # lr_sweep quick, ~8 min with set-up
-    python -m experiments.study --variant tiny --workdir runs/study_tiny --parallel 2   # every family, ~90 min
+    python -m experiments.study --variant tiny --workdir runs/study_tiny   # every family, ~2.2 h on 2 cores
     python -m experiments.study --variant tiny --workdir runs/study_tiny --publish docs/results/tiny
 
 For each family of the variant, in order, it runs ``python -m experiments.sweep --config
@@ -43,7 +43,7 @@ from lora_jax import lock
 
 FAMILIES = {  # variant -> the families it runs, in order (the LR findings first: the others build on their LRs)
     "quick": ("lr_sweep",),  # findings 3 and 4 with intervals, ~8 min with set-up on a fresh clone
-    "tiny": ("lr_sweep", "capacity", "layers", "batch_size", "parametrization", "lr_width", "rl"),
+    "tiny": ("lr_sweep", "capacity", "layers", "batch_size", "parametrization", "rl"),  # lr_width: its own study
 }
 CONFIG_DIR = "experiments/configs"
 PUBLISHED = ("sweep.json", "*/config.json", "*/status.json", "*/run_info.json", "*/*/metrics.jsonl",

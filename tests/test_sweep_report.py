@@ -391,6 +391,34 @@ def test_batch_sweep_with_a_growing_gap_agrees_and_regenerates(tmp_path):
   assert all((tmp_path / n).read_bytes() == data for n, data in before.items())
 
 
+CELLS = {(8, 150): 0.05, (16, 150): 0.05, (32, 150): 0.05, (8, 300): 0.02, (32, 75): 0.32}  # (batch, steps) -> gap
+
+
+def test_batch_sweep_reads_a_fixed_steps_line_and_a_fixed_rows_line(tmp_path):
+  """One sweep, two budgets: at a fixed 150 steps LoRA's gap is flat over batch 8-32 (disagree); at a fixed 2,400 rows
+  it grows (agree). Batch 16 at 150 steps sits on both lines; each line gets its own verdict."""
+  points = []
+  for (batch, steps), gap in CELLS.items():
+    for method, arg, best, floor in (("full", "tiny,method=full", 1e-3, 1.0),
+                                     ("r4", "tiny,method=lora,rank=4", 1e-2, 1.0 + gap)):
+      for lr in lr_grid(best, 1):
+        for seed in SEEDS:
+          name = f"b{batch}_t{steps}_{method}_{lr:g}_s{seed}"
+          config = make_config(f"{arg},lr={lr:g}", seed, data__batch_size=batch, train__steps=steps)
+          write_config_run(tmp_path / name, config, u_nll(lr, best, floor, seed))
+          points.append({"point": f"{arg},batch={batch},steps={steps},lr={lr:g},seed={seed}", "name": name})
+  text = finish_sweep(tmp_path, "batch_size", points)
+  finding = section(text, "5")
+  steps_line, rows_line = "fixed 150 steps", "fixed 2400 rows (batch x steps)"
+  assert f"| {steps_line}, lora r=4 | gap +0.0500 (B=8) → +0.0500 (B=32) | **disagree** | growth +0.0000 [" in finding
+  assert f"| {rows_line}, lora r=4 | gap +0.0200 (B=8) → +0.3200 (B=32) | **agree** | growth +0.3000 [" in finding
+  assert f"| {steps_line}, overall | — | **disagree** | lora r=4 flat " in finding
+  assert f"| {rows_line}, overall | — | **agree** | lora r=4 grows " in finding
+  table = [line for line in text.splitlines() if line.startswith("| fixed ") and "| 16 | lora r=4 | 1e-2 |" in line]
+  assert len(table) == 2  # batch 16 at 150 steps: on both lines
+  assert_outputs(tmp_path, text, "batch_size", "batch_size")
+
+
 LAYERS = {  # name -> (targets, final NLL at the best LR, trainable parameters at rank 8)
     "attention": (("attention",), 1.20, 8192), "mlp": (("mlp",), 1.00, 12288),
     "all": (("all-linear", "unembed"), 1.004, 22528), "all-linear": (("all-linear",), 1.006, 20480)}

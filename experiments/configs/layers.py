@@ -4,26 +4,22 @@ The study's finding 6: attention-only LoRA underperforms MLP-only, and MLP-only 
 when attention-only gets as many parameters (Llama-3.1-8B: attention r=256, 0.25B parameters, loses to MLP r=128,
 0.24B). Its main runs adapted every matrix including the unembedding.
 
-CPU (`tiny`): `lr_sweep`'s setting (the hidden-128 tiny base, 2-digit additions, 300 steps at batch 16, 500 held-out
-problems). Groups (`targets`, rank), each with the unembedding adapted as in the study's runs: attention r=8 (16,200
+CPU (`tiny`): `lr_sweep`'s calibrated setting (the study base, the dialect task, 300 steps at batch 16, 500 held-out
+answers). Groups (`targets`, rank), each with the unembedding adapted as in the study's runs: attention r=8 (16,200
 adapter parameters: q, k, v, o over 2 layers, the KV projections 64 wide, + 1,864 in the unembedding), MLP r=4
 (13,220: gate, up, down + 932), all linear layers r=4 (20,388); and all linear layers r=4 without the unembedding
-(19,456) for the on/off comparison. Attention-only thus holds ~1.2x MLP-only's parameters, as in the study. Each over 4
-LoRA LRs (1e-3..8e-3), seeds 0 and 1: 32 points, ~15 min.
+(19,456), the unembedding question as its own arm. Attention-only thus holds ~1.2x MLP-only's parameters, as in the
+study. Each over 4 LoRA LRs sqrt(2) apart (1.41e-3..4e-3, around `lr_sweep`'s LoRA optima 2.3e-3..2.6e-3), seeds
+0-2: 48 points, ~16 min with `--stack auto`.
 
-Calibration: a first run without the unembedding in the attention and MLP groups put every group without it ~1.0 nats
-behind all layers with it (2.29-2.32 vs 1.28 final NLL): on this task the output head is what LoRA most needs to move
-(the tiny base was pretrained on prose, not digits), which would hide the attention/MLP difference; the MLP group's
-best LR was also the grid's top (4e-3), hence 8e-3.
-
-Measured (`tiny`, docs/results/tiny/layers/, 2026-11-30, 2 seeds): final NLL at each group's best LR — attention r8
-1.301 ± 0.071, MLP r4 1.368 ± 0.010, all r4 1.284 ± 0.009 (each + unembedding), all r4 without it 2.288: attention-only
-is not behind MLP-only (0.07 ahead, within the noise) and MLP-only is 0.08 behind all layers, so the rule disagrees
-with the study here, where the output head dominates what LoRA must change.
+First tiny run (the old base, which had never seen the task's tokens; 2-digit additions, 2 seeds; docs/results/tiny
+before this study): every group without the unembedding was ~1.0 nats behind (2.29 vs 1.28): the output head was
+what LoRA most needed to move there. The calibrated base knows the task's tokens, so this arm now measures the
+unembedding's share of a distribution shift rather than of new tokens.
 
     python -m experiments.sweep --config experiments/configs/layers.py:tiny --workdir runs/layers
 
-`quick`: attention r8 and MLP r4 (each + unembedding) at the centre LR, seed 0 (2 points). Real scale (`real`):
+`quick`: attention r8 and MLP r4 (each + unembedding) at `lr_sweep`'s LoRA centre, seed 0 (2 points). Real scale (`real`):
 Llama-3.1-8B on Tulu3, attention r=256 vs MLP r=128 vs all r=128 (each + unembedding), at the cookbook LoRA LR and a
 factor 2 either side.
 
@@ -63,7 +59,7 @@ def get_sweep(arg: str = "tiny") -> list[str]:
   """Points of a variant: `tiny`, `quick` or `real`."""
   args = common.parse_arg(arg, tiny=False, quick=False, real=False)
   if args.tiny:
-    prefix, groups, lrs, seeds = "tiny", list(TINY_RANKS), common.lr_grid(lr_sweep.TINY_CENTRE["lora"], 2.0, 1, 2), (0, 1)
+    prefix, groups, lrs, seeds = "tiny", list(TINY_RANKS), common.lr_grid(2e-3, 2.0 ** 0.5, 1, 2), lr_sweep.SEEDS
   elif args.quick:
     prefix, groups, lrs, seeds = "quick", ["attention+unembed", "mlp+unembed"], [lr_sweep.TINY_CENTRE["lora"]], (0,)
   elif args.real:

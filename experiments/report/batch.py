@@ -11,17 +11,44 @@ from experiments import analysis
 from experiments.report.figures import _finish_axes, _pyplot, _save, _value_ticks
 from experiments.report.findings import FindingRow, _gap, _scope
 from experiments.report.parts import Part, _pick, _prefix, axis_lines, lines_with_full
-from experiments.report.sweeps import Condition
+from experiments.report.sweeps import Condition, _show
 from experiments.report.text import Table, _lr, _mean_std
 
 
 BATCH_KEYS = ("data.batch_size",)
+STEPS_KEY = "train.steps"
+FOLLOW_STEPS = (STEPS_KEY, "train.eval_every", "train.log_every")  # Fields a batch sweep may set from its steps.
+
+
+def batch_lines(conds: list[Condition]) -> tuple[str | None, list[tuple[str, dict]]]:
+  """``axis_lines`` along the batch size, and when the sweep trains one batch size for several step counts, two
+  kinds of line: the settings at one ``train.steps`` (a fixed number of steps) and those at one batch x steps (a fixed
+  number of rows), per value of the other varying fields; a setting may be on one line of each kind."""
+  key, lines = axis_lines(conds, BATCH_KEYS)
+  fields = {c.setting: c.fields for c in conds}
+  steps_per_batch = {}
+  for f in fields.values():
+    steps_per_batch.setdefault(f.get(key), set()).add(f.get(STEPS_KEY))
+  if key is None or all(len(v) == 1 for v in steps_per_batch.values()):
+    return key, lines  # the step count follows the batch size (or does not vary): axis_lines' lines
+  by = {}
+  for setting, f in fields.items():
+    rest = ", ".join(f"{k}={_show(v)}" for k, v in sorted(f.items()) if k != key and k not in FOLLOW_STEPS)
+    batch, steps = f[key], f[STEPS_KEY]
+    for kind, value in (("steps", steps), ("rows", batch * steps)):
+      by.setdefault((rest, kind, value), {})[batch] = setting
+  out = []
+  for (rest, kind, value), settings in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1] == "rows", kv[0][2])):
+    if len(settings) > 1:
+      label = f"fixed {value:g} steps" if kind == "steps" else f"fixed {value:g} rows (batch x steps)"
+      out.append((f"{rest}, {label}" if rest else label, dict(sorted(settings.items()))))
+  return key, out
 
 
 def batch_part(conds: list[Condition]) -> Part | None:
   """Finding 5: per LoRA condition the best-LR gap to full FT at each batch size, how it changes from the smallest
   to the largest batch (the verdict), and which batch size each condition does best at."""
-  key, lines = axis_lines(conds, BATCH_KEYS)
+  key, lines = batch_lines(conds)
   rows, table, notes, plot = [], [], [], []
   for rest, settings, in_line, fulls, names in lines_with_full(conds, lines):
     classes, gaps = {}, {}
