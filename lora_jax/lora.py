@@ -110,6 +110,7 @@ class Adapter:
   dropout: float = flax.struct.field(pytree_node=False, default=0.0)
   runs: int = flax.struct.field(pytree_node=False, default=0)  # >0: K runs' adapters for per-row inference
   # (``stack_adapters``): A [*stack, K, *shared, *in, r], B [*stack, K, *shared, r, *out], scale over [*stack, K].
+  m: Any = None  # DoRA's magnitude [*stack, *shared, *out] (one per output column); None for plain LoRA.
 
   @property
   def rank(self) -> int:
@@ -159,6 +160,9 @@ def _variable_names(adapter: Adapter) -> tuple[str, str, str]:
   return "lora_a", "lora_b", "lora_scale"
 
 
+MAGNITUDE = "lora_magnitude"  # DoRA's m beside the kernel in the module's parameters (dense kernels only).
+
+
 def adapter_items(adapters) -> list[tuple[Path, Adapter]]:
   """(module path, Adapter) pairs of an adapter tree, in a stable order."""
   out = []
@@ -201,13 +205,8 @@ def _adapter_shapes(kernel_shape, layout: Layout, n_stack: int, rank: int):
 
 def _delta_einsum(layout: Layout, n_stack: int) -> str:
   """einsum string A,B -> ΔW in the kernel's own axis order."""
-  letters = iter("abcdefghijklmnopqstuvwxyz")
-  stack = "".join(next(letters) for _ in range(n_stack))
-  axis = [next(letters) for _ in layout.roles]
-  shared, ins, outs = _layout_axes(layout)
-  a = stack + "".join(axis[i] for i in shared + ins) + "r"
-  b = stack + "".join(axis[i] for i in shared) + "r" + "".join(axis[i] for i in outs)
-  return f"{a},{b}->{stack}{''.join(axis)}"
+  _, kernel, a, b, _ = _axis_letters(layout, n_stack)
+  return f"{a},{b}->{kernel}"
 
 
 def delta(adapter: Adapter) -> jax.Array:
@@ -220,6 +219,56 @@ def delta(adapter: Adapter) -> jax.Array:
   d = jnp.einsum(_delta_einsum(adapter.layout, adapter.n_stack), a, b, precision=jax.lax.Precision.HIGHEST)
   scale = adapter.scale_array()
   return d * scale.reshape(scale.shape + (1,) * (d.ndim - scale.ndim))
+
+
+def _axis_letters(layout: Layout, n_stack: int) -> tuple[str, str, str, str, str]:
+  """einsum letters: (stack, kernel in its axis order, A, B, the column index = stack + shared + out)."""
+  letters = iter("abcdefghijklmnopstuvwxyz")  # r and q name rank axes
+  stack = "".join(next(letters) for _ in range(n_stack))
+  axis = [next(letters) for _ in layout.roles]
+  shared, ins, outs = _layout_axes(layout)
+  a = stack + "".join(axis[i] for i in shared + ins) + "r"
+  b = stack + "".join(axis[i] for i in shared) + "r" + "".join(axis[i] for i in outs)
+  column = stack + "".join(axis[i] for i in shared + outs)
+  return stack, stack + "".join(axis), a, b, column
+
+
+def column_norm(w, a, b, scale, layout: Layout, n_stack: int = 0) -> jax.Array:
+  """||W + s·A·B|| over the input axes, per output column ([*stack, *shared, *out]), in float32 or wider.
+
+  Factored, never forming W + s·A·B: ||W||² + 2s·Σ_r (WᵀA)_r B_r + s²·Bᵀ(AᵀA)B, which costs a kernel-sized read of W
+  and O((d_in + d_out)·r²) beyond it. ``scale`` is a number or an array over the stack axes.
+  """
+  wide = jnp.promote_types(jnp.promote_types(a.dtype, w.dtype), jnp.float32)
+  w, a, b = (jnp.asarray(v).astype(wide) for v in (w, a, b))
+  _, k, a_s, b_s, col = _axis_letters(layout, n_stack)
+  hi = jax.lax.Precision.HIGHEST
+  ww = jnp.einsum(f"{k},{k}->{col}", w, w, precision=hi)
+  wa = jnp.einsum(f"{k},{a_s}->{col}r", w, a, precision=hi)
+  cross = jnp.einsum(f"{col}r,{b_s}->{col}", wa, b, precision=hi)
+  lead = b_s[:b_s.index("r")]  # stack + shared
+  gram = jnp.einsum(f"{a_s},{a_s.replace('r', 'q')}->{lead}rq", a, a, precision=hi)
+  quad = jnp.einsum(f"{lead}rq,{b_s},{b_s.replace('r', 'q')}->{col}", gram, b, b, precision=hi)
+  s = jnp.asarray(scale, wide)
+  s = s.reshape(s.shape + (1,) * (ww.ndim - s.ndim))
+  return jnp.sqrt(jnp.maximum(ww + 2.0 * s * cross + s * s * quad, 0.0))
+
+
+def dora_factor(w, a, b, m, scale, layout: Layout, n_stack: int = 0) -> jax.Array:
+  """DoRA's m / ||W + s·A·B|| per output column (the norm a constant for gradients, as PEFT), and exactly 1 where the
+  scale is 0 (layers ``LoraSpec.layers`` leaves out: their magnitude never trains)."""
+  norm = jax.lax.stop_gradient(column_norm(w, a, b, scale, layout, n_stack))
+  s = jnp.asarray(scale, norm.dtype)
+  s = s.reshape(s.shape + (1,) * (norm.ndim - s.ndim))
+  return jnp.where(s != 0, m.astype(norm.dtype) / jnp.where(s != 0, norm, 1.0), 1.0)
+
+
+def to_kernel_axes(v, layout: Layout, n_stack: int) -> jax.Array:
+  """A per-column array [*stack, *shared, *out] with size-1 input axes, in the kernel's axis order (to scale W)."""
+  shared, ins, outs = _layout_axes(layout)
+  v = jnp.reshape(v, v.shape + (1,) * len(ins))
+  order = shared + outs + ins  # kernel axis index of each of v's inner axes
+  return jnp.transpose(v, tuple(range(n_stack)) + tuple(n_stack + order.index(i) for i in range(len(order))))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -462,8 +511,14 @@ def create(params, spec: LoraSpec, rng: jax.Array, layouts: Mapping[str, Layout]
     # Layers left out by `spec.layers` keep A = B = 0 (their scale is 0 too), so they stay exactly zero.
     mask = (scale != 0).astype(np.float32)
     a = a * mask.reshape(mask.shape + (1,) * (a.ndim - mask.ndim))
-    out_adapters[t.module_path] = Adapter(a.astype(dtype), b.astype(dtype), t.param, t.layout, _nested(scale),
-                                          spec.dropout)
+    a, b = a.astype(dtype), b.astype(dtype)
+    m = None
+    if spec.variant == "dora":
+      if t.layout.kind != "dense":
+        raise ValueError(f"variant='dora' on '{_path_str(path)}', an embedding ({t.layout.kind} side): DoRA adapts "
+                         "dense kernels here; exclude it (e.g. exclude=('embed',)) or use variant='lora'")
+      m = column_norm(new_params[path], a, b, scale, t.layout, t.n_stack).astype(dtype)  # ||W + s·A·B||: ||W||
+    out_adapters[t.module_path] = Adapter(a, b, t.param, t.layout, _nested(scale), spec.dropout, m=m)
   return traverse_util.unflatten_dict(new_params), _unflatten(out_adapters)
 
 
@@ -592,6 +647,12 @@ def _check_fit(params, adapters):
       problems.append(f"'{_path_str(path)}' has shape {tuple(kernel.shape)} but the adapter has A "
                       f"{tuple(ad.a.shape)}, B {tuple(ad.b.shape)}"
                       + (f" (expected A {expected[0]}, B {expected[1]})" if expected else ""))
+    elif ad.m is not None:
+      shared, _, outs = _layout_axes(ad.layout)
+      m_shape = tuple(kernel.shape[:n_stack]) + tuple(kernel.shape[n_stack + i] for i in shared + outs)
+      if tuple(ad.m.shape) != m_shape:
+        problems.append(f"'{_path_str(path)}' has shape {tuple(kernel.shape)} but the DoRA magnitude has shape "
+                        f"{tuple(ad.m.shape)} (expected {m_shape}: one per output column)")
   if problems:
     raise ValueError("adapters do not fit the parameters:\n  " + "\n  ".join(problems))
 
@@ -610,6 +671,8 @@ def inject(params, adapters, scales: Mapping[Path, Any] | None = None):
     scale = scales[key] if key in scales else jnp.asarray(ad.scale_array())
     for name, value in zip(_variable_names(ad), (ad.a, ad.b, scale)):
       flat[module_path + (name,)] = value
+    if ad.m is not None:
+      flat[module_path + (MAGNITUDE,)] = ad.m
   return traverse_util.unflatten_dict(flat)
 
 
@@ -635,6 +698,10 @@ def apply(model: nn.Module, params, adapters, *args, train: bool = False, collec
     raise ValueError("rows= is for adapters of several runs (stack_adapters); these adapters are one run's")
   if rows is not None:
     rows = jnp.asarray(rows, jnp.int32)
+  dora_dropout = [_path_str(p) for p, ad in items if ad.m is not None and ad.dropout > 0]
+  if train and dora_dropout:
+    raise ValueError(f"DoRA adapters {dora_dropout[:3]} with adapter dropout in training: not supported (PEFT runs an "
+                     "extra base matmul on the dropped input); train with LoraSpec.dropout=0")
   if train and any(ad.dropout > 0 for ad in info.values()) and "dropout" not in (kwargs.get("rngs") or {}):
     raise ValueError("LoRA dropout is on (train=True, dropout > 0): pass rngs={'dropout': key} to lora.apply")
   used: set[Path] = set()
@@ -656,7 +723,10 @@ def apply(model: nn.Module, params, adapters, *args, train: bool = False, collec
     lora_a, lora_b, scale = (module.get_variable("params", n) for n in names)
     if rows is not None:
       return y + _delta_output_per_row(module, ad.layout.kind, a, kw, lora_a, lora_b, scale, rows, y.dtype)
-    return y + _delta_output(module, ad.layout.kind, a, kw, lora_a, lora_b, scale, ad.dropout, train, y.dtype)
+    d = _delta_output(module, ad.layout.kind, a, kw, lora_a, lora_b, scale, ad.dropout, train, y.dtype)
+    if ad.m is None:
+      return y + d
+    return _dora_output(module, ad, a, kw, y, d, lora_a, lora_b, scale)
 
   try:
     with nn.intercept_methods(interceptor):
@@ -707,6 +777,31 @@ def _delta_output(module, kind, args, kwargs, a, b, scale, dropout, train, dtype
   return scale * jax.lax.dot_general(xa, b, (((xa.ndim - 1,), (0,)), ((), ())), precision=precision)
 
 
+def _dora_output(module, ad: Adapter, args, kwargs, y, d, a, b, scale):
+  """bias + m/||W + s·A·B|| ⊙ (x·W + s·(x·A)·B) per output column, from the module's own y = x·W + bias and d."""
+  w = module.get_variable("params", ad.param)
+  factor = dora_factor(w, a, b, module.get_variable("params", MAGNITUDE), scale, ad.layout).astype(y.dtype)
+  bias = module.get_variable("params", "bias") if module.has_variable("params", "bias") else None
+  if isinstance(module, nn.Einsum):  # factor in the kernel's order of its output letters; bias in y's order
+    _, rhs, out = _parse_einsum(_einsum_str(module, args, kwargs), module)
+    factor = _to_output(factor, "".join(c for c in rhs if c in out), out)
+    bias = None if bias is None else _to_output(bias, "".join(c for c in out if c in rhs), out)
+  elif any(r == "shared" for r in ad.layout.roles):
+    raise ValueError(f"variant='dora' on '{'/'.join(module.path)}': a {type(module).__name__} with batch axes in "
+                     "its kernel is not supported")
+  if bias is None:
+    return factor * (y + d)
+  bias = bias.astype(y.dtype)
+  return factor * (y - bias + d) + bias
+
+
+def _to_output(v, letters: str, out: str):
+  """``v`` (axes named by ``letters``) transposed and reshaped to broadcast against an einsum output ``out``."""
+  order = [c for c in out if c in letters]
+  v = jnp.transpose(v, [letters.index(c) for c in order])
+  return v.reshape([v.shape[order.index(c)] if c in order else 1 for c in out])
+
+
 def _delta_output_per_row(module, kind, args, kwargs, a, b, scale, rows, dtype):
   """s_r·(x_i·A_r)·B_r with r = rows[i] for each batch row i (Punica-style: A and B gathered per row)."""
   if isinstance(module, (nn.Einsum, nn.DenseGeneral)) or a.ndim != 3:
@@ -748,6 +843,8 @@ def stack_adapters(trees: Sequence[Any]) -> Any:
     ads = [it[key] for it in items]
     if any(ad.runs for ad in ads):
       raise ValueError(f"'{_path_str(key)}' already holds several runs' adapters")
+    if any(ad.m is not None for ad in ads):
+      raise ValueError(f"'{_path_str(key)}': per-row inference of DoRA adapters is not supported; merge each run's")
     if any((ad.param, ad.layout, ad.a.shape[:-1]) != (ref.param, ref.layout, ref.a.shape[:-1]) for ad in ads):
       raise ValueError(f"'{_path_str(key)}': the adapters of the runs differ in parameter, layout or shape")
     rank, n = max(ad.rank for ad in ads), ref.n_stack
@@ -765,7 +862,8 @@ def stack_adapters(trees: Sequence[Any]) -> Any:
 
 
 def merge(params, adapters):
-  """W + s·A·B for every adapter, computed in float32 and cast back; returns ``(params, max_abs_error)``.
+  """W + s·A·B for every adapter (DoRA: m/||W + s·A·B|| ⊙ (W + s·A·B) per column), computed in float32 and cast
+  back; returns ``(params, max_abs_error)``.
 
   ``max_abs_error`` maps each merged parameter path to the largest |cast(W + s·A·B) - (W + s·A·B)|: the precision
   lost by storing the merged weight in the kernel's dtype (zero in float32, visible in bfloat16).
@@ -773,12 +871,23 @@ def merge(params, adapters):
   return _fold(params, adapters, +1.0)
 
 
-def unmerge(params, adapters):
-  """Inverse of ``merge``: W - s·A·B in float32, cast back; returns ``(params, max_abs_error)``."""
-  return _fold(params, adapters, -1.0)
+def unmerge(params, adapters, norms: Mapping[Path, Any] | None = None):
+  """Inverse of ``merge``: W - s·A·B in float32, cast back; returns ``(params, max_abs_error)``.
+
+  DoRA adapters also need ``norms`` = ``dora_norms(params, adapters)`` taken before merging: the merged weight keeps
+  only the direction of W + s·A·B and its column norms are m, so ||W + s·A·B|| cannot be read back from it.
+  """
+  return _fold(params, adapters, -1.0, norms)
 
 
-def _fold(params, adapters, sign: float):
+def dora_norms(params, adapters) -> dict[Path, jax.Array]:
+  """||W + s·A·B|| per output column of every DoRA adapter's kernel (keep them to ``unmerge`` a DoRA merge)."""
+  flat = traverse_util.flatten_dict(_unboxed(params))
+  return {key: column_norm(flat[kernel_path(key, ad)], ad.a, ad.b, ad.scale_array(), ad.layout, ad.n_stack)
+          for key, ad in adapter_items(adapters) if ad.m is not None}
+
+
+def _fold(params, adapters, sign: float, norms: Mapping[Path, Any] | None = None):
   params = _unboxed(params)
   _check_fit(params, adapters)
   tied = [_path_str(k) for k, ad in adapter_items(adapters) if ad.layout.tied]
@@ -787,13 +896,26 @@ def _fold(params, adapters, sign: float):
         f"adapters {tied} sit on one side of a tied embedding (lookup or output head); folding them into the "
         "shared weight would change the other side too. Untie the embedding first (a separate output kernel "
         "E^T; for this project's models model_lora.untie_embeddings) and merge into that.")
+  missing = [_path_str(k) for k, ad in adapter_items(adapters) if ad.m is not None and k not in (norms or {})]
+  if sign < 0 and missing:
+    raise ValueError(f"unmerge of DoRA adapters {missing} needs norms=dora_norms(params, adapters) taken before "
+                     "merging (a merged DoRA weight no longer holds ||W + s·A·B||)")
   flat = dict(traverse_util.flatten_dict(params))
   errors = {}
   for key, ad in adapter_items(adapters):
     path = kernel_path(key, ad)
     w = flat[path]
     wide = jnp.promote_types(w.dtype, jnp.float32)
-    exact = w.astype(wide) + sign * delta(ad).astype(wide)
+    d = delta(ad).astype(wide)
+    if ad.m is None:
+      exact = w.astype(wide) + sign * d
+    else:
+      s = ad.scale_array()
+      s = s.reshape(s.shape + (1,) * (ad.m.ndim - s.ndim))
+      norm = column_norm(w, ad.a, ad.b, ad.scale_array(), ad.layout, ad.n_stack) if sign > 0 else norms[key]
+      factor = jnp.where(s != 0, ad.m.astype(wide) / jnp.where(s != 0, jnp.asarray(norm, wide), 1.0), 1.0)
+      factor = to_kernel_axes(factor, ad.layout, ad.n_stack)
+      exact = factor * (w.astype(wide) + d) if sign > 0 else w.astype(wide) / factor - d
     flat[path] = exact.astype(w.dtype)
     errors[_path_str(path)] = jnp.max(jnp.abs(flat[path].astype(wide) - exact))
   return traverse_util.unflatten_dict(flat), errors
@@ -859,9 +981,10 @@ def combine(trainable, frozen):
 
 
 def _label(trainable) -> Any:
-  """Optimizer label of each trainable leaf: "a", "b" or "extra"."""
+  """Optimizer label of each trainable leaf: "a", "b", "m" (DoRA) or "extra"."""
   labels = {
-      "lora": jax.tree.map(lambda ad: ad.replace(a="a", b="b"), trainable["lora"], is_leaf=_is_adapter),
+      "lora": jax.tree.map(lambda ad: ad.replace(a="a", b="b", m=None if ad.m is None else "m"), trainable["lora"],
+                           is_leaf=_is_adapter),
       "params": jax.tree.map(lambda _: "extra", trainable["params"]),
   }
   return labels
@@ -870,11 +993,12 @@ def _label(trainable) -> Any:
 def optimizer(tx: optax.GradientTransformation, *, tx_a: optax.GradientTransformation | None = None,
               tx_b: optax.GradientTransformation | None = None,
               tx_extra: optax.GradientTransformation | None = None) -> optax.GradientTransformation:
-  """Optimizer over the trainable tree from ``split``; A, B and extra params may each get their own (LoRA+).
+  """Optimizer over the trainable tree from ``split``; A, B and extra params may each get their own (LoRA+); DoRA's
+  magnitudes get ``tx``.
 
   Gradients and optimizer state exist only for the trainable tree: the frozen base has neither.
   """
-  return optax.multi_transform({"a": tx_a or tx, "b": tx_b or tx, "extra": tx_extra or tx}, _label)
+  return optax.multi_transform({"a": tx_a or tx, "b": tx_b or tx, "m": tx, "extra": tx_extra or tx}, _label)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -886,7 +1010,8 @@ def count(adapters) -> int:
   total = 0
   for _, ad in adapter_items(adapters):
     active = int(np.count_nonzero(ad.scale_array()))
-    per_layer = (ad.a.size + ad.b.size) // max(1, int(np.prod(ad.scale_array().shape)))
+    size = ad.a.size + ad.b.size + (0 if ad.m is None else ad.m.size)
+    per_layer = size // max(1, int(np.prod(ad.scale_array().shape)))
     total += active * per_layer
   return total
 
@@ -925,7 +1050,7 @@ def summary(params, adapters, spec: LoraSpec | None = None) -> str:
 
 
 def adapter_partition_specs(adapters, kernel_specs):
-  """Shardings for the adapters, from the kernels': A follows the kernel's input axes, B its output axes.
+  """Shardings for the adapters, from the kernels': A follows the kernel's input axes, B (and DoRA's m) its output axes.
 
   ``kernel_specs`` is a tree like ``params`` whose leaves are ``PartitionSpec`` or ``NamedSharding``. Returns a tree
   like ``adapters`` (``Adapter`` nodes holding specs/shardings in ``a`` and ``b``); the rank axis is replicated.
@@ -946,7 +1071,9 @@ def adapter_partition_specs(adapters, kernel_specs):
     shared, ins, outs = _layout_axes(ad.layout)
     a = jax.sharding.PartitionSpec(*stack, *(inner[i] for i in shared + ins), None)
     b = jax.sharding.PartitionSpec(*stack, *(inner[i] for i in shared), None, *(inner[i] for i in outs))
+    m = None if ad.m is None else jax.sharding.PartitionSpec(*stack, *(inner[i] for i in shared + outs))
     if mesh is not None:
       a, b = jax.sharding.NamedSharding(mesh, a), jax.sharding.NamedSharding(mesh, b)
-    out[key] = ad.replace(a=a, b=b)
+      m = None if m is None else jax.sharding.NamedSharding(mesh, m)
+    out[key] = ad.replace(a=a, b=b, m=m)
   return _unflatten(out)

@@ -41,11 +41,12 @@ PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # The ranks vLLM accepts (--max-lora-rank choices).
 _PEFT_PREFIX = "base_model.model."
-_PEFT_SUFFIXES = {".lora_A.weight": "a", ".lora_B.weight": "b", ".lora_embedding_A": "a", ".lora_embedding_B": "b"}
+_PEFT_SUFFIXES = {".lora_A.weight": "a", ".lora_B.weight": "b", ".lora_embedding_A": "a", ".lora_embedding_B": "b",
+                  ".lora_magnitude_vector": "m"}  # m: DoRA's magnitude [out]
 _EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 # adapter_config.json fields that change the adapted function in ways an Adapter tree cannot hold: field -> value
 # that is fine.
-_PEFT_UNSUPPORTED = {"use_dora": False, "bias": "none", "modules_to_save": None, "lora_bias": False,
+_PEFT_UNSUPPORTED = {"bias": "none", "modules_to_save": None, "lora_bias": False,
                      "fan_in_fan_out": False, "target_parameters": None, "trainable_token_indices": None,
                      "layer_replication": None, "use_qalora": False, "alora_invocation_tokens": None,
                      "use_bdlora": None}
@@ -184,6 +185,11 @@ def save_peft(params_config: ModelConfig, adapters, spec: lora.LoraSpec, out_dir
   if not slices:
     raise ValueError("no adapters to export")
   tree = dict(lora.adapter_items(adapters))
+  dora = [s.name for s in slices if tree[s.module_path].m is not None]
+  if dora and (for_serving or len(dora) != len(slices) or any(s.expert for s in slices)):
+    raise ValueError("DoRA adapters export to PEFT only as plain DoRA on linear layers (every adapter DoRA, no MoE "
+                     "experts) and never for serving (vLLM and SGLang serve LoRA, not DoRA): export a merged model "
+                     f"instead (DoRA modules: {dora[:3]})")
   rslora = spec.scaling == "alpha/sqrt(r)" and not for_serving
   if for_serving:
     r = serving_rank(max(s.rank for s in slices))
@@ -213,6 +219,9 @@ def save_peft(params_config: ModelConfig, adapters, spec: lora.LoraSpec, out_dir
       ranks[s.name], alphas[s.name] = s.rank, _peft_alpha(s.scale, s.rank, rslora)
     a, b = a.astype(dtype), b.astype(dtype)
     put(s.name, a, b, s.embed)
+    if ad.m is not None:
+      m = np.asarray(jax.device_get(ad.m[s.index]), np.float32)
+      tensors[f"{_PEFT_PREFIX}{s.name}.lora_magnitude_vector"] = np.ascontiguousarray(m.astype(dtype))
   _check_peft_experts(config, slices, ranks, alphas, r, alpha, rslora)
 
   adapter_config = dict(
@@ -223,7 +232,7 @@ def save_peft(params_config: ModelConfig, adapters, spec: lora.LoraSpec, out_dir
       # PEFT's default layers_pattern (None) takes the first number in a module name: the layer index here.
       layers_to_transform=None if spec.layers is None else list(spec.layers), layers_pattern=None,
       lora_dropout=spec.dropout, init_lora_weights="gaussian" if spec.init_a == "gaussian" else True,
-      bias="none", use_dora=False, modules_to_save=None, fan_in_fan_out=False, inference_mode=True,
+      bias="none", use_dora=bool(dora), modules_to_save=None, fan_in_fan_out=False, inference_mode=True,
       ensure_weight_tying=False, exclude_modules=None, target_parameters=None, lora_bias=False)
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
@@ -259,7 +268,7 @@ def _peft_pattern_value(patterns: dict[str, Any] | None, name: str, default):
 
 
 def peft_modules(tensors: dict[str, np.ndarray]) -> tuple[dict[str, dict[str, Any]], list[str]]:
-  """Groups PEFT tensors by module: ({HF module name: {'a', 'b' (as stored), 'embed'}}, problems with the keys)."""
+  """Groups PEFT tensors by module: ({HF module name: {'a', 'b' (as stored), 'm' (DoRA), 'embed'}}, problems)."""
   modules: dict[str, dict[str, Any]] = {}
   problems = []
   for key, value in tensors.items():
@@ -268,12 +277,13 @@ def peft_modules(tensors: dict[str, np.ndarray]) -> tuple[dict[str, dict[str, An
     suffix = next((s for s in _PEFT_SUFFIXES if key.endswith(s)), None)
     if suffix is None or not key.startswith(_PEFT_PREFIX):
       problems.append(f"{key}: not a LoRA tensor (expected {_PEFT_PREFIX}<module>.lora_A.weight / lora_B.weight / "
-                      "lora_embedding_A / lora_embedding_B)")
+                      "lora_embedding_A / lora_embedding_B / lora_magnitude_vector)")
       continue
     name = key[len(_PEFT_PREFIX):-len(suffix)]
+    kind = _PEFT_SUFFIXES[suffix]
     entry = modules.setdefault(name, {"embed": "embedding" in suffix})
-    entry[_PEFT_SUFFIXES[suffix]] = value
-    if entry["embed"] != ("embedding" in suffix):
+    entry[kind] = value
+    if kind != "m" and entry["embed"] != ("embedding" in suffix):
       problems.append(f"{name}: mixes lora_A/B and lora_embedding_A/B tensors")
   for name, entry in modules.items():
     if "a" not in entry or "b" not in entry:
@@ -286,7 +296,7 @@ def load_peft(adapter_dir: str | os.PathLike, params, config: ModelConfig,
   """Reads a PEFT LoRA directory into (adapters, LoraSpec) for `params`; the spec reproduces rank, alpha, patterns.
 
   Everything is checked before anything is built: a module the model lacks, a tensor whose shape does not fit its
-  kernel, or a PEFT feature an adapter tree can't hold (DoRA, bias, modules_to_save, ...) raises one ValueError
+  kernel, or a PEFT feature an adapter tree can't hold (bias, modules_to_save, ...) raises one ValueError
   listing every problem. `layouts` (lora.trace_layouts) is needed for scanned layers and MoE experts.
   """
   adapter_config, tensors = read_peft(adapter_dir)
@@ -305,6 +315,11 @@ def load_peft(adapter_dir: str | os.PathLike, params, config: ModelConfig,
   problems += tensor_problems
   modules = {n: m for n, m in modules.items() if "a" in m and "b" in m}  # The incomplete ones are problems already.
 
+  dora = bool(adapter_config.get("use_dora", False))
+  for name, m in modules.items():
+    if dora != ("m" in m):
+      problems.append(f"{name}: " + ("no lora_magnitude_vector, but use_dora is true" if dora
+                                     else "a lora_magnitude_vector, but use_dora is not true"))
   r, alpha = int(adapter_config.get("r", 8)), float(adapter_config.get("lora_alpha", 8))
   rslora = bool(adapter_config.get("use_rslora", False))
   rank_pattern, alpha_pattern = adapter_config.get("rank_pattern") or {}, adapter_config.get("alpha_pattern") or {}
@@ -334,6 +349,9 @@ def load_peft(adapter_dir: str | os.PathLike, params, config: ModelConfig,
     elif a.ndim != 2 or b.ndim != 2 or tuple(a.shape) != want_a or tuple(b.shape) != want_b:
       problems.append(f"{name}: A {tuple(a.shape)}, B {tuple(b.shape)} do not fit its weight "
                       f"{e.hf_shape} (expected A {want_a}, B {want_b})")
+    elif "m" in m and (m["embed"] or tuple(m["m"].shape) != (e.hf_shape[0],)):
+      problems.append(f"{name}: lora_magnitude_vector {tuple(m['m'].shape)} does not fit its weight {e.hf_shape} "
+                      f"(expected ({e.hf_shape[0]},): DoRA on linear layers)")
     elif _peft_pattern_value(rank_pattern, name, r) != rank:
       problems.append(f"{name}: tensors have rank {rank} but the config gives it rank "
                       f"{_peft_pattern_value(rank_pattern, name, r)}")
@@ -378,7 +396,8 @@ def _spec_for(found, adapter_config, params, layouts, modules, where):
               layers=None if layers is None else ([layers] if isinstance(layers, int) else list(layers)),
               dropout=float(adapter_config.get("lora_dropout", 0.0)),
               init_a="gaussian" if init == "gaussian" else "uniform",
-              dtype=dtypes.pop() if len(dtypes) == 1 else "float32")
+              dtype=dtypes.pop() if len(dtypes) == 1 else "float32",
+              variant="dora" if adapter_config.get("use_dora") else "lora")
   wanted = set(found)
   leaf_targets = tuple(sorted({p[-1] for p in per_path}))
   path_targets = tuple(sorted("/".join(p) for p in per_path))
@@ -404,15 +423,19 @@ def _spec_for(found, adapter_config, params, layouts, modules, where):
 
 
 def _fill(template, modules, spec: lora.LoraSpec):
-  """The template adapters with A and B taken from the PEFT tensors (our layout: their transposes)."""
+  """The template adapters with A, B (our layout: their transposes) and DoRA's m taken from the PEFT tensors."""
   tree = dict(lora.adapter_items(template))
-  arrays = {path: (np.zeros(ad.a.shape, np.float32), np.zeros(ad.b.shape, np.float32)) for path, ad in tree.items()}
+  arrays = {path: (np.zeros(ad.a.shape, np.float32), np.zeros(ad.b.shape, np.float32),
+                   None if ad.m is None else np.array(ad.m, np.float32)) for path, ad in tree.items()}
   for s in _slices(template):
     m = modules[s.name]
-    a, b = arrays[s.module_path]
+    a, b, mag = arrays[s.module_path]
     a[s.index] = m["a"].T
     b[s.index] = m["b"].T
+    if mag is not None:
+      mag[s.index] = m["m"]
   dtype = jnp.dtype(spec.dtype)
-  filled = {path: ad.replace(a=jnp.asarray(arrays[path][0], dtype), b=jnp.asarray(arrays[path][1], dtype))
+  filled = {path: ad.replace(a=jnp.asarray(arrays[path][0], dtype), b=jnp.asarray(arrays[path][1], dtype),
+                             m=None if ad.m is None else jnp.asarray(arrays[path][2], dtype))
             for path, ad in tree.items()}
   return flax.traverse_util.unflatten_dict(filled)

@@ -102,6 +102,8 @@ def adapter_shardings(adapters, params_shardings, mesh: Mesh):
   for (path, real), (_, ad) in zip(lora.adapter_items(adapters), lora.adapter_items(out)):
     _check_divisible("/".join(path) + "/lora_a", real.a.shape, ad.a.spec, mesh)
     _check_divisible("/".join(path) + "/lora_b", real.b.shape, ad.b.spec, mesh)
+    if real.m is not None:
+      _check_divisible("/".join(path) + "/lora_magnitude", real.m.shape, ad.m.spec, mesh)
   return out
 
 

@@ -19,6 +19,7 @@ INITS_A = ("uniform", "gaussian", "pissa")
 INITS_B = ("zeros",)
 RANK_POLICIES = ("error", "clip")
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # What A and B may be stored in.
+VARIANTS = ("lora", "dora")  # dora: weight-decomposed LoRA (a learned magnitude per output column).
 
 
 
@@ -41,6 +42,9 @@ class LoraSpec:
   dtype: str = "float32"  # dtype of A and B.
   extra_trainable: tuple[str, ...] = ()  # Base params trained fully: "bias", "norm", "all" or path regexes.
   rank_policy: str = "error"  # A rank above a kernel's min(d_in, d_out): "error", or "clip" it to that (summary).
+  # "lora", or "dora" (DoRA, as PEFT's use_dora: output m * (x·W + s·x·A·B) / ||W + s·A·B|| per output column, the
+  # norm held constant in the backward pass; m starts at ||W||). Dense kernels only; no adapter dropout in training.
+  variant: str = "lora"
 
   def __post_init__(self):
     for name in ("targets", "exclude", "extra_trainable"):
@@ -56,6 +60,7 @@ class LoraSpec:
     _check_choice("init_a", self.init_a, INITS_A)
     _check_choice("init_b", self.init_b, INITS_B)
     _check_choice("rank_policy", self.rank_policy, RANK_POLICIES)
+    _check_choice("variant", self.variant, VARIANTS)
     _check_rank(self.rank, "LoraSpec.rank")
     for pattern, rank in self.rank_pattern.items():
       _check_rank(rank, f"LoraSpec.rank_pattern[{pattern!r}]")

@@ -59,7 +59,8 @@ def set_up(config, method, mesh_shape=None):
   from lora_jax import lora, optim, train
   from lora_jax.models import transformer
 
-  spec = lora.LoraSpec(rank=4, targets=("all-linear", "unembed")) if method == "lora" else lora.LoraSpec.full()
+  spec = {"lora": lora.LoraSpec(rank=4, targets=("all-linear", "unembed")), "full": lora.LoraSpec.full(),
+          "dora": lora.LoraSpec(rank=4, targets=("all-linear", "unembed"), variant="dora")}[method]
   optim_config = optim.OptimConfig(lr=1e-3)
   init = lambda shardings: transformer.init_params(config, jax.random.key(0))  # noqa: E731
   return train.setup(config, spec, optim_config, init, mesh=mesh_shape, seed=1), optim_config
@@ -104,7 +105,7 @@ def main_meshes(out):
 
   results = []
   for name, config in configs().items():
-    for method in ("lora", "full"):
+    for method in ("lora", "full") + (("dora",) if name == "llama" else ()):  # DoRA's m sharded like B's outputs
       with tempfile.TemporaryDirectory() as tmp:
         ref_loss, ref = run(config, method, None, f"{tmp}/ref")
         # Every mesh kind on one model and method; the mixed mesh (all three axes at once) on every combination.

@@ -230,6 +230,11 @@ ROUND_TRIP_CASES = {
                                   ensure_weight_tying=True)),
     "tied_sides": ("qwen3", False, dict(r=2, lora_alpha=4, target_modules=["embed_tokens", "lm_head", "q_proj"])),
     "one_module": ("llama", False, dict(r=4, lora_alpha=4, target_modules=["model.layers.1.mlp.up_proj"])),
+    # DoRA (its lora_magnitude_vector too), on scanned layers with per-module ranks and dropout (ignored at inference)
+    "dora_scan": ("llama", True, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "lm_head"],
+                                      use_dora=True, lora_dropout=0.05)),
+    "dora_patterns": ("qwen3", False, dict(r=4, lora_alpha=8, target_modules=["k_proj", "o_proj", "up_proj"],
+                                           rank_pattern={"o_proj": 2}, use_dora=True)),
 }
 
 
@@ -432,8 +437,15 @@ def test_load_peft_refuses_an_adapter_for_another_base(bases, tmp_path):
   half = {k: v for k, v in t.items() if k != "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"}
   with pytest.raises(ValueError, match="layers.0.self_attn.v_proj: has lora_A but not lora_B"):
     peft_io.load_peft(_edit(clean, tmp_path / "half", tensors=half), params, config, layouts)
-  with pytest.raises(ValueError, match="use_dora=True is not supported"):
+  with pytest.raises(ValueError, match="self_attn.q_proj: no lora_magnitude_vector, but use_dora is true"):
     peft_io.load_peft(_edit(clean, tmp_path / "dora", {"use_dora": True}), params, config, layouts)
+  magnitude = {**t, "base_model.model.model.layers.0.self_attn.v_proj.lora_magnitude_vector": np.ones(5, np.float32)}
+  with pytest.raises(ValueError) as err:
+    peft_io.load_peft(_edit(clean, tmp_path / "dora_bad", {"use_dora": True}, tensors=magnitude), params, config,
+                      layouts)
+  assert "layers.0.self_attn.v_proj: lora_magnitude_vector (5,) does not fit its weight (16, 32)" in str(err.value)
+  with pytest.raises(ValueError, match="v_proj: a lora_magnitude_vector, but use_dora is not true"):
+    peft_io.load_peft(_edit(clean, tmp_path / "dora_off", tensors=magnitude), params, config, layouts)
 
 
 @pytest.mark.parametrize("side", ["embed_tokens", "lm_head"])
@@ -444,6 +456,26 @@ def test_peft_adapter_on_one_side_of_a_tied_model_loads_with_peft_logits(bases, 
   adapters, _ = peft_io.load_peft(tmp_path / side, params, config, layouts)
   assert list(adapters["model"]) == ["embed_tokens" if side == "embed_tokens" else "embed_tokens@attend"]
   assert_close(_logits(model, params, adapters), _torch_logits(peft_model), TORCH)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_dora_export_loads_in_peft_with_the_same_logits(bases, tmp_path, scan):
+  """Our DoRA adapters (trained magnitudes, random B) as PEFT use_dora: PeftModel computes our logits."""
+  spec = lora.LoraSpec(rank=4, alpha=8.0, variant="dora", targets=("all-linear", "unembed"), rank_pattern={"k_proj": 2})
+  config, params, model, _, adapters = _trained(bases["llama"], spec, scan)
+  adapters = jax.tree.map(lambda ad: ad.replace(m=ad.m * (1.0 + 0.2 * jnp.cos(jnp.arange(ad.m.size).reshape(
+      ad.m.shape)))), adapters, is_leaf=lambda x: isinstance(x, lora.Adapter))
+  peft_io.save_peft(config, adapters, spec, tmp_path, str(bases["llama"]))
+  ours = _logits(model, params, adapters)
+  assert np.abs(ours - _torch_logits(_torch_base(bases["llama"]))).max() > 1e-2
+  assert_close(_peft_logits(bases["llama"], tmp_path), ours, TORCH)
+  assert _adapter_config(tmp_path)["use_dora"] is True
+  q = _tensors(tmp_path)["base_model.model.model.layers.1.self_attn.q_proj.lora_magnitude_vector"]
+  want = (adapters["model"]["layers"]["self_attn"]["q_proj"].m[1] if scan
+          else adapters["model"]["layers_1"]["self_attn"]["q_proj"].m)
+  np.testing.assert_array_equal(q, np.asarray(want))
+  with pytest.raises(ValueError, match="vLLM and SGLang serve LoRA, not DoRA"):
+    peft_io.save_peft(config, adapters, spec, tmp_path / "serve", "x", for_serving=True)
 
 
 def test_load_peft_refuses_what_the_flax_model_cannot_represent(bases, tmp_path):

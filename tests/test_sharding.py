@@ -129,12 +129,13 @@ def test_every_mesh_equals_one_device_for_lora_and_full_on_llama_and_moe(tmp_pat
   assert "parameter 'lm_head/kernel' dimension 1 has size 130, not divisible by mesh axis 'tensor' of size 4" in \
       report["indivisible"]
   assert {(r["model"], r["method"]) for r in results} == {(m, k) for m in ("llama", "qwen3_moe")
-                                                          for k in ("lora", "full")}
+                                                          for k in ("lora", "full")} | {("llama", "dora")}
   assert report["sharded_load"]["equal"] and report["sharded_load"]["placed"]
   assert report["sharded_load"]["smallest_region_fraction"] <= 1 / 8  # a device reads 1/8 of an fsdp x tensor kernel
   assert {(r["model"], r["method"], r["mesh"]) for r in results} == {
       ("llama", "lora", "fsdp=8"), ("llama", "lora", "tensor=8")} | {
-      (m, k, "data=2,fsdp=2,tensor=2") for m in ("llama", "qwen3_moe") for k in ("lora", "full")}
+      (m, k, "data=2,fsdp=2,tensor=2") for m in ("llama", "qwen3_moe") for k in ("lora", "full")} | {
+      ("llama", "dora", "data=2,fsdp=2,tensor=2")}
   for r in results:
     assert r["loss_diff"] <= LOSS_TOL and r["param_diff"] <= PARAM_TOL, r
 

@@ -72,6 +72,7 @@ def initial_state(spec, optim_config, seed=0):
 
 
 LORA = lora.LoraSpec(rank=4, targets=("all-linear", "unembed"))
+DORA = dataclasses.replace(LORA, variant="dora")
 OPTIM = optim.OptimConfig(lr=1e-2)
 
 
@@ -86,7 +87,7 @@ def leaves(state):
   return [np.asarray(x) for x in jax.tree.leaves(state.checkpoint_tree())]
 
 
-@pytest.mark.parametrize("spec", [LORA, lora.LoraSpec.full()], ids=["lora", "full"])
+@pytest.mark.parametrize("spec", [LORA, lora.LoraSpec.full(), DORA], ids=["lora", "full", "dora"])
 def test_lora_and_full_finetuning_lower_the_loss_and_leave_evidence(tmp_path, spec):
   optim_config = optim.OptimConfig(lr=3e-2 if spec.targets else 3e-3)
   state, last = run(tmp_path, "run", spec=spec, optim_config=optim_config, steps=30)
@@ -123,7 +124,7 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, x64):
     assert_exact(a, b)
 
 
-@pytest.mark.parametrize("spec", [LORA, lora.LoraSpec.full()], ids=["lora", "full"])
+@pytest.mark.parametrize("spec", [LORA, lora.LoraSpec.full(), DORA], ids=["lora", "full", "dora"])
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, spec):
   straight, _ = run(tmp_path, "straight", spec=spec, steps=8)
   with pytest.raises(RuntimeError, match="simulated crash"):
