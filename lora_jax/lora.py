@@ -49,6 +49,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
+from lora_jax import quant
 from lora_jax import spec as spec_lib
 
 Path = tuple[str, ...]
@@ -492,6 +493,10 @@ def create(params, spec: LoraSpec, rng: jax.Array, layouts: Mapping[str, Layout]
     a_shape, b_shape = _adapter_shapes(kernel.shape, t.layout, t.n_stack, t.rank)
     key = jax.random.fold_in(rng, i)
     scale = t.scale
+    if spec.init_a == "pissa" and quant.is_quantized(kernel):
+      raise ValueError(f"init_a='pissa' on '{_path_str(path)}', a quantized kernel: PiSSA moves W's top-r part into "
+                       "the adapter and keeps the residual, which a quantized base can't store; create the adapters "
+                       "before quantize() (or use init_a='uniform')")
     if spec.init_a == "pissa":
       a, b = _pissa(kernel, t)
       if t.layout.tied:
@@ -517,7 +522,8 @@ def create(params, spec: LoraSpec, rng: jax.Array, layouts: Mapping[str, Layout]
       if t.layout.kind != "dense":
         raise ValueError(f"variant='dora' on '{_path_str(path)}', an embedding ({t.layout.kind} side): DoRA adapts "
                          "dense kernels here; exclude it (e.g. exclude=('embed',)) or use variant='lora'")
-      m = column_norm(new_params[path], a, b, scale, t.layout, t.n_stack).astype(dtype)  # ||W + s·A·B||: ||W||
+      w = quant.dequantize(new_params[path]) if quant.is_quantized(new_params[path]) else new_params[path]
+      m = column_norm(w, a, b, scale, t.layout, t.n_stack).astype(dtype)  # ||W + s·A·B|| = ||W|| (B = 0)
     out_adapters[t.module_path] = Adapter(a, b, t.param, t.layout, _nested(scale), spec.dropout, m=m)
   return traverse_util.unflatten_dict(new_params), _unflatten(out_adapters)
 
@@ -688,7 +694,8 @@ def apply(model: nn.Module, params, adapters, *args, train: bool = False, collec
   """
   params = _unboxed(params)
   items = adapter_items(adapters)
-  if not items:
+  quantized = any(quant.is_quantized(x) for x in jax.tree.leaves(params, is_leaf=quant.is_quantized))
+  if not items and not quantized:
     return model.apply({"params": params, **(collections or {})}, *args, **kwargs)
   info = {path: ad for path, ad in items}
   stacked = [p for p, ad in items if ad.runs]
@@ -716,10 +723,13 @@ def apply(model: nn.Module, params, adapters, *args, train: bool = False, collec
       return next_fun(*a, **kw)
     ad = info.get(path)
     names = _variable_names(ad) if ad is not None else ()
+    kernel = module.get_variable("params", "kernel") if quantized and not isinstance(module, nn.Embed) else None
+    base = (lambda: _base_output(module, a, kw, quant.dequantize(kernel))) if quant.is_quantized(kernel) else \
+        (lambda: next_fun(*a, **kw))
     if ad is None or not module.has_variable("params", names[0]):
-      return next_fun(*a, **kw)
+      return base()
     used.add(path)
-    y = next_fun(*a, **kw)
+    y = base()
     lora_a, lora_b, scale = (module.get_variable("params", n) for n in names)
     if rows is not None:
       return y + _delta_output_per_row(module, ad.layout.kind, a, kw, lora_a, lora_b, scale, rows, y.dtype)
@@ -780,6 +790,7 @@ def _delta_output(module, kind, args, kwargs, a, b, scale, dropout, train, dtype
 def _dora_output(module, ad: Adapter, args, kwargs, y, d, a, b, scale):
   """bias + m/||W + s·A·B|| ⊙ (x·W + s·(x·A)·B) per output column, from the module's own y = x·W + bias and d."""
   w = module.get_variable("params", ad.param)
+  w = quant.dequantize(w) if quant.is_quantized(w) else w
   factor = dora_factor(w, a, b, module.get_variable("params", MAGNITUDE), scale, ad.layout).astype(y.dtype)
   bias = module.get_variable("params", "bias") if module.has_variable("params", "bias") else None
   if isinstance(module, nn.Einsum):  # factor in the kernel's order of its output letters; bias in y's order
@@ -793,6 +804,29 @@ def _dora_output(module, ad: Adapter, args, kwargs, y, d, a, b, scale):
     return factor * (y + d)
   bias = bias.astype(y.dtype)
   return factor * (y - bias + d) + bias
+
+
+def _base_output(module, args, kwargs, kernel):
+  """What the module's own __call__ computes (x·W + bias, in its dtype), with ``kernel`` (a dequantized
+  QuantizedKernel) in place of its stored one."""
+  x = args[0] if args else kwargs.get("inputs")
+  bias = module.get_variable("params", "bias") if module.has_variable("params", "bias") else None
+  x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=module.dtype)
+  precision = getattr(module, "precision", None)
+  if isinstance(module, nn.Einsum):
+    lhs, rhs, out = _parse_einsum(_einsum_str(module, args, kwargs), module)
+    y = jnp.einsum(f"{lhs},{rhs}->{out}", x, kernel, precision=precision)
+    return y if bias is None else y + _to_output(bias, "".join(c for c in out if c in rhs), out)
+  if isinstance(module, nn.DenseGeneral):
+    if module.batch_dims:
+      raise ValueError(f"'{'/'.join(module.path)}': a quantized kernel in an nn.DenseGeneral with batch_dims is "
+                       "not supported")
+    axis = module.axis if isinstance(module.axis, Sequence) else (module.axis,)
+    axes = tuple(ax % x.ndim for ax in axis)
+  else:
+    axes = (x.ndim - 1,)
+  y = jax.lax.dot_general(x, kernel, ((axes, tuple(range(len(axes)))), ((), ())), precision=precision)
+  return y if bias is None else y + bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
 
 
 def _to_output(v, letters: str, out: str):
@@ -863,7 +897,7 @@ def stack_adapters(trees: Sequence[Any]) -> Any:
 
 def merge(params, adapters):
   """W + s·A·B for every adapter (DoRA: m/||W + s·A·B|| ⊙ (W + s·A·B) per column), computed in float32 and cast
-  back; returns ``(params, max_abs_error)``.
+  back (a quantized kernel is dequantized: the merged one is full precision); returns ``(params, max_abs_error)``.
 
   ``max_abs_error`` maps each merged parameter path to the largest |cast(W + s·A·B) - (W + s·A·B)|: the precision
   lost by storing the merged weight in the kernel's dtype (zero in float32, visible in bfloat16).
@@ -883,7 +917,11 @@ def unmerge(params, adapters, norms: Mapping[Path, Any] | None = None):
 def dora_norms(params, adapters) -> dict[Path, jax.Array]:
   """||W + s·A·B|| per output column of every DoRA adapter's kernel (keep them to ``unmerge`` a DoRA merge)."""
   flat = traverse_util.flatten_dict(_unboxed(params))
-  return {key: column_norm(flat[kernel_path(key, ad)], ad.a, ad.b, ad.scale_array(), ad.layout, ad.n_stack)
+  def kernel(key, ad):
+    w = flat[kernel_path(key, ad)]
+    return quant.dequantize(w) if quant.is_quantized(w) else w
+
+  return {key: column_norm(kernel(key, ad), ad.a, ad.b, ad.scale_array(), ad.layout, ad.n_stack)
           for key, ad in adapter_items(adapters) if ad.m is not None}
 
 
@@ -904,7 +942,7 @@ def _fold(params, adapters, sign: float, norms: Mapping[Path, Any] | None = None
   errors = {}
   for key, ad in adapter_items(adapters):
     path = kernel_path(key, ad)
-    w = flat[path]
+    w = quant.dequantize(flat[path]) if quant.is_quantized(flat[path]) else flat[path]  # merged: full precision
     wide = jnp.promote_types(w.dtype, jnp.float32)
     d = delta(ad).astype(wide)
     if ad.m is None:
@@ -969,6 +1007,10 @@ def split(params, adapters, spec: LoraSpec):
       raise ValueError(f"LoraSpec.extra_trainable {pattern!r} matches no parameter. Parameter paths (closest first):"
                        "\n  " + "\n  ".join(_closest(pattern, [_path_str(p) for p in flat])))
     extra.update(hits)
+  quantized = [_path_str(p) for p, v in extra.items() if quant.is_quantized(v)]
+  if quantized:
+    raise ValueError(f"LoraSpec.extra_trainable would train quantized kernels {quantized[:3]}: a quantized base is "
+                     "frozen (QLoRA); train a full-precision base for full fine-tuning")
   frozen = {p: v for p, v in flat.items() if p not in extra}
   return {"lora": adapters, "params": _unflatten(extra)}, _unflatten(frozen)
 

@@ -31,12 +31,13 @@ def lora_diagnostics(params, adapters) -> dict[str, dict[str, jax.Array]]:
   import jax.numpy as jnp
   from flax import traverse_util
 
-  from lora_jax import lora
+  from lora_jax import lora, quant
 
   flat = traverse_util.flatten_dict(params)
   out = {}
   for path, ad in lora.adapter_items(adapters):
-    w = flat[lora.kernel_path(path, ad)].astype(jnp.float32)
+    w = flat[lora.kernel_path(path, ad)]
+    w = (quant.dequantize(w) if quant.is_quantized(w) else w).astype(jnp.float32)
     a = ad.a.astype(jnp.float32).reshape(-1, ad.rank)
     b = jnp.moveaxis(ad.b.astype(jnp.float32), ad.n_stack + sum(r == "shared" for r in ad.layout.roles), -1)
     out["/".join(path)] = {

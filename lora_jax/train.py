@@ -29,6 +29,7 @@ from lora_jax import lora
 from lora_jax import loop as loop_lib
 from lora_jax import metrics as metrics_lib
 from lora_jax import optim
+from lora_jax import quant as quant_lib
 from lora_jax import sharding as sharding_lib
 
 @flax.struct.dataclass
@@ -361,7 +362,8 @@ def program(model: nn.Module, state: TrainState, optim_config: optim.OptimConfig
       finite=lambda s: np.array([bool(trainable_finite(s.trainable))]),
       data_state=lambda s, k: train_batches.state(), restore_data=lambda data: train_batches.restore(data[0]),
       lr_at=[optim.schedule(optim_config)], n_trainable=[n_trainable],
-      n_total=[n_trainable + sum(x.size for x in jax.tree.leaves(state.frozen))], diagnostics=diagnostics)
+      n_total=[n_trainable + sum(math.prod(x.shape) for x in jax.tree.leaves(  # a quantized kernel: its values
+          state.frozen, is_leaf=quant_lib.is_quantized))], diagnostics=diagnostics)
   return prog, state
 
 
@@ -408,7 +410,7 @@ class Setup:
 
 
 def setup(model_config, spec: lora.LoraSpec, optim_config: optim.OptimConfig, params, *, mesh=None,
-          rules=None, seed: int = 0, grad_accum: int = 1) -> Setup:
+          rules=None, seed: int = 0, grad_accum: int = 1, quant: quant_lib.QuantSpec | None = None) -> Setup:
   """The one set-up path: mesh -> parameter shardings -> params -> layouts -> adapters -> state -> jitted steps.
 
   ``model_config`` is a ``models.transformer.ModelConfig``. ``params`` is a base parameter tree, a function of the
@@ -418,7 +420,8 @@ def setup(model_config, spec: lora.LoraSpec, optim_config: optim.OptimConfig, pa
   or checking a config. ``mesh`` is a ``Mesh``, a shape for ``sharding.make_mesh`` or None (one device); ``rules``
   map logical axes to mesh axes (default ``sharding.DEFAULT_RULES``). ``seed`` draws the adapters' init and is the
   state's RNG seed (adapter dropout). ``fit(s.model, s.state, ..., setup=s)`` trains the result with the steps
-  compiled here.
+  compiled here. ``quant`` stores the frozen base's kernels it targets quantized (QLoRA, ``lora_jax.quant``) before
+  the adapters are made; one device only for now.
   """
   from lora_jax import model_lora  # the trainer itself works on any Flax model; set-up knows this one
   from lora_jax.models import transformer
@@ -436,7 +439,12 @@ def setup(model_config, spec: lora.LoraSpec, optim_config: optim.OptimConfig, pa
     params = params(param_sh)
   layouts = model_lora.layouts(model_config)
 
+  if quant is not None and mesh is not None:
+    raise ValueError("a quantized base (quant=) trains on one device for now: drop the mesh, or quant")
+
   def make_state(p):
+    if quant is not None:
+      p = quant_lib.quantize(p, quant, layouts)
     base, adapters = lora.create(p, spec, jax.random.key(seed), layouts=layouts)
     return init_state(base, adapters, spec, optim_config, seed)
 
