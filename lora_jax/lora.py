@@ -528,6 +528,22 @@ def create(params, spec: LoraSpec, rng: jax.Array, layouts: Mapping[str, Layout]
   return traverse_util.unflatten_dict(new_params), _unflatten(out_adapters)
 
 
+def quantize_base(params, spec: quant.QuantSpec, layouts: Mapping[str, Layout] | None = None):
+  """``params`` with every kernel ``spec`` targets (LoraSpec target syntax; ``layouts`` for kernels of more than two
+  axes) stored as a ``quant.QuantizedKernel`` (QLoRA's frozen base); blocks run over [*shared, *out, *in] order."""
+  params = _unboxed(params)
+  plan = _plan(params, LoraSpec(rank=1, targets=spec.targets, exclude=spec.exclude), layouts)
+  flat = dict(traverse_util.flatten_dict(params))
+  for t in plan:
+    if t.layout.kind != "dense":
+      raise ValueError(f"QuantSpec targets '{_path_str(t.module_path)}', an embedding: only dense kernels are "
+                       "stored quantized (QLoRA keeps embeddings and the output head in full precision)")
+    path = t.module_path + (t.param,)
+    shared, ins, outs = _layout_axes(t.layout)
+    flat[path] = quant.quantize_array(flat[path], spec, t.n_stack, tuple(shared + outs + ins), _path_str(path))
+  return traverse_util.unflatten_dict(flat)
+
+
 def _unboxed(params):
   """``params`` without Flax partitioning metadata (``nn.LogicallyPartitioned`` boxes from ``model.init``)."""
   return nn.meta.unbox(params)

@@ -12,9 +12,9 @@ through its own module rewriting and tiling, with neither bitsandbytes' packing,
 nor double quantization, so it cannot give bitsandbytes' codes; the arithmetic here is ~100 lines and is checked
 against bitsandbytes itself (tests/test_quant.py).
 
-    params, adapters = lora.create(params, spec, rng)        # or after quantizing: DoRA's m from the 4-bit weights
-    params = quant.quantize(params, quant.QuantSpec("nf4"))  # the targeted kernels become QuantizedKernel
-    logits = lora.apply(model, params, adapters, tokens)     # each layer dequantizes its own kernel
+    params = lora.quantize_base(params, quant.QuantSpec("nf4"))  # the targeted kernels become QuantizedKernel
+    params, adapters = lora.create(params, spec, rng)            # DoRA's m from the 4-bit weights, as PEFT's
+    logits = lora.apply(model, params, adapters, tokens)         # each layer dequantizes its own kernel
 """
 
 from __future__ import annotations
@@ -22,14 +22,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 KINDS = ("nf4", "int8")
 # The 16 NF4 levels (QLoRA, appendix E), as float32 values; bitsandbytes' get_4bit_type("nf4").
@@ -224,24 +222,6 @@ def dequantize(q: QuantizedKernel) -> jax.Array:
 def is_quantized(x) -> bool:
   """True for a QuantizedKernel."""
   return isinstance(x, QuantizedKernel)
-
-
-def quantize(params, spec: QuantSpec, layouts: Mapping[str, Any] | None = None):
-  """``params`` with every kernel ``spec`` targets (lora target syntax, ``lora.trace_layouts`` for kernels of more
-  than two axes) replaced by its QuantizedKernel; blocks run over each kernel in [*shared, *out, *in] order."""
-  from lora_jax import lora  # noqa: PLC0415  (lora imports this module)
-
-  params = lora._unboxed(params)
-  plan = lora._plan(params, lora.LoraSpec(rank=1, targets=spec.targets, exclude=spec.exclude), layouts)
-  flat = dict(traverse_util.flatten_dict(params))
-  for t in plan:
-    if t.layout.kind != "dense":
-      raise ValueError(f"QuantSpec targets '{lora._path_str(t.module_path)}', an embedding: only dense kernels are "
-                       "stored quantized (QLoRA keeps embeddings and the output head in full precision)")
-    path = t.module_path + (t.param,)
-    shared, ins, outs = lora._layout_axes(t.layout)
-    flat[path] = quantize_array(flat[path], spec, t.n_stack, tuple(shared + outs + ins), lora._path_str(path))
-  return traverse_util.unflatten_dict(flat)
 
 
 def dequantize_tree(params):

@@ -444,7 +444,7 @@ def setup(model_config, spec: lora.LoraSpec, optim_config: optim.OptimConfig, pa
 
   def make_state(p):
     if quant is not None:
-      p = quant_lib.quantize(p, quant, layouts)
+      p = lora.quantize_base(p, quant, layouts)
     base, adapters = lora.create(p, spec, jax.random.key(seed), layouts=layouts)
     return init_state(base, adapters, spec, optim_config, seed)
 

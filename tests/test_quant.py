@@ -108,7 +108,7 @@ def _base():
 def test_the_quantized_forward_is_the_base_dequantized_layer_by_layer(kind):
   config, params, layouts = _base()
   model = transformer.CausalLM(config)
-  qparams = quant.quantize(params, quant.QuantSpec(kind, 64, double_quant=kind == "nf4"), layouts)
+  qparams = lora.quantize_base(params, quant.QuantSpec(kind, 64, double_quant=kind == "nf4"), layouts)
   kernels = [x for x in jax.tree.leaves(qparams, is_leaf=quant.is_quantized) if quant.is_quantized(x)]
   assert kernels and not quant.is_quantized(qparams["lm_head"]["kernel"])  # all-linear: the head stays full
   qparams, adapters = lora.create(qparams, lora.LoraSpec(rank=4), jax.random.key(1), layouts=layouts)
@@ -151,12 +151,12 @@ def test_a_qlora_run_trains_only_its_adapters(tmp_path):
 def test_bad_quantization_input_names_the_kernel():
   config, params, layouts = _base()
   with pytest.raises(ValueError, match=r"model/layers_0/mlp/down_proj/kernel: 2048 values per kernel \(shape \(64, 32\)\) are not a multiple of QuantSpec.block_size=96"):
-    quant.quantize(params, quant.QuantSpec("nf4", 96), layouts)
+    lora.quantize_base(params, quant.QuantSpec("nf4", 96), layouts)
   with pytest.raises(ValueError, match="an embedding: only dense kernels"):
-    quant.quantize(params, quant.QuantSpec("nf4", targets=("embed",)), layouts)
+    lora.quantize_base(params, quant.QuantSpec("nf4", targets=("embed",)), layouts)
   with pytest.raises(ValueError, match="QuantSpec.kind must be one of"):
     quant.QuantSpec("fp4")
-  qparams = quant.quantize(params, quant.QuantSpec("nf4"), layouts)
+  qparams = lora.quantize_base(params, quant.QuantSpec("nf4"), layouts)
   with pytest.raises(ValueError, match="init_a='pissa' on .* a quantized kernel"):
     lora.create(qparams, lora.LoraSpec(rank=2, init_a="pissa"), jax.random.key(0), layouts=layouts)
   with pytest.raises(ValueError, match="would train quantized kernels"):
@@ -205,7 +205,7 @@ def test_peft_qlora_logits_equal_ours_and_the_adapter_loads_on_the_full_precisio
   dequantized, n_quantized = _dequantized_torch_base(hf_base, q4)
   config, params = hf.load(hf_base)
   layouts = model_lora.layouts(config)
-  qparams = quant.quantize(params, quant.QuantSpec("nf4", 64), layouts)
+  qparams = lora.quantize_base(params, quant.QuantSpec("nf4", 64), layouts)
   ours_quantized = {k for k, v in traverse_util.flatten_dict(qparams).items() if quant.is_quantized(v)}
   assert len(ours_quantized) == n_quantized == 7 * config.num_layers  # every linear layer but the head, as theirs
   for layer, name in ((0, "self_attn.q_proj"), (1, "mlp.down_proj")):  # the same bytes (before a CPU forward
