@@ -3,6 +3,9 @@
     python -m benchmarks.fit --model meta-llama/Llama-3.1-8B --method lora --rank 16 --batch 32 --seq 2048 \\
         --mesh fsdp=-1 --devices 16 [--platform tpu --topology v5e:4x4] [--hbm-gib 16]
 
+``--method qlora`` plans LoRA on an NF4 base (``lora_jax.quant``: block 64, double quantization, every linear layer
+but the output head, as QLoRA), whose quantized kernels are replicated on every device.
+
 Compiles the real train step (``lora_jax.train``: forward, backward, Adam, explicit shardings from
 ``lora_jax.sharding``) ahead of time from abstract shapes — no weights are downloaded or allocated — for a target
 device count, and prints XLA's memory analysis per device: arguments (params, adapters, optimizer state, batch),
@@ -76,7 +79,7 @@ def plan(model: str, method: str, rank: int, batch: int, seq: int, mesh_shape: d
   """
   import jax
 
-  from lora_jax import hf, lora, model_lora, optim, sharding, train
+  from lora_jax import hf, lora, model_lora, optim, quant, sharding, train
   from lora_jax.models import transformer
 
   platform = devices[0].platform
@@ -90,14 +93,15 @@ def plan(model: str, method: str, rank: int, batch: int, seq: int, mesh_shape: d
     config = transformer.ModelConfig.from_preset(model, **changes)
   # Every matrix incl. the unembedding, with the MoE expert-rank rule: what experiments.main trains.
   spec = model_lora.model_spec(lora.LoraSpec(rank=rank, targets=("all-linear", "unembed")), config) \
-      if method == "lora" else lora.LoraSpec.full()
+      if method in ("lora", "qlora") else lora.LoraSpec.full()
+  qspec = quant.QuantSpec("nf4", 64, double_quant=True) if method == "qlora" else None
   mesh = sharding.make_mesh(mesh_shape, devices)
   rows_split = mesh.shape["data"] * mesh.shape["fsdp"]
   if batch % rows_split:
     raise SystemExit(f"--batch {batch} is not divisible by the data x fsdp mesh size {rows_split}")
   # The trainer's own set-up, from abstract params: an abstract state with its shardings, nothing allocated.
   params = transformer.abstract_params(config)
-  s = train.setup(config, spec, optim.OptimConfig(lr=1e-4), params, mesh=mesh)
+  s = train.setup(config, spec, optim.OptimConfig(lr=1e-4), params, mesh=mesh, quant=qspec)
   lowered = train.lower_steps(s, batch, seq)  # the call the loop runs, one step of it
   with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):  # what the step, traced under this mesh, ran
     ran = transformer.resolve_attention(config, seq, False)
@@ -115,10 +119,11 @@ def plan(model: str, method: str, rank: int, batch: int, seq: int, mesh_shape: d
                temporaries=m.temp_size_in_bytes, aliased=m.alias_size_in_bytes)
     out["total"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
   out["params"] = sum(x.size for x in jax.tree.leaves(params))
+  out["frozen_bytes"] = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(s.state.frozen))
   return out
 
 
-TOPOLOGIES = {8: "v5e:2x4", 16: "v5e:4x4", 32: "v5e:4x8"}
+TOPOLOGIES = {1: "v5e:1x1", 8: "v5e:2x4", 16: "v5e:4x4", 32: "v5e:4x8"}
 SETTINGS = {"before": BEFORE, "after": AFTER, "after, remat none": {**AFTER, "remat": "none"},
             "after, remat save_matmuls": {**AFTER, "remat": "save_matmuls"}}
 
@@ -152,6 +157,10 @@ def table_cases() -> list[dict]:
     add(model, "lora", 8, 64, 1024, "before")
     for batch in (128, 256):
       add(model, "lora", 8, batch, 1024, "after")
+  # QLoRA (issue 24): does an 8B fine-tune at 8 x 1024 fit one 16 GiB chip? LoRA on the bf16 base beside it.
+  for model in (eight, qwen):
+    for method in ("qlora", "lora"):
+      add(model, method, 1, 8, 1024, "after")
   # The rest of the old table's rows, after.
   for model in TABLE_MODELS:
     for method in ("lora", "full"):
@@ -222,7 +231,7 @@ def table_markdown(cache: pathlib.Path, rank: int, hbm: float) -> str:
       fits = f"no (compiler: {r['temporaries'] / GIB:.1f} GiB of temporaries)"
     else:
       fits = "yes" if r["total"] <= hbm * GIB else "no"
-    method = "full" if case["method"] == "full" else f"LoRA r={rank}"
+    method = {"full": "full", "lora": f"LoRA r={rank}", "qlora": f"QLoRA r={rank} (NF4)"}[case["method"]]
     lines.append(f"| {case['model']} | {method} | {case['devices']} | {case['batch']} x {case['seq']} | "
                  f"{case['setting']} | {r['attention']} | {_gib(r['arguments'])} | {_gib(r['temporaries'])} | "
                  f"{_gib(r['total'])} | {fits} |")
@@ -232,7 +241,8 @@ def table_markdown(cache: pathlib.Path, rank: int, hbm: float) -> str:
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--model", default="meta-llama/Llama-3.2-1B", help="preset hub id or local HF directory")
-  p.add_argument("--method", choices=("lora", "full"), default="lora")
+  p.add_argument("--method", choices=("lora", "full", "qlora"), default="lora",
+                 help="qlora: LoRA on an NF4 base (block 64, double quantization)")
   p.add_argument("--rank", type=int, default=16)
   p.add_argument("--batch", type=int, default=32, help="global rows per step")
   p.add_argument("--seq", type=int, default=2048)

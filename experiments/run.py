@@ -26,7 +26,7 @@ from jax.experimental import multihost_utils
 
 from experiments import provenance, report, tiny_base
 from experiments.configs import common
-from lora_jax import (checkpoint, data, generate, hf, lock, lora, metrics, model_lora, optim, sharding,
+from lora_jax import (checkpoint, data, generate, hf, lock, lora, metrics, model_lora, optim, quant, sharding,
                       synthetic, train)
 from lora_jax.models import transformer
 
@@ -122,6 +122,14 @@ def make_spec(method: str, config: ml_collections.ConfigDict,
   return model_lora.model_spec(common.lora_spec(config.lora), model_config, config.moe_expert_rank)
 
 
+def make_quant(method: str, config: ml_collections.ConfigDict) -> quant.QuantSpec | None:
+  """The quantized-base spec of a method (QLoRA): the config's ``quant`` for LoRA, None for full FT or kind none."""
+  q = config.get("quant")
+  if q is None or q.kind == "none" or method == "full":
+    return None
+  return quant.QuantSpec(q.kind, q.block_size, q.double_quant)
+
+
 def make_optim(method: str, config: ml_collections.ConfigDict) -> optim.OptimConfig:
   """The optimizer config of a method: ``optim.lr``, except full FT next to a LoRA run (``both``), which gets
   ``lr * full_lr_ratio``."""
@@ -138,7 +146,8 @@ def abstract_setups(config: ml_collections.ConfigDict, model_config: transformer
   allocated (what ``run`` checks before it starts; its ``train_step`` lowers and compiles from shapes alone)."""
   return {m: train.setup(model_config, make_spec(m, config, model_config), make_optim(m, config),
                          transformer.abstract_params(model_config), mesh=mesh, rules=config.sharding_rules.to_dict(),
-                         seed=config.seed, grad_accum=config.train.grad_accum) for m in config.methods}
+                         seed=config.seed, grad_accum=config.train.grad_accum, quant=make_quant(m, config))
+          for m in config.methods}
 
 
 # config.model fields that go to the ModelConfig.
@@ -300,7 +309,7 @@ def _run(config: ml_collections.ConfigDict, workdir: epath.Path, overwrite: bool
     for method in config.methods:
       spec, optim_config = plans[method]
       s = train.setup(model_config, spec, optim_config, load_base, mesh=mesh, rules=rules, seed=config.seed,
-                      grad_accum=config.train.grad_accum)
+                      grad_accum=config.train.grad_accum, quant=make_quant(method, config))
       run_dir = workdir / method
       record, writer = start_run_dir(run_dir, s.state, spec, method, model_dir, model_config, config,
                                      f"{workdir.name}/{method}")

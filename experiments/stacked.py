@@ -46,11 +46,13 @@ def _stackable(key: str) -> bool:
 
 def stack_key(config: ml_collections.ConfigDict) -> str | None:
   """What the points of one stack must share: the config without ``STACKABLE_FIELDS`` (as JSON), or None when the
-  config cannot be stacked at all (more than one method, pissa init, several processes, or an RL run)."""
+  config cannot be stacked at all (more than one method, pissa init, a quantized base, or an RL run)."""
   if "rl" in config:  # policy-gradient runs (configs/rl.py) have their own loop (experiments.rl_run)
     return None
   if "methods" not in config or "lora" not in config or len(config.methods) != 1 or config.lora.init_a == "pissa":
     return None
+  if config.get("quant") is not None and config.quant.kind != "none" and config.methods[0] == "lora":
+    return None  # a quantized base (QLoRA) trains through train.setup, which stacks do not use
   flat = report.flatten(json.loads(run_lib.config_json(config)))
   return json.dumps({k: v for k, v in sorted(flat.items()) if not _stackable(k)}, sort_keys=True)
 
@@ -59,8 +61,9 @@ def check_group(configs: Sequence[ml_collections.ConfigDict]) -> None:
   """Raises ValueError naming the fields that keep these configs from one stack."""
   for i, c in enumerate(configs):
     if stack_key(c) is None:
-      raise ValueError(f"point {i} cannot be stacked: it has methods {tuple(c.methods)} and init_a "
-                       f"{c.lora.init_a!r} (a stack needs one method per point and no pissa init)")
+      raise ValueError(f"point {i} cannot be stacked: it has methods {tuple(c.methods)}, init_a {c.lora.init_a!r} "
+                       f"and quant.kind {c.get('quant', {}).get('kind', 'none')!r} (a stack needs one method per "
+                       "point, no pissa init and a full-precision base)")
   ref = report.flatten(json.loads(run_lib.config_json(configs[0])))
   for i, c in enumerate(configs[1:], 1):
     flat = report.flatten(json.loads(run_lib.config_json(c)))

@@ -740,7 +740,7 @@ def apply(model: nn.Module, params, adapters, *args, train: bool = False, collec
     ad = info.get(path)
     names = _variable_names(ad) if ad is not None else ()
     kernel = module.get_variable("params", "kernel") if quantized and not isinstance(module, nn.Embed) else None
-    base = (lambda: _base_output(module, a, kw, quant.dequantize(kernel))) if quant.is_quantized(kernel) else \
+    base = (lambda: _quantized_base_output(module, a, kw, kernel)) if quant.is_quantized(kernel) else \
         (lambda: next_fun(*a, **kw))
     if ad is None or not module.has_variable("params", names[0]):
       return base()
@@ -843,6 +843,32 @@ def _base_output(module, args, kwargs, kernel):
     axes = (x.ndim - 1,)
   y = jax.lax.dot_general(x, kernel, ((axes, tuple(range(len(axes)))), ((), ())), precision=precision)
   return y if bias is None else y + bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
+
+
+def _quantized_base_output(module, args, kwargs, q: quant.QuantizedKernel):
+  """``_base_output`` with the kernel dequantized from ``q`` in the forward pass and again in the backward pass
+  (a custom VJP), so no dequantized kernel is kept between them: without it JAX's scan would stack every layer's
+  dequantized kernel as a residual (they depend on the frozen codes alone), a full-precision copy of the base."""
+  x = args[0] if args else kwargs.get("inputs")
+  rest_args, rest_kwargs = args[1:], {k: v for k, v in kwargs.items() if k != "inputs"}
+
+  def forward(x, q):
+    return _base_output(module, (x,) + rest_args, rest_kwargs, quant.dequantize(q))
+
+  @jax.custom_vjp
+  def run(x, q):
+    return forward(x, q)
+
+  def run_fwd(x, q):
+    return forward(x, q), (x, q)
+
+  def run_bwd(residuals, dy):
+    x, q = residuals
+    _, vjp = jax.vjp(lambda x: forward(x, q), x)
+    return vjp(dy)[0], None  # the frozen codes get no cotangent
+
+  run.defvjp(run_fwd, run_bwd)
+  return run(x, q)
 
 
 def _to_output(v, letters: str, out: str):

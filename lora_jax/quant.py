@@ -141,8 +141,10 @@ def pack_nibbles(codes: jax.Array) -> jax.Array:
 
 
 def unpack_nibbles(packed: jax.Array) -> jax.Array:
-  """Inverse of ``pack_nibbles``."""
-  return jnp.stack([packed >> 4, packed & 15], axis=-1).reshape(packed.shape[:-1] + (2 * packed.shape[-1],))
+  """Inverse of ``pack_nibbles``, elementwise on the repeated bytes: an interleave (stack + reshape) made the TPU
+  compiler keep every layer's unpacked codes at once (measured: 5.5 vs 2.1 GiB of temporaries, Llama-3.2-1B)."""
+  shifts = jnp.tile(jnp.asarray([4, 0], packed.dtype), packed.shape[-1])
+  return (jnp.repeat(packed, 2, axis=-1) >> shifts) & 15
 
 
 @flax.struct.dataclass
@@ -208,7 +210,7 @@ def dequantize(q: QuantizedKernel) -> jax.Array:
   if q.absmax2 is not None:
     absmax = dequantize_dynamic(absmax, q.absmax2, q.double_block_size) + q.offset[..., None]
   if q.kind == "nf4":
-    values = jnp.take(jnp.asarray(NF4_LEVELS), unpack_nibbles(q.codes).astype(jnp.int32))
+    values = _levels_of(unpack_nibbles(q.codes), NF4_LEVELS)
   else:
     values = q.codes.astype(jnp.float32) / 127.0
   stack = tuple(q.codes.shape[:-1])
@@ -217,6 +219,18 @@ def dequantize(q: QuantizedKernel) -> jax.Array:
   n = len(stack)
   inverse = tuple(n + q.order.index(i) for i in range(len(q.order)))
   return jnp.transpose(stored, tuple(range(n)) + inverse).astype(q.dtype)
+
+
+def _levels_of(codes: jax.Array, levels: np.ndarray) -> jax.Array:
+  """levels[codes] (float32) by a tree of selects on the code's bits: elementwise, so XLA fuses it with the rest of
+  the dequantization (no gather)."""
+  values = [np.float32(v) for v in levels]
+  bit = 0
+  while len(values) > 1:
+    on = ((codes >> bit) & 1).astype(bool)
+    values = [jnp.where(on, values[i + 1], values[i]) for i in range(0, len(values), 2)]
+    bit += 1
+  return jnp.asarray(values[0], jnp.float32)
 
 
 def is_quantized(x) -> bool:

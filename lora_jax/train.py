@@ -282,10 +282,12 @@ def state_shardings(state: TrainState, param_shardings, mesh) -> TrainState:
   optimizer moments like what they track, counters and RNG replicated."""
   flat = traverse_util.flatten_dict(param_shardings)
 
-  def like_params(tree):
-    return traverse_util.unflatten_dict({p: flat[p] for p in traverse_util.flatten_dict(tree)}) if tree else {}
-
   rep = sharding_lib.replicated(mesh)
+
+  def like_params(tree):  # a quantized kernel (QLoRA's base) is replicated: its codes are not sharded yet
+    return traverse_util.unflatten_dict({p: jax.tree.map(lambda _: rep, v) if quant_lib.is_quantized(v) else flat[p]
+                                         for p, v in traverse_util.flatten_dict(tree).items()}) if tree else {}
+
   trainable = {"lora": sharding_lib.adapter_shardings(state.trainable["lora"], param_shardings, mesh),
                "params": like_params(state.trainable["params"])}
   # An optimizer-state leaf that tracks a trainable leaf (Adam's mu and nu) sits at a path ending with that leaf's
@@ -421,7 +423,7 @@ def setup(model_config, spec: lora.LoraSpec, optim_config: optim.OptimConfig, pa
   map logical axes to mesh axes (default ``sharding.DEFAULT_RULES``). ``seed`` draws the adapters' init and is the
   state's RNG seed (adapter dropout). ``fit(s.model, s.state, ..., setup=s)`` trains the result with the steps
   compiled here. ``quant`` stores the frozen base's kernels it targets quantized (QLoRA, ``lora_jax.quant``) before
-  the adapters are made; one device only for now.
+  the adapters are made; on a mesh the quantized kernels are replicated (each device holds the whole 4-bit base).
   """
   from lora_jax import model_lora  # the trainer itself works on any Flax model; set-up knows this one
   from lora_jax.models import transformer
@@ -438,9 +440,6 @@ def setup(model_config, spec: lora.LoraSpec, optim_config: optim.OptimConfig, pa
   if callable(params):
     params = params(param_sh)
   layouts = model_lora.layouts(model_config)
-
-  if quant is not None and mesh is not None:
-    raise ValueError("a quantized base (quant=) trains on one device for now: drop the mesh, or quant")
 
   def make_state(p):
     if quant is not None:

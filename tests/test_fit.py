@@ -30,6 +30,20 @@ def test_plan_on_one_device_counts_the_whole_state(tiny_dir):
   assert lora["total"] > 0 and full["total"] > lora["total"]
 
 
+def test_qlora_plans_a_quarter_of_the_linear_layers_bytes(tiny_dir):
+  """--method qlora: the frozen base's linear kernels as NF4 (4 bits a value plus ~0.13 of scales) in the step's
+  arguments; the embedding, the head and the norms stay bf16."""
+  import jax
+
+  lora = fit.plan(str(tiny_dir), "lora", 8, 4, 64, {"fsdp": 1}, jax.devices()[:1])
+  qlora = fit.plan(str(tiny_dir), "qlora", 8, 4, 64, {"fsdp": 1}, jax.devices()[:1])
+  linear = 2 * (4 * 128 * 128 - 2 * 128 * 64 + 3 * 128 * 256)  # q, o (k, v are 64 wide), gate, up, down per layer
+  saved = lora["frozen_bytes"] - qlora["frozen_bytes"]
+  assert saved == pytest.approx(linear * (2 - 0.5 - 1 / 64 - 4 / 64 / 256), abs=8 * 2 * 7)  # bf16 -> NF4 + scales
+  assert qlora["trainable"] == lora["trainable"]
+  assert lora["arguments"] - qlora["arguments"] == pytest.approx(saved, rel=0.01)
+
+
 @pytest.mark.slow
 def test_cli_on_eight_fake_devices_shards_the_arguments(tiny_dir):
   def run(devices, mesh):

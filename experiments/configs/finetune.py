@@ -76,6 +76,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
   config.lora = common.lora_defaults(rank=args.rank)  # lora.LoraSpec fields.
   config.moe_expert_rank = "total/active"  # MoE: rank per expert = rank / experts per token (the study's) | "same".
+  # QLoRA: LoRA runs on a base whose linear layers (not the head) are stored quantized, dequantized layer by layer
+  # (lora_jax.quant): kind "none" | "nf4" (bitsandbytes' NF4) | "int8"; block_size values share one absmax; double_quant
+  # also codes the absmaxes in 8 bits. Full FT always trains the full-precision base.
+  config.quant = ml_collections.ConfigDict({"kind": "none", "block_size": 64, "double_quant": False})
 
   config.optim = ml_collections.ConfigDict()
   # The LR of the method(s) run, exactly as `lr=` gives it; with both, LoRA's (study: ~10x full FT's).

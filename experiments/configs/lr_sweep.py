@@ -26,11 +26,18 @@ schedule) single runs at the higher LRs spike late (full FT 4e-3: 0.524 at half 
 verdicts lean on the 3 seeds and on the 50/75/100% stability rule. The sums' measurements on the old base are in
 docs/results/tiny/.
 
+`tiny_quant` is the QLoRA arm: LoRA r16 on the study base stored NF4 (`config.quant`: block 64, double
+quantization; every linear layer but the head, dequantized layer by layer) and on its full-precision base, each beside
+full FT (which always trains the full-precision base; its points carry the arm's quant field so that each arm is one
+setting with its own full-FT cells), over `tiny`'s 5-point grids and seeds 0-2: 60 points (the quantized ones do not
+stack), ~25 min.
+
 Real scale (GPU/TPU VMs): `model=meta-llama/Llama-3.2-1B`, `model=meta-llama/Llama-3.1-8B` or
 `model=Qwen/Qwen3-8B-Base` on Tulu3 (the study's SFT data), 780 steps at batch 128, ranks 1-256 and full FT over 7
 LRs a factor 2 apart centred on the cookbook rule (`common.cookbook_lr`: Llama-3.2-1B full 4.91e-5, LoRA 4.91e-4).
 
-Point arguments (comma-separated): `tiny` | `quick` | `model=HUB_ID`, `method=lora|full`, `rank=`, `lr=`, `seed=`.
+Point arguments (comma-separated): `tiny` | `quick` | `model=HUB_ID`, `method=lora|full`, `rank=`, `lr=`, `seed=`,
+`quant=none|nf4|int8` (the base LoRA trains on).
 """
 
 from __future__ import annotations
@@ -45,19 +52,25 @@ TINY_CENTRE = {"lora": 2e-3 * 2**0.5, "full": 1e-3 * 2**0.5}  # Grid centres: th
 SEEDS = (0, 1, 2)
 QUICK_CENTRE = {"lora": 2e-3 * 2**0.5, "full": 1e-3 * 2**0.5}  # The pilot optima at 300 steps (see the docstring).
 QUICK_SEEDS = (0, 1)  # Two seeds: enough for the bootstrap intervals of findings 3 and 4.
-SWEEPS = ("tiny", "quick", "model=meta-llama/Llama-3.2-1B", "model=meta-llama/Llama-3.1-8B",
+SWEEPS = ("tiny", "quick", "tiny_quant", "model=meta-llama/Llama-3.2-1B", "model=meta-llama/Llama-3.1-8B",
           "model=Qwen/Qwen3-8B-Base")  # The variants get_sweep knows.
 REAL_MODELS = common.REAL_MODELS
 
 
 def get_config(arg: str = "tiny,method=lora") -> ml_collections.ConfigDict:
   """One sweep point: one method at one rank, LR and seed (see the module docstring)."""
-  args = common.parse_arg(arg, tiny=False, quick=False, model="", method="lora", rank=16, lr=0.0, seed=0)
+  args = common.parse_arg(arg, tiny=False, quick=False, model="", method="lora", rank=16, lr=0.0, seed=0,
+                          quant="none")
   if args.method not in ("lora", "full"):
     raise ValueError(f"lr_sweep: method must be lora or full (one run per point), got {args.method!r}")
   cpu = args.tiny or args.quick
   lr = args.lr or default_lr(args.model, args.method, cpu)
-  return finetune.study_point(cpu, args.model, args.method, args.rank, lr, args.seed)
+  if args.quant not in ("none", "nf4", "int8"):
+    raise ValueError(f"lr_sweep: quant={args.quant!r}; valid: none, nf4, int8")
+  config = finetune.study_point(cpu, args.model, args.method, args.rank, lr, args.seed)
+  config.quant.kind = args.quant  # QLoRA's base for LoRA (full FT ignores it: runs.make_quant)
+  config.quant.double_quant = args.quant == "nf4"  # QLoRA's default
+  return config
 
 
 def default_lr(model: str, method: str, cpu: bool) -> float:
@@ -72,6 +85,9 @@ def default_lr(model: str, method: str, cpu: bool) -> float:
 
 def get_sweep(arg: str = "tiny") -> list[str]:
   """Points of a variant: `tiny`, `quick` or `model=HUB_ID` (every rank and full FT x LR grid x seeds)."""
+  if arg == "tiny_quant":  # each arm: LoRA r16 and full FT, the arm's quant field on both (one setting per arm)
+    return [point.replace("tiny,", f"tiny,quant={q},", 1) for q in ("none", "nf4")
+            for point in get_sweep("tiny") if ",rank=16," in point or ",method=full," in point]
   args = common.parse_arg(arg, tiny=False, quick=False, model="")
   if args.quick:  # findings 3 and 4 with seed-bootstrap intervals in ~4 minutes of training: 3 LRs x 2 seeds
     methods, below, above, seeds, prefix = [("lora", 4), ("lora", 16), ("full", 16)], 1, 1, QUICK_SEEDS, "quick"
