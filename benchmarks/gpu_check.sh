@@ -6,7 +6,8 @@
 #                                                  # no install: what tests/test_speed.py runs so this cannot rot
 #
 # 1. python -m benchmarks.speed at the ~1B shape (Llama-3.2-1B, bf16, batch 4 x 2048): lora_jax LoRA r16 and full
-#    FT through the real train step, PEFT+PyTorch (CUDA, bf16 autocast) and naive merged LoRA beside them;
+#    FT through the real train step, PEFT+PyTorch (CUDA, bf16 autocast) and naive merged LoRA beside them, and DoRA
+#    r16 in both frameworks (each against its own LoRA step);
 # 2. python -m benchmarks.bf16_check: bf16 compute vs fp32 on the same tiny run (loss curves within tolerance);
 # 3. a 100-step tiny experiment (experiments.main, finetune.py:tiny, LoRA and full FT);
 # then prints MFU: achieved FLOP/s (XLA's count) over the bf16 matmul peak measured in the same run, and over the
@@ -76,7 +77,7 @@ step() {  # step NAME COMMAND...: runs it with a timeout, logs to OUTDIR/log.txt
 }
 
 {
-  step speed "$PY" -m benchmarks.speed --shapes "$SHAPE" --ranks 16 --peers peft,merged --repeats "$REPEATS" \
+  step speed "$PY" -m benchmarks.speed --shapes "$SHAPE" --ranks 16 --peers peft,merged,dora --repeats "$REPEATS" \
       --out "$OUT/speed.json"
   step bf16_check "$PY" -m benchmarks.bf16_check --steps "$BF16_STEPS" --methods "$BF16_METHODS" \
       --out "$OUT/bf16_check.json" "${BASE[@]}"

@@ -1,6 +1,6 @@
 """Training speed side by side: lora_jax (full FT and LoRA ranks) vs PEFT+PyTorch and naive merged LoRA, same shapes.
 
-    python -m benchmarks.speed [--shapes 256,1024,2048 | 1b,8b] [--ranks 1,16,64,256] [--peers peft,merged]
+    python -m benchmarks.speed [--shapes 256,1024,2048 | 1b,8b] [--ranks 1,16,64,256] [--peers peft,merged,dora]
         [--repeats 3] [--out benchmarks/results/speed.json]
 
 For each Llama-shaped model (``--shapes``: a hidden size on CPU, ``1b`` / ``8b`` for Llama-3.2-1B / Llama-3.1-8B
@@ -10,7 +10,9 @@ shapes in bf16 on a GPU; the shapes are in ``SHAPES``) it times, in this one pro
   backward, Adam, mixed precision), LoRA on every attention and MLP matrix;
 - ``merged LoRA rR`` (``--peers merged``): the naive x·(W + s·A·B) form in JAX, same loss and optimizer;
 - ``PEFT full`` / ``PEFT LoRA rR`` (``--peers peft``): transformers' LlamaForCausalLM (eager, SDPA attention) with
-  PEFT's LoRA on the same modules, torch Adam; on a GPU, CUDA with bf16 autocast (fp32 trainables, as ours).
+  PEFT's LoRA on the same modules, torch Adam; on a GPU, CUDA with bf16 autocast (fp32 trainables, as ours);
+- ``lora_jax DoRA rR`` and, with ``peft``, ``PEFT DoRA rR`` (``--peers dora``): DoRA at the LoRA rank (r16 when
+  swept), each framework's ratio to its own LoRA step in ``time_vs_lora`` (goal for ours: <= 1.2 on CPU at hidden 1024).
 
 Each variant is compiled/built and run once (warm-up), then all variants are run in turn ``--repeats`` times
 (interleaved, so load from other jobs hits them alike); the median step time gives tokens/s (every processed token).
@@ -143,8 +145,8 @@ class JaxVariant:
     self.state = self.frozen = self.compiled = None
 
 
-def lora_jax_variants(shape: Shape, config, ranks, merged: bool, batch):
-  """The project's train step for full FT and each LoRA rank (``train.setup``), plus naive merged LoRA."""
+def lora_jax_variants(shape: Shape, config, ranks, merged: bool, batch, dora: bool = False):
+  """The project's train step for full FT and each LoRA rank (``train.setup``), DoRA, plus naive merged LoRA."""
   import jax
   import jax.numpy as jnp
 
@@ -164,6 +166,10 @@ def lora_jax_variants(shape: Shape, config, ranks, merged: bool, batch):
   for r in ranks:
     s = train.setup(config, lora.LoraSpec(rank=r, targets=TARGETS), optim_config, params)
     out.append(JaxVariant(f"lora_jax LoRA r{r}", s.train_step, s.state.frozen, s.state.replace(frozen=None), batch))
+  if dora:
+    r = 16 if 16 in ranks else ranks[0]
+    s = train.setup(config, lora.LoraSpec(rank=r, targets=TARGETS, variant="dora"), optim_config, params)
+    out.append(JaxVariant(f"lora_jax DoRA r{r}", s.train_step, s.state.frozen, s.state.replace(frozen=None), batch))
   if merged:
     r = 16 if 16 in ranks else ranks[0]
     s = train.setup(config, lora.LoraSpec(rank=r, targets=TARGETS), optim_config, params)
@@ -199,7 +205,7 @@ def merged_train_step(model, tx):
 class PeftVariant:
   """transformers' LlamaForCausalLM (+ PEFT LoRA) with torch Adam on the same shapes and batch."""
 
-  def __init__(self, name, config, rank, batch, cuda: bool, bf16: bool):
+  def __init__(self, name, config, rank, batch, cuda: bool, bf16: bool, dora: bool = False):
     import peft
     import torch
     import transformers
@@ -219,7 +225,7 @@ class PeftVariant:
     model = transformers.LlamaForCausalLM(hf_config).to(device=device, dtype=base_dtype)
     if rank:
       model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=32, target_modules=list(TARGETS),
-                                                         lora_dropout=0.0))
+                                                         lora_dropout=0.0, use_dora=dora))
     self.model = model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     self.opt = torch.optim.Adam(trainable, lr=1e-5, **({"fused": True} if cuda else {"foreach": True}))
@@ -263,7 +269,8 @@ def measure_shape(shape: Shape, ranks, peers, repeats: int, gpu: bool, peak: flo
   batch = random_batch(shape, config.vocab_size)
   tokens = shape.batch * shape.seq
   bf16 = shape.dtype == "bfloat16"
-  variants = lora_jax_variants(shape, config, ranks, "merged" in peers, batch)
+  variants = lora_jax_variants(shape, config, ranks, "merged" in peers, batch, "dora" in peers and "lora" in
+                               shape.methods)
   for v in variants:  # warm-up
     v.step()
   if "peft" in peers:
@@ -273,12 +280,14 @@ def measure_shape(shape: Shape, ranks, peers, repeats: int, gpu: bool, peak: flo
     if gpu and not cuda:
       raise SystemExit("--peers peft on a GPU needs the CUDA build of torch (torch.cuda.is_available() is False)")
     rank = 16 if 16 in ranks else ranks[0]
-    for method in shape.methods:
+    kinds = list(shape.methods) + (["dora"] if "dora" in peers and "lora" in shape.methods else [])
+    for method in kinds:
       held = torch.cuda.memory_allocated() if cuda else 0  # the other torch variants' memory
       if cuda:
         torch.cuda.reset_peak_memory_stats()
-      name = "PEFT full" if method == "full" else f"PEFT LoRA r{rank}"
-      variants.append(PeftVariant(name, config, 0 if method == "full" else rank, batch, cuda, bf16))
+      name = {"full": "PEFT full", "lora": f"PEFT LoRA r{rank}", "dora": f"PEFT DoRA r{rank}"}[method]
+      variants.append(PeftVariant(name, config, 0 if method == "full" else rank, batch, cuda, bf16,
+                                  dora=method == "dora"))
       variants[-1].step()  # warm-up: allocator, kernel selection, Adam state
       if cuda:
         variants[-1].memory_bytes = int(torch.cuda.max_memory_allocated()) - held
@@ -304,6 +313,8 @@ def measure_shape(shape: Shape, ranks, peers, repeats: int, gpu: bool, peak: flo
     peft_name = r["variant"].replace("lora_jax", "PEFT")
     peft = next((p for p in rows if p["variant"] == peft_name and r["variant"].startswith("lora_jax")), None)
     r["tokens_per_s_vs_peft"] = r["tokens_per_s"] / peft["tokens_per_s"] if peft else None
+    lora_row = next((x for x in rows if x["variant"] == r["variant"].replace("DoRA", "LoRA")), None)
+    r["time_vs_lora"] = r["step_s"] / lora_row["step_s"] if "DoRA" in r["variant"] and lora_row else None
   return rows
 
 
@@ -324,8 +335,10 @@ def _fmt(x, spec, missing="-"):
 
 def speed_table(result: dict) -> str:
   """The Markdown table of a speed result."""
+  dora = any(r.get("time_vs_lora") for r in result["rows"])  # a DoRA column only when DoRA ran
   lines = ["| shape | variant | s/step | tokens/s | XLA GFLOP | achieved GFLOP/s | of matmul peak | memory GiB | "
-           "time vs lora_jax full FT | tokens/s vs PEFT |", "|---|---|---|---|---|---|---|---|---|---|"]
+           "time vs lora_jax full FT | tokens/s vs PEFT |" + (" time vs own LoRA |" if dora else ""),
+           "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if dora else "")]
   shapes = {s["name"]: s for s in result["shapes"]}
   for r in result["rows"]:
     s = shapes[r["shape"]]
@@ -336,7 +349,8 @@ def speed_table(result: dict) -> str:
                  f"{_fmt(r['flops_per_s'] and r['flops_per_s'] / 1e9, '.3g')}{star} | "
                  f"{_fmt(r['peak_fraction'] and 100 * r['peak_fraction'], '.0f')}{'%' if r['peak_fraction'] else ''} | "
                  f"{_fmt(r['memory_bytes'] and r['memory_bytes'] / 2**30, '.2f')} | {_fmt(r['time_vs_full'], '.2f')} | "
-                 f"{_fmt(r['tokens_per_s_vs_peft'], '.2f')} |")
+                 f"{_fmt(r['tokens_per_s_vs_peft'], '.2f')} |" + (f" {_fmt(r.get('time_vs_lora'), '.2f')} |" if dora
+                                                                else ""))
   return "\n".join(lines)
 
 
@@ -386,7 +400,7 @@ def main(argv=None):
                       "on CPU, 1b,8b on a GPU)")
   parser.add_argument("--ranks", default="1,16,64,256", help="LoRA ranks at hidden 1024 and tiny (and on GPU); "
                       "the other CPU shapes time r16 only")
-  parser.add_argument("--peers", default="peft,merged", help="peft, merged, both or none")
+  parser.add_argument("--peers", default="peft,merged", help="comma-separated of peft, merged, dora (or none)")
   parser.add_argument("--repeats", type=int, default=3, help="timed steps per variant (after one warm-up step)")
   parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
   parser.add_argument("--mfu", type=pathlib.Path, help="only print the MFU lines of this speed.json")
@@ -403,9 +417,9 @@ def main(argv=None):
     raise SystemExit(f"--shapes: unknown {unknown}; valid: {list(SHAPES)}")
   ranks = [int(r) for r in args.ranks.split(",")]
   peers = [] if args.peers == "none" else args.peers.split(",")
-  bad = [p for p in peers if p not in ("peft", "merged")]
+  bad = [p for p in peers if p not in ("peft", "merged", "dora")]
   if bad:
-    raise SystemExit(f"--peers: unknown {bad}; valid: peft, merged (or none)")
+    raise SystemExit(f"--peers: unknown {bad}; valid: peft, merged, dora (or none)")
   if args.repeats < 1:
     raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
   peak_dtype = "bfloat16" if gpu else "float32"

@@ -41,7 +41,8 @@ def test_speed_compares_every_variant_on_the_same_task(dry_run):
   out, _ = dry_run
   r = json.loads((out / "speed.json").read_text())
   rows = {row["variant"]: row for row in r["rows"]}
-  assert set(rows) == {"lora_jax full", "lora_jax LoRA r16", "merged LoRA r16", "PEFT full", "PEFT LoRA r16"}
+  assert set(rows) == {"lora_jax full", "lora_jax LoRA r16", "merged LoRA r16", "PEFT full", "PEFT LoRA r16",
+                       "lora_jax DoRA r16", "PEFT DoRA r16"}
   # The same task for every implementation: random tokens on a freshly initialised model score about ln(vocab).
   for name, row in rows.items():
     assert abs(row["loss"] - math.log(256)) < 0.1, (name, row["loss"])
@@ -58,6 +59,10 @@ def test_speed_compares_every_variant_on_the_same_task(dry_run):
   assert 0 < rows["lora_jax full"]["peak_fraction"] == pytest.approx(
       rows["lora_jax full"]["flops_per_s"] / r["matmul_peak_flops"])
   assert rows["lora_jax LoRA r16"]["memory_bytes"] < rows["lora_jax full"]["memory_bytes"]  # no Adam on W
+  for framework in ("lora_jax", "PEFT"):  # DoRA's step against the same framework's LoRA step
+    dora, plain = rows[f"{framework} DoRA r16"], rows[f"{framework} LoRA r16"]
+    assert dora["time_vs_lora"] == pytest.approx(dora["step_s"] / plain["step_s"]) and plain["time_vs_lora"] is None
+  assert "| time vs own LoRA |" in speed.speed_table(r)
   assert speed.headline(r).startswith("lora_jax LoRA vs PEFT tokens/s: ") and speed.headline(r).endswith(
       "(hidden 64, r16)")
 
