@@ -11,9 +11,13 @@ CPU (`tiny`): the study base (`common.study_base`, the calibrated recipe of `lr_
 (300 or 1,200 bits; each size is its own setting, so the report judges the ranks at each), LoRA ranks 1, 4 and 16
 (every linear layer and the unembedding: ~5.1k adapter parameters per unit of rank) and full FT (420k), 300 steps at
 batch 16 (~4 facts a row: each fact seen ~256 times at 75 facts, ~64 times at 300), evaluated every 25 steps on every
-fact; 3 LRs sqrt(2) apart per method around the first tiny run's optima (full FT, r1 and r4 7.07e-4..1.41e-3; r16
-1e-3..2e-3), seeds 0-2 (data order and adapter init; the facts themselves do not change): 72 points, ~25 min with
-`--stack auto`. Memorisation needs many epochs, so this family is not one epoch (the study's own capacity runs are
+fact; 5 LRs sqrt(2) apart per method (full FT 5e-4..2e-3, LoRA 1e-3..4e-3), seeds 0-2 (data order and adapter
+init; the facts themselves do not change): 120 points, ~35 min with `--stack auto`. Calibration (the study of
+2026-12-07 at commit 885f4cc, 3 LRs per method around the old base's optima: full FT, r1, r4 7.07e-4..1.41e-3, r16
+1e-3..2e-3): 7 of the 8 best LRs sat at a grid edge (LoRA at the top at both sizes, full FT at the bottom with 300
+facts), so no capacity verdict could be given; the gaps at the best grid LR still ranked the ranks in order
+(300 facts: r1 +0.40, r4 +0.11, r16 +0.03 nats behind full FT; 75 facts: r1 +0.06, r4 and r16 0.000), hence the
+wider grids. Memorisation needs many epochs, so this family is not one epoch (the study's own capacity runs are
 not either). Two sizes show whether the rank at which LoRA falls behind moves up with the data. By the study's ~2
 bits per parameter even rank 1 holds ~10k bits, so "out of capacity" here is in the study's softer sense (lower
 efficiency: the ranks peel off in order), which is what the two sizes test; a hard capacity limit would need more
@@ -42,7 +46,7 @@ from experiments.configs import common, finetune, lr_sweep
 TINY_FACTS = (75, 300)  # 300 and 1,200 bits: two sizes, two settings.
 TINY_RANKS = (1, 4, 16)
 TINY_STEPS = 300
-TINY_CENTRE = {"full": 1e-3, 1: 1e-3, 4: 1e-3, 16: 1.41e-3}  # The first tiny run's best LRs (see the docstring).
+TINY_CENTRE = {"full": 1e-3, "lora": 2e-3}  # 5-point grids around these (the calibration in the docstring).
 TINY_SEEDS = (0, 1, 2)
 REAL_RANKS = (1, 4, 16, 64, 256)
 REAL_MODEL = "meta-llama/Llama-3.2-1B"
@@ -73,7 +77,7 @@ def get_sweep(arg: str = "tiny") -> list[str]:
   args = common.parse_arg(arg, tiny=False, quick=False, real=False)
   if args.tiny:
     methods = [("lora", r) for r in TINY_RANKS] + [("full", 0)]
-    grid = {(m, r): common.lr_grid(TINY_CENTRE[r if m == "lora" else m], 2.0 ** 0.5, 1, 1) for m, r in methods}
+    grid = {(m, r): common.lr_grid(TINY_CENTRE[m], 2.0 ** 0.5, 2, 2) for m, r in methods}
     prefix, seeds, sizes = "tiny", TINY_SEEDS, TINY_FACTS
   elif args.quick:
     methods = [("lora", 1), ("lora", 16), ("full", 0)]
