@@ -113,8 +113,14 @@ def _descendants(pid: int) -> list[int]:
 
 
 def _saved_steps(workdir: pathlib.Path) -> list[int]:
-  """The steps of every checkpoint under ``workdir``."""
-  return sorted(int(p.name) for c in workdir.rglob("checkpoints") for p in c.iterdir() if p.name.isdigit())
+  """The steps of every checkpoint under ``workdir``, read while a run may be writing there: directories that vanish
+  during the walk (Orbax renaming its temporaries) are skipped, and checkpoints are not walked into."""
+  steps = []
+  for root, dirs, _ in os.walk(workdir, onerror=lambda _: None):
+    if os.path.basename(root) == "checkpoints":
+      steps += [int(d) for d in dirs if d.isdigit()]
+      dirs.clear()
+  return sorted(steps)
 
 
 def _run(argv: list[str], log: pathlib.Path, kill_at=None, sig: int = signal.SIGKILL) -> int:
