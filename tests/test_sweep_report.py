@@ -355,6 +355,20 @@ def test_width_sweep_with_a_constant_ratio_agrees(tmp_path):
   assert_outputs(tmp_path, text, "lr_ratio_vs_width", "lr_ratio_width")
 
 
+def batch_cell(tmp_path, batch, steps, tag, where, conditions):
+  """Writes one (batch, steps) cell of a batch sweep: each (name, arg, best LR, floor) condition over lr_grid(best, 1)
+  and SEEDS; returns its sweep.json points."""
+  points = []
+  for method, arg, best, floor in conditions:
+    for lr in lr_grid(best, 1):
+      for seed in SEEDS:
+        name = f"{tag}_{method}_{lr:g}_s{seed}"
+        config = make_config(f"{arg},lr={lr:g}", seed, data__batch_size=batch, train__steps=steps)
+        write_config_run(tmp_path / name, config, u_nll(lr, best, floor, seed))
+        points.append({"point": f"{arg},{where},lr={lr:g},seed={seed}", "name": name})
+  return points
+
+
 BATCHES = {4: 400, 16: 200, 64: 100}  # batch size -> steps (the steps follow the batch, as in a fixed-data sweep)
 
 
@@ -365,15 +379,9 @@ def test_batch_sweep_with_a_growing_gap_agrees_and_regenerates(tmp_path):
   points = []
   for batch, steps in BATCHES.items():
     full_floor = 1.0 + 0.01 * math.log2(batch / 4)
-    for method, arg, best, floor in (("full", "tiny,method=full", 1e-3, full_floor),
-                                     *((f"r{r}", f"tiny,method=lora,rank={r}", 1e-2, full_floor + gaps[batch][r])
-                                       for r in (4, 16))):
-      for lr in lr_grid(best, 1):
-        for seed in SEEDS:
-          name = f"b{batch}_{method}_{lr:g}_s{seed}"
-          config = make_config(f"{arg},lr={lr:g}", seed, data__batch_size=batch, train__steps=steps)
-          write_config_run(tmp_path / name, config, u_nll(lr, best, floor, seed))
-          points.append({"point": f"{arg},batch={batch},lr={lr:g},seed={seed}", "name": name})
+    points += batch_cell(tmp_path, batch, steps, f"b{batch}", f"batch={batch}", [
+        ("full", "tiny,method=full", 1e-3, full_floor),
+        *((f"r{r}", f"tiny,method=lora,rank={r}", 1e-2, full_floor + gaps[batch][r]) for r in (4, 16))])
   text = finish_sweep(tmp_path, "batch_size", points)
   assert "`data.batch_size=4, train.steps=400`" in text
   finding = section(text, "5")
@@ -399,14 +407,8 @@ def test_batch_sweep_reads_a_fixed_steps_line_and_a_fixed_rows_line(tmp_path):
   it grows (agree). Batch 16 at 150 steps sits on both lines; each line gets its own verdict."""
   points = []
   for (batch, steps), gap in CELLS.items():
-    for method, arg, best, floor in (("full", "tiny,method=full", 1e-3, 1.0),
-                                     ("r4", "tiny,method=lora,rank=4", 1e-2, 1.0 + gap)):
-      for lr in lr_grid(best, 1):
-        for seed in SEEDS:
-          name = f"b{batch}_t{steps}_{method}_{lr:g}_s{seed}"
-          config = make_config(f"{arg},lr={lr:g}", seed, data__batch_size=batch, train__steps=steps)
-          write_config_run(tmp_path / name, config, u_nll(lr, best, floor, seed))
-          points.append({"point": f"{arg},batch={batch},steps={steps},lr={lr:g},seed={seed}", "name": name})
+    points += batch_cell(tmp_path, batch, steps, f"b{batch}_t{steps}", f"batch={batch},steps={steps}", [
+        ("full", "tiny,method=full", 1e-3, 1.0), ("r4", "tiny,method=lora,rank=4", 1e-2, 1.0 + gap)])
   text = finish_sweep(tmp_path, "batch_size", points)
   finding = section(text, "5")
   steps_line, rows_line = "fixed 150 steps", "fixed 2400 rows (batch x steps)"
